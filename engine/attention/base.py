@@ -1,0 +1,56 @@
+"""The attention seam: a metadata object built once per step, and the interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's batch; tensors live on the model's device.
+
+    Tokens of the step are laid out request after request; request i owns query tokens
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] and attends to the first kv_lens[i] positions of its blocks.
+    """
+
+    num_tokens: int
+    num_reqs: int
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where each new token's KV goes
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    kv_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    req_index: torch.Tensor  # [T] int64: which request each token belongs to
+    q_lens_cpu: list[int]
+    kv_lens_cpu: list[int]
+    block_tables_cpu: list[list[int]]
+    is_decode: bool  # every request has exactly one query token
+    # Cascade: number of leading blocks shared by every request (0 = no cascade this step).
+    shared_prefix_blocks: int = 0
+
+
+class AttentionBackend:
+    """Writes each layer's new K/V into the paged cache and attends over it."""
+
+    name = "base"
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Prepare per-step state once, before the layers run."""
+        raise NotImplementedError
+
+    def forward(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, block_size, D] -> out [T, Hq, D]."""
+        raise NotImplementedError
+
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new keys and values at their slots in the HND paged layout."""
+    block_size = kv_cache.shape[3]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    kv_cache[blocks, 0, :, offsets] = k
+    kv_cache[blocks, 1, :, offsets] = v

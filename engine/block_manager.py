@@ -1,0 +1,169 @@
+"""Paged KV cache bookkeeping: reference-counted blocks, and a prefix cache keyed by a hash chain over full blocks."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from engine.request import Request
+
+
+def hash_block(parent: bytes, tokens: list[int]) -> bytes:
+    """Hash of one full block, chained to the hash of the blocks before it."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class Block:
+    """One physical KV block: its users, and the prefix it holds when it is cached."""
+
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    """Hands out KV blocks to requests and reuses blocks whose content a new prompt repeats."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order: the front is reused first (least recently freed).
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Total blocks in the cache."""
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no live request holds (some may still hold cached prefixes)."""
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by live requests."""
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold prefix-cache content."""
+        return sum(1 for b in self.free_queue if self.blocks[b].hash is not None)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Blocks already holding this request's leading full blocks; at least one token is left to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        tokens = req.all_token_ids
+        # The last token must be computed to produce logits, so it never comes from the cache.
+        max_blocks = (len(tokens) - 1) // bs
+        hits: list[int] = []
+        parent = b""
+        for i in range(max_blocks):
+            chunk = tokens[i * bs : (i + 1) * bs]
+            h = hash_block(parent, chunk)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(chunk):
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    def can_allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
+        """Whether enough free blocks exist to cover num_new_tokens more tokens of req."""
+        have = len(req.block_table) + len(cached)
+        need = self.blocks_needed(req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens) - have
+        # Cached hits that are currently free stop being free once taken.
+        cached_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        return need <= self.num_free_blocks - cached_free
+
+    def allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
+        """Give req the blocks for num_new_tokens more tokens (taking cached prefix hits first); False if short."""
+        if not self.can_allocate(req, num_new_tokens, cached):
+            return False
+        if cached:
+            for block_id in cached:
+                self._take(block_id)
+            req.block_table.extend(cached)
+            req.num_hashed_blocks = len(cached)
+            req.block_hashes = [self.blocks[b].hash for b in cached]
+            req.num_computed_tokens += len(cached) * self.block_size
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
+        for _ in range(need):
+            block_id, _ = self.free_queue.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                # Evicting: the content is about to be overwritten.
+                if self.hash_to_block.get(block.hash) == block_id:
+                    del self.hash_to_block[block.hash]
+                block.hash = None
+                block.token_ids = None
+            block.ref_count = 1
+            req.block_table.append(block_id)
+        return True
+
+    def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        """Count a prefix-cache lookup for the stats."""
+        self.num_queried_tokens += num_prompt_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = req.num_computed_tokens // bs
+        parent = req.block_hashes[-1] if req.block_hashes else b""
+        for i in range(req.num_hashed_blocks, num_full):
+            chunk = req.all_token_ids[i * bs : (i + 1) * bs]
+            h = hash_block(parent, chunk)
+            block = self.blocks[req.block_table[i]]
+            # A block with the same content may already be cached (computed twice in one step): keep that one.
+            if h not in self.hash_to_block and block.hash is None:
+                block.hash = h
+                block.token_ids = tuple(chunk)
+                self.hash_to_block[h] = block.block_id
+            req.block_hashes.append(h)
+            parent = h
+        req.num_hashed_blocks = max(req.num_hashed_blocks, num_full)
+
+    def free(self, req: Request) -> None:
+        """Return all of req's blocks; cached ones stay findable until their block is reused."""
+        # Tail blocks first so that, under pressure, a prompt's head (the most shared part) survives longest.
+        for block_id in reversed(req.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"double free of block {block_id}"
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        req.block_table = []
+        req.num_hashed_blocks = 0
+        req.block_hashes = []
+
+    def check_invariants(self) -> None:
+        """Internal consistency: free blocks have no users, used blocks are off the free list."""
+        for block in self.blocks:
+            in_free = block.block_id in self.free_queue
+            assert in_free == (block.ref_count == 0), f"block {block.block_id} ref {block.ref_count} free={in_free}"
+        for h, block_id in self.hash_to_block.items():
+            assert self.blocks[block_id].hash == h

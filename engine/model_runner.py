@@ -1,0 +1,132 @@
+"""Runs one scheduled step on the model: builds inputs and attention metadata, runs the forward, samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.models.llama import ForwardContext, LlamaForCausalLM, head_dim_of
+from engine.sampler import Sampler, top_logprobs
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger("engine")
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors, the attention backend and the sampler."""
+
+    def __init__(self, model: LlamaForCausalLM, hf_config, device: torch.device, dtype: torch.dtype, seed: int):
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.dtype = dtype
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = hf_config.num_key_value_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.vocab_size = hf_config.vocab_size
+        self.sampler = Sampler(device, seed)
+        self.kv_cache: list[torch.Tensor] = []
+        self.backend: AttentionBackend | None = None
+        self.block_size = 16
+        self.graphs = None  # a CUDA-graph runner for decode, set by the GPU path
+        self.num_cascade_steps = 0
+        self.supports_cascade = False
+        self.eos_ids: set[int] = set()
+        self.kv_cache_storage: torch.Tensor | None = None
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one KV block takes across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * block_size * self.head_dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """One tensor for all layers, viewed per layer as [num_blocks, 2, Hkv, block_size, D] (HND)."""
+        self.block_size = block_size
+        shape = (self.num_layers, num_blocks, 2, self.num_kv_heads, block_size, self.head_dim)
+        self.kv_cache_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = list(self.kv_cache_storage.unbind(0))
+
+    def build_metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """Flatten the step's tokens and describe the batch for attention; also the rows to sample."""
+        sched = out.scheduled
+        ids: list[int] = []
+        q_lens, starts, tables, sample_rows = [], [], [], []
+        offset = 0
+        for i, s in enumerate(sched):
+            ids.extend(s.req.all_token_ids[s.start : s.start + s.num_new_tokens])
+            q_lens.append(s.num_new_tokens)
+            starts.append(s.start)
+            tables.append(s.req.block_table)
+            offset += s.num_new_tokens
+            if s.samples:
+                sample_rows.append(offset - 1)
+        kv_lens = [st + q for st, q in zip(starts, q_lens)]
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        dev = self.device
+        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
+        cu = torch.zeros(len(sched) + 1, dtype=torch.long)
+        torch.cumsum(q_lens_t, 0, out=cu[1:])
+        num_tokens = offset
+        req_index = torch.repeat_interleave(torch.arange(len(sched)), q_lens_t)
+        positions = torch.arange(num_tokens) - (cu[:-1] - torch.tensor(starts, dtype=torch.long))[req_index]
+        tables_t = torch.tensor(padded, dtype=torch.int32)
+        bs = self.block_size
+        slots = tables_t[req_index, positions // bs].long() * bs + positions % bs
+        meta = AttentionMetadata(
+            num_tokens=num_tokens,
+            num_reqs=len(sched),
+            positions=positions.to(dev, non_blocking=True),
+            slot_mapping=slots.to(dev, non_blocking=True),
+            cu_seqlens_q=cu.to(torch.int32).to(dev, non_blocking=True),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=tables_t.to(dev, non_blocking=True),
+            req_index=req_index.to(dev, non_blocking=True),
+            q_lens_cpu=q_lens,
+            kv_lens_cpu=kv_lens,
+            block_tables_cpu=tables,
+            is_decode=all(q == 1 for q in q_lens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        return input_ids, meta, sample_rows
+
+    @torch.inference_mode()
+    def forward_hidden(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Run the model eagerly over one step and return the final hidden states."""
+        self.backend.plan(meta)
+        ctx = ForwardContext(positions=meta.positions, backend=self.backend, kv_cache=self.kv_cache)
+        return self.model(input_ids, ctx)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
+        """Run one step; returns (sampled token ids per sampling request, logprob dicts or None)."""
+        input_ids, meta, sample_rows = self.build_metadata(out)
+        meta.shared_prefix_blocks = shared_prefix_blocks
+        if shared_prefix_blocks:
+            self.num_cascade_steps += 1
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, meta)
+        else:
+            hidden = self.forward_hidden(input_ids, meta)
+        reqs = [s.req for s in out.scheduled if s.samples]
+        if not reqs:
+            return [], None
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        batch = self.sampler.prepare(reqs, self.vocab_size, self.eos_ids)
+        token_ids, logprobs = self.sampler(logits, batch)
+        token_list = token_ids.tolist()  # the one host sync of the step
+        lp = top_logprobs(logprobs, token_list, batch.logprobs) if logprobs is not None else None
+        return token_list, lp
+
+
+    def release(self) -> None:
+        """Drop the KV cache, graphs and model so their memory can be returned."""
+        self.kv_cache = []
+        self.kv_cache_storage = None
+        self.graphs = None
+        self.backend = None
+        self.model = None

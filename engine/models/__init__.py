@@ -1,0 +1,1 @@
+"""Decoder-only model definitions and the registry that maps HF architectures to them."""

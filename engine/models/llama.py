@@ -1,0 +1,172 @@
+"""Llama-family decoder (Llama 3.x, SmolLM2, Mistral-style, Qwen2 with QKV bias), with packed QKV and gate/up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionBackend
+from engine.layers.activation import SiluAndMul
+from engine.layers.linear import PackedLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass needs besides token ids: positions, the attention backend and the KV cache."""
+
+    positions: torch.Tensor
+    backend: AttentionBackend
+    kv_cache: list[torch.Tensor]
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention with packed QKV, optional per-head q/k norm (Qwen3) and rope."""
+
+    def __init__(self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = head_dim_of(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = PackedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
+        self.rotary = rotary
+        self.sizes = (q_size, kv_size, kv_size)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Project, rotate, attend through the backend, project back."""
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(ctx.positions, q, k)
+        out = ctx.backend.forward(self.layer_id, q, k, v, ctx.kv_cache[self.layer_id])
+        return self.o_proj(out.reshape(t, -1))
+
+
+class DecoderMLP(nn.Module):
+    """SwiGLU feed-forward with a packed gate/up projection."""
+
+    def __init__(self, cfg, fused: bool):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.act = SiluAndMul(fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate, activate, project down."""
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block; the residual is carried separately so norms can fuse the add."""
+
+    def __init__(self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.mlp = DecoderMLP(cfg, fused)
+
+    def forward(self, x, residual, ctx: ForwardContext):
+        """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+def head_dim_of(cfg) -> int:
+    """The config's head_dim, or hidden_size / num_attention_heads when it has none."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only causal LM in the Llama layout."""
+
+    qk_norm = False
+    default_qkv_bias = False
+
+    # checkpoint name fragment -> (packed module name, shard)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg, max_positions: int, fused: bool = False):
+        super().__init__()
+        self.config = cfg
+        qkv_bias = bool(getattr(cfg, "attention_bias", self.default_qkv_bias))
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions, fused)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, qkv_bias, self.qk_norm, rotary, fused) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for the given hidden states."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    def load_weights(self, named_tensors) -> None:
+        """Load HF-named checkpoint tensors, packing q/k/v and gate/up; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        expected_shards: dict[str, int] = {}
+        for name, tensor in named_tensors:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied to the embedding
+            for frag, (packed, shard) in self.packed_modules.items():
+                if f".{frag}." in name:
+                    module_name, param_name = name.replace(frag, packed).rsplit(".", 1)
+                    self.get_submodule(module_name).load_shard(shard, param_name, tensor)
+                    key = f"{module_name}.{param_name}"
+                    expected_shards[key] = expected_shards.get(key, 0) + 1
+                    loaded.add(key)
+                    break
+            else:
+                if name not in params:
+                    continue  # tensors this engine does not use
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        incomplete = sorted(k for k, n in expected_shards.items() if n != len(self.get_submodule(k.rsplit(".", 1)[0]).shard_offsets))
+        if missing or incomplete:
+            raise ValueError(f"checkpoint is missing weights: {(missing + incomplete)[:8]} (of {len(missing) + len(incomplete)})")

@@ -1,0 +1,133 @@
+"""Batched token sampling in torch: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of one step, as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [B] float, 0 for greedy rows
+    top_k: torch.Tensor  # [B] int, vocab size when off
+    top_p: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float
+    all_greedy: bool
+    any_filter: bool
+    generators: list[torch.Generator | None]  # per-row seeded generator, None = engine generator
+    banned: list[list[int]]  # per-row token ids forbidden this step (EOS before min_tokens)
+    logprobs: list[int | None]
+
+
+class Sampler:
+    """Turns logits into token ids; keeps one generator per seeded request so seeds reproduce."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.request_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's generator."""
+        self.request_generators.pop(request_id, None)
+
+    def _generator_for(self, req: Request) -> torch.Generator | None:
+        if req.params.seed is None:
+            return None
+        g = self.request_generators.get(req.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(req.params.seed)
+            self.request_generators[req.request_id] = g
+        return g
+
+    def prepare(self, reqs: list[Request], vocab_size: int, eos_ids: set[int]) -> SamplingBatch:
+        """Gather the rows' settings into tensors."""
+        ps = [r.params for r in reqs]
+        temps = [p.temperature for p in ps]
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
+        banned = []
+        for r in reqs:
+            if r.num_output_tokens < r.params.min_tokens:
+                stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
+                banned.append(sorted(stop_ids))
+            else:
+                banned.append([])
+        any_filter = any(k < vocab_size for k in top_k) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in ps)
+        return SamplingBatch(
+            temperature=torch.tensor(temps, dtype=torch.float32, device=self.device),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=self.device),
+            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=self.device),
+            min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=self.device),
+            all_greedy=all(t == 0.0 for t in temps),
+            any_filter=any_filter,
+            generators=[self._generator_for(r) for r in reqs],
+            banned=banned,
+            logprobs=[p.logprobs for p in ps],
+        )
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample one token per row; also returns the log-softmax when any row asked for logprobs."""
+        logits = logits.float()
+        for row, ids in enumerate(batch.banned):
+            if ids:
+                logits[row, ids] = float("-inf")
+        logprob_out = None
+        if any(n is not None for n in batch.logprobs):
+            logprob_out = torch.log_softmax(logits, dim=-1)
+        greedy_ids = logits.argmax(-1)
+        if batch.all_greedy:
+            return greedy_ids, logprob_out
+        temps = batch.temperature.clamp_min(1e-5).unsqueeze(1)
+        probs = torch.softmax(logits / temps, dim=-1)
+        if batch.any_filter:
+            probs = filter_probs(probs, batch.top_k, batch.top_p, batch.min_p)
+        noise = self._exponential_noise(probs, batch.generators)
+        # Gumbel-max in exponential form: argmax p/E, E ~ Exp(1), samples from p with no host sync.
+        sampled = (probs / noise).argmax(-1)
+        ids = torch.where(batch.temperature == 0.0, greedy_ids, sampled)
+        return ids, logprob_out
+
+    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, g in enumerate(generators):
+            if g is not None:
+                noise[row].exponential_(generator=g)
+        return noise
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero out tokens outside each row's top-k, top-p nucleus and min-p floor, then renormalise."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+    keep = ranks < top_k.unsqueeze(1)
+    # Keep a token while the mass before it is under top_p: the most likely token always stays.
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep &= mass_before < top_p.unsqueeze(1)
+    keep &= sorted_probs >= (min_p.unsqueeze(1) * sorted_probs[:, :1])
+    sorted_probs = sorted_probs * keep
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], wanted: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row: the sampled token's logprob plus the row's requested number of most likely tokens."""
+    k = max((n or 0) for n in wanted)
+    top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out: list[dict[int, float] | None] = []
+    for row, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        d = {top_ids[row][j]: top_vals[row][j] for j in range(n)}
+        d[token_ids[row]] = chosen[row]
+        out.append(d)
+    return out

@@ -1,0 +1,78 @@
+"""Incremental detokenization with stop-string hold-back, and chat-template rendering."""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, correct across multi-byte UTF-8 characters.
+
+    Stop strings are found in the decoded text; text that could still become a stop string is held back,
+    and a matched stop string is never emitted.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.max_stop = max((len(s) for s in stop), default=0)
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> bool:
+        """Add one token; returns True if the text now contains a stop string (the text is cut before it)."""
+        self.ids.append(token_id)
+        # Decode a short window: the tokens since the last flushed boundary, with the previous ones as context.
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return False  # an incomplete UTF-8 sequence: wait for more bytes
+        old_len = len(self.text)
+        self.text += new_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            start = max(0, old_len - self.max_stop + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i != -1]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return True
+        return False
+
+    def _held_back(self) -> int:
+        # The longest tail of the text that is the start of some stop string.
+        for n in range(min(self.max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet emitted that can be emitted now (everything, once finished)."""
+        end = len(self.text) if finished or not self.stop else len(self.text) - self._held_back()
+        if end <= self.emitted:
+            return ""
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
+
+
+def render_chat(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Apply the tokenizer's chat template with a generation prompt and return the token ids."""
+    if not messages:
+        raise ValueError("messages is empty; pass at least one message like {'role': 'user', 'content': 'Hi'}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+    template_kwargs.setdefault("add_generation_prompt", True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    except Exception as exc:
+        raise ValueError(f"the chat template could not render these messages: {exc}") from exc
+    # The template writes its own BOS where the model wants one.
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,96 @@
+"""Tiny random HF models saved to disk, shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+EMBEDDED_TOKENIZER_VOCAB = 49152
+
+
+def tiny_config(arch: str, vocab_size: int = 512):
+    """A small config of the given family, with GQA and enough layers to catch layout bugs."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=16, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    if arch == "llama":
+        return LlamaConfig(
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            **common,
+        )
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, tokenizer_from=None) -> Path:
+    """Build a random HF model, save it (safetensors) with a tokenizer, and return the folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Random init leaves norms at 1 and biases at 0; perturb them so a bug there would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    if tokenizer_from is not None:
+        tokenizer_from.save_pretrained(folder)
+    return folder
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "<|im_end|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Paris is the capital of France. Berlin is the capital of Germany.",
+        "Hello world! How are you today? Ünïcödé text: 日本語, emoji 🙂.",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
