@@ -101,8 +101,15 @@ class LLM:
         logger.info(
             "%s on %s (%s, %s attention): KV cache %d blocks x %d tokens = %d tokens (%.2f GiB), "
             "room for %d requests of max_model_len %d",
-            self.model_name, self.device, str(self.dtype).removeprefix("torch."), backend_name, num_blocks,
-            config.block_size, num_blocks * config.block_size, kv_gib, num_blocks * config.block_size // max_model_len,
+            self.model_name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            backend_name,
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            kv_gib,
+            num_blocks * config.block_size // max_model_len,
             max_model_len,
         )
 
@@ -234,7 +241,9 @@ class LLM:
             )
         else:
             rss = _rss_bytes()
-            report.update(activations_and_graphs_bytes=max(rss - weights - kv, 0), process_rss_bytes=rss, free_bytes=None)
+            report.update(
+                activations_and_graphs_bytes=max(rss - weights - kv, 0), process_rss_bytes=rss, free_bytes=None
+            )
         return report
 
     def shutdown(self) -> None:

@@ -1,11 +1,11 @@
-"""The engine core: a synchronous step() over scheduler, model runner and detokenizer, driven by one background thread."""
+"""The engine core: a synchronous step() over scheduler, runner and detokenizer, driven by a background thread."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -138,7 +138,12 @@ class LLMEngine:
                 return
             # Nothing fits even with an empty batch: cannot happen for validated requests, so fail loudly.
             for req in list(self.scheduler.waiting):
-                self._fail(req, RuntimeError(f"request {req.request_id} cannot be scheduled with {self.block_manager.num_blocks} KV blocks"))
+                self._fail(
+                    req,
+                    RuntimeError(
+                        f"request {req.request_id} cannot be scheduled with {self.block_manager.num_blocks} KV blocks"
+                    ),
+                )
             return
         try:
             if self.fault_injector is not None:
@@ -185,9 +190,8 @@ class LLMEngine:
             req.logprobs.append(logprobs)
         p = req.params
         reason = None
-        if token_id in p.stop_token_ids:
-            reason = "stop"
-        elif not p.ignore_eos and token_id in self.eos_ids and req.num_output_tokens > p.min_tokens - 1:
+        past_min = req.num_output_tokens >= p.min_tokens
+        if past_min and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_ids)):
             reason = "stop"
         elif req.detok is not None and token_id not in self.eos_ids and req.detok.add(token_id):
             reason = "stop"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -114,7 +114,9 @@ def iter_weights(src: ModelSource, hf_config) -> Iterator[tuple[str, torch.Tenso
         return
     files = sorted(src.folder.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"model folder {str(src.folder)!r} has no *.safetensors weights (only safetensors and GGUF load)")
+        raise ModelLoadError(
+            f"model folder {str(src.folder)!r} has no *.safetensors weights (only safetensors and GGUF load)"
+        )
     from safetensors import safe_open
     from tqdm.auto import tqdm
 

@@ -55,7 +55,7 @@ class ModelRunner:
         ids: list[int] = []
         q_lens, starts, tables, sample_rows = [], [], [], []
         offset = 0
-        for i, s in enumerate(sched):
+        for s in sched:
             ids.extend(s.req.all_token_ids[s.start : s.start + s.num_new_tokens])
             q_lens.append(s.num_new_tokens)
             starts.append(s.start)
@@ -121,7 +121,6 @@ class ModelRunner:
         token_list = token_ids.tolist()  # the one host sync of the step
         lp = top_logprobs(logprobs, token_list, batch.logprobs) if logprobs is not None else None
         return token_list, lp
-
 
     def release(self) -> None:
         """Drop the KV cache, graphs and model so their memory can be returned."""

@@ -116,7 +116,9 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], wanted: list[int | None]) -> list[dict[int, float] | None]:
+def top_logprobs(
+    logprobs: torch.Tensor, token_ids: list[int], wanted: list[int | None]
+) -> list[dict[int, float] | None]:
     """Per row: the sampled token's logprob plus the row's requested number of most likely tokens."""
     k = max((n or 0) for n in wanted)
     top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)

@@ -29,7 +29,8 @@ def tiny_config(arch: str, vocab_size: int = 512):
     if arch == "qwen3":
         return Qwen3Config(head_dim=16, tie_word_embeddings=False, **common)
     if arch == "qwen2":
-        return Qwen2Config(tie_word_embeddings=True, **common)
+        # Tied embeddings with the default init make the model echo its input; a larger init avoids that.
+        return Qwen2Config(tie_word_embeddings=True, initializer_range=0.2, **common)
     if arch == "llama":
         return LlamaConfig(
             tie_word_embeddings=False,

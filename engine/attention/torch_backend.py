@@ -46,7 +46,9 @@ class TorchAttentionBackend(AttentionBackend):
         # [B, nb, 2, H, bs, D] -> [B, H, nb*bs, D]
         kv = kv_cache[tables]
         keys = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, -1, self.head_dim)[:, :, : self.max_kv]
-        values = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, -1, self.head_dim)[:, :, : self.max_kv]
+        values = (
+            kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, -1, self.head_dim)[:, :, : self.max_kv]
+        )
         if meta.is_decode:
             queries = q.view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
         else:

@@ -162,11 +162,17 @@ class LlamaForCausalLM(nn.Module):
                     continue  # tensors this engine does not use
                 param = params[name]
                 if param.shape != tensor.shape:
-                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                    raise ValueError(
+                        f"weight {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                    )
                 with torch.no_grad():
                     param.copy_(tensor)
                 loaded.add(name)
         missing = sorted(set(params) - loaded)
-        incomplete = sorted(k for k, n in expected_shards.items() if n != len(self.get_submodule(k.rsplit(".", 1)[0]).shard_offsets))
+        incomplete = sorted(
+            k for k, n in expected_shards.items() if n != len(self.get_submodule(k.rsplit(".", 1)[0]).shard_offsets)
+        )
         if missing or incomplete:
-            raise ValueError(f"checkpoint is missing weights: {(missing + incomplete)[:8]} (of {len(missing) + len(incomplete)})")
+            raise ValueError(
+                f"checkpoint is missing weights: {(missing + incomplete)[:8]} (of {len(missing) + len(incomplete)})"
+            )

@@ -19,7 +19,12 @@ def model_class_for(hf_config) -> type[LlamaForCausalLM]:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not archs:
         # GGUF-derived configs may carry only model_type.
-        by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        by_type = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }
         mt = getattr(hf_config, "model_type", None)
         archs = [by_type[mt]] if mt in by_type else [f"model_type={mt}"]
     for arch in archs:

@@ -1,0 +1,95 @@
+"""Sampler behaviour: supports of top-k/top-p/min-p, per-request seeds, greedy, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import SamplingParams
+from engine.sampler import filter_probs
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    top_k=st.integers(1, 50),
+    top_p=st.floats(0.05, 1.0),
+    min_p=st.floats(0.0, 0.5),
+)
+@settings(max_examples=60, deadline=None)
+def test_filtered_probs_stay_inside_top_k_top_p_and_min_p(seed, top_k, top_p, min_p):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(3, 50, generator=g) * 3, -1)
+    k = torch.full((3,), top_k)
+    out = filter_probs(probs, k, torch.full((3,), top_p), torch.full((3,), min_p))
+    assert torch.allclose(out.sum(-1), torch.ones(3))
+    for row in range(3):
+        kept = (out[row] > 0).nonzero().flatten()
+        order = probs[row].argsort(descending=True)
+        assert probs[row].argmax() in kept  # the most likely token always survives
+        assert len(kept) <= top_k
+        assert set(kept.tolist()) <= set(order[:top_k].tolist())
+        # Tokens kept under top-p: the mass strictly above each kept token is below top_p.
+        for t in kept.tolist():
+            above = probs[row][probs[row] > probs[row][t]].sum()
+            assert above < top_p + 1e-6
+            assert probs[row][t] >= min_p * probs[row].max() - 1e-7
+
+
+def test_sampled_tokens_never_leave_the_top_k_support(qwen3_llm):
+    prompt = [5, 6, 7, 8]
+    greedy = qwen3_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0]
+    outs = qwen3_llm.generate([prompt] * 40, SamplingParams(temperature=5.0, top_k=1, max_tokens=1, ignore_eos=True))
+    # top_k=1 at any temperature is greedy.
+    assert all(o.token_ids == greedy.token_ids for o in outs)
+    wide = qwen3_llm.generate([prompt] * 40, SamplingParams(temperature=5.0, max_tokens=1, ignore_eos=True, seed=None))
+    assert len({o.token_ids[0] for o in wide}) > 1, "high temperature without top_k should vary"
+
+
+def test_per_request_seed_reproduces_regardless_of_batch(qwen3_llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = qwen3_llm.generate([[9, 10, 11]], p)[0].token_ids
+    crowd = qwen3_llm.generate(
+        [[9, 10, 11], [4, 5], [7] * 20], [p, SamplingParams(temperature=1.0, max_tokens=12), p.model_copy()]
+    )
+    assert crowd[0].token_ids == alone
+    other = qwen3_llm.generate([[9, 10, 11]], p.model_copy(update={"seed": 99}))[0].token_ids
+    assert other != alone
+
+
+def test_logprobs_include_the_sampled_token(qwen3_llm):
+    out = qwen3_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert tok in lp and len(lp) >= 3
+        assert lp[tok] == pytest.approx(max(lp.values()))  # greedy picks the most likely
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_k": -3}, "top_k"),
+        ({"stop": [1, 2]}, "stop"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_invalid_sampling_values_name_the_field(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        SamplingParams(**kwargs)
+
+
+def test_min_tokens_holds_back_stop_tokens(qwen3_llm):
+    greedy = qwen3_llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids
+    stops = sorted(set(greedy[:4]))
+    early = qwen3_llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=stops))[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) == 1
+    held = qwen3_llm.generate(
+        [[5, 6]], SamplingParams(temperature=0, max_tokens=6, min_tokens=4, stop_token_ids=stops)
+    )[0]
+    assert len(held.token_ids) >= 4
+    assert not set(held.token_ids[:3]) & set(stops)

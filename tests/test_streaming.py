@@ -1,0 +1,102 @@
+"""Incremental detokenization, stop strings, streaming and abort."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+
+TEXTS = ["Hello world! 日本語 🙂 Ünïcödé", "Paris is the capital of France.", "emoji 🙂🙂 and 日本"]
+
+
+@given(text=st.sampled_from(TEXTS), stop_at=st.integers(0, 40), stop_len=st.integers(1, 6))
+@settings(max_examples=80, deadline=None)
+def test_streamed_deltas_are_valid_utf8_and_stop_strings_never_escape(tokenizer, text, stop_at, stop_len):
+    ids = tokenizer.encode(text)
+    stop_at = min(stop_at, len(text) - 1)
+    stop = text[stop_at : stop_at + stop_len]
+    detok = IncrementalDetokenizer(tokenizer, [stop])
+    emitted = ""
+    stopped = False
+    for t in ids:
+        stopped = detok.add(t)
+        delta = detok.take_delta(stopped)
+        assert "\ufffd" not in delta
+        emitted += delta
+        assert stop not in emitted
+        if stopped:
+            break
+    assert stopped
+    assert emitted == text[: text.find(stop)]
+
+
+def test_deltas_concatenate_to_the_full_decode(tokenizer):
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        detok = IncrementalDetokenizer(tokenizer, [])
+        parts = []
+        for t in ids:
+            detok.add(t)
+            parts.append(detok.take_delta(False))
+        parts.append(detok.take_delta(True))
+        # Byte-level BPE splits 🙂 and 日 over several tokens: no delta may hold half a character.
+        assert all("\ufffd" not in p for p in parts)
+        assert "".join(parts) == tokenizer.decode(ids) == text
+
+
+def test_stream_matches_generate_and_ends_with_the_output(qwen3_llm):
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
+    deltas = list(qwen3_llm.stream([5, 6, 7], p))
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert "".join(d.text for d in deltas) == ref.text
+    assert deltas[-1].finished and deltas[-1].output.token_ids == ref.token_ids
+    assert not any(d.finished for d in deltas[:-1])
+
+
+def test_stop_string_ends_generation_and_is_not_returned(qwen3_llm):
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
+    stop = ref.text[5:8]
+    out = qwen3_llm.generate([[5, 6, 7]], p.model_copy(update={"stop": [stop]}))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == ref.text[: ref.text.find(stop)]
+    assert stop not in "".join(d.text for d in qwen3_llm.stream([5, 6, 7], p.model_copy(update={"stop": [stop]})))
+
+
+def test_breaking_out_of_a_stream_aborts_and_frees_blocks(qwen3_llm):
+    import time
+
+    stream = qwen3_llm.stream([5] * 40, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    for _ in range(200):
+        s = qwen3_llm.stats()
+        if s["kv_blocks_used"] == 0 and s["num_running"] == 0:
+            break
+        time.sleep(0.01)
+    assert qwen3_llm.stats()["kv_blocks_used"] == 0
+
+
+def test_sequence_lengths_advance_every_step(qwen3_llm):
+    """The old engine's gibberish came from stale sequence lengths: computed tokens must track each step."""
+    engine = qwen3_llm.engine
+    seen = []
+    original = engine.runner.execute
+
+    def spy(out, cascade=0):
+        seen.extend((s.req.request_id, s.start, s.num_new_tokens, s.req.num_tokens) for s in out.scheduled)
+        return original(out, cascade)
+
+    engine.runner.execute = spy
+    try:
+        qwen3_llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    finally:
+        engine.runner.execute = original
+    starts = [s for _, s, _, _ in seen]
+    assert starts == [0, 5, 6, 7, 8]
+    assert all(start + n == total for _, start, n, total in seen)
