@@ -30,6 +30,9 @@ class EngineConfig(BaseModel):
     cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(default=256, ge=1, description="Shortest shared prefix for cascade.")
     seed: int = 0
+    load_format: Literal["auto", "dummy"] = Field(
+        default="auto", description='"dummy" fills random weights (benchmarks on real shapes without checkpoints).'
+    )
 
 
 def resolve_device(device: str) -> str:

@@ -78,22 +78,21 @@ class LLM:
         for module in net.modules():
             if hasattr(module, "reset_cache"):
                 module.reset_cache(self.device)
-        if src.gguf_file is None and not any(src.folder.glob("*.safetensors")):
-            from engine.loader import ModelLoadError
-
-            raise ModelLoadError(f"model folder {str(src.folder)!r} has no *.safetensors weights")
-        weights = iter_weights(src, hf_config)
-        net.load_weights(self._cast(weights))
+        if config.load_format == "dummy":
+            init_dummy_weights(net, config.seed)
+        else:
+            net.load_weights(self._cast(iter_weights(src, hf_config)))
         net.eval()
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
         runner.backend = make_backend(backend_name, runner, config)
+        runner.supports_cascade = backend_name == "flashinfer"
         num_blocks = self._num_kv_blocks(runner, max_model_len)
         runner.allocate_kv_cache(num_blocks, config.block_size)
         max_model_len = min(max_model_len, num_blocks * config.block_size)
         if backend_name == "flashinfer" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphRunner
 
-            runner.graphs = DecodeGraphRunner(runner, config)
+            runner.graphs = DecodeGraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self.attention_backend = backend_name
@@ -137,7 +136,7 @@ class LLM:
         if cfg.num_kvcache_blocks is not None:
             return cfg.num_kvcache_blocks
         if self.device.type == "cuda":
-            budget = runner.profile_free_memory(cfg)
+            budget = runner.profile_free_memory(cfg, max_model_len)
         else:
             budget = int(cfg.cpu_kv_cache_gib * 2**30)
         blocks = min(budget // per_block, per_seq * cfg.max_num_seqs)
@@ -249,6 +248,17 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the engine thread, fail pending requests with EngineShutdownError, and free memory."""
         self.engine.shutdown()
+
+
+@torch.no_grad()
+def init_dummy_weights(net: torch.nn.Module, seed: int) -> None:
+    """Random weights with the checkpoint's shapes: N(0, 0.02) for matrices, ~1 for norms."""
+    g = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32))
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32))
 
 
 def _rss_bytes() -> int:

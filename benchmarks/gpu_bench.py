@@ -1,0 +1,263 @@
+"""GPU benchmarks on random weights with real Qwen3 shapes: decode, throughput, shared prefix, prefix cache.
+
+Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
+    python benchmarks/gpu_bench.py decode --models Qwen3-0.6B Qwen3-8B
+    python benchmarks/gpu_bench.py throughput
+    python benchmarks/gpu_bench.py shared_prefix
+    python benchmarks/gpu_bench.py prefix_cache
+Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import model_folder, print_table, qwen3_config, write_result  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+ROOT = Path(tempfile.mkdtemp())
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of repeats."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n / sorted(times)[len(times) // 2]
+
+
+def weight_bytes(cfg) -> int:
+    """Bytes of bf16 weights read per decode step (embedding gather excluded, lm_head included)."""
+    h, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    per_layer = h * (nq + 2 * nkv) * hd + nq * hd * h + 3 * h * i
+    return 2 * (L * per_layer + v * h)
+
+
+def kv_bytes_per_token(cfg) -> int:
+    """bf16 K and V bytes of one token across layers."""
+    return 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+
+
+def free_engine(llm) -> None:
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def hf_decode_tok_s(cfg, prompt_len: int, new_tokens: int) -> float:
+    """HF transformers generate() with a static cache and torch.compile, batch 1."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(10, 30000, (1, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    for _ in range(2):
+        model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return new_tokens / dt
+
+
+def bench_decode(args) -> None:
+    bw = copy_bandwidth()
+    rows = []
+    for name in args.models:
+        cfg = qwen3_config(name)
+        folder = model_folder(name, ROOT)
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs)
+        prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
+        p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        llm.generate([prompt], p)  # warm-up
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = llm.generate([prompt], p)[0]
+            wall = time.perf_counter() - t
+            decode = (len(out.token_ids) - 1) / (out.finish_time - out.first_token_time)
+            runs.append((decode, len(out.token_ids) / wall))
+        runs.sort()
+        engine_decode, engine_e2e = runs[1]
+        free_engine(llm)
+        hf = hf_decode_tok_s(cfg, 128, args.new_tokens) if not args.skip_hf else float("nan")
+        step_bytes = weight_bytes(cfg) + kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)
+        floor = bw / step_bytes
+        rows.append(
+            dict(
+                model=name,
+                engine_tok_s=engine_decode,
+                engine_e2e_tok_s=engine_e2e,
+                hf_tok_s=hf,
+                floor_tok_s=floor,
+                engine_over_floor=engine_decode / floor,
+                engine_over_hf=engine_decode / hf,
+            )
+        )
+        print_table("decode, batch 1, prompt 128", rows)
+    write_result(
+        "decode",
+        {"copy_bandwidth_bytes_s": bw, "prompt_len": 128, "new_tokens": args.new_tokens, "rows": rows},
+        OUT,
+    )
+
+
+def bench_throughput(args) -> None:
+    name = "Qwen3-0.6B"
+    cfg = qwen3_config(name)
+    folder = model_folder(name, ROOT)
+    rng = random.Random(0)
+    n = args.num_requests
+    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(100, 1024), ignore_eos=True) for _ in range(n)]
+    llm = LLM(
+        folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.batched_tokens
+    )
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t
+    stats = llm.stats()
+    free_engine(llm)
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    bw = copy_bandwidth()
+    # Roofline: every decode step streams the weights once plus each running request's KV; prefill is
+    # compute-bound (2 * params FLOPs per token at ~700 TFLOP/s bf16 dense achievable).
+    w = weight_bytes(cfg)
+    avg_ctx = sum(len(p) + pr.max_tokens / 2 for p, pr in zip(prompts, params)) / n
+    steps = max(pr.max_tokens for pr in params)
+    kv_read = out_tokens * avg_ctx * kv_bytes_per_token(cfg)
+    decode_s = (steps * w + kv_read) / bw
+    flops = 2 * (w / 2) * (in_tokens + out_tokens)
+    compute_s = flops / 700e12
+    roofline = out_tokens / max(decode_s, compute_s)
+    row = dict(
+        requests=n,
+        output_tokens=out_tokens,
+        prompt_tokens=in_tokens,
+        wall_s=wall,
+        engine_tok_s=out_tokens / wall,
+        roofline_tok_s=roofline,
+        engine_over_roofline=out_tokens / wall / roofline,
+        preemptions=stats["num_preemptions"],
+    )
+    print_table("throughput (nano-vllm workload, Qwen3-0.6B shapes)", [row])
+    arithmetic = (
+        f"decode: {steps} steps x {w / 1e9:.2f} GB weights + {out_tokens} tokens x {avg_ctx:.0f} ctx x "
+        f"{kv_bytes_per_token(cfg)} B KV = {(steps * w + kv_read) / 1e9:.1f} GB at {bw / 1e12:.2f} TB/s = "
+        f"{decode_s:.2f} s; compute: {flops / 1e12:.1f} TFLOP at 700 TFLOP/s = {compute_s:.2f} s"
+    )
+    print(arithmetic)
+    write_result("throughput", {**row, "roofline_arithmetic": arithmetic}, OUT)
+
+
+def bench_shared_prefix(args) -> None:
+    name = "Qwen3-0.6B"
+    folder = model_folder(name, ROOT)
+    rng = random.Random(0)
+    prefix = [rng.randrange(10, 30000) for _ in range(4096)]
+    prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+    p = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    res = {}
+    for cascade in (True, False):
+        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
+        t = time.perf_counter()
+        outs = llm.generate(prompts, p)
+        wall = time.perf_counter() - t
+        firsts = max(o.first_token_time for o in outs)
+        last = max(o.finish_time for o in outs)
+        decode_tok_s = sum(len(o.token_ids) - 1 for o in outs) / (last - firsts)
+        res["cascade" if cascade else "no_cascade"] = dict(
+            tok_s=sum(len(o.token_ids) for o in outs) / wall,
+            decode_tok_s=decode_tok_s,
+            cascade_steps=llm.stats()["num_cascade_steps"],
+        )
+        free_engine(llm)
+    row = dict(
+        cascade_tok_s=res["cascade"]["tok_s"],
+        no_cascade_tok_s=res["no_cascade"]["tok_s"],
+        ratio=res["cascade"]["tok_s"] / res["no_cascade"]["tok_s"],
+        cascade_decode_tok_s=res["cascade"]["decode_tok_s"],
+        no_cascade_decode_tok_s=res["no_cascade"]["decode_tok_s"],
+        decode_ratio=res["cascade"]["decode_tok_s"] / res["no_cascade"]["decode_tok_s"],
+        cascade_steps=res["cascade"]["cascade_steps"],
+    )
+    print_table("shared prefix: 64 requests, 4096-token prefix + 64, 256 new tokens", [row])
+    write_result("shared_prefix", row, OUT)
+
+
+def bench_prefix_cache(args) -> None:
+    name = "Qwen3-0.6B"
+    folder = model_folder(name, ROOT)
+    rng = random.Random(0)
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
+    llm.generate([[rng.randrange(10, 30000) for _ in range(4096)]], SamplingParams(max_tokens=1))  # warm kernels
+    doc = [rng.randrange(10, 30000) for _ in range(4096)]
+    p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    cold = llm.generate([doc], p)[0]
+    warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
+    free_engine(llm)
+    row = dict(
+        cold_ttft_s=cold.time_to_first_token,
+        warm_ttft_s=warm.time_to_first_token,
+        ratio=warm.time_to_first_token / cold.time_to_first_token,
+        warm_cached_tokens=warm.num_cached_tokens,
+    )
+    print_table("prefix cache: TTFT for a 4096-token prompt, cold vs same prefix + 32 tokens", [row])
+    write_result("prefix_cache", row, OUT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["decode", "throughput", "shared_prefix", "prefix_cache"])
+    parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--batched-tokens", type=int, default=16384)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    {
+        "decode": bench_decode,
+        "throughput": bench_throughput,
+        "shared_prefix": bench_shared_prefix,
+        "prefix_cache": bench_prefix_cache,
+    }[args.which](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""FlashInfer attention over the engine's paged HND cache: prefill, decode, cascade, and a CUDA-graph decode mode."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+class PagedIndices:
+    """FlashInfer's page-table triple (indptr, indices, last_page_len) built on the host from block tables."""
+
+    @staticmethod
+    def build(tables: list[list[int]], kv_lens: list[int], block_size: int, first_block: int = 0):
+        """Pages first_block.. of each table that hold kv_lens tokens, as int32 CPU tensors."""
+        indptr = [0]
+        indices: list[int] = []
+        last = []
+        for table, n in zip(tables, kv_lens):
+            pages = -(-n // block_size)
+            indices.extend(table[first_block:pages])
+            indptr.append(len(indices))
+            last.append(n - (pages - 1) * block_size)
+        mk = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+        return mk(indptr), mk(indices), mk(last)
+
+
+class FlashInferBackend(AttentionBackend):
+    """Plans once per step and runs FlashInfer's paged kernels in every layer; writes K/V with one append kernel."""
+
+    name = "flashinfer"
+
+    def __init__(
+        self,
+        runner,
+        config,
+        graph_batch_size: int | None = None,
+        workspace: torch.Tensor | None = None,
+        max_pages_per_req: int = 0,
+    ):
+        import flashinfer
+
+        self.flashinfer = flashinfer
+        self.device = runner.device
+        self.dtype = runner.dtype
+        self.num_heads = runner.num_heads
+        self.num_kv_heads = runner.num_kv_heads
+        self.head_dim = runner.head_dim
+        self.scale = runner.head_dim**-0.5
+        self.block_size = config.block_size
+        self.workspace = (
+            workspace if workspace is not None else torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        )
+        self.graph_batch_size = graph_batch_size
+        if graph_batch_size is None:
+            self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
+            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "HND", use_tensor_cores=False, backend="fa2"
+            )
+            self.cascade = flashinfer.MultiLevelCascadeAttentionWrapper(2, self.workspace, "HND")
+        else:
+            # Fixed buffers: the graph reads these addresses; plan() rewrites their contents each step.
+            bs = graph_batch_size
+            max_pages = bs * (max_pages_per_req + 1)
+            self.indptr_buf = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
+            self.indices_buf = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
+            self.last_buf = torch.ones(bs, dtype=torch.int32, device=self.device)
+            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                "HND",
+                use_cuda_graph=True,
+                use_tensor_cores=False,
+                paged_kv_indptr_buffer=self.indptr_buf,
+                paged_kv_indices_buffer=self.indices_buf,
+                paged_kv_last_page_len_buffer=self.last_buf,
+                backend="fa2",
+            )
+            self.batch_indices_buf = torch.arange(bs, dtype=torch.int32, device=self.device)
+            self.positions_buf = torch.zeros(bs, dtype=torch.int32, device=self.device)
+        self.mode = "prefill"
+
+    def _types(self) -> dict:
+        # Every plan() defaults to float16: say what the tensors really are.
+        return {"q_data_type": self.dtype, "kv_data_type": self.dtype}
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Build page tables for the step and plan the wrapper that will run it."""
+        if self.graph_batch_size is not None:
+            raise RuntimeError("a graph backend is planned through plan_graph()")
+        bs = self.block_size
+        indptr, indices, last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs)
+        dev = self.device
+        self.kv_indptr = indptr.to(dev, non_blocking=True)
+        self.kv_indices = indices.to(dev, non_blocking=True)
+        self.kv_last = last.to(dev, non_blocking=True)
+        self.batch_indices = meta.req_index.to(torch.int32)
+        self.positions = meta.positions.to(torch.int32)
+        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=bs, **self._types())
+        if meta.shared_prefix_blocks:
+            shared = meta.shared_prefix_blocks
+            n = meta.num_reqs
+            s_indices = torch.tensor(meta.block_tables_cpu[0][:shared], dtype=torch.int32)
+            u_indptr, u_indices, u_last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs, shared)
+            self.cascade.plan(
+                [torch.tensor([0, n], dtype=torch.int32), torch.arange(n + 1, dtype=torch.int32)],
+                [torch.tensor([0, shared], dtype=torch.int32), u_indptr],
+                [s_indices, u_indices],
+                [torch.tensor([bs], dtype=torch.int32), u_last],
+                head_dim=self.head_dim,
+                **common,
+            )
+            self.mode = "cascade"
+        elif meta.is_decode:
+            self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **common)
+            self.mode = "decode"
+        else:
+            self.prefill.plan(
+                meta.cu_seqlens_q.cpu(), indptr, indices, last, head_dim_qk=self.head_dim, causal=True, **common
+            )
+            self.mode = "prefill"
+
+    def plan_graph(self, meta: AttentionMetadata | None, num_reqs: int, dummy_block: int) -> None:
+        """Plan a captured decode batch of graph_batch_size rows; rows past num_reqs write to the dummy block."""
+        bs_graph = self.graph_batch_size
+        pad = bs_graph - num_reqs
+        tables = (meta.block_tables_cpu if meta else []) + [[dummy_block]] * pad
+        kv_lens = (meta.kv_lens_cpu if meta else []) + [1] * pad
+        indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
+        self.decode.plan(
+            indptr,
+            indices,
+            last,
+            num_qo_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            page_size=self.block_size,
+            **self._types(),
+        )
+        self.kv_indptr, self.kv_indices, self.kv_last = self.indptr_buf, self.indices_buf, self.last_buf
+        self.batch_indices = self.batch_indices_buf
+        self.positions = self.positions_buf
+        self.mode = "decode"
+
+    def forward(self, layer_id, q, k, v, kv_cache):
+        """Append this step's K/V to the pages, then attend."""
+        self.flashinfer.page.append_paged_kv_cache(
+            k,
+            v,
+            self.batch_indices,
+            self.positions,
+            kv_cache,
+            self.kv_indices,
+            self.kv_indptr,
+            self.kv_last,
+            kv_layout="HND",
+        )
+        if self.mode == "decode":
+            return self.decode.run(q.contiguous(), kv_cache)
+        if self.mode == "cascade":
+            return self.cascade.run(q.contiguous(), kv_cache)
+        return self.prefill.run(q.contiguous(), kv_cache)
