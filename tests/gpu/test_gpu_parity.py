@@ -162,7 +162,13 @@ def test_cascade_on_and_off_agree_and_match_hf(model_dir):
             llm.shutdown()
     (o1, r1), (o2, r2) = results
     check_against_hf(hf, prompts, o1, r1)
-    for a, b in zip(o1, o2):
-        for n in r1[a.request_id]:
-            if n in r2[b.request_id]:
+    check_against_hf(hf, prompts, o2, r2)
+    compared = 0
+    for p, a, b in zip(prompts, o1, o2):
+        # Random weights have near-ties: compare while both runs have produced the same tokens.
+        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        for n in range(len(p), len(p) + same + 1):
+            if n in r1[a.request_id] and n in r2[b.request_id]:
                 assert rel_err(r1[a.request_id][n], r2[b.request_id][n]) < TOL
+                compared += 1
+    assert compared >= len(prompts)
