@@ -66,7 +66,7 @@ class _EngineStateCollector:
             "kv_cache_bytes": ("Bytes of the KV cache.", lambda s, m: m["kv_cache_bytes"]),
             "model_weights_bytes": ("Bytes of model weights.", lambda s, m: m["weights_bytes"]),
             "gpu_memory_used_bytes": ("GPU memory torch allocated.", lambda s, m: m.get("gpu_memory_used_bytes")),
-            "gpu_memory_reserved_bytes": ("GPU memory torch reserved.", lambda s, m: m.get("gpu_memory_reserved_bytes"))  # noqa: E501,
+            "gpu_memory_reserved_bytes": ("GPU memory torch reserved.", lambda s, m: m.get("gpu_memory_reserved_bytes")),  # noqa: E501
             "gpu_memory_total_bytes": ("GPU memory in total.", lambda s, m: m.get("gpu_memory_total_bytes")),
         }  # fmt: skip
         counters = {
