@@ -35,6 +35,8 @@ from langchain_nanovllm.engine_registry import get_engine
 from langchain_nanovllm.tool_parsing import TOOL_OPEN, ThinkSplitter, ToolCallStreamParser
 
 SUPPORTED_BLOCKS = ("text",)
+# Assistant messages may carry their tool calls as content blocks too; those render from tool_calls instead.
+TOOL_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
 
 TOOL_SYSTEM_PROMPT = """You can call these tools. To call one, reply with exactly
 <tool_call>
@@ -56,6 +58,8 @@ def _text_of(content, role: str) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") in SUPPORTED_BLOCKS:
             parts.append(block.get("text", ""))
+        elif role == "assistant" and isinstance(block, dict) and block.get("type") in TOOL_CALL_BLOCKS:
+            continue
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(
@@ -255,7 +259,7 @@ class ChatNanoVLLM(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="nanovllm",
-            ls_model_name=self.model or "SmolLM2-135M-Instruct",
+            ls_model_name=str(kwargs.get("model") or self.model or "SmolLM2-135M-Instruct"),
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
         )
@@ -470,9 +474,13 @@ class ChatNanoVLLM(BaseChatModel):
         *,
         method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
         include_raw: bool = False,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict | Any]:
-        """Return a runnable that answers as schema (pydantic model, TypedDict or JSON schema)."""
+        """Return a runnable that answers as schema (pydantic model, TypedDict or JSON schema).
+
+        There is no constrained decoding yet, so ``strict`` is accepted for API compatibility and not enforced.
+        """
         if kwargs:
             raise ValueError(f"unexpected arguments {sorted(kwargs)}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)

@@ -29,10 +29,14 @@ class ThinkSplitter:
         self.in_think = start_in_think
         self.buffer = ""
         self.seen_close = False
+        self.strip_newlines = False  # the blank lines after </think> belong to neither part
 
     def feed(self, delta: str) -> tuple[str, str]:
         """Add text; return (reasoning, content) that can be emitted now."""
         self.buffer += delta
+        if self.strip_newlines:
+            self.buffer = self.buffer.lstrip("\n")
+            self.strip_newlines = not self.buffer
         reasoning, content = [], []
         while self.buffer:
             tag = THINK_CLOSE if self.in_think else THINK_OPEN
@@ -42,7 +46,8 @@ class ThinkSplitter:
                 self.buffer = self.buffer[i + len(tag) :]
                 if self.in_think:
                     self.seen_close = True
-                    self.buffer = self.buffer.lstrip("\n") if self.buffer else self.buffer
+                    self.buffer = self.buffer.lstrip("\n")
+                    self.strip_newlines = not self.buffer
                 self.in_think = not self.in_think
                 continue
             keep = _partial_suffix(self.buffer, tag)
