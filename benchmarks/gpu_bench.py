@@ -111,6 +111,13 @@ def bench_decode(args) -> None:
             runs.append((decode, len(out.token_ids) / wall))
         runs.sort()
         engine_decode, engine_e2e = runs[1]
+        if llm.engine.step_timing:
+            st = llm.engine.step_timing
+            n = st["steps"]
+            print(
+                f"{name} host time per step (us): "
+                + ", ".join(f"{k}={v / n * 1e6:.0f}" for k, v in st.items() if k != "steps")
+            )
         free_engine(llm)
         hf = hf_decode_tok_s(cfg, 128, args.new_tokens) if not args.skip_hf else float("nan")
         step_bytes = weight_bytes(cfg) + kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)

@@ -30,15 +30,18 @@ class DecodeGraphRunner:
         self.sizes = capture_sizes(config.max_num_seqs)
         self.max_bs = self.sizes[-1]
         dev = runner.device
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
+        # Row 0: token ids, row 1: positions. Filled on the host (pinned) and sent in one copy per step.
+        self.static = torch.zeros(2, self.max_bs, dtype=torch.long, device=dev)
+        self.host = torch.zeros(2, self.max_bs, dtype=torch.long).pin_memory()
+        self.host_np = self.host.numpy()
+        self.input_ids, self.positions = self.static[0], self.static[1]
         pages = -(-max_model_len // config.block_size)
         workspace = runner.backend.workspace
         self.backends = {
             bs: FlashInferBackend(runner, config, graph_batch_size=bs, workspace=workspace, max_pages_per_req=pages)
             for bs in self.sizes
         }
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # size -> (graph, logits)
         self.pool_bytes = 0
 
     @torch.inference_mode()
@@ -52,11 +55,11 @@ class DecodeGraphRunner:
             backend = self.backends[bs]
             backend.plan_graph(None, 0, self.runner.dummy_block)
             ctx = ForwardContext(self.positions[:bs], backend, self.runner.kv_cache)
-            model(self.input_ids[:bs], ctx)  # warm-up outside the graph (lazy inits, autotuning)
+            self._forward(model, backend, ctx, bs)  # warm-up outside the graph (lazy inits, autotuning)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = model(self.input_ids[:bs], ctx)
+                out = self._forward(model, backend, ctx, bs)
             if pool is None:
                 pool = graph.pool()
             self.graphs[bs] = (graph, out)
@@ -70,22 +73,26 @@ class DecodeGraphRunner:
             self.pool_bytes / 2**20,
         )
 
-    def can_run(self, meta) -> bool:
-        """Decode-only steps without cascade that fit the largest captured size."""
-        return meta.is_decode and meta.num_reqs <= self.max_bs and not meta.shared_prefix_blocks
-
-    def run(self, input_ids: torch.Tensor, meta) -> torch.Tensor:
-        """Copy the step in, plan the wrapper outside the graph, replay, return the real rows."""
-        n = meta.num_reqs
-        bs = next(s for s in self.sizes if s >= n)
-        backend = self.backends[bs]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(meta.positions)
-        # Padded rows: token 0 at position 0 of the dummy block; their writes and outputs are discarded.
-        self.input_ids[n:bs].zero_()
-        self.positions[n:bs].zero_()
+    def _forward(self, model, backend, ctx, bs: int) -> torch.Tensor:
+        # Inside the graph: the KV-append positions (int32) and the lm_head, so a step is one replay.
         backend.positions_buf[:bs].copy_(self.positions[:bs])
-        backend.plan_graph(meta, n, self.runner.dummy_block)
-        graph, out = self.graphs[bs]
+        return model.compute_logits(model(self.input_ids[:bs], ctx))
+
+    def fits(self, num_reqs: int) -> bool:
+        """Whether a decode batch of this many requests has a captured graph."""
+        return num_reqs <= self.max_bs
+
+    def decode(self, reqs: list) -> torch.Tensor:
+        """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""
+        n = len(reqs)
+        bs = next(s for s in self.sizes if s >= n)
+        h = self.host_np
+        h[0, :n] = [r.all_token_ids[-1] for r in reqs]
+        h[1, :n] = [r.num_tokens - 1 for r in reqs]
+        h[:, n:bs] = 0  # padded rows: token 0 at position 0 of the dummy block
+        self.static[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
+        backend = self.backends[bs]
+        backend.plan_graph_rows([r.block_table for r in reqs], [r.num_tokens for r in reqs], self.runner.dummy_block)
+        graph, logits = self.graphs[bs]
         graph.replay()
-        return out[:n]
+        return logits[:n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,9 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests raise from here
         self.num_steps = 0
+        # NANOVLLM_STEP_TIMING=1 accumulates host time per phase of step() (schedule/execute/finish), for profiling.
+        self.step_timing: dict[str, float] | None = {} if os.environ.get("NANOVLLM_STEP_TIMING") else None
+        runner.step_timing = self.step_timing
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -132,6 +136,7 @@ class LLMEngine:
 
     def step(self) -> None:
         """Schedule, run the model, and deliver this step's tokens; a failure fails only this step's requests."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             if out.preempted:
@@ -155,6 +160,7 @@ class LLMEngine:
             for s in out.scheduled:
                 self._fail(s.req, exc)
             return
+        t1 = time.perf_counter()
         self.scheduler.commit(out)
         self.num_steps += 1
         now = time.monotonic()
@@ -166,6 +172,12 @@ class LLMEngine:
                 self._fail(req, exc)
         for obs in self.observers:
             obs.on_step(self, out, len(sampled), cascade_blocks > 0)
+        if self.step_timing is not None:
+            t2 = time.perf_counter()
+            st = self.step_timing
+            st["schedule+execute"] = st.get("schedule+execute", 0.0) + (t1 - t0)
+            st["finish"] = st.get("finish", 0.0) + (t2 - t1)
+            st["steps"] = st.get("steps", 0) + 1
 
     def shared_prefix_blocks(self, out: SchedulerOutput) -> int:
         """Leading blocks every request of a decode step shares physically, when cascade attention pays."""

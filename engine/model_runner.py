@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -36,6 +37,7 @@ class ModelRunner:
         self.supports_cascade = False
         # Tests set a list here to receive (request ids, sequence lengths, logits) of every step.
         self.logits_sink: list | None = None
+        self.step_timing: dict | None = None  # shared with the engine when NANOVLLM_STEP_TIMING is set
         self.eos_ids: set[int] = set()
         self.kv_cache_storage: torch.Tensor | None = None
 
@@ -110,61 +112,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
         """Run one step; returns (sampled token ids per sampling request, logprob dicts or None)."""
-        input_ids, meta, sample_rows = self.build_metadata(out)
-        meta.shared_prefix_blocks = shared_prefix_blocks
+        t0 = time.perf_counter()
         if shared_prefix_blocks:
             self.num_cascade_steps += 1
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, meta)
-        else:
-            hidden = self.forward_hidden(input_ids, meta)
         reqs = [s.req for s in out.scheduled if s.samples]
-        if not reqs:
-            return [], None
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if self.graphs is not None and not shared_prefix_blocks and out.is_decode_only and self.graphs.fits(len(reqs)):
+            logits = self.graphs.decode(reqs)
+        else:
+            input_ids, meta, sample_rows = self.build_metadata(out)
+            meta.shared_prefix_blocks = shared_prefix_blocks
+            hidden = self.forward_hidden(input_ids, meta)
+            if not reqs:
+                return [], None
+            rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         if self.logits_sink is not None:
             self.logits_sink.append(([r.request_id for r in reqs], [r.num_tokens for r in reqs], logits.float().cpu()))
-        batch = self.sampler.prepare(reqs, self.vocab_size, self.eos_ids)
-        token_ids, logprobs = self.sampler(logits, batch)
+        token_ids, logprobs, wanted = self.sampler.sample(logits, reqs, self.vocab_size, self.eos_ids)
+        if self.step_timing is not None:
+            self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
         token_list = token_ids.tolist()  # the one host sync of the step
-        lp = top_logprobs(logprobs, token_list, batch.logprobs) if logprobs is not None else None
+        lp = top_logprobs(logprobs, token_list, wanted) if logprobs is not None else None
         return token_list, lp
-
-    @torch.inference_mode()
-    def profile_free_memory(self, config, max_model_len: int) -> int:
-        """Bytes left for the KV cache after a warm-up at the largest step shape, under gpu_memory_utilization."""
-        from engine.request import Request
-        from engine.sampling_params import SamplingParams
-        from engine.scheduler import ScheduledRequest, SchedulerOutput
-
-        dev = self.device
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        bs = config.block_size
-        total_tokens = min(config.max_num_batched_tokens, max_model_len * config.max_num_seqs)
-        num_seqs = max(1, min(config.max_num_seqs, total_tokens))
-        per_seq = max(1, min(total_tokens // num_seqs, max_model_len - 1))
-        blocks_per_seq = -(-per_seq // bs)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq, bs)
-        out = SchedulerOutput()
-        for i in range(num_seqs):
-            req = Request([1] * per_seq, SamplingParams(temperature=1.0, top_p=0.9, top_k=50))
-            req.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            out.scheduled.append(ScheduledRequest(req, 0, per_seq))
-        self.execute(out)
-        self.sampler.request_generators.clear()
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        self.kv_cache, self.kv_cache_storage = [], None
-        torch.cuda.empty_cache()
-        current = torch.cuda.memory_allocated(dev)
-        free, total = torch.cuda.mem_get_info(dev)
-        used = total - free
-        # Decode graphs keep their own pool (activations at the largest batch) and FlashInfer's buffers.
-        graph_reserve = 0 if config.enforce_eager else 256 * 2**20
-        return int(total * config.gpu_memory_utilization - used - (peak - current) - graph_reserve)
 
     def release(self) -> None:
         """Drop the KV cache, graphs and model so their memory can be returned."""

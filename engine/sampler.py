@@ -94,6 +94,18 @@ class Sampler:
         ids = torch.where(batch.temperature == 0.0, greedy_ids, sampled)
         return ids, logprob_out
 
+    def sample(self, logits: torch.Tensor, reqs: list[Request], vocab_size: int, eos_ids: set[int]):
+        """Sample a token per row; greedy batches without constraints skip building any tensor."""
+        simple = all(
+            r.params.temperature == 0.0 and r.params.logprobs is None and r.num_output_tokens >= r.params.min_tokens
+            for r in reqs
+        )
+        if simple:
+            return logits.argmax(-1), None, None
+        batch = self.prepare(reqs, vocab_size, eos_ids)
+        ids, logprobs = self(logits, batch)
+        return ids, logprobs, batch.logprobs
+
     def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, g in enumerate(generators):

@@ -122,11 +122,16 @@ class FlashInferBackend(AttentionBackend):
             self.mode = "prefill"
 
     def plan_graph(self, meta: AttentionMetadata | None, num_reqs: int, dummy_block: int) -> None:
-        """Plan a captured decode batch of graph_batch_size rows; rows past num_reqs write to the dummy block."""
-        bs_graph = self.graph_batch_size
-        pad = bs_graph - num_reqs
-        tables = (meta.block_tables_cpu if meta else []) + [[dummy_block]] * pad
-        kv_lens = (meta.kv_lens_cpu if meta else []) + [1] * pad
+        """Plan a captured decode batch from step metadata (None: an all-padding batch, for capture)."""
+        tables = meta.block_tables_cpu if meta else []
+        kv_lens = meta.kv_lens_cpu if meta else []
+        self.plan_graph_rows(tables, kv_lens, dummy_block)
+
+    def plan_graph_rows(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int) -> None:
+        """Plan graph_batch_size rows: the given requests, then padding rows that write into the dummy block."""
+        pad = self.graph_batch_size - len(tables)
+        tables = tables + [[dummy_block]] * pad
+        kv_lens = kv_lens + [1] * pad
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
         self.decode.plan(
             indptr,
