@@ -135,6 +135,41 @@ class ModelRunner:
         lp = top_logprobs(logprobs, token_list, wanted) if logprobs is not None else None
         return token_list, lp
 
+    @torch.inference_mode()
+    def profile_free_memory(self, config, max_model_len: int) -> int:
+        """Bytes left for the KV cache after a warm-up at the largest step shape, under gpu_memory_utilization."""
+        from engine.request import Request
+        from engine.sampling_params import SamplingParams
+        from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        bs = config.block_size
+        total_tokens = min(config.max_num_batched_tokens, max_model_len * config.max_num_seqs)
+        num_seqs = max(1, min(config.max_num_seqs, total_tokens))
+        per_seq = max(1, min(total_tokens // num_seqs, max_model_len - 1))
+        blocks_per_seq = -(-per_seq // bs)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq, bs)
+        out = SchedulerOutput()
+        for i in range(num_seqs):
+            req = Request([1] * per_seq, SamplingParams(temperature=1.0, top_p=0.9, top_k=50))
+            req.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            out.scheduled.append(ScheduledRequest(req, 0, per_seq))
+        self.execute(out)
+        self.sampler.request_generators.clear()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        self.kv_cache, self.kv_cache_storage = [], None
+        torch.cuda.empty_cache()
+        current = torch.cuda.memory_allocated(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        used = total - free
+        # Decode graphs keep their own pool (activations at the largest batch) and FlashInfer's buffers.
+        graph_reserve = 0 if config.enforce_eager else 256 * 2**20
+        return int(total * config.gpu_memory_utilization - used - (peak - current) - graph_reserve)
+
     def release(self) -> None:
         """Drop the KV cache, graphs and model so their memory can be returned."""
         self.kv_cache = []

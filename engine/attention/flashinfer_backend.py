@@ -7,6 +7,7 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
 class PagedIndices:
@@ -59,7 +60,13 @@ class FlashInferBackend(AttentionBackend):
             self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "HND", use_tensor_cores=False, backend="fa2"
             )
-            self.cascade = flashinfer.MultiLevelCascadeAttentionWrapper(2, self.workspace, "HND")
+            # Cascade, written out rather than through MultiLevelCascadeAttentionWrapper: the shared level is one
+            # "request" with all queries, so it needs split-KV (fixed_split_size) to fill the GPU; the unique
+            # level is plain decode. Their partial states merge with merge_state_in_place.
+            self.shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND", backend="fa2")
+            self.unique_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "HND", use_tensor_cores=False, backend="fa2"
+            )
         else:
             # Fixed buffers: the graph reads these addresses; plan() rewrites their contents each step.
             bs = graph_batch_size
@@ -103,14 +110,17 @@ class FlashInferBackend(AttentionBackend):
             n = meta.num_reqs
             s_indices = torch.tensor(meta.block_tables_cpu[0][:shared], dtype=torch.int32)
             u_indptr, u_indices, u_last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs, shared)
-            self.cascade.plan(
-                [torch.tensor([0, n], dtype=torch.int32), torch.arange(n + 1, dtype=torch.int32)],
-                [torch.tensor([0, shared], dtype=torch.int32), u_indptr],
-                [s_indices, u_indices],
-                [torch.tensor([bs], dtype=torch.int32), u_last],
-                head_dim=self.head_dim,
+            self.shared_prefill.plan(
+                torch.tensor([0, n], dtype=torch.int32),
+                torch.tensor([0, shared], dtype=torch.int32),
+                s_indices,
+                torch.tensor([bs], dtype=torch.int32),
+                head_dim_qk=self.head_dim,
+                causal=False,
+                fixed_split_size=max(1, shared // SHARED_SPLITS),
                 **common,
             )
+            self.unique_decode.plan(u_indptr, u_indices, u_last, head_dim=self.head_dim, **common)
             self.mode = "cascade"
         elif meta.is_decode:
             self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **common)
@@ -164,5 +174,9 @@ class FlashInferBackend(AttentionBackend):
         if self.mode == "decode":
             return self.decode.run(q.contiguous(), kv_cache)
         if self.mode == "cascade":
-            return self.cascade.run(q.contiguous(), kv_cache)
+            q = q.contiguous()
+            out, lse = self.unique_decode.run(q, kv_cache, return_lse=True)
+            out_shared, lse_shared = self.shared_prefill.run(q, kv_cache, return_lse=True)
+            self.flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
+            return out
         return self.prefill.run(q.contiguous(), kv_cache)

@@ -78,13 +78,27 @@ def engine_logits(llm: LLM, prompts, params) -> tuple[list, dict]:
     return outs, rows
 
 
+_fp32_refs: dict = {}
+
+
+def fp32_reference(hf):
+    """HF in fp32 on the same (bf16-valued) weights: the higher-precision reference both bf16 paths approximate."""
+    if id(hf) not in _fp32_refs:
+        import copy
+
+        _fp32_refs.clear()
+        _fp32_refs[id(hf)] = copy.deepcopy(hf).float()
+    return _fp32_refs[id(hf)]
+
+
 def check_against_hf(hf, prompts, outs, rows) -> float:
     """Teacher-forced: HF logits over prompt + engine tokens vs the engine's logits at every step."""
     worst = 0.0
+    ref_model = fp32_reference(hf)
     for p, o in zip(prompts, outs):
         seq = torch.tensor([p + o.token_ids], device="cuda")
         with torch.no_grad():
-            ref = hf(seq).logits[0].float().cpu()
+            ref = ref_model(seq).logits[0].float().cpu()
         got = rows[o.request_id]
         for n, row in got.items():
             worst = max(worst, rel_err(row, ref[n - 1]))
