@@ -224,7 +224,14 @@ def bench_shared_prefix(args) -> None:
     p = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     res = {}
     for cascade in (True, False):
-        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
+        llm = LLM(
+            folder,
+            load_format="dummy",
+            max_model_len=8192,
+            max_num_seqs=64,
+            enable_cascade_attention=cascade,
+            cascade_min_requests=args.cascade_min_requests,
+        )
         llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
         t = time.perf_counter()
         outs = llm.generate(prompts, p)
@@ -264,6 +271,11 @@ def bench_prefix_cache(args) -> None:
         cold = llm.generate([doc], p)[0]
         warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
         pairs.append((cold.time_to_first_token, warm.time_to_first_token, warm.num_cached_tokens))
+        print(
+            f"cold: queue {cold.scheduled_time - cold.arrival_time:.4f}s prefill "
+            f"{cold.first_token_time - cold.scheduled_time:.4f}s; warm: queue "
+            f"{warm.scheduled_time - warm.arrival_time:.4f}s prefill {warm.first_token_time - warm.scheduled_time:.4f}s"
+        )
     free_engine(llm)
     measured = sorted(pairs[1:])
     cold_s = sorted(c for c, _, _ in measured)[1]
@@ -282,6 +294,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--cascade-min-requests", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (decode)")
     args = parser.parse_args()
     {

@@ -26,7 +26,11 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
-    enable_cascade_attention: bool = True
+    enable_cascade_attention: bool = Field(
+        default=False,
+        description="Cascade attention for decode batches sharing a cached prefix (FlashInfer only). Off by "
+        "default: measured slower than graph-captured decode until the cascade step is graph-captured too.",
+    )
     cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(default=256, ge=1, description="Shortest shared prefix for cascade.")
     seed: int = 0

@@ -30,10 +30,11 @@ class DecodeGraphRunner:
         self.sizes = capture_sizes(config.max_num_seqs)
         self.max_bs = self.sizes[-1]
         dev = runner.device
-        # Row 0: token ids, row 1: positions. Filled on the host (pinned) and sent in one copy per step.
-        self.static = torch.zeros(2, self.max_bs, dtype=torch.long, device=dev)
-        self.host = torch.zeros(2, self.max_bs, dtype=torch.long).pin_memory()
+        # Rows: token ids, positions, last-page lengths. Filled on the host (pinned), sent in one copy per step.
+        self.static = torch.zeros(3, self.max_bs, dtype=torch.long, device=dev)
+        self.host = torch.zeros(3, self.max_bs, dtype=torch.long).pin_memory()
         self.host_np = self.host.numpy()
+        self.static[2].fill_(1)  # capture runs on padding rows: one valid entry each
         self.input_ids, self.positions = self.static[0], self.static[1]
         pages = -(-max_model_len // config.block_size)
         workspace = runner.backend.workspace
@@ -42,6 +43,8 @@ class DecodeGraphRunner:
             for bs in self.sizes
         }
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # size -> (graph, logits)
+        self.planned: dict[int, tuple] = {}  # size -> page layout of the last plan()
+        self.num_plans = 0
         self.pool_bytes = 0
 
     @torch.inference_mode()
@@ -74,8 +77,10 @@ class DecodeGraphRunner:
         )
 
     def _forward(self, model, backend, ctx, bs: int) -> torch.Tensor:
-        # Inside the graph: the KV-append positions (int32) and the lm_head, so a step is one replay.
+        # Inside the graph: the KV-append positions and last-page lengths (int32), and the lm_head, so a step is one
+        # replay and steps that add no page need no plan().
         backend.positions_buf[:bs].copy_(self.positions[:bs])
+        backend.last_buf[:bs].copy_(self.static[2, :bs])
         return model.compute_logits(model(self.input_ids[:bs], ctx))
 
     def fits(self, num_reqs: int) -> bool:
@@ -87,12 +92,22 @@ class DecodeGraphRunner:
         n = len(reqs)
         bs = next(s for s in self.sizes if s >= n)
         h = self.host_np
+        block_size = self.runner.block_size
         h[0, :n] = [r.all_token_ids[-1] for r in reqs]
-        h[1, :n] = [r.num_tokens - 1 for r in reqs]
-        h[:, n:bs] = 0  # padded rows: token 0 at position 0 of the dummy block
+        h[1, :n] = positions = [r.num_tokens - 1 for r in reqs]
+        h[2, :n] = [p % block_size + 1 for p in positions]
+        h[:2, n:bs] = 0  # padded rows: token 0 at position 0 of the dummy block (one entry)
+        h[2, n:bs] = 1
         self.static[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
         backend = self.backends[bs]
-        backend.plan_graph_rows([r.block_table for r in reqs], [r.num_tokens for r in reqs], self.runner.dummy_block)
+        # FlashInfer's decode plan depends on the page lists, not on how full the last page is: re-plan only
+        # when a request gains a page or the batch changes (every block_size steps at batch 1).
+        layout = tuple((r.block_table[0], len(r.block_table), p // block_size) for r, p in zip(reqs, positions))
+        if self.planned.get(bs) != layout:
+            tables = [r.block_table for r in reqs]
+            backend.plan_graph_rows(tables, [r.num_tokens for r in reqs], self.runner.dummy_block)
+            self.planned[bs] = layout
+            self.num_plans += 1
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

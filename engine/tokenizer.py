@@ -12,6 +12,9 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        # The Rust tokenizer behind a fast HF tokenizer decodes ~10x faster than the Python wrapper.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._fast_decode = backend.decode if backend is not None and hasattr(backend, "decode") else None
         self.stop = stop
         self.max_stop = max((len(s) for s in stop), default=0)
         self.skip_special_tokens = skip_special_tokens
@@ -23,6 +26,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> bool:
