@@ -40,7 +40,11 @@ def model_folder(name: str, root: Path) -> Path:
 
 
 def git_commit() -> str:
-    """The checked-out commit, or 'unknown' off a git checkout."""
+    """The checked-out commit ($NANOVLLM_COMMIT where the tree travels without .git), or 'unknown'."""
+    import os
+
+    if os.environ.get("NANOVLLM_COMMIT"):
+        return os.environ["NANOVLLM_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
