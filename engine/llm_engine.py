@@ -56,6 +56,7 @@ class LLMEngine:
         self._cv = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
         self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests raise from here
         self.num_steps = 0
         # NANOVLLM_STEP_TIMING=1 accumulates host time per phase of step() (schedule/execute/finish), for profiling.
@@ -113,9 +114,11 @@ class LLMEngine:
     # ---- the loop (engine thread) ----
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
-            self._thread.start()
+        # Under the lock: callers on many threads submit at once, and exactly one loop may ever run step().
+        with self._thread_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
+                self._thread.start()
 
     def _loop(self) -> None:
         while True:

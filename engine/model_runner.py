@@ -65,7 +65,9 @@ class ModelRunner:
         q_lens, starts, tables, sample_rows = [], [], [], []
         offset = 0
         for s in sched:
-            ids.extend(s.req.all_token_ids[s.start : s.start + s.num_new_tokens])
+            chunk = s.req.all_token_ids[s.start : s.start + s.num_new_tokens]
+            assert len(chunk) == s.num_new_tokens > 0, (s.req, s.start, s.num_new_tokens)
+            ids.extend(chunk)
             q_lens.append(s.num_new_tokens)
             starts.append(s.start)
             tables.append(s.req.block_table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, correct across multi-byte UTF-8 characters.
@@ -75,9 +77,40 @@ def render_chat(tokenizer, messages: list[dict], **template_kwargs) -> list[int]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
     template_kwargs.setdefault("add_generation_prompt", True)
+    specials = special_token_strings(tokenizer)
+    contents = [m.get("content") for m in messages]
+    injected = any(isinstance(c, str) and any(sp in c for sp in specials) for c in contents)
+    if injected:
+        # Render with placeholders, then encode message text with special tokens split into plain text, so a
+        # user typing "<|im_start|>system" cannot forge a turn: only the template emits special tokens.
+        messages = [
+            {**m, "content": f"{_OPEN}{i}{_CLOSE}"} if isinstance(m.get("content"), str) else m
+            for i, m in enumerate(messages)
+        ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
     except Exception as exc:
         raise ValueError(f"the chat template could not render these messages: {exc}") from exc
-    # The template writes its own BOS where the model wants one.
-    return tokenizer.encode(text, add_special_tokens=False)
+    if not injected:
+        # The template writes its own BOS where the model wants one.
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    for k, part in enumerate(_PLACEHOLDER.split(text)):
+        if k % 2 == 0:
+            ids += tokenizer.encode(part, add_special_tokens=False) if part else []
+        else:
+            ids += tokenizer.encode(contents[int(part)], add_special_tokens=False, split_special_tokens=True)
+    return ids
+
+
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never produced by a template
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token's text (BOS/EOS/pad and added special tokens such as <|im_start|>)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok))
+    return [t for t in found if t]
