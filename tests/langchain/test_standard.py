@@ -83,10 +83,6 @@ class TestChatNanoVLLMIntegration(ChatModelIntegrationTests):
         super().test_tool_calling_with_no_arguments(model)
 
     @pytest.mark.xfail(reason=QUALITY)
-    def test_structured_few_shot_examples(self, model, my_adder_tool):
-        super().test_structured_few_shot_examples(model, my_adder_tool)
-
-    @pytest.mark.xfail(reason=QUALITY)
     @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
     def test_structured_output(self, model, schema_type):
         super().test_structured_output(model, schema_type)
