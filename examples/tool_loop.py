@@ -19,16 +19,21 @@ def main() -> None:
     llm = ChatNanoVLLM(temperature=0.0, max_tokens=96)
     tools = {"get_weather": get_weather}
     messages = [HumanMessage("What is the weather in Paris?")]
-    # The first turn forces a tool call (tool_choice="any"): the small embedded model rarely calls tools on its own.
-    ai = llm.bind_tools([get_weather], tool_choice="any").invoke(messages)
+    # The first turn forces a call to get_weather (its name and the start of the arguments are pre-filled): the
+    # small embedded model rarely calls tools on its own.
+    ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
     for _ in range(3):
         messages.append(ai)
         if not ai.tool_calls:
             break
         for call in ai.tool_calls:
             print(f"tool call: {call['name']}({call['args']})")
-            result = tools[call["name"]].invoke(call["args"]) if call["name"] in tools else "unknown tool"
-            messages.append(ToolMessage(result, tool_call_id=call["id"]))
+            try:
+                result, status = tools[call["name"]].invoke(call["args"]), "success"
+            except Exception as exc:  # bad arguments from the model go back to it as an error result
+                result, status = f"error: {exc}", "error"
+            print(f"  -> {status}: {result[:100]}")
+            messages.append(ToolMessage(result, tool_call_id=call["id"], status=status))
         ai = llm.bind_tools([get_weather]).invoke(messages)
     if ai.invalid_tool_calls:
         print("the model wrote an invalid tool call:", ai.invalid_tool_calls[0]["error"])
