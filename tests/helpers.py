@@ -95,3 +95,16 @@ def tiny_tokenizer(vocab_size: int = 512):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def wait_idle(llm, timeout: float = 20.0) -> dict:
+    """Wait until the engine holds no blocks and has no requests; return its stats."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = llm.stats()
+        if s["kv_blocks_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0:
+            return s
+        time.sleep(0.01)
+    return llm.stats()

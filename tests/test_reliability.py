@@ -5,25 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 
 import pytest
 import torch
+from helpers import wait_idle
 
 from engine import LLM, EngineShutdownError, ModelLoadError, RequestFailedError, SamplingParams
 from engine.llm_engine import StepObserver
 
 OK = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-def wait_idle(llm, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = llm.stats()
-        if s["kv_blocks_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0:
-            return s
-        time.sleep(0.01)
-    return llm.stats()
 
 
 def inject_once(llm, message="injected fault"):

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from helpers import wait_idle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
@@ -40,16 +41,6 @@ class ACollect(AsyncCallbackHandler):
 
     async def on_llm_new_token(self, token, **kwargs):
         self.tokens.append(token)
-
-
-def wait_idle(llm, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = llm.stats()
-        if s["kv_blocks_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0:
-            return s
-        time.sleep(0.01)
-    return llm.stats()
 
 
 def test_instances_share_one_engine(chat):

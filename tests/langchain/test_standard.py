@@ -19,44 +19,36 @@ QUALITY = (
 )
 
 
-class TestChatNanoVLLMUnit(ChatModelUnitTests):
-    """Construction, tool binding, structured output wiring, standard params."""
+class _Capabilities:
+    """What both suites are told about ChatNanoVLLM."""
 
     @property
     def chat_model_class(self) -> type[ChatNanoVLLM]:
         return ChatNanoVLLM
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+
+class TestChatNanoVLLMUnit(_Capabilities, ChatModelUnitTests):
+    """Construction, tool binding, structured output wiring, standard params."""
 
     @property
     def chat_model_params(self) -> dict:
         return UNIT_PARAMS
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
 
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-
-class TestChatNanoVLLMIntegration(ChatModelIntegrationTests):
+class TestChatNanoVLLMIntegration(_Capabilities, ChatModelIntegrationTests):
     """Real calls into the engine on the CPU."""
-
-    @property
-    def chat_model_class(self) -> type[ChatNanoVLLM]:
-        return ChatNanoVLLM
 
     @property
     def chat_model_params(self) -> dict:
         return PARAMS
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
     @property
     def returns_usage_metadata(self) -> bool:
