@@ -32,8 +32,14 @@ class TorchAttentionBackend(AttentionBackend):
         q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
         q_pos = (meta.kv_lens.long() - q_lens).unsqueeze(1) + torch.arange(max_q, device=device).unsqueeze(0)
         k_pos = torch.arange(max_kv, device=device)
-        self.mask = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, max_q, max_kv]
         self.max_kv = max_kv
+        self.is_causal = False
+        if meta.is_decode and min(meta.kv_lens_cpu) == max_kv:
+            self.mask = None  # every query sees every key: SDPA takes its fast unmasked path
+        elif meta.num_reqs == 1 and meta.q_lens_cpu[0] == max_kv:
+            self.mask, self.is_causal = None, True  # a plain causal prefill
+        else:
+            self.mask = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, max_q, max_kv]
 
     def forward(self, layer_id, q, k, v, kv_cache):
         """Write this step's K/V, then attend each query to its request's cached keys."""
@@ -56,7 +62,13 @@ class TorchAttentionBackend(AttentionBackend):
             padded[meta.req_index, self.token_index] = q
             queries = padded.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=self.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            queries,
+            keys,
+            values,
+            attn_mask=self.mask,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         out = out.transpose(1, 2)  # [B, max_q, H, D]
         if meta.is_decode:
