@@ -16,6 +16,7 @@ from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, resolve_model
 from engine.model_runner import ModelRunner
+from engine.models.llama import head_dim_of
 from engine.models.registry import model_class_for
 from engine.request import Request, RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
@@ -24,6 +25,7 @@ from engine.tokenizer import render_chat
 logger = logging.getLogger("engine")
 
 Prompt = str | Sequence[int]
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # FlashInfer's paged kernels; the GPU kit prebuilds 64 and 128
 
 
 class RequestFailedError(RuntimeError):
@@ -120,12 +122,22 @@ class LLM:
         from engine.layers.kernels import flashinfer_available
 
         choice = self.config.attention_backend
+        head_dim = head_dim_of(self.hf_config)
         if choice == "auto":
-            return "flashinfer" if self.device.type == "cuda" and flashinfer_available() else "torch"
+            if self.device.type == "cuda" and flashinfer_available():
+                if head_dim in FLASHINFER_HEAD_DIMS:
+                    return "flashinfer"
+                logger.warning("head_dim %d has no FlashInfer kernels; using the torch attention backend", head_dim)
+            return "torch"
         if choice == "flashinfer" and (self.device.type != "cuda" or not flashinfer_available()):
             raise ValueError(
                 "attention_backend='flashinfer' needs a CUDA device and the flashinfer package "
                 "(pip install .[cuda]); use attention_backend='torch' or 'auto'"
+            )
+        if choice == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
+            raise ValueError(
+                f"attention_backend='flashinfer' supports head_dim {FLASHINFER_HEAD_DIMS}, this model has {head_dim}; "
+                "use attention_backend='torch' or 'auto'"
             )
         return choice
 

@@ -9,7 +9,7 @@ import torch
 EMBEDDED_TOKENIZER_VOCAB = 49152
 
 
-def tiny_config(arch: str, vocab_size: int = 512):
+def tiny_config(arch: str, vocab_size: int = 512, **overrides):
     """A small config of the given family, with GQA and enough layers to catch layout bugs."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -26,8 +26,9 @@ def tiny_config(arch: str, vocab_size: int = 512):
         eos_token_id=2,
         pad_token_id=0,
     )
+    common.update(overrides)
     if arch == "qwen3":
-        return Qwen3Config(head_dim=16, tie_word_embeddings=False, **common)
+        return Qwen3Config(**{"head_dim": 16, "tie_word_embeddings": False, **common})
     if arch == "qwen2":
         # Tied embeddings with the default init make the model echo its input; a larger init avoids that.
         return Qwen2Config(tie_word_embeddings=True, initializer_range=0.2, **common)
@@ -47,12 +48,12 @@ def tiny_config(arch: str, vocab_size: int = 512):
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, folder: Path, seed: int = 0, tokenizer_from=None) -> Path:
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, tokenizer_from=None, **overrides) -> Path:
     """Build a random HF model, save it (safetensors) with a tokenizer, and return the folder."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(cfg)
     # Random init leaves norms at 1 and biases at 0; perturb them so a bug there would show.
     with torch.no_grad():

@@ -20,9 +20,12 @@ def test_gpu_gauges_memory_report_and_shutdown(tmp_path):
 
     from langchain_nanovllm import attach_metrics
 
-    folder = save_tiny_model("qwen3", tmp_path / "m", tokenizer_from=tiny_tokenizer())
+    # head_dim 64: a size FlashInfer's prebuilt kernels serve.
+    folder = save_tiny_model("qwen3", tmp_path / "m", tokenizer_from=tiny_tokenizer(), hidden_size=256, head_dim=64)
+
     base = torch.cuda.memory_allocated()
     llm = LLM(folder, num_kvcache_blocks=256, max_num_seqs=8, max_model_len=512)
+    assert llm.attention_backend == "flashinfer"
     label = attach_metrics(llm)
     outs = llm.generate([[5, 6, 7]] * 4, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert all(len(o.token_ids) == 8 for o in outs)
