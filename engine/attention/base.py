@@ -47,10 +47,13 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store new keys and values at their slots in the HND paged layout."""
-    block_size = kv_cache.shape[3]
-    blocks = slot_mapping // block_size
-    offsets = slot_mapping % block_size
+def slot_coordinates(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block index, offset in block) of each slot."""
+    return slot_mapping // block_size, slot_mapping % block_size
+
+
+def write_kv(kv_cache: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+    """Store new keys and values at their (block, offset) slots in the HND paged layout."""
+    blocks, offsets = coords
     kv_cache[blocks, 0, :, offsets] = k
     kv_cache[blocks, 1, :, offsets] = v

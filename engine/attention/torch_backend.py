@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from engine.attention.base import AttentionBackend, AttentionMetadata, slot_coordinates, write_kv
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -23,6 +23,7 @@ class TorchAttentionBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata) -> None:
         """Build the gather indices and the causal mask shared by all layers of this step."""
         self.meta = meta
+        self.coords = None
         device = meta.positions.device
         max_q = max(meta.q_lens_cpu)
         max_kv = max(meta.kv_lens_cpu)
@@ -44,8 +45,10 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, layer_id, q, k, v, kv_cache):
         """Write this step's K/V, then attend each query to its request's cached keys."""
         meta = self.meta
-        write_kv(kv_cache, meta.slot_mapping, k, v)
         block_size = kv_cache.shape[3]
+        if self.coords is None:  # same for every layer of the step
+            self.coords = slot_coordinates(meta.slot_mapping, block_size)
+        write_kv(kv_cache, self.coords, k, v)
         num_blocks = -(-self.max_kv // block_size)
         tables = meta.block_tables[:, :num_blocks].long()
         b = meta.num_reqs

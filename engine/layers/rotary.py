@@ -40,6 +40,7 @@ class RotaryEmbedding(nn.Module):
         self.fused = fused
         # Filled by reset_cache once the model is on its device (construction happens on the meta device).
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self._cached: tuple | None = None  # (positions, cos, sin) of the current forward pass
 
     def _table(self, device) -> torch.Tensor:
         # FlashInfer wants [max_pos, head_dim]: the cos half then the sin half, in fp32.
@@ -61,7 +62,11 @@ class RotaryEmbedding(nn.Module):
                 positions, q2, k2, self.head_dim, self.cos_sin_cache, is_neox=True
             )
             return q2.view_as(q), k2.view_as(k)
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        cos = torch.cat((cos, cos), -1).unsqueeze(1).to(q.dtype)
-        sin = torch.cat((sin, sin), -1).unsqueeze(1).to(q.dtype)
+        # Every layer rotates by the same positions: build cos/sin once per forward pass.
+        if self._cached is None or self._cached[0] is not positions or self._cached[1].dtype != q.dtype:
+            cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+            cos = torch.cat((cos, cos), -1).unsqueeze(1).to(q.dtype)
+            sin = torch.cat((sin, sin), -1).unsqueeze(1).to(q.dtype)
+            self._cached = (positions, cos, sin)
+        _, cos, sin = self._cached
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -241,3 +241,42 @@ def test_think_split_at_every_cut_position(start_in_think):
             assert c == "The answer is 4 <b>!</b>", (i, j, c)
             assert r.strip() == "Let me think: 2+2 <is> 4."
             assert "<think>" not in c and "</think>" not in c and "</think>" not in r
+
+
+def test_reasoning_true_moves_thinking_out_of_content(chat):
+    """A Qwen3-style stream through the chunk builder: thinking goes to reasoning_content, never to content."""
+    from engine.request import RequestOutput, StreamDelta
+    from langchain_nanovllm.chat_models import _Turn
+
+    model = chat.model_copy(update={"reasoning": True})
+    turn = _Turn(model, [1, 2, 3], "", parse_tools=False, think=True, start_in_think=False)
+    pieces = ["<th", "ink>\nplan: add", " 2 and 2</thi", "nk>\n\nThe answer", " is 4."]
+    out = RequestOutput("r", [1, 2, 3], list(range(len(pieces))), "", "stop", 0, 0.0, 0.1, 0.2)
+    chunks = [
+        turn.chunk(
+            StreamDelta("r", p, [i], finished=i == len(pieces) - 1, output=out if i == len(pieces) - 1 else None)
+        )
+        for i, p in enumerate(pieces)
+    ]
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged = merged + c
+    msg = merged.message
+    assert msg.content == "The answer is 4."
+    assert msg.additional_kwargs["reasoning_content"].strip() == "plan: add 2 and 2"
+    assert msg.usage_metadata["output_token_details"]["reasoning"] >= 2
+    assert "<think>" not in msg.content and "</think>" not in msg.content
+
+
+def test_reasoning_flag_reaches_the_chat_template(chat, monkeypatch):
+    seen = {}
+    tok = chat.llm.tokenizer
+    original = tok.apply_chat_template
+
+    def spy(messages, **kwargs):
+        seen.update(kwargs)
+        return original(messages, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", spy)
+    chat.model_copy(update={"reasoning": False})._prepare([HumanMessage("hi")], None, {})
+    assert seen["enable_thinking"] is False
