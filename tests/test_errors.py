@@ -118,3 +118,10 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(qwen3_llm):
         engine.fault_injector = None
     assert qwen3_llm.stats()["kv_blocks_used"] == 0
     still_serves(qwen3_llm)
+
+
+def test_corrupt_gguf_is_a_load_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="broken"):
+        LLM(bad, device="cpu")
