@@ -56,7 +56,7 @@ class DecodeGraphRunner:
         model = self.runner.model
         for bs in reversed(self.sizes):
             backend = self.backends[bs]
-            backend.plan_graph(None, 0, self.runner.dummy_block)
+            backend.plan_graph_rows([], [], self.runner.dummy_block)  # all padding rows
             ctx = ForwardContext(self.positions[:bs], backend, self.runner.kv_cache)
             self._forward(model, backend, ctx, bs)  # warm-up outside the graph (lazy inits, autotuning)
             torch.cuda.synchronize()

@@ -218,37 +218,30 @@ class LLMEngine:
             text = req.detok.take_delta(False) if req.detok is not None else ""
             req.channel.put(StreamDelta(req.request_id, text, [token_id]))
 
-    def _finish(self, req: Request, reason: str, new_token: int | None = None) -> None:
+    def _retire(self, req: Request, reason: str) -> None:
+        # Shared end of every request: stamp, give back blocks and generator, tell the observers.
         req.finish_reason = reason
         req.status = RequestStatus.FINISHED
         req.finish_time = time.monotonic()
         self.scheduler.remove(req)
         self.runner.sampler.forget(req.request_id)
         self.requests.pop(req.request_id, None)
-        text = req.detok.take_delta(True) if req.detok is not None else ""
-        full = req.detok.text if req.detok is not None else ""
-        output = make_output(req, full)
         for obs in self.observers:
             try:
                 obs.on_finish(self, req)
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 logger.exception("observer failed")
+
+    def _finish(self, req: Request, reason: str, new_token: int | None = None) -> None:
+        self._retire(req, reason)
+        text = req.detok.take_delta(True) if req.detok is not None else ""
+        output = make_output(req, req.detok.text if req.detok is not None else "")
         ids = [] if new_token is None else [new_token]
         req.channel.put(StreamDelta(req.request_id, text, ids, finished=True, finish_reason=reason, output=output))
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.error = exc
-        req.finish_reason = "error"
-        req.status = RequestStatus.FINISHED
-        req.finish_time = time.monotonic()
-        self.scheduler.remove(req)
-        self.runner.sampler.forget(req.request_id)
-        self.requests.pop(req.request_id, None)
-        for obs in self.observers:
-            try:
-                obs.on_finish(self, req)
-            except Exception:  # noqa: BLE001
-                logger.exception("observer failed")
+        self._retire(req, "error")
         req.channel.put(exc)
 
     # ---- state ----

@@ -95,7 +95,7 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata) -> None:
         """Build page tables for the step and plan the wrapper that will run it."""
         if self.graph_batch_size is not None:
-            raise RuntimeError("a graph backend is planned through plan_graph()")
+            raise RuntimeError("a graph backend is planned through plan_graph_rows()")
         bs = self.block_size
         indptr, indices, last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs)
         dev = self.device
@@ -130,12 +130,6 @@ class FlashInferBackend(AttentionBackend):
                 meta.cu_seqlens_q.cpu(), indptr, indices, last, head_dim_qk=self.head_dim, causal=True, **common
             )
             self.mode = "prefill"
-
-    def plan_graph(self, meta: AttentionMetadata | None, num_reqs: int, dummy_block: int) -> None:
-        """Plan a captured decode batch from step metadata (None: an all-padding batch, for capture)."""
-        tables = meta.block_tables_cpu if meta else []
-        kv_lens = meta.kv_lens_cpu if meta else []
-        self.plan_graph_rows(tables, kv_lens, dummy_block)
 
     def plan_graph_rows(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int) -> None:
         """Plan graph_batch_size rows: the given requests, then padding rows that write into the dummy block."""
