@@ -87,6 +87,16 @@ def profile_engine_thread(llm):
     return prof
 
 
+def print_step_timing(llm, label: str) -> None:
+    """Host time per step by phase, when NANOVLLM_STEP_TIMING is set."""
+    st = llm.engine.step_timing
+    if st:
+        n = st["steps"]
+        print(f"{label} host time per step over {n} steps (us): " + ", ".join(
+            f"{k}={v / n * 1e6:.0f}" for k, v in st.items() if k != "steps"
+        ))  # fmt: skip
+
+
 def hf_decode_tok_s(cfg, prompt_len: int, new_tokens: int) -> float:
     """HF transformers generate() with a static cache and torch.compile, batch 1."""
     from transformers import AutoModelForCausalLM
@@ -136,13 +146,7 @@ def bench_decode(args) -> None:
             import pstats
 
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        if llm.engine.step_timing:
-            st = llm.engine.step_timing
-            n = st["steps"]
-            print(
-                f"{name} host time per step (us): "
-                + ", ".join(f"{k}={v / n * 1e6:.0f}" for k, v in st.items() if k != "steps")
-            )
+        print_step_timing(llm, name)
         free_engine(llm)
         hf = float("nan")
         if not args.skip_hf:
@@ -182,11 +186,18 @@ def bench_throughput(args) -> None:
     llm = LLM(
         folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.batched_tokens
     )
+    prof = profile_engine_thread(llm) if args.profile else None
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
     stats = llm.stats()
+    print_step_timing(llm, "throughput")
+    if prof is not None:
+        llm.shutdown()
+        import pstats
+
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     free_engine(llm)
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
@@ -301,7 +312,7 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (decode)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (decode, throughput)")
     args = parser.parse_args()
     {
         "decode": bench_decode,

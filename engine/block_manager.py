@@ -93,6 +93,8 @@ class BlockManager:
 
     def allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
         """Give req the blocks for num_new_tokens more tokens (taking cached prefix hits first); False if short."""
+        if not cached and req.num_computed_tokens + num_new_tokens <= len(req.block_table) * self.block_size:
+            return True  # the common decode case: room left in the last block
         if not self.can_allocate(req, num_new_tokens, cached):
             return False
         if cached:

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per batch size, FlashInfer decode wrappers with fixed buffers."""
+"""CUDA graphs for small steps: decode per batch size, cascade decode per batch size, and prefill/mixed steps per
+token count. FlashInfer wrappers read fixed buffers; plan() refills them outside the graph."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import time
 
 import torch
 
-from engine.attention.flashinfer_backend import FlashInferBackend
+from engine.attention.flashinfer_backend import GraphCascadeAttention, GraphDecodeAttention, GraphPrefillAttention
 from engine.models.llama import ForwardContext
 
 logger = logging.getLogger("engine")
+
+PREFILL_TOKEN_SIZES = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_REQUESTS = 16  # requests a prefill/mixed graph holds (plus one padding row)
+
+# Rows of the per-step int64 input block (one pinned host copy, one H2D copy per step).
+IDS, ROPE_POS, APPEND_POS, BATCH_IDX, LAST_LEN, SAMPLE_ROWS = range(6)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -22,92 +29,190 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-class DecodeGraphRunner:
-    """Captures the model's decode forward per batch size and replays it with the step's inputs copied in."""
+class GraphRunner:
+    """Captures the model's forward for fixed step shapes and replays it with the step's inputs copied in."""
 
     def __init__(self, runner, config, max_model_len: int):
         self.runner = runner
+        self.block_size = bs = config.block_size
         self.sizes = capture_sizes(config.max_num_seqs)
         self.max_bs = self.sizes[-1]
+        self.cascade_sizes = (
+            [s for s in self.sizes if s >= config.cascade_min_requests] if config.enable_cascade_attention else []
+        )
+        self.prefill_sizes = list(PREFILL_TOKEN_SIZES)
+        self.prefill_rows = min(config.max_num_seqs, PREFILL_GRAPH_REQUESTS) + 1
+        width = max([self.max_bs, self.prefill_rows, *self.prefill_sizes])
         dev = runner.device
-        # Rows: token ids, positions, last-page lengths. Filled on the host (pinned), sent in one copy per step.
-        self.static = torch.zeros(3, self.max_bs, dtype=torch.long, device=dev)
-        self.host = torch.zeros(3, self.max_bs, dtype=torch.long).pin_memory()
+        self.static = torch.zeros(6, width, dtype=torch.long, device=dev)
+        self.host = torch.zeros(6, width, dtype=torch.long).pin_memory()
         self.host_np = self.host.numpy()
-        self.static[2].fill_(1)  # capture runs on padding rows: one valid entry each
-        self.input_ids, self.positions = self.static[0], self.static[1]
-        pages = -(-max_model_len // config.block_size)
-        workspace = runner.backend.workspace
-        self.backends = {
-            bs: FlashInferBackend(runner, config, graph_batch_size=bs, workspace=workspace, max_pages_per_req=pages)
-            for bs in self.sizes
+        self.static[LAST_LEN].fill_(1)
+        self.logits = torch.empty(
+            max(self.max_bs, self.prefill_rows), runner.vocab_size, dtype=runner.dtype, device=dev
+        )
+        pages = -(-max_model_len // bs)
+        ws = runner.backend.workspace
+        self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
+        self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
+        self.prefill_attn = {
+            t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages) for t in self.prefill_sizes
         }
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # size -> (graph, logits)
-        self.planned: dict[int, tuple] = {}  # size -> page layout of the last plan()
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.planned: dict[tuple[str, int], tuple] = {}  # page layout of each graph's last plan()
         self.num_plans = 0
+        self.replays: dict[str, int] = {"decode": 0, "cascade": 0, "prefill": 0}  # steps served per graph kind
         self.pool_bytes = 0
+
+    # ---- capture ----
+
+    def _plan_padding(self, kind: str, attn) -> None:
+        dummy = self.runner.dummy_block
+        if kind == "decode":
+            attn.plan_rows([], [], dummy)
+        elif kind == "cascade":
+            attn.plan_cascade([], [], 0, dummy)
+        else:
+            attn.plan_step([], [], [], dummy)
+
+    def _forward(self, kind: str, attn, n: int) -> torch.Tensor:
+        # Inside the graph: int64 -> int32 copies of the append coordinates (and last-page lengths for decode, which
+        # change every step while the page lists do not), then the model and the lm_head.
+        s = self.static
+        attn.positions.copy_(s[APPEND_POS, :n])
+        if kind == "prefill":
+            attn.batch_indices.copy_(s[BATCH_IDX, :n])
+        else:
+            attn.kv_last.copy_(s[LAST_LEN, :n])
+        model = self.runner.model
+        hidden = model(s[IDS, :n], ForwardContext(s[ROPE_POS, :n], attn, self.runner.kv_cache))
+        if kind == "prefill":
+            hidden = hidden.index_select(0, s[SAMPLE_ROWS, : attn.rows])
+        # Every graph writes its logits into one buffer, so graphs do not each keep a [rows, vocab] output.
+        return model.compute_logits(hidden, out=self.logits[: hidden.shape[0]])
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Record one graph per size, largest first so smaller ones reuse its memory pool."""
+        """Record every graph, largest first within a kind so the shared pool is sized once."""
         start = time.perf_counter()
-        before = torch.cuda.memory_reserved(self.runner.device)
+        dev = self.runner.device
+        before = torch.cuda.memory_reserved(dev)
         pool = None
-        model = self.runner.model
-        for bs in reversed(self.sizes):
-            backend = self.backends[bs]
-            backend.plan_graph_rows([], [], self.runner.dummy_block)  # all padding rows
-            ctx = ForwardContext(self.positions[:bs], backend, self.runner.kv_cache)
-            self._forward(model, backend, ctx, bs)  # warm-up outside the graph (lazy inits, autotuning)
-            torch.cuda.synchronize()
+        shapes = [("prefill", t, a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
+        shapes += [("decode", b, a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
+        shapes += [("cascade", b, a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
+        for kind, n, attn in shapes:
+            self._plan_padding(kind, attn)
+            self._forward(kind, attn, n)  # warm-up outside the graph (lazy inits, autotuning)
+            torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(model, backend, ctx, bs)
+                out = self._forward(kind, attn, n)
             if pool is None:
                 pool = graph.pool()
-            self.graphs[bs] = (graph, out)
-        torch.cuda.synchronize()
-        self.pool_bytes = torch.cuda.memory_reserved(self.runner.device) - before
+            self.graphs[(kind, n)] = (graph, out)
+        torch.cuda.synchronize(dev)
+        self.pool_bytes = torch.cuda.memory_reserved(dev) - before
         logger.info(
-            "captured %d decode CUDA graphs (batch %s) in %.1fs, %.0f MiB",
-            len(self.sizes),
+            "captured %d CUDA graphs (decode batch %s; cascade batch %s; prefill tokens %s) in %.1fs, %.0f MiB",
+            len(self.graphs),
             ",".join(map(str, self.sizes)),
+            ",".join(map(str, self.cascade_sizes)) or "-",
+            ",".join(map(str, self.prefill_sizes)) or "-",
             time.perf_counter() - start,
             self.pool_bytes / 2**20,
         )
 
-    def _forward(self, model, backend, ctx, bs: int) -> torch.Tensor:
-        # Inside the graph: the KV-append positions and last-page lengths (int32), and the lm_head, so a step is one
-        # replay and steps that add no page need no plan().
-        backend.positions_buf[:bs].copy_(self.positions[:bs])
-        backend.last_buf[:bs].copy_(self.static[2, :bs])
-        return model.compute_logits(model(self.input_ids[:bs], ctx))
+    # ---- replay ----
 
     def fits(self, num_reqs: int) -> bool:
         """Whether a decode batch of this many requests has a captured graph."""
         return num_reqs <= self.max_bs
 
+    def fits_cascade(self, num_reqs: int) -> bool:
+        """Whether a cascade decode batch of this many requests has a captured graph."""
+        return bool(self.cascade_sizes) and num_reqs <= self.cascade_sizes[-1]
+
+    def prefill_size(self, num_tokens: int, num_reqs: int) -> int | None:
+        """The captured token count for a prefill/mixed step, or None when it runs eagerly."""
+        if num_reqs >= self.prefill_rows:
+            return None
+        return next((t for t in self.prefill_sizes if t >= num_tokens), None)
+
+    def _replay(self, key: tuple[str, int], n: int) -> torch.Tensor:
+        self.static.copy_(self.host, non_blocking=True)  # a few KiB: one copy, whatever the shape
+        graph, logits = self.graphs[key]
+        graph.replay()
+        self.replays[key[0]] += 1
+        return logits[:n]
+
+    def _fill_decode_rows(self, reqs: list, bs: int, shift: int) -> list[int]:
+        n = len(reqs)
+        h = self.host_np
+        h[IDS, :n] = [r.all_token_ids[-1] for r in reqs]
+        h[ROPE_POS, :n] = positions = [r.num_tokens - 1 for r in reqs]
+        h[APPEND_POS, :n] = [p - shift for p in positions]
+        h[LAST_LEN, :n] = [p % self.block_size + 1 for p in positions]
+        h[IDS : APPEND_POS + 1, n:bs] = 0  # padded rows: token 0 at position 0 of the dummy block (one entry)
+        h[LAST_LEN, n:bs] = 1
+        return positions
+
     def decode(self, reqs: list) -> torch.Tensor:
         """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""
-        n = len(reqs)
-        bs = next(s for s in self.sizes if s >= n)
-        h = self.host_np
-        block_size = self.runner.block_size
-        h[0, :n] = [r.all_token_ids[-1] for r in reqs]
-        h[1, :n] = positions = [r.num_tokens - 1 for r in reqs]
-        h[2, :n] = [p % block_size + 1 for p in positions]
-        h[:2, n:bs] = 0  # padded rows: token 0 at position 0 of the dummy block (one entry)
-        h[2, n:bs] = 1
-        self.static[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
-        backend = self.backends[bs]
+        bs = next(s for s in self.sizes if s >= len(reqs))
+        positions = self._fill_decode_rows(reqs, bs, 0)
         # FlashInfer's decode plan depends on the page lists, not on how full the last page is: re-plan only
         # when a request gains a page or the batch changes (every block_size steps at batch 1).
-        layout = tuple((r.block_table[0], len(r.block_table), p // block_size) for r, p in zip(reqs, positions))
-        if self.planned.get(bs) != layout:
+        block = self.block_size
+        layout = tuple((r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions))
+        if self.planned.get(("decode", bs)) != layout:
             tables = [r.block_table for r in reqs]
-            backend.plan_graph_rows(tables, [r.num_tokens for r in reqs], self.runner.dummy_block)
-            self.planned[bs] = layout
+            self.decode_attn[bs].plan_rows(tables, [r.num_tokens for r in reqs], self.runner.dummy_block)
+            self.planned[("decode", bs)] = layout
             self.num_plans += 1
-        graph, logits = self.graphs[bs]
-        graph.replay()
-        return logits[:n]
+        return self._replay(("decode", bs), len(reqs))
+
+    def cascade(self, reqs: list, shared_blocks: int) -> torch.Tensor:
+        """Logits [n, vocab] for one cascade decode step: the first shared_blocks blocks are common to all."""
+        bs = next(s for s in self.cascade_sizes if s >= len(reqs))
+        positions = self._fill_decode_rows(reqs, bs, shared_blocks * self.block_size)
+        block = self.block_size
+        layout = (shared_blocks,) + tuple(
+            (r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions)
+        )
+        if self.planned.get(("cascade", bs)) != layout:
+            tables = [r.block_table for r in reqs]
+            kv_lens = [r.num_tokens for r in reqs]
+            self.cascade_attn[bs].plan_cascade(tables, kv_lens, shared_blocks, self.runner.dummy_block)
+            self.planned[("cascade", bs)] = layout
+            self.num_plans += 1
+        return self._replay(("cascade", bs), len(reqs))
+
+    def prefill(self, scheduled: list, num_tokens: int) -> torch.Tensor:
+        """Logits [num sampling requests, vocab] for a prefill/mixed step that fits a captured token count."""
+        t = self.prefill_size(num_tokens, len(scheduled))
+        h = self.host_np
+        attn = self.prefill_attn[t]
+        offset, samples = 0, []
+        for i, s in enumerate(scheduled):
+            end = offset + s.num_new_tokens
+            h[IDS, offset:end] = s.req.all_token_ids[s.start : s.start + s.num_new_tokens]
+            h[ROPE_POS, offset:end] = h[APPEND_POS, offset:end] = range(s.start, s.start + s.num_new_tokens)
+            h[BATCH_IDX, offset:end] = i
+            offset = end
+            if s.samples:
+                samples.append(end - 1)
+        pad = t - offset
+        h[IDS, offset:t] = 0
+        h[ROPE_POS, offset:t] = h[APPEND_POS, offset:t] = range(pad)
+        h[BATCH_IDX, offset:t] = attn.rows - 1  # the padding row: causal over dummy pages
+        h[SAMPLE_ROWS, : attn.rows] = 0
+        h[SAMPLE_ROWS, : len(samples)] = samples
+        attn.plan_step(
+            [s.num_new_tokens for s in scheduled],
+            [s.req.block_table for s in scheduled],
+            [s.start + s.num_new_tokens for s in scheduled],
+            self.runner.dummy_block,
+        )
+        self.num_plans += 1
+        return self._replay(("prefill", t), len(samples))

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.layers.linear import tune_weight_layouts
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, resolve_model
 from engine.model_runner import ModelRunner
@@ -85,6 +86,9 @@ class LLM:
         else:
             net.load_weights(self._cast(iter_weights(src, hf_config)))
         net.eval()
+        if self.device.type == "cuda":
+            layouts = tune_weight_layouts(net)
+            logger.info("weight layouts by measured M=1 GEMM speed: %s", layouts)
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
         runner.backend = make_backend(backend_name, runner, config)
         runner.supports_cascade = backend_name == "flashinfer"
@@ -92,9 +96,9 @@ class LLM:
         runner.allocate_kv_cache(num_blocks, config.block_size)
         max_model_len = min(max_model_len, num_blocks * config.block_size)
         if backend_name == "flashinfer" and not config.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphRunner
+            from engine.cuda_graphs import GraphRunner
 
-            runner.graphs = DecodeGraphRunner(runner, config, max_model_len)
+            runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self.attention_backend = backend_name

@@ -53,6 +53,8 @@ class LLMEngine:
         self.observers: list[StepObserver] = []
         self._pending: list[Request] = []
         self._aborts: list[str] = []
+        # Tokens recorded but not yet detokenized/delivered: (request, token id, finish reason or None).
+        self._deliveries: list[tuple[Request, int, str | None]] = []
         self._cv = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -125,23 +127,30 @@ class LLMEngine:
             with self._cv:
                 self._cv.wait_for(lambda: self._stopped or self._pending or self._aborts or self.scheduler.has_work())
                 if self._stopped:
-                    return
+                    break
                 pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
             for req in pending:
                 self.scheduler.add(req)
+            if aborts:
+                self._flush_deliveries()  # an abort's final delta must come after the tokens already produced
             for request_id in aborts:
                 req = self.requests.get(request_id)
                 if req is not None and not req.is_finished:
                     self._finish(req, "abort")
             if self.scheduler.has_work():
                 self.step()
+            if not self.scheduler.has_work():
+                self._flush_deliveries()
+        self._flush_deliveries()
 
     def step(self) -> None:
-        """Schedule, run the model, and deliver this step's tokens; a failure fails only this step's requests."""
+        """Schedule and launch a step, deliver the previous step's tokens while the device runs it, then record
+        this step's tokens; a failure fails only this step's requests."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self._flush_deliveries()
             if out.preempted:
                 return
             # Nothing fits even with an empty batch: cannot happen for validated requests, so fail loudly.
@@ -157,11 +166,16 @@ class LLMEngine:
             if self.fault_injector is not None:
                 self.fault_injector(out)
             cascade_blocks = self.shared_prefix_blocks(out)
-            token_ids, logprobs = self.runner.execute(out, cascade_blocks)
+            handle = self.runner.launch(out, cascade_blocks)
         except Exception as exc:  # noqa: BLE001 - any failure belongs to this step's requests
-            logger.exception("engine step failed; failing its %d requests", len(out.scheduled))
-            for s in out.scheduled:
-                self._fail(s.req, exc)
+            self._fail_step(out, exc)
+            return
+        # Overlap: detokenize and deliver the previous step's tokens while the device computes this one.
+        self._flush_deliveries()
+        try:
+            token_ids, logprobs = self.runner.collect(handle)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_step(out, exc)
             return
         t1 = time.perf_counter()
         self.scheduler.commit(out)
@@ -169,9 +183,11 @@ class LLMEngine:
         now = time.monotonic()
         sampled = [s.req for s in out.scheduled if s.samples]
         for i, req in enumerate(sampled):
+            if req.is_finished:
+                continue  # finished by a stop string found while this step ran: its token is dropped
             try:
-                self._append(req, token_ids[i], logprobs[i] if logprobs else None, now)
-            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure on one request
+                self._record(req, token_ids[i], logprobs[i] if logprobs else None, now)
+            except Exception as exc:  # noqa: BLE001
                 self._fail(req, exc)
         for obs in self.observers:
             obs.on_step(self, out, len(sampled), cascade_blocks > 0)
@@ -179,8 +195,15 @@ class LLMEngine:
             t2 = time.perf_counter()
             st = self.step_timing
             st["schedule+execute"] = st.get("schedule+execute", 0.0) + (t1 - t0)
-            st["finish"] = st.get("finish", 0.0) + (t2 - t1)
+            st["record"] = st.get("record", 0.0) + (t2 - t1)
             st["steps"] = st.get("steps", 0) + 1
+
+    def _fail_step(self, out: SchedulerOutput, exc: BaseException) -> None:
+        logger.error("engine step failed; failing its %d requests", len(out.scheduled), exc_info=exc)
+        self._flush_deliveries()
+        for s in out.scheduled:
+            if not s.req.is_finished:
+                self._fail(s.req, exc)
 
     def shared_prefix_blocks(self, out: SchedulerOutput) -> int:
         """Leading blocks every request of a decode step shares physically, when cascade attention pays."""
@@ -199,32 +222,55 @@ class LLMEngine:
             return 0
         return shared
 
-    def _append(self, req: Request, token_id: int, logprobs, now: float) -> None:
+    def _record(self, req: Request, token_id: int, logprobs, now: float) -> None:
+        # The cheap half of a new token, before the next step is scheduled: append it, and end the request
+        # now if a stop token or a length limit says so (no detokenization needed). Delivery comes later.
         req.append_token(token_id, now)
         if logprobs is not None:
             req.logprobs.append(logprobs)
         p = req.params
         reason = None
-        past_min = req.num_output_tokens >= p.min_tokens
-        if past_min and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_ids)):
-            reason = "stop"
-        elif req.detok is not None and token_id not in self.eos_ids and req.detok.add(token_id):
+        if req.num_output_tokens >= p.min_tokens and (
+            token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_ids)
+        ):
             reason = "stop"
         elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            self._finish(req, reason, new_token=token_id)
-        else:
-            text = req.detok.take_delta(False) if req.detok is not None else ""
-            req.channel.put(StreamDelta(req.request_id, text, [token_id]))
+            self._release(req)
+        self._deliveries.append((req, token_id, reason))
 
-    def _retire(self, req: Request, reason: str) -> None:
-        # Shared end of every request: stamp, give back blocks and generator, tell the observers.
-        req.finish_reason = reason
+    def _flush_deliveries(self) -> None:
+        """The costly half: detokenize recorded tokens, check stop strings, and put deltas on the channels."""
+        deliveries, self._deliveries = self._deliveries, []
+        for req, token_id, reason in deliveries:
+            try:
+                if req.finish_reason is not None:
+                    continue  # aborted or failed since the token was recorded
+                if reason != "stop" and req.detok is not None and token_id not in self.eos_ids:
+                    if req.detok.add(token_id):
+                        reason = "stop"
+                        if not req.is_finished:
+                            self._release(req)
+                if reason is None:
+                    text = req.detok.take_delta(False) if req.detok is not None else ""
+                    req.channel.put(StreamDelta(req.request_id, text, [token_id]))
+                else:
+                    self._announce(req, reason)
+                    self._put_final(req, reason, token_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure on one request
+                self._fail(req, exc)
+
+    def _release(self, req: Request) -> None:
+        # A finished request stops being scheduled and gives back its blocks and generator at once.
         req.status = RequestStatus.FINISHED
         req.finish_time = time.monotonic()
         self.scheduler.remove(req)
         self.runner.sampler.forget(req.request_id)
+
+    def _announce(self, req: Request, reason: str) -> None:
+        # Its finish becomes visible: reason, the registry, the observers.
+        req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         for obs in self.observers:
             try:
@@ -232,12 +278,21 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 logger.exception("observer failed")
 
-    def _finish(self, req: Request, reason: str, new_token: int | None = None) -> None:
-        self._retire(req, reason)
+    def _retire(self, req: Request, reason: str) -> None:
+        # Shared end of every request that is not already released: release, then announce.
+        if not req.is_finished:
+            self._release(req)
+        self._announce(req, reason)
+
+    def _put_final(self, req: Request, reason: str, new_token: int | None) -> None:
         text = req.detok.take_delta(True) if req.detok is not None else ""
         output = make_output(req, req.detok.text if req.detok is not None else "")
         ids = [] if new_token is None else [new_token]
         req.channel.put(StreamDelta(req.request_id, text, ids, finished=True, finish_reason=reason, output=output))
+
+    def _finish(self, req: Request, reason: str, new_token: int | None = None) -> None:
+        self._retire(req, reason)
+        self._put_final(req, reason, new_token)
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.error = exc

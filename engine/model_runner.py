@@ -32,7 +32,7 @@ class ModelRunner:
         self.kv_cache: list[torch.Tensor] = []
         self.backend: AttentionBackend | None = None
         self.block_size = 16
-        self.graphs = None  # a CUDA-graph runner for decode, set by the GPU path
+        self.graphs = None  # a CUDA-graph runner for small steps, set by the GPU path
         self.num_cascade_steps = 0
         self.supports_cascade = False
         # Tests set a list here to receive (request ids, sequence lengths, logits) of every step.
@@ -112,20 +112,26 @@ class ModelRunner:
         return self.model(input_ids, ctx)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
-        """Run one step; returns (sampled token ids per sampling request, logprob dicts or None)."""
+    def launch(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
+        """Enqueue one step (forward and sampling) on the device without waiting for it; collect() finishes it."""
         t0 = time.perf_counter()
         if shared_prefix_blocks:
             self.num_cascade_steps += 1
         reqs = [s.req for s in out.scheduled if s.samples]
-        if self.graphs is not None and not shared_prefix_blocks and out.is_decode_only and self.graphs.fits(len(reqs)):
-            logits = self.graphs.decode(reqs)
+        graphs = self.graphs
+        decode_only = out.is_decode_only
+        if graphs is not None and shared_prefix_blocks and graphs.fits_cascade(len(reqs)):
+            logits = graphs.cascade(reqs, shared_prefix_blocks)
+        elif graphs is not None and not shared_prefix_blocks and decode_only and graphs.fits(len(reqs)):
+            logits = graphs.decode(reqs)
+        elif graphs is not None and not decode_only and graphs.prefill_size(out.num_tokens, len(out.scheduled)):
+            logits = graphs.prefill(out.scheduled, out.num_tokens)
         else:
             input_ids, meta, sample_rows = self.build_metadata(out)
             meta.shared_prefix_blocks = shared_prefix_blocks
             hidden = self.forward_hidden(input_ids, meta)
             if not reqs:
-                return [], None
+                return None
             rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         if self.logits_sink is not None:
@@ -133,9 +139,21 @@ class ModelRunner:
         token_ids, logprobs, wanted = self.sampler.sample(logits, reqs, self.vocab_size, self.eos_ids)
         if self.step_timing is not None:
             self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
+        return token_ids, logprobs, wanted
+
+    @torch.inference_mode()
+    def collect(self, handle):
+        """Wait for a launched step; returns (sampled token ids per sampling request, logprob dicts or None)."""
+        if handle is None:
+            return [], None
+        token_ids, logprobs, wanted = handle
         token_list = token_ids.tolist()  # the one host sync of the step
         lp = top_logprobs(logprobs, token_list, wanted) if logprobs is not None else None
         return token_list, lp
+
+    def execute(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
+        """Run one step to completion: launch() then collect()."""
+        return self.collect(self.launch(out, shared_prefix_blocks))
 
     @torch.inference_mode()
     def profile_free_memory(self, config, max_model_len: int) -> int:
@@ -168,8 +186,10 @@ class ModelRunner:
         current = torch.cuda.memory_allocated(dev)
         free, total = torch.cuda.mem_get_info(dev)
         used = total - free
-        # Decode graphs keep their own pool (activations at the largest batch) and FlashInfer's buffers.
-        graph_reserve = 0 if config.enforce_eager else 256 * 2**20
+        # CUDA graphs keep their own pool (activations at the largest shape), FlashInfer's buffers and one logits
+        # buffer for the largest batch.
+        logits_bytes = max(config.max_num_seqs, 17) * self.vocab_size * torch.finfo(self.dtype).bits // 8
+        graph_reserve = 0 if config.enforce_eager else 256 * 2**20 + logits_bytes
         return int(total * config.gpu_memory_utilization - used - (peak - current) - graph_reserve)
 
     def release(self) -> None:

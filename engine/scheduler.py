@@ -125,5 +125,7 @@ class Scheduler:
     def commit(self, out: SchedulerOutput) -> None:
         """Advance the computed-token counts after the step ran, and publish completed blocks to the prefix cache."""
         for s in out.scheduled:
+            if s.req.is_finished:
+                continue  # ended (stop string, abort) while the step ran; its blocks are already freed
             s.req.num_computed_tokens = s.start + s.num_new_tokens
             self.bm.cache_full_blocks(s.req)

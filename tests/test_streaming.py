@@ -86,17 +86,17 @@ def test_sequence_lengths_advance_every_step(qwen3_llm):
     """The old engine's gibberish came from stale sequence lengths: computed tokens must track each step."""
     engine = qwen3_llm.engine
     seen = []
-    original = engine.runner.execute
+    original = engine.runner.launch
 
     def spy(out, cascade=0):
         seen.extend((s.req.request_id, s.start, s.num_new_tokens, s.req.num_tokens) for s in out.scheduled)
         return original(out, cascade)
 
-    engine.runner.execute = spy
+    engine.runner.launch = spy
     try:
         qwen3_llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     finally:
-        engine.runner.execute = original
+        engine.runner.launch = original
     starts = [s for _, s, _, _ in seen]
     assert starts == [0, 5, 6, 7, 8]
     assert all(start + n == total for _, start, n, total in seen)

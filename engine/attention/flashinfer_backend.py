@@ -1,4 +1,5 @@
-"""FlashInfer attention over the engine's paged HND cache: prefill, decode, cascade, and a CUDA-graph decode mode."""
+"""FlashInfer attention over the engine's paged HND cache: eager prefill/decode/cascade, and fixed-buffer
+variants that CUDA graphs capture (decode, cascade decode, small prefill/mixed steps)."""
 
 from __future__ import annotations
 
@@ -28,19 +29,12 @@ class PagedIndices:
         return mk(indptr), mk(indices), mk(last)
 
 
-class FlashInferBackend(AttentionBackend):
-    """Plans once per step and runs FlashInfer's paged kernels in every layer; writes K/V with one append kernel."""
+class _FlashInferAttention(AttentionBackend):
+    """Shared shape facts and the per-layer KV append; subclasses set the page tables and how to attend."""
 
     name = "flashinfer"
 
-    def __init__(
-        self,
-        runner,
-        config,
-        graph_batch_size: int | None = None,
-        workspace: torch.Tensor | None = None,
-        max_pages_per_req: int = 0,
-    ):
+    def __init__(self, runner, block_size: int, workspace: torch.Tensor | None):
         import flashinfer
 
         self.flashinfer = flashinfer
@@ -49,53 +43,81 @@ class FlashInferBackend(AttentionBackend):
         self.num_heads = runner.num_heads
         self.num_kv_heads = runner.num_kv_heads
         self.head_dim = runner.head_dim
-        self.scale = runner.head_dim**-0.5
-        self.block_size = config.block_size
+        self.block_size = block_size
         self.workspace = (
             workspace if workspace is not None else torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         )
-        self.graph_batch_size = graph_batch_size
-        if graph_batch_size is None:
-            self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
-            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "HND", use_tensor_cores=False, backend="fa2"
-            )
-            # Cascade, written out rather than through MultiLevelCascadeAttentionWrapper: the shared level is one
-            # "request" with all queries, so it needs split-KV (fixed_split_size) to fill the GPU; the unique
-            # level is plain decode. Their partial states merge with merge_state_in_place.
-            self.shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND", backend="fa2")
-            self.unique_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "HND", use_tensor_cores=False, backend="fa2"
-            )
-        else:
-            # Fixed buffers: the graph reads these addresses; plan() rewrites their contents each step.
-            bs = graph_batch_size
-            max_pages = bs * (max_pages_per_req + 1)
-            self.indptr_buf = torch.zeros(bs + 1, dtype=torch.int32, device=self.device)
-            self.indices_buf = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
-            self.last_buf = torch.ones(bs, dtype=torch.int32, device=self.device)
-            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace,
-                "HND",
-                use_cuda_graph=True,
-                use_tensor_cores=False,
-                paged_kv_indptr_buffer=self.indptr_buf,
-                paged_kv_indices_buffer=self.indices_buf,
-                paged_kv_last_page_len_buffer=self.last_buf,
-                backend="fa2",
-            )
-            self.batch_indices_buf = torch.arange(bs, dtype=torch.int32, device=self.device)
-            self.positions_buf = torch.zeros(bs, dtype=torch.int32, device=self.device)
-        self.mode = "prefill"
+        # Set by plan(): where this step's K/V go (token -> request row, position in that row's pages).
+        self.batch_indices = self.positions = None
+        self.kv_indptr = self.kv_indices = self.kv_last = None
 
-    def _types(self) -> dict:
+    def _common(self) -> dict:
         # Every plan() defaults to float16: say what the tensors really are.
-        return {"q_data_type": self.dtype, "kv_data_type": self.dtype}
+        return dict(
+            num_qo_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            page_size=self.block_size,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
+
+    def _prefill_wrapper(self, **graph_buffers):
+        if graph_buffers:
+            return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "HND", use_cuda_graph=True, backend="fa2", **graph_buffers
+            )
+        return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
+
+    def _decode_wrapper(self, indptr=None, indices=None, last=None):
+        # CUDA cores: the GPU kit measured the tensor-core decode slower at batch 1.
+        graph = {}
+        if indptr is not None:
+            graph = dict(
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=indptr,
+                paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last,
+            )
+        return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "HND", use_tensor_cores=False, backend="fa2", **graph
+        )
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of q over the planned pages (after this step's K/V were appended)."""
+        raise NotImplementedError
+
+    def forward(self, layer_id, q, k, v, kv_cache):
+        """Append this step's K/V to the pages, then attend."""
+        self.flashinfer.page.append_paged_kv_cache(
+            k,
+            v,
+            self.batch_indices,
+            self.positions,
+            kv_cache,
+            self.kv_indices,
+            self.kv_indptr,
+            self.kv_last,
+            kv_layout="HND",
+        )
+        return self.attend(q.contiguous(), kv_cache)
+
+
+class FlashInferBackend(_FlashInferAttention):
+    """Eager steps of any shape: plans once per step and runs FlashInfer's paged kernels in every layer."""
+
+    def __init__(self, runner, config, workspace: torch.Tensor | None = None):
+        super().__init__(runner, config.block_size, workspace)
+        self.prefill = self._prefill_wrapper()
+        self.decode = self._decode_wrapper()
+        # Cascade, written out rather than through MultiLevelCascadeAttentionWrapper: the shared level is one
+        # "request" with all queries, so it needs split-KV (fixed_split_size) to fill the GPU; the unique
+        # level is plain decode. Their partial states merge with merge_state_in_place.
+        self.shared_prefill = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND", backend="fa2")
+        self.unique_decode = self._decode_wrapper()
+        self.mode = "prefill"
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Build page tables for the step and plan the wrapper that will run it."""
-        if self.graph_batch_size is not None:
-            raise RuntimeError("a graph backend is planned through plan_graph_rows()")
         bs = self.block_size
         indptr, indices, last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs)
         dev = self.device
@@ -104,7 +126,7 @@ class FlashInferBackend(AttentionBackend):
         self.kv_last = last.to(dev, non_blocking=True)
         self.batch_indices = meta.req_index.to(torch.int32)
         self.positions = meta.positions.to(torch.int32)
-        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=bs, **self._types())
+        common = self._common()
         if meta.shared_prefix_blocks:
             shared = meta.shared_prefix_blocks
             n = meta.num_reqs
@@ -131,46 +153,137 @@ class FlashInferBackend(AttentionBackend):
             )
             self.mode = "prefill"
 
-    def plan_graph_rows(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int) -> None:
-        """Plan graph_batch_size rows: the given requests, then padding rows that write into the dummy block."""
-        pad = self.graph_batch_size - len(tables)
-        tables = tables + [[dummy_block]] * pad
-        kv_lens = kv_lens + [1] * pad
-        indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
-        self.decode.plan(
-            indptr,
-            indices,
-            last,
-            num_qo_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            page_size=self.block_size,
-            **self._types(),
-        )
-        self.kv_indptr, self.kv_indices, self.kv_last = self.indptr_buf, self.indices_buf, self.last_buf
-        self.batch_indices = self.batch_indices_buf
-        self.positions = self.positions_buf
-        self.mode = "decode"
-
-    def forward(self, layer_id, q, k, v, kv_cache):
-        """Append this step's K/V to the pages, then attend."""
-        self.flashinfer.page.append_paged_kv_cache(
-            k,
-            v,
-            self.batch_indices,
-            self.positions,
-            kv_cache,
-            self.kv_indices,
-            self.kv_indptr,
-            self.kv_last,
-            kv_layout="HND",
-        )
+    def attend(self, q, kv_cache):
+        """Decode, cascade or prefill attention, as planned."""
         if self.mode == "decode":
-            return self.decode.run(q.contiguous(), kv_cache)
+            return self.decode.run(q, kv_cache)
         if self.mode == "cascade":
-            q = q.contiguous()
-            out, lse = self.unique_decode.run(q, kv_cache, return_lse=True)
-            out_shared, lse_shared = self.shared_prefill.run(q, kv_cache, return_lse=True)
-            self.flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
-            return out
-        return self.prefill.run(q.contiguous(), kv_cache)
+            return _cascade(self.flashinfer, self.unique_decode, self.shared_prefill, q, kv_cache)
+        return self.prefill.run(q, kv_cache)
+
+
+def _cascade(flashinfer, unique_decode, shared_prefill, q, kv_cache):
+    # Each request's own pages, then the shared prefix read once for all queries; merge the two softmax states.
+    out, lse = unique_decode.run(q, kv_cache, return_lse=True)
+    out_shared, lse_shared = shared_prefill.run(q, kv_cache, return_lse=True)
+    flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
+    return out
+
+
+class GraphAttention(_FlashInferAttention):
+    """Fixed-address page tables for `rows` requests and `tokens` query tokens, so a CUDA graph can capture the
+    step; plan() refills the buffers outside the graph. Padding rows point at the scratch (dummy) block."""
+
+    def __init__(self, runner, block_size: int, workspace, rows: int, tokens: int, max_pages_per_row: int):
+        super().__init__(runner, block_size, workspace)
+        self.rows, self.tokens = rows, tokens
+        dev = self.device
+        self.kv_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=dev)
+        self.kv_indices = torch.zeros(rows * max_pages_per_row + tokens, dtype=torch.int32, device=dev)
+        self.kv_last = torch.ones(rows, dtype=torch.int32, device=dev)
+        # Filled inside the graph from the runner's int64 inputs (one H2D copy per step for everything).
+        self.batch_indices = torch.zeros(tokens, dtype=torch.int32, device=dev)
+        self.positions = torch.zeros(tokens, dtype=torch.int32, device=dev)
+
+    def pad_tables(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int):
+        """Tables and lengths padded to `rows` rows: each padding row is one token in the dummy block."""
+        pad = self.rows - len(tables)
+        return tables + [[dummy_block]] * pad, kv_lens + [1] * pad
+
+
+class GraphDecodeAttention(GraphAttention):
+    """Decode for one captured batch size."""
+
+    def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
+        super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
+        self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
+        self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last)
+
+    def plan_rows(self, tables, kv_lens, dummy_block: int) -> None:
+        """Plan the given requests plus padding rows."""
+        tables, kv_lens = self.pad_tables(tables, kv_lens, dummy_block)
+        indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
+        self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common())
+
+    def attend(self, q, kv_cache):
+        """Paged decode attention."""
+        return self.decode.run(q, kv_cache)
+
+
+class GraphCascadeAttention(GraphDecodeAttention):
+    """Cascade decode for one captured batch size: the inherited page tables hold each request's own blocks
+    (after the shared ones; the append positions are relative to them), a one-request non-causal prefill
+    over the shared blocks serves every query, and the two states merge."""
+
+    def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
+        super().__init__(runner, block_size, workspace, rows, max_pages_per_row)
+        dev = self.device
+        self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
+        self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.s_indices = torch.zeros(max_pages_per_row, dtype=torch.int32, device=dev)
+        self.s_last = torch.ones(1, dtype=torch.int32, device=dev)
+        self.shared = self._prefill_wrapper(
+            qo_indptr_buf=self.s_qo_indptr,
+            paged_kv_indptr_buf=self.s_indptr,
+            paged_kv_indices_buf=self.s_indices,
+            paged_kv_last_page_len_buf=self.s_last,
+        )
+
+    def plan_cascade(self, tables, kv_lens, shared_blocks: int, dummy_block: int) -> None:
+        """Plan the shared level over tables[0][:shared_blocks] and each row's remaining blocks."""
+        bs = self.block_size
+        own = [t[shared_blocks:] for t in tables]
+        own_lens = [n - shared_blocks * bs for n in kv_lens]
+        self.plan_rows(own, own_lens, dummy_block)
+        shared_pages = max(shared_blocks, 1)
+        pages = tables[0][:shared_blocks] if shared_blocks else [dummy_block]
+        last = bs if shared_blocks else 1
+        # Split-KV is left to FlashInfer's CUDA-graph planner: it sizes chunks to the fixed grid.
+        self.shared.plan(
+            torch.tensor([0, self.rows], dtype=torch.int32),
+            torch.tensor([0, shared_pages], dtype=torch.int32),
+            torch.tensor(pages, dtype=torch.int32),
+            torch.tensor([last], dtype=torch.int32),
+            head_dim_qk=self.head_dim,
+            causal=False,
+            **self._common(),
+        )
+
+    def attend(self, q, kv_cache):
+        """Own pages by decode, shared pages once, merged."""
+        return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
+
+
+class GraphPrefillAttention(GraphAttention):
+    """Prefill or mixed steps of up to `tokens` query tokens and rows - 1 requests; the last row takes the
+    padding tokens (causal over dummy pages), unused rows have no query tokens."""
+
+    def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
+        super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
+        self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
+        self.prefill = self._prefill_wrapper(
+            qo_indptr_buf=self.qo_indptr,
+            paged_kv_indptr_buf=self.kv_indptr,
+            paged_kv_indices_buf=self.kv_indices,
+            paged_kv_last_page_len_buf=self.kv_last,
+        )
+
+    def plan_step(self, q_lens: list[int], tables, kv_lens, dummy_block: int) -> None:
+        """Plan the requests' query lengths and pages, padding to the captured rows and tokens."""
+        pad_tokens = self.tokens - sum(q_lens)
+        unused = self.rows - 1 - len(q_lens)
+        q_lens = q_lens + [0] * unused + [pad_tokens]
+        tables = tables + [[dummy_block]] * unused + [[dummy_block] * max(1, -(-pad_tokens // self.block_size))]
+        kv_lens = kv_lens + [1] * unused + [max(pad_tokens, 1)]
+        indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
+        qo = [0]
+        for n in q_lens:
+            qo.append(qo[-1] + n)
+        self.prefill.plan(
+            torch.tensor(qo, dtype=torch.int32), indptr, indices, last, head_dim_qk=self.head_dim, causal=True,
+            **self._common(),
+        )  # fmt: skip
+
+    def attend(self, q, kv_cache):
+        """Paged causal prefill attention."""
+        return self.prefill.run(q, kv_cache)

@@ -133,9 +133,11 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits for the given hidden states."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits for the given hidden states (written into out when given)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if out is not None:
+            return torch.mm(hidden, weight.t(), out=out)
         return torch.nn.functional.linear(hidden, weight)  # hidden @ weight.t() takes a slower path on the CPU
 
     def load_weights(self, named_tensors) -> None:

@@ -1,0 +1,127 @@
+"""Where GPU time goes: kernel breakdown of a batch-1 decode step, and cuBLAS M=1 GEMM speed per weight layout.
+
+Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
+    python benchmarks/gpu_profile.py kernels   # torch.profiler over graph-replayed decode steps, Qwen3-0.6B shapes
+    python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
+Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import model_folder, print_table, write_result  # noqa: E402
+
+OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+
+
+def profile_kernels(args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    rng = random.Random(0)
+    if args.cascade:
+        # The shared-prefix workload: 64 requests, a cached 4096-token prefix, 64 own tokens each.
+        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=True)
+        prefix = [rng.randrange(10, 30000) for _ in range(4096)]
+        prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))
+    else:
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=8)
+        prompts = [[rng.randrange(10, 30000) for _ in range(128)]]
+    p = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    llm.generate(prompts, p)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, p)
+    llm.shutdown()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    rows = []
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+        rows.append(
+            dict(
+                kernel=e.key[:80],
+                calls=e.count,
+                us_per_step=e.self_device_time_total / args.steps,
+                us_per_call=e.self_device_time_total / max(e.count, 1),
+                share=e.self_device_time_total / total,
+            )
+        )
+    what = "64 requests, cascade, shared prefix 4096" if args.cascade else "batch 1"
+    print_table(f"{args.model}: GPU kernel time per decode step ({args.steps} steps, {what})", rows)
+    print(f"total GPU kernel time per step: {total / args.steps:.0f} us")
+    write_result(
+        "gpu_profile_kernels", {"model": args.model, "total_us_per_step": total / args.steps, "rows": rows}, OUT
+    )
+
+
+def bench_gemv(args) -> None:
+    import torch.nn.functional as F
+
+    shapes = {
+        "qkv": (4096, 1024),
+        "o": (1024, 2048),
+        "gate_up": (6144, 1024),
+        "down": (1024, 3072),
+        "lm_head": (151936, 1024),
+    }
+    reps = 50
+    rows = []
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        wt = w.t().contiguous()  # [k, n]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x8 = x.expand(8, k).contiguous()
+        variants = {
+            "F.linear(x, W[n,k])": (F.linear, x, w),
+            "x @ Wt[k,n]": (torch.mm, x, wt),
+            "mv(W, x)": (torch.mv, w, x[0]),
+            "F.linear M=8 pad": (F.linear, x8, w),
+        }
+        for vname, (op, a, b) in variants.items():
+            op(a, b)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    op(a, b)
+            g.replay()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                g.replay()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e) * 1e3 / reps)
+            us = sorted(times)[2]
+            rows.append(dict(gemm=name, variant=vname, us=us, tb_s=w.nbytes / us / 1e6))
+    print_table("decode GEMMs (bf16, M=1), 50 back-to-back in one CUDA graph", rows)
+    write_result("gpu_profile_gemv", {"rows": rows}, OUT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["kernels", "gemv"])
+    parser.add_argument("--model", default="Qwen3-0.6B")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
+    args = parser.parse_args()
+    {"kernels": profile_kernels, "gemv": bench_gemv}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()
