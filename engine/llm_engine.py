@@ -55,6 +55,7 @@ class LLMEngine:
         self._aborts: list[str] = []
         # Tokens recorded but not yet detokenized/delivered: (request, token id, finish reason or None).
         self._deliveries: list[tuple[Request, int, str | None]] = []
+        self._shared_cache: tuple[tuple, int] = ((), 0)  # (which requests, their common prefix in blocks)
         self._cv = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -213,11 +214,22 @@ class LLMEngine:
         if not out.is_decode_only or len(out.scheduled) < cfg.cascade_min_requests:
             return 0
         tables = [s.req.block_table for s in out.scheduled]
-        first = tables[0]
-        n = min(len(t) for t in tables) - 1  # keep at least one own block per request
-        shared = 0
-        while shared < n and all(t[shared] == first[shared] for t in tables):
-            shared += 1
+        # A running request's table only grows at the tail with fresh blocks, so the common prefix of the same
+        # requests stays the same from step to step until one is preempted (which rebuilds its table).
+        key = tuple((s.req.serial, s.req.num_preemptions) for s in out.scheduled)
+        if self._shared_cache[0] != key:
+            first = tables[0]
+            common = min(len(t) for t in tables)
+            for t in tables[1:]:
+                n = 0
+                while n < common and t[n] == first[n]:
+                    n += 1
+                common = n
+                if not common:
+                    break
+            self._shared_cache = (key, common)
+        # Keep at least one own block per request (the one this step writes into).
+        shared = min(self._shared_cache[1], min(len(t) for t in tables) - 1)
         if shared * cfg.block_size < cfg.cascade_min_prefix_tokens:
             return 0
         return shared

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
+_serials = itertools.count()  # never reused, unlike request ids (a caller may reuse one after it finished)
 
 
 class RequestStatus(enum.Enum):
@@ -25,6 +26,7 @@ class Request:
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
+        self.serial = next(_serials)
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.output_token_ids: list[int] = []

@@ -124,8 +124,10 @@ class Scheduler:
 
     def commit(self, out: SchedulerOutput) -> None:
         """Advance the computed-token counts after the step ran, and publish completed blocks to the prefix cache."""
+        block_size = self.bm.block_size
         for s in out.scheduled:
             if s.req.is_finished:
                 continue  # ended (stop string, abort) while the step ran; its blocks are already freed
-            s.req.num_computed_tokens = s.start + s.num_new_tokens
-            self.bm.cache_full_blocks(s.req)
+            s.req.num_computed_tokens = done = s.start + s.num_new_tokens
+            if done // block_size > s.req.num_hashed_blocks:  # only when a block filled up
+                self.bm.cache_full_blocks(s.req)
