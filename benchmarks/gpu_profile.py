@@ -114,6 +114,9 @@ def bench_gemv(args) -> None:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["kernels", "gemv"])
     parser.add_argument("--model", default="Qwen3-0.6B")
