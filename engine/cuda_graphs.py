@@ -139,8 +139,10 @@ class GraphRunner:
             return None
         return next((t for t in self.prefill_sizes if t >= num_tokens), None)
 
-    def _replay(self, key: tuple[str, int], n: int) -> torch.Tensor:
+    def _replay(self, key: tuple[str, int], n: int, pending, prev) -> torch.Tensor:
         self.static.copy_(self.host, non_blocking=True)  # a few KiB: one copy, whatever the shape
+        self.runner.patch_inputs(self.static[IDS], pending, prev)
+        self.runner.inputs_sent()
         graph, logits = self.graphs[key]
         graph.replay()
         self.replays[key[0]] += 1
@@ -157,7 +159,7 @@ class GraphRunner:
         h[LAST_LEN, n:bs] = 1
         return positions
 
-    def decode(self, reqs: list) -> torch.Tensor:
+    def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
         """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""
         bs = next(s for s in self.sizes if s >= len(reqs))
         positions = self._fill_decode_rows(reqs, bs, 0)
@@ -170,9 +172,9 @@ class GraphRunner:
             self.decode_attn[bs].plan_rows(tables, [r.num_tokens for r in reqs], self.runner.dummy_block)
             self.planned[("decode", bs)] = layout
             self.num_plans += 1
-        return self._replay(("decode", bs), len(reqs))
+        return self._replay(("decode", bs), len(reqs), pending, prev)
 
-    def cascade(self, reqs: list, shared_blocks: int) -> torch.Tensor:
+    def cascade(self, reqs: list, shared_blocks: int, pending=None, prev=None) -> torch.Tensor:
         """Logits [n, vocab] for one cascade decode step: the first shared_blocks blocks are common to all."""
         bs = next(s for s in self.cascade_sizes if s >= len(reqs))
         positions = self._fill_decode_rows(reqs, bs, shared_blocks * self.block_size)
@@ -186,9 +188,9 @@ class GraphRunner:
             self.cascade_attn[bs].plan_cascade(tables, kv_lens, shared_blocks, self.runner.dummy_block)
             self.planned[("cascade", bs)] = layout
             self.num_plans += 1
-        return self._replay(("cascade", bs), len(reqs))
+        return self._replay(("cascade", bs), len(reqs), pending, prev)
 
-    def prefill(self, scheduled: list, num_tokens: int) -> torch.Tensor:
+    def prefill(self, scheduled: list, num_tokens: int, pending=None, prev=None) -> torch.Tensor:
         """Logits [num sampling requests, vocab] for a prefill/mixed step that fits a captured token count."""
         t = self.prefill_size(num_tokens, len(scheduled))
         h = self.host_np
@@ -215,4 +217,4 @@ class GraphRunner:
             self.runner.dummy_block,
         )
         self.num_plans += 1
-        return self._replay(("prefill", t), len(samples))
+        return self._replay(("prefill", t), len(samples), pending, prev)

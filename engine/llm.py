@@ -194,9 +194,8 @@ class LLM:
         else:
             params = [as_sampling_params(sampling_params)] * len(prompts)
         ids = [self._token_ids(p) for p in prompts]
-        for t in ids:
-            self.engine.validate_prompt(t)  # fail before queueing any of them
-        reqs = [self.engine.add_request(t, p) for t, p in zip(ids, params)]
+        # All at once: validated before any is queued, and the first step sees the whole batch.
+        reqs = self.engine.add_requests([(t, p, None) for t, p in zip(ids, params)])
         outputs = []
         try:
             for req in reqs:

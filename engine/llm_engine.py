@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,15 @@ class StepObserver:
         """Called once per request when it finishes, whatever the reason."""
 
 
+@dataclass
+class _InFlight:
+    """A launched step: its plan, the runner's handle, and whether it used cascade attention."""
+
+    out: SchedulerOutput
+    handle: tuple | None
+    cascade: bool
+
+
 class LLMEngine:
     """Owns the scheduler, block manager and model runner; serves requests from any thread or event loop."""
 
@@ -55,6 +65,7 @@ class LLMEngine:
         self._aborts: list[str] = []
         # Tokens recorded but not yet detokenized/delivered: (request, token id, finish reason or None).
         self._deliveries: list[tuple[Request, int, str | None]] = []
+        self._inflight: _InFlight | None = None  # the launched step not yet collected
         self._shared_cache: tuple[tuple, int] = ((), 0)  # (which requests, their common prefix in blocks)
         self._cv = threading.Condition()
         self._stopped = False
@@ -93,20 +104,32 @@ class LLMEngine:
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Validate and queue a request; its deltas arrive on req.channel."""
+        return self.add_requests([(token_ids, params, request_id)])[0]
+
+    def add_requests(self, items: list[tuple[list[int], SamplingParams, str | None]]) -> list[Request]:
+        """Validate and queue several requests at once, so the first step sees all of them (none is queued if any
+        is invalid)."""
         if self._stopped:
             raise EngineShutdownError("the engine has been shut down; create a new LLM")
-        self.validate_prompt(token_ids)
-        req = Request(token_ids, params, request_id)
-        req.detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        req.channel = OutputChannel()
+        reqs = []
+        for token_ids, params, request_id in items:
+            self.validate_prompt(token_ids)
+            req = Request(token_ids, params, request_id)
+            req.detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+            req.channel = OutputChannel()
+            reqs.append(req)
+        ids = [r.request_id for r in reqs]
         with self._cv:
-            if req.request_id in self.requests:
-                raise ValueError(f"request id {req.request_id!r} is already in use")
-            self.requests[req.request_id] = req
-            self._pending.append(req)
+            taken = [i for i in ids if i in self.requests]
+            if taken or len(set(ids)) != len(ids):
+                dup = taken[0] if taken else next(i for i in ids if ids.count(i) > 1)
+                raise ValueError(f"request id {dup!r} is already in use")
+            for req in reqs:
+                self.requests[req.request_id] = req
+            self._pending.extend(reqs)
             self._cv.notify()
         self._ensure_thread()
-        return req
+        return reqs
 
     def abort(self, request_id: str) -> None:
         """Abort a request at any time; its blocks are freed by the loop before the next step."""
@@ -143,14 +166,25 @@ class LLMEngine:
                 self.step()
             if not self.scheduler.has_work():
                 self._flush_deliveries()
+        if self._inflight is not None:
+            self._complete(self._inflight)
         self._flush_deliveries()
 
     def step(self) -> None:
-        """Schedule and launch a step, deliver the previous step's tokens while the device runs it, then record
-        this step's tokens; a failure fails only this step's requests."""
+        """Schedule and launch a step while the previous one still runs on the device, then collect that previous
+        step and deliver its tokens while this one runs; a failure fails only the failing step's requests.
+
+        The step in flight has appended a placeholder per sampling request, so this schedule already counts those
+        tokens; their values reach the model on the device (ModelRunner.patch_inputs).
+        """
         t0 = time.perf_counter()
+        prev = self._inflight
         out = self.scheduler.schedule()
         if not out.scheduled:
+            if prev is not None:
+                self._complete(prev)  # its requests end or continue once their last tokens are known
+                self._flush_deliveries()
+                return
             self._flush_deliveries()
             if out.preempted:
                 return
@@ -167,37 +201,61 @@ class LLMEngine:
             if self.fault_injector is not None:
                 self.fault_injector(out)
             cascade_blocks = self.shared_prefix_blocks(out)
-            handle = self.runner.launch(out, cascade_blocks)
+            # The in-flight step's (sampled-token tensor, {serial: row}), for inputs still on the device.
+            feed = None if prev is None or prev.handle is None else (prev.handle[0], prev.handle[3])
+            handle = self.runner.launch(out, cascade_blocks, feed)
         except Exception as exc:  # noqa: BLE001 - any failure belongs to this step's requests
+            if prev is not None:
+                self._complete(prev)
             self._fail_step(out, exc)
             return
-        # Overlap: detokenize and deliver the previous step's tokens while the device computes this one.
-        self._flush_deliveries()
-        try:
-            token_ids, logprobs = self.runner.collect(handle)
-        except Exception as exc:  # noqa: BLE001
-            self._fail_step(out, exc)
-            return
+        for s in out.scheduled:
+            if s.samples:
+                req = s.req
+                req.append_placeholder()
+                if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                    req.length_capped = True
+        self._inflight = _InFlight(out, handle, cascade_blocks > 0)
         t1 = time.perf_counter()
+        if prev is not None:
+            self._complete(prev)
+        # Computed-token counts advance now, so the next schedule can run before this step is collected; the
+        # previous step's values were just filled in, so the blocks this step completes hash real tokens.
         self.scheduler.commit(out)
+        t2 = time.perf_counter()
+        # Overlap: detokenize and deliver tokens while the device computes this step.
+        self._flush_deliveries()
+        if self.step_timing is not None:
+            st = self.step_timing
+            for key, dt in (
+                ("schedule+launch", t1 - t0),
+                ("wait+record", t2 - t1),
+                ("deliver", time.perf_counter() - t2),
+            ):
+                st[key] = st.get(key, 0.0) + dt
+            st["steps"] = st.get("steps", 0) + 1
+
+    def _complete(self, flight: _InFlight) -> None:
+        # Wait for a launched step and record its tokens (placeholders get their values).
+        if self._inflight is flight:
+            self._inflight = None
+        try:
+            token_ids, logprobs = self.runner.collect(flight.handle)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_step(flight.out, exc)
+            return
         self.num_steps += 1
         now = time.monotonic()
-        sampled = [s.req for s in out.scheduled if s.samples]
+        sampled = [s.req for s in flight.out.scheduled if s.samples]
         for i, req in enumerate(sampled):
             if req.is_finished:
-                continue  # finished by a stop string found while this step ran: its token is dropped
+                continue  # ended (stop string, stop token, abort) after this step was launched: drop its token
             try:
                 self._record(req, token_ids[i], logprobs[i] if logprobs else None, now)
             except Exception as exc:  # noqa: BLE001
                 self._fail(req, exc)
         for obs in self.observers:
-            obs.on_step(self, out, len(sampled), cascade_blocks > 0)
-        if self.step_timing is not None:
-            t2 = time.perf_counter()
-            st = self.step_timing
-            st["schedule+execute"] = st.get("schedule+execute", 0.0) + (t1 - t0)
-            st["record"] = st.get("record", 0.0) + (t2 - t1)
-            st["steps"] = st.get("steps", 0) + 1
+            obs.on_step(self, flight.out, len(sampled), flight.cascade)
 
     def _fail_step(self, out: SchedulerOutput, exc: BaseException) -> None:
         logger.error("engine step failed; failing its %d requests", len(out.scheduled), exc_info=exc)
@@ -237,16 +295,17 @@ class LLMEngine:
     def _record(self, req: Request, token_id: int, logprobs, now: float) -> None:
         # The cheap half of a new token, before the next step is scheduled: append it, and end the request
         # now if a stop token or a length limit says so (no detokenization needed). Delivery comes later.
-        req.append_token(token_id, now)
+        req.fill_placeholder(token_id, now)
         if logprobs is not None:
             req.logprobs.append(logprobs)
         p = req.params
         reason = None
-        if req.num_output_tokens >= p.min_tokens and (
+        num_out = req.num_output_tokens - req.num_pending  # tokens known so far, this one included
+        if num_out >= p.min_tokens and (
             token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_ids)
         ):
             reason = "stop"
-        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        elif num_out >= p.max_tokens or req.num_prompt_tokens + num_out >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self._release(req)
@@ -277,6 +336,7 @@ class LLMEngine:
         # A finished request stops being scheduled and gives back its blocks and generator at once.
         req.status = RequestStatus.FINISHED
         req.finish_time = time.monotonic()
+        req.drop_pending()  # a step in flight may still sample for it: that token is dropped
         self.scheduler.remove(req)
         self.runner.sampler.forget(req.request_id)
 

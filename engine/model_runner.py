@@ -40,6 +40,7 @@ class ModelRunner:
         self.step_timing: dict | None = None  # shared with the engine when NANOVLLM_STEP_TIMING is set
         self.eos_ids: set[int] = set()
         self.kv_cache_storage: torch.Tensor | None = None
+        self._inputs_event = None  # recorded once a step's host-staged inputs are enqueued (see launch)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes across all layers."""
@@ -108,26 +109,66 @@ class ModelRunner:
     def forward_hidden(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Run the model eagerly over one step and return the final hidden states."""
         self.backend.plan(meta)
+        self.inputs_sent()
         ctx = ForwardContext(positions=meta.positions, backend=self.backend, kv_cache=self.kv_cache)
         return self.model(input_ids, ctx)
 
+    def _pending_inputs(self, out: SchedulerOutput, prev) -> tuple[list[int], list[int]] | None:
+        # Rows of this step whose input token is still a placeholder (sampled by the step in flight), and where
+        # that step's sampled-token tensor holds each value.
+        if prev is None:
+            return None
+        rows_of = prev[1]
+        dst, src = [], []
+        offset = 0
+        for s in out.scheduled:
+            offset += s.num_new_tokens
+            req = s.req
+            if req.num_pending and s.start + s.num_new_tokens == req.num_tokens:
+                dst.append(offset - 1)
+                src.append(rows_of[req.serial])
+        return (dst, src) if dst else None
+
+    def patch_inputs(self, input_ids: torch.Tensor, pending, prev) -> None:
+        """Copy tokens still on the device from the previous step's samples into this step's input ids."""
+        if pending is None:
+            return
+        dst, src = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in pending)
+        input_ids.index_copy_(0, dst, prev[0].index_select(0, src))
+
+    def inputs_sent(self) -> None:
+        """Mark that this step's host-staged inputs (ours and FlashInfer's plan buffers) are enqueued."""
+        if self.device.type == "cuda":
+            self._inputs_event = torch.cuda.Event()
+            self._inputs_event.record()
+
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):
-        """Enqueue one step (forward and sampling) on the device without waiting for it; collect() finishes it."""
+    def launch(self, out: SchedulerOutput, shared_prefix_blocks: int = 0, prev=None):
+        """Enqueue one step (forward and sampling) on the device without waiting for it; collect() finishes it.
+
+        prev is the in-flight step's (sampled-token tensor, {request serial: row}): inputs that are still
+        placeholders are read from it on the device.
+        """
         t0 = time.perf_counter()
+        # Pinned staging buffers (ours and FlashInfer's plan) are rewritten below: the previous step must have
+        # consumed them. It has nearly always: the step before it was collected, and its inputs go first.
+        if self._inputs_event is not None:
+            self._inputs_event.synchronize()
         if shared_prefix_blocks:
             self.num_cascade_steps += 1
         reqs = [s.req for s in out.scheduled if s.samples]
+        pending = self._pending_inputs(out, prev)
         graphs = self.graphs
         decode_only = out.is_decode_only
         if graphs is not None and shared_prefix_blocks and graphs.fits_cascade(len(reqs)):
-            logits = graphs.cascade(reqs, shared_prefix_blocks)
+            logits = graphs.cascade(reqs, shared_prefix_blocks, pending, prev)
         elif graphs is not None and not shared_prefix_blocks and decode_only and graphs.fits(len(reqs)):
-            logits = graphs.decode(reqs)
+            logits = graphs.decode(reqs, pending, prev)
         elif graphs is not None and not decode_only and graphs.prefill_size(out.num_tokens, len(out.scheduled)):
-            logits = graphs.prefill(out.scheduled, out.num_tokens)
+            logits = graphs.prefill(out.scheduled, out.num_tokens, pending, prev)
         else:
             input_ids, meta, sample_rows = self.build_metadata(out)
+            self.patch_inputs(input_ids, pending, prev)
             meta.shared_prefix_blocks = shared_prefix_blocks
             hidden = self.forward_hidden(input_ids, meta)
             if not reqs:
@@ -139,14 +180,14 @@ class ModelRunner:
         token_ids, logprobs, wanted = self.sampler.sample(logits, reqs, self.vocab_size, self.eos_ids)
         if self.step_timing is not None:
             self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
-        return token_ids, logprobs, wanted
+        return token_ids, logprobs, wanted, {r.serial: i for i, r in enumerate(reqs)}
 
     @torch.inference_mode()
     def collect(self, handle):
         """Wait for a launched step; returns (sampled token ids per sampling request, logprob dicts or None)."""
         if handle is None:
             return [], None
-        token_ids, logprobs, wanted = handle
+        token_ids, logprobs, wanted, _ = handle
         token_list = token_ids.tolist()  # the one host sync of the step
         lp = top_logprobs(logprobs, token_list, wanted) if logprobs is not None else None
         return token_list, lp

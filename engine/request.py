@@ -11,6 +11,7 @@ from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 _serials = itertools.count()  # never reused, unlike request ids (a caller may reuse one after it finished)
+PLACEHOLDER = -1  # a generated token whose value is still on the device
 
 
 class RequestStatus(enum.Enum):
@@ -39,6 +40,8 @@ class Request:
         self.block_hashes: list[int] = []
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        self.num_pending = 0  # trailing placeholder tokens (see append_placeholder)
+        self.length_capped = False  # its last token is in flight and reaches a length limit: schedule no more
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
@@ -72,13 +75,37 @@ class Request:
         """True once the request has a finish reason."""
         return self.status is RequestStatus.FINISHED
 
-    def append_token(self, token_id: int, now: float) -> None:
-        """Record one sampled token and its time."""
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
+    def append_placeholder(self) -> None:
+        """Reserve the slot of a token that a launched step is still sampling on the device.
+
+        The scheduler counts it (the next step can be planned before the value is known); the model reads the
+        value from the device, and fill_placeholder() writes it here once the step is collected.
+        """
+        self.output_token_ids.append(PLACEHOLDER)
+        self.all_token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def fill_placeholder(self, token_id: int, now: float) -> None:
+        """Write the oldest pending token's value and its time."""
+        i = len(self.output_token_ids) - self.num_pending
+        self.output_token_ids[i] = token_id
+        self.all_token_ids[self.num_prompt_tokens + i] = token_id
+        self.num_pending -= 1
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
+
+    def drop_pending(self) -> None:
+        """Forget tokens still being sampled (the request ended before they arrived)."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending :]
+            del self.all_token_ids[-self.num_pending :]
+            self.num_pending = 0
+
+    def append_token(self, token_id: int, now: float) -> None:
+        """Record one sampled token and its time."""
+        self.append_placeholder()
+        self.fill_placeholder(token_id, now)
 
     def __repr__(self) -> str:
         return (

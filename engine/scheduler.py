@@ -17,11 +17,12 @@ class ScheduledRequest:
     req: Request
     start: int
     num_new_tokens: int
+    # True when this chunk reaches the end of the request's tokens, so the step samples a new one. Fixed when
+    # scheduled: the request grows a placeholder once the step is launched.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so the step samples a new one."""
-        return self.start + self.num_new_tokens == self.req.num_tokens
+    def __post_init__(self):
+        self.samples = self.start + self.num_new_tokens == self.req.num_tokens
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.length_capped:
+                i += 1  # its last token is being sampled; it ends when that step is collected
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate(req, n):
                 # Out of blocks: preempt the newest running request, possibly this one.

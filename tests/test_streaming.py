@@ -88,9 +88,9 @@ def test_sequence_lengths_advance_every_step(qwen3_llm):
     seen = []
     original = engine.runner.launch
 
-    def spy(out, cascade=0):
+    def spy(out, *args):
         seen.extend((s.req.request_id, s.start, s.num_new_tokens, s.req.num_tokens) for s in out.scheduled)
-        return original(out, cascade)
+        return original(out, *args)
 
     engine.runner.launch = spy
     try:
@@ -100,3 +100,29 @@ def test_sequence_lengths_advance_every_step(qwen3_llm):
     starts = [s for _, s, _, _ in seen]
     assert starts == [0, 5, 6, 7, 8]
     assert all(start + n == total for _, start, n, total in seen)
+
+
+def test_requests_ending_while_the_next_step_runs_keep_exactly_their_tokens(qwen3_llm, tokenizer):
+    """Steps are launched before the previous one is collected: a request that stops (stop token, stop string)
+    is already in the next step, whose token for it must be dropped; its neighbours must not notice."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    a, b, c = [5, 6, 7], [9, 10, 11, 12], [20, 21]
+    ref_a, ref_b, ref_c = qwen3_llm.generate([a, b, c], greedy)
+    k = 6
+    stop_id = ref_a.token_ids[k]
+    first = ref_a.token_ids.index(stop_id)
+    stop_text = ref_b.text[4:7]
+    # The shortest prefix of b's tokens whose text contains the stop string is where b must end.
+    end_b = next(n for n in range(1, len(ref_b.token_ids) + 1) if stop_text in tokenizer.decode(ref_b.token_ids[:n]))
+    out_a, out_b, out_c = qwen3_llm.generate(
+        [a, b, c],
+        [
+            greedy.model_copy(update={"stop_token_ids": [stop_id]}),
+            greedy.model_copy(update={"stop": [stop_text]}),
+            greedy,
+        ],
+    )
+    assert out_a.finish_reason == "stop" and out_a.token_ids == ref_a.token_ids[: first + 1]
+    assert out_b.finish_reason == "stop" and out_b.token_ids == ref_b.token_ids[:end_b]
+    assert out_b.text == ref_b.text[: ref_b.text.find(stop_text)]
+    assert out_c.token_ids == ref_c.token_ids and out_c.finish_reason == "length"
