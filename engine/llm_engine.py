@@ -202,7 +202,7 @@ class LLMEngine:
                 self.fault_injector(out)
             cascade_blocks = self.shared_prefix_blocks(out)
             # The in-flight step's (sampled-token tensor, {serial: row}), for inputs still on the device.
-            feed = None if prev is None or prev.handle is None else (prev.handle[0], prev.handle[3])
+            feed = None if prev is None or prev.handle is None else prev.handle[:2]
             handle = self.runner.launch(out, cascade_blocks, feed)
         except Exception as exc:  # noqa: BLE001 - any failure belongs to this step's requests
             if prev is not None:

@@ -9,7 +9,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.models.llama import ForwardContext, LlamaForCausalLM, head_dim_of
-from engine.sampler import Sampler, top_logprobs
+from engine.sampler import Sampler, logprob_tensors, top_logprobs
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger("engine")
@@ -178,18 +178,34 @@ class ModelRunner:
         if self.logits_sink is not None:
             self.logits_sink.append(([r.request_id for r in reqs], [r.num_tokens for r in reqs], logits.float().cpu()))
         token_ids, logprobs, wanted = self.sampler.sample(logits, reqs, self.vocab_size, self.eos_ids)
+        results = [token_ids]
+        if logprobs is not None:
+            results += logprob_tensors(logprobs, token_ids, wanted)
+        done = None
+        if self.device.type == "cuda":
+            # Copy to pinned memory and mark the point: collect() waits for this step only, not for the next
+            # step, which is usually enqueued behind it by then.
+            results = [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results
+            ]
+            done = torch.cuda.Event()
+            done.record()
         if self.step_timing is not None:
             self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
-        return token_ids, logprobs, wanted, {r.serial: i for i, r in enumerate(reqs)}
+        return token_ids, {r.serial: i for i, r in enumerate(reqs)}, results, done, wanted
 
     @torch.inference_mode()
     def collect(self, handle):
         """Wait for a launched step; returns (sampled token ids per sampling request, logprob dicts or None)."""
         if handle is None:
             return [], None
-        token_ids, logprobs, wanted, _ = handle
-        token_list = token_ids.tolist()  # the one host sync of the step
-        lp = top_logprobs(logprobs, token_list, wanted) if logprobs is not None else None
+        _, _, results, done, wanted = handle
+        if done is not None:
+            done.synchronize()  # the one host sync of the step
+        token_list = results[0].tolist()
+        lp = None
+        if len(results) > 1:
+            lp = top_logprobs(*(t.tolist() for t in results[1:]), token_list, wanted)
         return token_list, lp
 
     def execute(self, out: SchedulerOutput, shared_prefix_blocks: int = 0):

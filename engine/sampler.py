@@ -128,14 +128,18 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def top_logprobs(
-    logprobs: torch.Tensor, token_ids: list[int], wanted: list[int | None]
-) -> list[dict[int, float] | None]:
-    """Per row: the sampled token's logprob plus the row's requested number of most likely tokens."""
+def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, wanted: list[int | None]):
+    """On the device, without a host sync: the sampled tokens' logprobs and each row's top-k (k = most wanted)."""
     k = max((n or 0) for n in wanted)
     top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    return chosen, top_vals, top_ids
+
+
+def top_logprobs(
+    chosen: list[float], top_vals: list[list[float]], top_ids: list[list[int]], token_ids: list[int], wanted
+) -> list[dict[int, float] | None]:
+    """Per row: the sampled token's logprob plus the row's requested number of most likely tokens."""
     out: list[dict[int, float] | None] = []
     for row, n in enumerate(wanted):
         if n is None:
