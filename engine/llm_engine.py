@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.request import Request, RequestStatus, StreamDelta, make_output
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tokenizer import IncrementalDetokenizer
+from engine.tokenizer import IncrementalDetokenizer, add_tokens
 
 logger = logging.getLogger("engine")
 
@@ -314,12 +314,24 @@ class LLMEngine:
     def _flush_deliveries(self) -> None:
         """The costly half: detokenize recorded tokens, check stop strings, and put deltas on the channels."""
         deliveries, self._deliveries = self._deliveries, []
-        for req, token_id, reason in deliveries:
+        # Detokenize the whole batch in one call; a failure there falls back to one request at a time below.
+        todo = [
+            i
+            for i, (req, token_id, reason) in enumerate(deliveries)
+            if req.finish_reason is None and reason != "stop" and req.detok is not None and token_id not in self.eos_ids
+        ]
+        stops: dict[int, bool] = {}
+        try:
+            hits = add_tokens([deliveries[i][0].detok for i in todo], [deliveries[i][1] for i in todo])
+            stops = dict(zip(todo, hits))
+        except Exception:  # noqa: BLE001 - retried per request, so only the failing one fails
+            logger.debug("batched detokenization failed; retrying per request", exc_info=True)
+        for i, (req, token_id, reason) in enumerate(deliveries):
             try:
                 if req.finish_reason is not None:
                     continue  # aborted or failed since the token was recorded
                 if reason != "stop" and req.detok is not None and token_id not in self.eos_ids:
-                    if req.detok.add(token_id):
+                    if stops[i] if i in stops else req.detok.add(token_id):
                         reason = "stop"
                         if not req.is_finished:
                             self._release(req)

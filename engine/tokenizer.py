@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+MAX_PENDING_BYTES = 6  # tokens to wait for an incomplete UTF-8 character before emitting it as U+FFFD
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, correct across multi-byte UTF-8 characters.
@@ -34,14 +36,23 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> bool:
         """Add one token; returns True if the text now contains a stop string (the text is cut before it)."""
+        return self.advance(*map(self._decode, self.push(token_id)))
+
+    def push(self, token_id: int) -> tuple[list[int], list[int]]:
+        """Append a token; returns the two windows to decode (context only, context + new tokens)."""
         self.ids.append(token_id)
-        # Decode a short window: the tokens since the last flushed boundary, with the previous ones as context.
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return False  # an incomplete UTF-8 sequence: wait for more bytes
+        # A short window: the tokens since the last flushed boundary, with the previous ones as context.
+        return self.ids[self.prefix_offset : self.read_offset], self.ids[self.prefix_offset :]
+
+    def advance(self, prefix_text: str, new_text: str) -> bool:
+        """Take the decoded windows of push(); returns True if the text now contains a stop string."""
+        if new_text.endswith("\ufffd") and len(self.ids) - self.read_offset < MAX_PENDING_BYTES:
+            return False  # an incomplete UTF-8 sequence: wait for more bytes (a character has at most 4)
         old_len = len(self.text)
-        self.text += new_text[len(prefix_text) :]
+        if len(new_text) > len(prefix_text):
+            self.text += new_text[len(prefix_text) :]
+        # Advance even when the tokens made no text (skipped special tokens, ids the tokenizer does not know), so
+        # the decoded window stays a few tokens long instead of growing with the output.
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         if self.stop:
             start = max(0, old_len - self.max_stop + 1)
@@ -68,6 +79,25 @@ class IncrementalDetokenizer:
         delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
+
+
+def add_tokens(detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[bool]:
+    """IncrementalDetokenizer.add for many requests with one call into the Rust tokenizer (decode_batch)."""
+    if not detoks:
+        return []
+    first = detoks[0]
+    backend = getattr(first.tokenizer, "_tokenizer", None)
+    same = all(d.tokenizer is first.tokenizer and d.skip_special_tokens == first.skip_special_tokens for d in detoks)
+    if backend is None or not hasattr(backend, "decode_batch") or not same:
+        return [d.add(t) for d, t in zip(detoks, token_ids)]
+    windows = [w for d, t in zip(detoks, token_ids) for w in d.push(t)]
+    try:
+        texts = backend.decode_batch(windows, skip_special_tokens=first.skip_special_tokens)
+    except Exception:
+        for d in detoks:
+            d.ids.pop()  # as if never pushed, so the caller can retry one by one
+        raise
+    return [d.advance(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]
 
 
 def render_chat(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer
+from engine.tokenizer import MAX_PENDING_BYTES, IncrementalDetokenizer
 
 TEXTS = ["Hello world! 日本語 🙂 Ünïcödé", "Paris is the capital of France.", "emoji 🙂🙂 and 日本"]
 
@@ -126,3 +126,34 @@ def test_requests_ending_while_the_next_step_runs_keep_exactly_their_tokens(qwen
     assert out_b.finish_reason == "stop" and out_b.token_ids == ref_b.token_ids[:end_b]
     assert out_b.text == ref_b.text[: ref_b.text.find(stop_text)]
     assert out_c.token_ids == ref_c.token_ids and out_c.finish_reason == "length"
+
+
+def test_batched_detokenization_equals_one_by_one(tokenizer):
+    from engine.tokenizer import add_tokens
+
+    texts = [*TEXTS, "stop here please", "日本語 and more 🙂 text"]
+    streams = [tokenizer.encode(t) for t in texts]
+    stops = [[], ["capital"], ["🙂"], ["here"], ["and"]]
+    one = [IncrementalDetokenizer(tokenizer, s) for s in stops]
+    many = [IncrementalDetokenizer(tokenizer, s) for s in stops]
+    for step in range(max(map(len, streams))):
+        live = [i for i, ids in enumerate(streams) if step < len(ids) and not one[i].stopped]
+        expected = [one[i].add(streams[i][step]) for i in live]
+        assert add_tokens([many[i] for i in live], [streams[i][step] for i in live]) == expected
+        for i in live:
+            assert many[i].take_delta(False) == one[i].take_delta(False)
+    assert [d.text for d in many] == [d.text for d in one]
+    assert any(d.stopped for d in one)
+
+
+def test_tokens_without_text_keep_the_decode_window_short(tokenizer):
+    """Special tokens (skipped), ids the tokenizer does not know and broken UTF-8 must not make every later
+    token re-decode a window that grows with the output (quadratic cost), and text around them still streams."""
+    lone_byte = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")
+    detok = IncrementalDetokenizer(tokenizer, [])
+    silent = [tokenizer.eos_token_id, len(tokenizer) + 1000] * 50 + [lone_byte] * 20
+    for t in tokenizer.encode("before ") + silent + tokenizer.encode("after"):
+        context, window = detok.push(t)
+        assert len(window) <= 2 * MAX_PENDING_BYTES + 1  # never more than two waits' worth
+        detok.advance(tokenizer.decode(context), tokenizer.decode(window))
+    assert detok.text.startswith("before ") and detok.text.endswith("after")
