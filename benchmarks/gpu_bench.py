@@ -250,6 +250,7 @@ def bench_shared_prefix(args) -> None:
             cascade_min_requests=args.cascade_min_requests,
         )
         llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
+        prof = profile_engine_thread(llm) if args.profile and cascade else None
         t = time.perf_counter()
         outs = llm.generate(prompts, p)
         wall = time.perf_counter() - t
@@ -259,8 +260,15 @@ def bench_shared_prefix(args) -> None:
         res["cascade" if cascade else "no_cascade"] = dict(
             tok_s=sum(len(o.token_ids) for o in outs) / wall,
             decode_tok_s=decode_tok_s,
+            prefill_phase_s=firsts - min(o.arrival_time for o in outs),
             cascade_steps=llm.stats()["num_cascade_steps"],
         )
+        print_step_timing(llm, "cascade" if cascade else "no cascade")
+        if prof is not None:
+            llm.shutdown()
+            import pstats
+
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         free_engine(llm)
     row = dict(
         cascade_tok_s=res["cascade"]["tok_s"],
@@ -270,6 +278,8 @@ def bench_shared_prefix(args) -> None:
         no_cascade_decode_tok_s=res["no_cascade"]["decode_tok_s"],
         decode_ratio=res["cascade"]["decode_tok_s"] / res["no_cascade"]["decode_tok_s"],
         cascade_steps=res["cascade"]["cascade_steps"],
+        cascade_prefill_phase_s=res["cascade"]["prefill_phase_s"],
+        no_cascade_prefill_phase_s=res["no_cascade"]["prefill_phase_s"],
     )
     print_table("shared prefix: 64 requests, 4096-token prefix + 64, 256 new tokens", [row])
     write_result("shared_prefix", row, OUT)
@@ -312,7 +322,9 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (decode, throughput)")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
+    )
     args = parser.parse_args()
     {
         "decode": bench_decode,
