@@ -249,8 +249,8 @@ def bench_shared_prefix(args) -> None:
             enable_cascade_attention=cascade,
             cascade_min_requests=args.cascade_min_requests,
         )
-        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
         prof = profile_engine_thread(llm) if args.profile and cascade else None
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
         t = time.perf_counter()
         outs = llm.generate(prompts, p)
         wall = time.perf_counter() - t
