@@ -175,7 +175,8 @@ class LLM:
             if not prompt:
                 raise ValueError("prompt is an empty string; pass some text")
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        # set(map(type, ...)) runs in C: a 4k-token prompt is checked in microseconds, not milliseconds.
+        if isinstance(prompt, (list, tuple)) and set(map(type, prompt)) <= {int}:
             return list(prompt)
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 

@@ -98,8 +98,8 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}; "
                 f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
             )
-        bad = [t for t in token_ids if not (0 <= t < self.vocab_size)]
-        if bad:
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:  # C-speed check first, details only on failure
+            bad = [t for t in token_ids if not (0 <= t < self.vocab_size)]
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
