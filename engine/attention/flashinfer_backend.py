@@ -4,6 +4,7 @@ variants that CUDA graphs capture (decode, cascade decode, small prefill/mixed s
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import torch
@@ -11,6 +12,8 @@ import torch
 from engine.attention.base import AttentionBackend, AttentionMetadata
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+# Batch size from which decode attention uses FlashInfer's tensor-core kernel (env override for A/B runs).
+TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH", "1000000"))
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
@@ -70,8 +73,10 @@ class _FlashInferAttention(AttentionBackend):
             )
         return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
 
-    def _decode_wrapper(self, indptr=None, indices=None, last=None):
-        # CUDA cores: the GPU kit measured the tensor-core decode slower at batch 1.
+    def _decode_wrapper(self, indptr=None, indices=None, last=None, rows: int = 1):
+        # CUDA cores below TENSOR_CORE_DECODE_MIN_BATCH: the GPU kit measured the tensor-core decode slower at
+        # batch 1 (docs/benchmarks.md has the A/B at large batches).
+        tensor_cores = rows >= TENSOR_CORE_DECODE_MIN_BATCH
         graph = {}
         if indptr is not None:
             graph = dict(
@@ -81,7 +86,7 @@ class _FlashInferAttention(AttentionBackend):
                 paged_kv_last_page_len_buffer=last,
             )
         return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "HND", use_tensor_cores=False, backend="fa2", **graph
+            self.workspace, "HND", use_tensor_cores=tensor_cores, backend="fa2", **graph
         )
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -210,7 +215,7 @@ class GraphDecodeAttention(GraphAttention):
     def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
-        self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last)
+        self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
 
     def plan_rows(self, tables, kv_lens, dummy_block: int) -> None:
         """Plan the given requests plus padding rows."""
