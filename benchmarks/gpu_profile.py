@@ -70,6 +70,8 @@ def profile_kernels(args) -> None:
 def bench_gemv(args) -> None:
     import torch.nn.functional as F
 
+    from engine.layers.linear import graph_time_us
+
     shapes = {
         "qkv": (4096, 1024),
         "o": (1024, 2048),
@@ -91,23 +93,7 @@ def bench_gemv(args) -> None:
             "F.linear M=8 pad": (F.linear, x8, w),
         }
         for vname, (op, a, b) in variants.items():
-            op(a, b)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(reps):
-                    op(a, b)
-            g.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(5):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                g.replay()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) * 1e3 / reps)
-            us = sorted(times)[2]
+            us = graph_time_us(lambda op=op, a=a, b=b: op(a, b), reps)
             rows.append(dict(gemm=name, variant=vname, us=us, tb_s=w.nbytes / us / 1e6))
     print_table("decode GEMMs (bf16, M=1), 50 back-to-back in one CUDA graph", rows)
     write_result("gpu_profile_gemv", {"rows": rows}, OUT)

@@ -27,8 +27,9 @@ class PackedLinear(nn.Linear):
             param[offset : offset + size].copy_(tensor)
 
 
-def _graph_time_us(fn, reps: int = 20) -> float:
-    # Back-to-back in one CUDA graph: the kernel's own time, no launch gaps.
+def graph_time_us(fn, reps: int = 20) -> float:
+    """Microseconds per call of fn, run reps times back-to-back in one CUDA graph (best of 3 replays): the
+    kernels' own time, without launch gaps."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -67,7 +68,7 @@ def tune_weight_layouts(model: nn.Module) -> dict[tuple[int, int], str]:
         times = {}
         for rows in (1, 512):
             x = torch.randn(rows, shape[1], device=w.device, dtype=w.dtype)
-            times[rows] = [_graph_time_us(lambda w_=w_, x_=x: torch.nn.functional.linear(x_, w_)) for w_ in (w, w_col)]
+            times[rows] = [graph_time_us(lambda w_=w_, x_=x: torch.nn.functional.linear(x_, w_)) for w_ in (w, w_col)]
         del w_col
         col_better = times[1][1] < 0.9 * times[1][0] and times[512][1] <= 1.1 * times[512][0]
         choice[shape] = "col" if col_better else "row"
