@@ -15,7 +15,7 @@ from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.linear import tune_weight_layouts
 from engine.llm_engine import LLMEngine
-from engine.loader import iter_weights, load_config, load_tokenizer, resolve_model
+from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
 from engine.model_runner import ModelRunner
 from engine.models.llama import head_dim_of
 from engine.models.registry import model_class_for
@@ -64,28 +64,29 @@ class LLM:
         self.dtype = resolve_dtype(config.dtype, self.device.type)
         src = resolve_model(model)
         self.model_name = src.name
-        hf_config = load_config(src)
-        model_cls = model_class_for(hf_config)
-        self.tokenizer = load_tokenizer(src)
-        self.hf_config = hf_config
-        limit = int(getattr(hf_config, "max_position_embeddings", 8192) or 8192)
-        max_model_len = config.max_model_len or min(limit, 8192)
-        if max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
-        backend_name = self._pick_backend()
-        fused = backend_name == "flashinfer"
-        torch.manual_seed(config.seed)
-        with torch.device("meta"):
-            net = model_cls(hf_config, max_positions=max_model_len, fused=fused)
-        net = net.to_empty(device=self.device).to(self.dtype)
-        for module in net.modules():
-            if hasattr(module, "reset_cache"):
-                module.reset_cache(self.device)
-        if config.load_format == "dummy":
-            init_dummy_weights(net, config.seed)
-        else:
-            net.load_weights(self._cast(iter_weights(src, hf_config)))
-        net.eval()
+        with parse_gguf_once(src):  # the three GGUF reads (config, tokenizer, weights) share one parse
+            hf_config = load_config(src)
+            model_cls = model_class_for(hf_config)
+            self.tokenizer = load_tokenizer(src)
+            self.hf_config = hf_config
+            limit = int(getattr(hf_config, "max_position_embeddings", 8192) or 8192)
+            max_model_len = config.max_model_len or min(limit, 8192)
+            if max_model_len > limit:
+                raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+            backend_name = self._pick_backend()
+            fused = backend_name == "flashinfer"
+            torch.manual_seed(config.seed)
+            with torch.device("meta"):
+                net = model_cls(hf_config, max_positions=max_model_len, fused=fused)
+            net = net.to_empty(device=self.device).to(self.dtype)
+            for module in net.modules():
+                if hasattr(module, "reset_cache"):
+                    module.reset_cache(self.device)
+            if config.load_format == "dummy":
+                init_dummy_weights(net, config.seed)
+            else:
+                net.load_weights(self._cast(iter_weights(src, hf_config)))
+            net.eval()
         if self.device.type == "cuda":
             layouts = tune_weight_layouts(net)
             logger.info("weight layouts by measured M=1 GEMM speed: %s", layouts)

@@ -18,8 +18,12 @@ QUESTIONS = [
 
 
 def test_embedded_chat_matches_hf_on_the_same_gguf(embedded_llm):
+    import gguf
     from transformers import AutoModelForCausalLM
 
+    # The engine shares one GGUF parse during its load (parse_gguf_once) and must leave gguf as it found it: the
+    # HF reference below loads through the untouched library.
+    assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
     path = embedded_model_path()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=EMBEDDED_FILE, dtype=torch.float32).eval()
     tok = embedded_llm.tokenizer
