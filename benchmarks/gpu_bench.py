@@ -63,6 +63,7 @@ def kv_bytes_per_token(cfg) -> int:
 
 
 def free_engine(llm) -> None:
+    """Shut the engine down and give its GPU memory back before the next measurement."""
     llm.shutdown()
     del llm
     gc.collect()
@@ -77,6 +78,7 @@ def profile_engine_thread(llm):
     loop = llm.engine._loop
 
     def profiled():
+        """The engine loop, under the profiler."""
         prof.enable()
         try:
             loop()
@@ -122,6 +124,7 @@ def hf_decode_tok_s(cfg, prompt_len: int, new_tokens: int) -> float:
 
 
 def bench_decode(args) -> None:
+    """decode.json: batch-1 decode tok/s of the engine, HF generate() and the weight-streaming floor."""
     bw = copy_bandwidth()
     rows = []
     for name in args.models:
@@ -176,6 +179,7 @@ def bench_decode(args) -> None:
 
 
 def bench_throughput(args) -> None:
+    """throughput.json: nano-vllm's 256-request workload, with the bandwidth roofline and its arithmetic."""
     name = "Qwen3-0.6B"
     cfg = qwen3_config(name)
     folder = model_folder(name, ROOT)
@@ -233,6 +237,7 @@ def bench_throughput(args) -> None:
 
 
 def bench_shared_prefix(args) -> None:
+    """shared_prefix.json: 64 requests on a cached 4,096-token prefix, cascade on and off."""
     name = "Qwen3-0.6B"
     folder = model_folder(name, ROOT)
     rng = random.Random(0)
@@ -286,6 +291,7 @@ def bench_shared_prefix(args) -> None:
 
 
 def bench_prefix_cache(args) -> None:
+    """prefix_cache.json: TTFT of a 4,096-token prompt cold, then warm with a new 32-token question."""
     name = "Qwen3-0.6B"
     folder = model_folder(name, ROOT)
     rng = random.Random(0)
@@ -313,6 +319,7 @@ def bench_prefix_cache(args) -> None:
 
 
 def main() -> None:
+    """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["decode", "throughput", "shared_prefix", "prefix_cache"])
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])

@@ -26,6 +26,7 @@ OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 
 
 def profile_kernels(args) -> None:
+    """GPU kernel time per decode step, by kernel (torch.profiler over graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams
@@ -68,6 +69,7 @@ def profile_kernels(args) -> None:
 
 
 def bench_gemv(args) -> None:
+    """cuBLAS M=1 GEMM time per weight layout for the Qwen3-0.6B decode shapes."""
     import torch.nn.functional as F
 
     from engine.layers.linear import graph_time_us
@@ -100,6 +102,7 @@ def bench_gemv(args) -> None:
 
 
 def main() -> None:
+    """Parse the command line and run one profile."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

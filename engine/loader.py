@@ -157,6 +157,7 @@ def parse_gguf_once(src: ModelSource):
     readers: dict = {}
 
     def shared_reader(path, *args, **kwargs):
+        """GGUFReader, one per file and arguments for the duration of the load."""
         key = (str(path), args, tuple(sorted(kwargs.items())))
         if key not in readers:
             readers[key] = original_reader(path, *args, **kwargs)
