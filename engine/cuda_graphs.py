@@ -159,40 +159,40 @@ class GraphRunner:
         h[LAST_LEN, n:bs] = 1
         return positions
 
-    def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
-        """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""
-        bs = next(s for s in self.sizes if s >= len(reqs))
-        positions = self._fill_decode_rows(reqs, bs, 0)
-        # FlashInfer's decode plan depends on the page lists, not on how full the last page is: re-plan only
-        # when a request gains a page or the batch changes (every block_size steps at batch 1).
-        block = self.block_size
-        layout = tuple((r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions))
-        if self.planned.get(("decode", bs)) != layout:
-            tables = [r.block_table for r in reqs]
-            self.decode_attn[bs].plan_rows(tables, [r.num_tokens for r in reqs], self.runner.dummy_block)
-            self.planned[("decode", bs)] = layout
-            self.num_plans += 1
-        return self._replay(("decode", bs), len(reqs), pending, prev)
-
-    def cascade(self, reqs: list, shared_blocks: int, pending=None, prev=None) -> torch.Tensor:
-        """Logits [n, vocab] for one cascade decode step: the first shared_blocks blocks are common to all."""
-        bs = next(s for s in self.cascade_sizes if s >= len(reqs))
+    def _decode_like(self, kind: str, sizes: list[int], reqs: list, shared_blocks: int, pending, prev) -> torch.Tensor:
+        # Decode and cascade decode: one row per request; the append positions are relative to each row's own
+        # pages (after the shared_blocks shared ones). FlashInfer's decode plan depends on the page lists, not on
+        # how full the last page is: re-plan only when a request gains a page or the batch changes (every
+        # block_size steps at batch 1).
+        bs = next(s for s in sizes if s >= len(reqs))
         positions = self._fill_decode_rows(reqs, bs, shared_blocks * self.block_size)
         block = self.block_size
         layout = (shared_blocks,) + tuple(
             (r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions)
         )
-        if self.planned.get(("cascade", bs)) != layout:
+        if self.planned.get((kind, bs)) != layout:
             tables = [r.block_table for r in reqs]
             kv_lens = [r.num_tokens for r in reqs]
-            self.cascade_attn[bs].plan_cascade(tables, kv_lens, shared_blocks, self.runner.dummy_block)
-            self.planned[("cascade", bs)] = layout
+            dummy = self.runner.dummy_block
+            if kind == "cascade":
+                self.cascade_attn[bs].plan_cascade(tables, kv_lens, shared_blocks, dummy)
+            else:
+                self.decode_attn[bs].plan_rows(tables, kv_lens, dummy)
+            self.planned[(kind, bs)] = layout
             self.num_plans += 1
-        return self._replay(("cascade", bs), len(reqs), pending, prev)
+        return self._replay((kind, bs), len(reqs), pending, prev)
 
-    def prefill(self, scheduled: list, num_tokens: int, pending=None, prev=None) -> torch.Tensor:
-        """Logits [num sampling requests, vocab] for a prefill/mixed step that fits a captured token count."""
-        t = self.prefill_size(num_tokens, len(scheduled))
+    def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
+        """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""
+        return self._decode_like("decode", self.sizes, reqs, 0, pending, prev)
+
+    def cascade(self, reqs: list, shared_blocks: int, pending=None, prev=None) -> torch.Tensor:
+        """Logits [n, vocab] for one cascade decode step: the first shared_blocks blocks are common to all."""
+        return self._decode_like("cascade", self.cascade_sizes, reqs, shared_blocks, pending, prev)
+
+    def prefill(self, scheduled: list, t: int, pending=None, prev=None) -> torch.Tensor:
+        """Logits [num sampling requests, vocab] for a prefill/mixed step, padded to the captured token count t
+        (from prefill_size)."""
         h = self.host_np
         attn = self.prefill_attn[t]
         offset, samples = 0, []

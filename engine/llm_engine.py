@@ -326,11 +326,12 @@ class LLMEngine:
             stops = dict(zip(todo, hits))
         except Exception:  # noqa: BLE001 - retried per request, so only the failing one fails
             logger.debug("batched detokenization failed; retrying per request", exc_info=True)
+        needs_text = set(todo)
         for i, (req, token_id, reason) in enumerate(deliveries):
             try:
                 if req.finish_reason is not None:
                     continue  # aborted or failed since the token was recorded
-                if reason != "stop" and req.detok is not None and token_id not in self.eos_ids:
+                if i in needs_text:
                     if stops[i] if i in stops else req.detok.add(token_id):
                         reason = "stop"
                         if not req.is_finished:

@@ -88,12 +88,14 @@ class ModelRunner:
         tables_t = torch.tensor(padded, dtype=torch.int32)
         bs = self.block_size
         slots = tables_t[req_index, positions // bs].long() * bs + positions % bs
+        cu_cpu = cu.to(torch.int32)
         meta = AttentionMetadata(
             num_tokens=num_tokens,
             num_reqs=len(sched),
             positions=positions.to(dev, non_blocking=True),
             slot_mapping=slots.to(dev, non_blocking=True),
-            cu_seqlens_q=cu.to(torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=cu_cpu.to(dev, non_blocking=True),
+            cu_seqlens_q_cpu=cu_cpu,
             kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_tables=tables_t.to(dev, non_blocking=True),
             req_index=req_index.to(dev, non_blocking=True),
@@ -160,12 +162,15 @@ class ModelRunner:
         pending = self._pending_inputs(out, prev)
         graphs = self.graphs
         decode_only = out.is_decode_only
+        prefill_tokens = None
+        if graphs is not None and not decode_only:
+            prefill_tokens = graphs.prefill_size(out.num_tokens, len(out.scheduled))
         if graphs is not None and shared_prefix_blocks and graphs.fits_cascade(len(reqs)):
             logits = graphs.cascade(reqs, shared_prefix_blocks, pending, prev)
         elif graphs is not None and not shared_prefix_blocks and decode_only and graphs.fits(len(reqs)):
             logits = graphs.decode(reqs, pending, prev)
-        elif graphs is not None and not decode_only and graphs.prefill_size(out.num_tokens, len(out.scheduled)):
-            logits = graphs.prefill(out.scheduled, out.num_tokens, pending, prev)
+        elif prefill_tokens is not None:
+            logits = graphs.prefill(out.scheduled, prefill_tokens, pending, prev)
         else:
             input_ids, meta, sample_rows = self.build_metadata(out)
             self.patch_inputs(input_ids, pending, prev)

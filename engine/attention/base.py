@@ -20,6 +20,7 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where each new token's KV goes
     cu_seqlens_q: torch.Tensor  # [B+1] int32
+    cu_seqlens_q_cpu: torch.Tensor  # the same on the host (planners read it there without a device sync)
     kv_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     req_index: torch.Tensor  # [T] int64: which request each token belongs to

@@ -157,7 +157,7 @@ class FlashInferBackend(_FlashInferAttention):
             self.mode = "decode"
         else:
             self.prefill.plan(
-                torch.tensor(np.cumsum([0, *meta.q_lens_cpu]), dtype=torch.int32),  # host copy: no device sync
+                meta.cu_seqlens_q_cpu,
                 indptr,
                 indices,
                 last,
