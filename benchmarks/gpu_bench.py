@@ -89,14 +89,23 @@ def profile_engine_thread(llm):
     return prof
 
 
-def print_step_timing(llm, label: str) -> None:
-    """Host time per step by phase, when NANOVLLM_STEP_TIMING is set."""
+def print_step_timing(llm, label: str, wall_s: float | None = None) -> dict | None:
+    """Host time per step by phase and device time per step kind, when NANOVLLM_STEP_TIMING is set."""
     st = llm.engine.step_timing
-    if st:
-        n = st["steps"]
-        print(f"{label} host time per step over {n} steps (us): " + ", ".join(
-            f"{k}={v / n * 1e6:.0f}" for k, v in st.items() if k != "steps"
-        ))  # fmt: skip
+    if not st:
+        return None
+    n = st["steps"]
+    host = {k: v / n * 1e6 for k, v in st.items() if k != "steps" and not k.startswith(("gpu_s_", "n_"))}
+    print(f"{label} host time per step over {n} steps (us): " + ", ".join(f"{k}={v:.0f}" for k, v in host.items()))
+    kinds = sorted(k[len("n_") :] for k in st if k.startswith("n_"))
+    gpu = {k: dict(steps=st[f"n_{k}"], total_s=st[f"gpu_s_{k}"], us_per_step=st[f"gpu_s_{k}"] / st[f"n_{k}"] * 1e6)
+           for k in kinds}  # fmt: skip
+    for k, g in gpu.items():
+        print(f"{label} device time, {k}: {g['steps']} steps, {g['us_per_step']:.0f} us/step, {g['total_s']:.3f} s")
+    busy = sum(g["total_s"] for g in gpu.values())
+    if wall_s:
+        print(f"{label} device busy {busy:.3f} s of {wall_s:.3f} s wall ({busy / wall_s:.0%})")
+    return dict(host_us_per_step=host, device=gpu, device_busy_s=busy)
 
 
 def hf_decode_tok_s(cfg, prompt_len: int, new_tokens: int) -> float:
@@ -196,7 +205,7 @@ def bench_throughput(args) -> None:
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
     stats = llm.stats()
-    print_step_timing(llm, "throughput")
+    timing = print_step_timing(llm, "throughput", wall)
     if prof is not None:
         llm.shutdown()
         import pstats
@@ -233,7 +242,8 @@ def bench_throughput(args) -> None:
         f"{decode_s:.2f} s; compute: {flops / 1e12:.1f} TFLOP at 700 TFLOP/s = {compute_s:.2f} s"
     )
     print(arithmetic)
-    write_result("throughput", {**row, "roofline_arithmetic": arithmetic}, OUT)
+    extra = {"step_timing": timing} if timing else {}
+    write_result("throughput", {**row, "roofline_arithmetic": arithmetic, **extra}, OUT)
 
 
 def bench_shared_prefix(args) -> None:
@@ -268,7 +278,7 @@ def bench_shared_prefix(args) -> None:
             prefill_phase_s=firsts - min(o.arrival_time for o in outs),
             cascade_steps=llm.stats()["num_cascade_steps"],
         )
-        print_step_timing(llm, "cascade" if cascade else "no cascade")
+        print_step_timing(llm, "cascade" if cascade else "no cascade", wall)
         if prof is not None:
             llm.shutdown()
             import pstats

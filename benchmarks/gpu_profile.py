@@ -2,6 +2,7 @@
 
 Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels   # torch.profiler over graph-replayed decode steps, Qwen3-0.6B shapes
+    python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
@@ -40,9 +41,10 @@ def profile_kernels(args) -> None:
         prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
         llm.generate([prefix + [5]], SamplingParams(max_tokens=1))
     else:
-        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=8)
-        prompts = [[rng.randrange(10, 30000) for _ in range(128)]]
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=max(8, args.batch))
+        prompts = [[rng.randrange(10, 30000) for _ in range(args.prompt)] for _ in range(args.batch)]
     p = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    # Warm-up; it also puts the prompts' full blocks in the prefix cache, so the profiled run is mostly decode.
     llm.generate(prompts, p)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, p)
@@ -60,11 +62,13 @@ def profile_kernels(args) -> None:
                 share=e.self_device_time_total / total,
             )
         )
-    what = "64 requests, cascade, shared prefix 4096" if args.cascade else "batch 1"
+    what = "64 requests, cascade, shared prefix 4096" if args.cascade else f"batch {args.batch}, prompt {args.prompt}"
     print_table(f"{args.model}: GPU kernel time per decode step ({args.steps} steps, {what})", rows)
     print(f"total GPU kernel time per step: {total / args.steps:.0f} us")
     write_result(
-        "gpu_profile_kernels", {"model": args.model, "total_us_per_step": total / args.steps, "rows": rows}, OUT
+        "gpu_profile_kernels",
+        {"model": args.model, "workload": what, "total_us_per_step": total / args.steps, "rows": rows},
+        OUT,
     )
 
 
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
+    parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
+    parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     args = parser.parse_args()
     {"kernels": profile_kernels, "gemv": bench_gemv}[args.which](args)
 

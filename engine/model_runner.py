@@ -156,6 +156,10 @@ class ModelRunner:
         # consumed them. It has nearly always: the step before it was collected, and its inputs go first.
         if self._inputs_event is not None:
             self._inputs_event.synchronize()
+        gpu_start = None
+        if self.step_timing is not None and self.device.type == "cuda":
+            gpu_start = torch.cuda.Event(enable_timing=True)
+            gpu_start.record()
         if shared_prefix_blocks:
             self.num_cascade_steps += 1
         reqs = [s.req for s in out.scheduled if s.samples]
@@ -166,12 +170,16 @@ class ModelRunner:
         if graphs is not None and not decode_only:
             prefill_tokens = graphs.prefill_size(out.num_tokens, len(out.scheduled))
         if graphs is not None and shared_prefix_blocks and graphs.fits_cascade(len(reqs)):
+            kind = "graph_cascade"
             logits = graphs.cascade(reqs, shared_prefix_blocks, pending, prev)
         elif graphs is not None and not shared_prefix_blocks and decode_only and graphs.fits(len(reqs)):
+            kind = "graph_decode"
             logits = graphs.decode(reqs, pending, prev)
         elif prefill_tokens is not None:
+            kind = "graph_prefill"
             logits = graphs.prefill(out.scheduled, prefill_tokens, pending, prev)
         else:
+            kind = "eager_cascade" if shared_prefix_blocks else "eager_decode" if decode_only else "eager_prefill"
             input_ids, meta, sample_rows = self.build_metadata(out)
             self.patch_inputs(input_ids, pending, prev)
             meta.shared_prefix_blocks = shared_prefix_blocks
@@ -193,20 +201,27 @@ class ModelRunner:
             results = [
                 torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results
             ]
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=gpu_start is not None)
             done.record()
         if self.step_timing is not None:
             self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
-        return token_ids, {r.serial: i for i, r in enumerate(reqs)}, results, done, wanted
+        timing = None if gpu_start is None else (gpu_start, kind)
+        return token_ids, {r.serial: i for i, r in enumerate(reqs)}, results, done, wanted, timing
 
     @torch.inference_mode()
     def collect(self, handle):
         """Wait for a launched step; returns (sampled token ids per sampling request, logprob dicts or None)."""
         if handle is None:
             return [], None
-        _, _, results, done, wanted = handle
+        _, _, results, done, wanted, timing = handle
         if done is not None:
             done.synchronize()  # the one host sync of the step
+        if timing is not None:
+            # Device time from the step's first enqueued work to its last (idle gaps inside an eager step count).
+            start, kind = timing
+            st = self.step_timing
+            st[f"gpu_s_{kind}"] = st.get(f"gpu_s_{kind}", 0.0) + start.elapsed_time(done) / 1e3
+            st[f"n_{kind}"] = st.get(f"n_{kind}", 0) + 1
         token_list = results[0].tolist()
         lp = None
         if len(results) > 1:
