@@ -319,6 +319,7 @@ def bench_prefix_cache(args) -> None:
             f"{cold.first_token_time - cold.scheduled_time:.4f}s; warm: queue "
             f"{warm.scheduled_time - warm.arrival_time:.4f}s prefill {warm.first_token_time - warm.scheduled_time:.4f}s"
         )
+    print_step_timing(llm, "prefix cache")
     free_engine(llm)
     measured = sorted(pairs[1:])
     cold_s = sorted(c for c, _, _ in measured)[1]

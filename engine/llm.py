@@ -87,6 +87,8 @@ class LLM:
             else:
                 net.load_weights(self._cast(iter_weights(src, hf_config)))
             net.eval()
+        if self.device.type == "cpu":
+            logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
             layouts = tune_weight_layouts(net)
             logger.info("weight layouts by measured M=1 GEMM speed: %s", layouts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.base import slot_coordinates, write_kv
+from engine.attention.base import kv_write_index, write_kv
 
 
 def test_write_kv_uses_the_hnd_layout_the_readers_expect():
@@ -13,7 +13,7 @@ def test_write_kv_uses_the_hnd_layout_the_readers_expect():
     slots = torch.tensor([0, 9, 31])  # block 0 offset 0, block 1 offset 1, block 3 offset 7
     k = torch.randn(3, heads, dim)
     v = torch.randn(3, heads, dim)
-    write_kv(cache, slot_coordinates(slots, block_size), k, v)
+    write_kv(cache, kv_write_index(slots, heads, block_size), k, v)
     for i, (b, o) in enumerate([(0, 0), (1, 1), (3, 7)]):
         # HND: [block, k/v, head, offset, dim]. An NHD writer would have put head and offset the other way round.
         assert torch.equal(cache[b, 0, :, o, :], k[i])

@@ -10,12 +10,16 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 # Batch size from which decode attention uses FlashInfer's tensor-core kernel. Measured on an H100 (A/B in one run,
 # docs/benchmarks.md): 64 requests with 4k-token contexts decode 1.65x faster with it; the nano-vllm throughput
 # workload is unchanged; the GPU kit measured it slower at batch 1. NANOVLLM_TC_DECODE_MIN_BATCH overrides (A/B runs).
 TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH", "16"))
+# Batch size from which CUDA-graph tensor-core decode plans without split-KV (no merge kernel per layer); 0 = never.
+# An A/B knob (NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH): split-KV balances uneven lengths, which large batches need less.
+NO_SPLIT_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "0"))
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
@@ -57,6 +61,8 @@ class _FlashInferAttention(AttentionBackend):
         # Set by plan(): where this step's K/V go (token -> request row, position in that row's pages).
         self.batch_indices = self.positions = None
         self.kv_indptr = self.kv_indices = self.kv_last = None
+        # q/k norm + rope + K/V append in one Triton kernel (engine/layers/fused_qkv.py) instead of four launches.
+        self.fused_qkv = fused_qkv_available(self.head_dim)
 
     def _common(self) -> dict:
         # Every plan() defaults to float16: say what the tensors really are.
@@ -93,6 +99,26 @@ class _FlashInferAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """Attention of q over the planned pages (after this step's K/V were appended)."""
         raise NotImplementedError
+
+    def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
+        """From the packed QKV projection: norm and rotate q/k, append K/V (one fused kernel), then attend."""
+        norm = attn.q_norm is not None
+        q = qk_norm_rope_append(
+            qkv,
+            self.num_heads,
+            self.num_kv_heads,
+            attn.q_norm.weight if norm else None,
+            attn.k_norm.weight if norm else None,
+            attn.q_norm.eps if norm else 0.0,
+            attn.rotary.cos_sin_cache,
+            rope_positions,
+            self.batch_indices,
+            self.positions,
+            self.kv_indptr,
+            self.kv_indices,
+            kv_cache,
+        )
+        return self.attend(q, kv_cache)
 
     def forward(self, layer_id, q, k, v, kv_cache):
         """Append this step's K/V to the pages, then attend."""
@@ -217,12 +243,16 @@ class GraphDecodeAttention(GraphAttention):
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
+        no_split = 0 < NO_SPLIT_DECODE_MIN_BATCH <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
+        self.split_args = {"disable_split_kv": True} if no_split else {}
 
     def plan_rows(self, tables, kv_lens, dummy_block: int) -> None:
         """Plan the given requests plus padding rows."""
         tables, kv_lens = self.pad_tables(tables, kv_lens, dummy_block)
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
-        self.decode.plan(indptr, self._on_device(indices), last, head_dim=self.head_dim, **self._common())
+        self.decode.plan(
+            indptr, self._on_device(indices), last, head_dim=self.head_dim, **self._common(), **self.split_args
+        )
 
     def attend(self, q, kv_cache):
         """Paged decode attention."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, slot_coordinates, write_kv
+from engine.attention.base import AttentionBackend, AttentionMetadata, kv_write_index, write_kv
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -23,7 +23,7 @@ class TorchAttentionBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata) -> None:
         """Build the gather indices and the causal mask shared by all layers of this step."""
         self.meta = meta
-        self.coords = None
+        self.write_index = None
         device = meta.positions.device
         max_q = max(meta.q_lens_cpu)
         max_kv = max(meta.kv_lens_cpu)
@@ -46,18 +46,18 @@ class TorchAttentionBackend(AttentionBackend):
         """Write this step's K/V, then attend each query to its request's cached keys."""
         meta = self.meta
         block_size = kv_cache.shape[3]
-        if self.coords is None:  # same for every layer of the step
-            self.coords = slot_coordinates(meta.slot_mapping, block_size)
-        write_kv(kv_cache, self.coords, k, v)
-        num_blocks = -(-self.max_kv // block_size)
-        tables = meta.block_tables[:, :num_blocks].long()
-        b = meta.num_reqs
-        # [B, nb, 2, H, bs, D] -> [B, H, nb*bs, D]
-        kv = kv_cache[tables]
-        keys = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, -1, self.head_dim)[:, :, : self.max_kv]
-        values = (
-            kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, self.num_kv_heads, -1, self.head_dim)[:, :, : self.max_kv]
-        )
+        b, hkv, dim = meta.num_reqs, self.num_kv_heads, self.head_dim
+        if self.write_index is None:  # the same for every layer of the step
+            self.write_index = kv_write_index(meta.slot_mapping, hkv, block_size)
+            num_blocks = -(-self.max_kv // block_size)
+            self.num_blocks = num_blocks
+            self.block_ids = meta.block_tables[:, :num_blocks].long().flatten()
+        write_kv(kv_cache, self.write_index, k, v)
+        nb = self.num_blocks
+        # index_select, not advanced indexing (8x faster on the CPU); then one copy into [2, B, H, nb * bs, D].
+        kv = kv_cache.index_select(0, self.block_ids).view(b, nb, 2, hkv, block_size, dim)
+        kv = kv.permute(2, 0, 3, 1, 4, 5).reshape(2, b, hkv, nb * block_size, dim)[:, :, :, : self.max_kv]
+        keys, values = kv[0], kv[1]
         if meta.is_decode:
             queries = q.view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
         else:

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
-from engine.layers.linear import PackedLinear
+from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -34,7 +34,7 @@ class DecoderAttention(nn.Module):
         self.head_dim = head_dim_of(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
@@ -42,8 +42,12 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Project, rotate, attend through the backend, project back."""
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        qkv = self.qkv_proj(x)
         t = x.shape[0]
+        if getattr(ctx.backend, "fused_qkv", False):
+            out = ctx.backend.forward_qkv(qkv, self, ctx.positions, ctx.kv_cache[self.layer_id])
+            return self.o_proj(out.reshape(t, -1))
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -61,7 +65,7 @@ class DecoderMLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = PackedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
         self.act = SiluAndMul(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +126,8 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tied_head_onednn: torch.Tensor | None = None  # oneDNN copy of the tied embedding, see pack_cpu
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
@@ -133,8 +138,20 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def pack_cpu(self) -> int:
+        """Pre-pack the linear weights (and a copy of a tied embedding for the lm_head) for oneDNN on the CPU."""
+        count = pack_cpu_linears(self)
+        if count and self.lm_head is None:
+            self.tied_head_onednn = onednn_pack(self.embed_tokens.weight)
+            count += self.tied_head_onednn is not None
+        return count
+
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits for the given hidden states (written into out when given)."""
+        if self.lm_head is not None and out is None:
+            return self.lm_head(hidden)
+        if self.tied_head_onednn is not None and out is None:
+            return onednn_linear(hidden, self.tied_head_onednn)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if out is not None:
             return torch.mm(hidden, weight.t(), out=out)

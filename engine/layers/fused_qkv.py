@@ -1,0 +1,144 @@
+"""One Triton kernel for the work between the QKV GEMM and attention: per-head q/k RMSNorm (Qwen3), NeoX rope, and
+the K/V append into the paged HND cache.
+
+Why: unfused, that is four launches per layer (q norm, k norm, rope, append; three without q/k norm), each a tiny
+kernel whose cost is mostly launch latency inside a CUDA graph (~1.5-3.5 us each on an H100, docs/benchmarks.md).
+No library kernel covers it for these head counts: FlashInfer's fused q/k-norm + rope + append
+(`cake_fused_qk_rmsnorm_rope_append_paged_kv_cache`) takes only 8/1 and 64/8 heads and the NHD layout.
+The unfused FlashInfer path stays the reference (NANOVLLM_FUSED_QKV=0 selects it; tests compare the two).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def fused_qkv_available(head_dim: int) -> bool:
+    """Whether the fused kernel can run: Triton importable, CUDA, head_dim a power of two, not switched off."""
+    if os.environ.get("NANOVLLM_FUSED_QKV", "1") == "0":
+        return False
+    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+        return False
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+_kernel = None
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def qk_norm_rope_append(
+        qkv_ptr,
+        stride_t,
+        q_out_ptr,
+        q_w_ptr,
+        k_w_ptr,
+        cos_sin_ptr,
+        rope_pos_ptr,
+        batch_idx_ptr,
+        append_pos_ptr,
+        kv_indptr_ptr,
+        kv_indices_ptr,
+        cache_ptr,
+        eps,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        # One program per (token, q or k head); k-head programs also move that head's V.
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        half = tl.arange(0, D // 2)
+        row = qkv_ptr + t.to(tl.int64) * stride_t + h * D
+        x1 = tl.load(row + half).to(tl.float32)
+        x2 = tl.load(row + D // 2 + half).to(tl.float32)
+        if NORM:
+            r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / D + eps)
+            if h < HQ:
+                w1 = tl.load(q_w_ptr + half).to(tl.float32)
+                w2 = tl.load(q_w_ptr + D // 2 + half).to(tl.float32)
+            else:
+                w1 = tl.load(k_w_ptr + half).to(tl.float32)
+                w2 = tl.load(k_w_ptr + D // 2 + half).to(tl.float32)
+            x1 = x1 * r * w1
+            x2 = x2 * r * w2
+        pos = tl.load(rope_pos_ptr + t).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * D + half)
+        sin = tl.load(cos_sin_ptr + pos * D + D // 2 + half)
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        if h < HQ:
+            dst = q_out_ptr + (t.to(tl.int64) * HQ + h) * D
+            tl.store(dst + half, o1.to(q_out_ptr.dtype.element_ty))
+            tl.store(dst + D // 2 + half, o2.to(q_out_ptr.dtype.element_ty))
+        else:
+            kh = h - HQ
+            b = tl.load(batch_idx_ptr + t)
+            p = tl.load(append_pos_ptr + t)
+            page = tl.load(kv_indices_ptr + tl.load(kv_indptr_ptr + b) + p // BS).to(tl.int64)
+            # HND page: [2, HKV, BS, D]; K at index 0, V at index 1.
+            k_dst = cache_ptr + ((page * 2 * HKV + kh) * BS + p % BS) * D
+            tl.store(k_dst + half, o1.to(cache_ptr.dtype.element_ty))
+            tl.store(k_dst + D // 2 + half, o2.to(cache_ptr.dtype.element_ty))
+            full = tl.arange(0, D)
+            v = tl.load(row + HKV * D + full)
+            tl.store(k_dst + HKV * BS * D + full, v)
+
+    return qk_norm_rope_append
+
+
+def qk_norm_rope_append(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    cos_sin: torch.Tensor,
+    rope_positions: torch.Tensor,
+    batch_indices: torch.Tensor,
+    append_positions: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_cache: torch.Tensor,
+) -> torch.Tensor:
+    """From the QKV projection [T, (Hq + 2 Hkv) * D]: normalise (when weights are given) and rotate q and k, append
+    k and v at (batch_indices, append_positions) of the paged cache [pages, 2, Hkv, page_size, D] whose page table
+    is (kv_indptr, kv_indices), and return q [T, Hq, D]."""
+    global _kernel
+    if _kernel is None:
+        _kernel = _build_kernel()
+    t = qkv.shape[0]
+    d = kv_cache.shape[-1]
+    q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    norm = q_norm_weight is not None
+    _kernel[(t, num_heads + num_kv_heads)](
+        qkv,
+        qkv.stride(0),
+        q,
+        q_norm_weight if norm else cos_sin,
+        k_norm_weight if norm else cos_sin,
+        cos_sin,
+        rope_positions,
+        batch_indices,
+        append_positions,
+        kv_indptr,
+        kv_indices,
+        kv_cache,
+        eps,
+        HQ=num_heads,
+        HKV=num_kv_heads,
+        D=d,
+        BS=kv_cache.shape[3],
+        NORM=norm,
+        num_warps=1,
+    )
+    return q
