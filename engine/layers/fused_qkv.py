@@ -28,6 +28,11 @@ def fused_qkv_available(head_dim: int) -> bool:
 _kernel = None
 
 
+def triton_next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (Triton tile sizes must be powers of two)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _build_kernel():
     import triton
     import triton.language as tl
@@ -51,46 +56,50 @@ def _build_kernel():
         HKV: tl.constexpr,
         D: tl.constexpr,
         BS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         NORM: tl.constexpr,
     ):
-        # One program per (token, q or k head); k-head programs also move that head's V.
-        t = tl.program_id(0)
-        h = tl.program_id(1)
+        # One program per token, all its q and k heads as rows of one tile (the per-token page lookup happens
+        # once); k rows also move their head's V.
+        t = tl.program_id(0).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)
         half = tl.arange(0, D // 2)
-        row = qkv_ptr + t.to(tl.int64) * stride_t + h * D
-        x1 = tl.load(row + half).to(tl.float32)
-        x2 = tl.load(row + D // 2 + half).to(tl.float32)
+        is_q = heads < HQ
+        is_k = (heads >= HQ) & (heads < HQ + HKV)
+        row = qkv_ptr + t * stride_t
+        offs = heads[:, None] * D + half[None, :]
+        live = (is_q | is_k)[:, None]
+        x1 = tl.load(row + offs, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(row + offs + D // 2, mask=live, other=0.0).to(tl.float32)
         if NORM:
-            r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / D + eps)
-            if h < HQ:
-                w1 = tl.load(q_w_ptr + half).to(tl.float32)
-                w2 = tl.load(q_w_ptr + D // 2 + half).to(tl.float32)
-            else:
-                w1 = tl.load(k_w_ptr + half).to(tl.float32)
-                w2 = tl.load(k_w_ptr + D // 2 + half).to(tl.float32)
-            x1 = x1 * r * w1
-            x2 = x2 * r * w2
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+            q1 = tl.load(q_w_ptr + half).to(tl.float32)[None, :]
+            q2 = tl.load(q_w_ptr + D // 2 + half).to(tl.float32)[None, :]
+            k1 = tl.load(k_w_ptr + half).to(tl.float32)[None, :]
+            k2 = tl.load(k_w_ptr + D // 2 + half).to(tl.float32)[None, :]
+            x1 = x1 * r * tl.where(is_q[:, None], q1, k1)
+            x2 = x2 * r * tl.where(is_q[:, None], q2, k2)
         pos = tl.load(rope_pos_ptr + t).to(tl.int64)
-        cos = tl.load(cos_sin_ptr + pos * D + half)
-        sin = tl.load(cos_sin_ptr + pos * D + D // 2 + half)
+        cos = tl.load(cos_sin_ptr + pos * D + half)[None, :]
+        sin = tl.load(cos_sin_ptr + pos * D + D // 2 + half)[None, :]
         o1 = x1 * cos - x2 * sin
         o2 = x2 * cos + x1 * sin
-        if h < HQ:
-            dst = q_out_ptr + (t.to(tl.int64) * HQ + h) * D
-            tl.store(dst + half, o1.to(q_out_ptr.dtype.element_ty))
-            tl.store(dst + D // 2 + half, o2.to(q_out_ptr.dtype.element_ty))
-        else:
-            kh = h - HQ
-            b = tl.load(batch_idx_ptr + t)
-            p = tl.load(append_pos_ptr + t)
-            page = tl.load(kv_indices_ptr + tl.load(kv_indptr_ptr + b) + p // BS).to(tl.int64)
-            # HND page: [2, HKV, BS, D]; K at index 0, V at index 1.
-            k_dst = cache_ptr + ((page * 2 * HKV + kh) * BS + p % BS) * D
-            tl.store(k_dst + half, o1.to(cache_ptr.dtype.element_ty))
-            tl.store(k_dst + D // 2 + half, o2.to(cache_ptr.dtype.element_ty))
-            full = tl.arange(0, D)
-            v = tl.load(row + HKV * D + full)
-            tl.store(k_dst + HKV * BS * D + full, v)
+        q_dst = q_out_ptr + t * (HQ * D) + offs
+        tl.store(q_dst, o1.to(q_out_ptr.dtype.element_ty), mask=is_q[:, None])
+        tl.store(q_dst + D // 2, o2.to(q_out_ptr.dtype.element_ty), mask=is_q[:, None])
+        b = tl.load(batch_idx_ptr + t)
+        p = tl.load(append_pos_ptr + t)
+        page = tl.load(kv_indices_ptr + tl.load(kv_indptr_ptr + b) + p // BS).to(tl.int64)
+        # HND page: [2, HKV, BS, D]; K at index 0, V at index 1. Rows of q heads compute a negative kv head
+        # here, but their stores are masked off.
+        kh = heads - HQ
+        k_rows = cache_ptr + ((page * 2 * HKV + kh) * BS + p % BS) * D
+        k_mask = is_k[:, None]
+        tl.store(k_rows[:, None] + half[None, :], o1.to(cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(k_rows[:, None] + D // 2 + half[None, :], o2.to(cache_ptr.dtype.element_ty), mask=k_mask)
+        full = tl.arange(0, D)
+        v = tl.load(row + (heads + HKV)[:, None] * D + full[None, :], mask=k_mask)
+        tl.store(k_rows[:, None] + HKV * BS * D + full[None, :], v, mask=k_mask)
 
     return qk_norm_rope_append
 
@@ -120,7 +129,7 @@ def qk_norm_rope_append(
     d = kv_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm_weight is not None
-    _kernel[(t, num_heads + num_kv_heads)](
+    _kernel[(t,)](
         qkv,
         qkv.stride(0),
         q,
@@ -138,7 +147,8 @@ def qk_norm_rope_append(
         HKV=num_kv_heads,
         D=d,
         BS=kv_cache.shape[3],
+        BLOCK_H=triton_next_power_of_2(num_heads + num_kv_heads),
         NORM=norm,
-        num_warps=1,
+        num_warps=4,
     )
     return q
