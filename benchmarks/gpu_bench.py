@@ -95,13 +95,16 @@ def print_step_timing(llm, label: str, wall_s: float | None = None) -> dict | No
     if not st:
         return None
     n = st["steps"]
-    host = {k: v / n * 1e6 for k, v in st.items() if k != "steps" and not k.startswith(("gpu_s_", "n_"))}
+    host = {k: v / n * 1e6 for k, v in st.items() if k != "steps" and not k.startswith(("gpu_s_", "n_", "idle_s_"))}
     print(f"{label} host time per step over {n} steps (us): " + ", ".join(f"{k}={v:.0f}" for k, v in host.items()))
     kinds = sorted(k[len("n_") :] for k in st if k.startswith("n_"))
-    gpu = {k: dict(steps=st[f"n_{k}"], total_s=st[f"gpu_s_{k}"], us_per_step=st[f"gpu_s_{k}"] / st[f"n_{k}"] * 1e6)
-           for k in kinds}  # fmt: skip
+    gpu = {k: dict(steps=st[f"n_{k}"], total_s=st[f"gpu_s_{k}"], us_per_step=st[f"gpu_s_{k}"] / st[f"n_{k}"] * 1e6,
+                   idle_before_s=st.get(f"idle_s_{k}", 0.0)) for k in kinds}  # fmt: skip
     for k, g in gpu.items():
-        print(f"{label} device time, {k}: {g['steps']} steps, {g['us_per_step']:.0f} us/step, {g['total_s']:.3f} s")
+        print(
+            f"{label} device time, {k}: {g['steps']} steps, {g['us_per_step']:.0f} us/step, {g['total_s']:.3f} s; "
+            f"device idle before these steps {g['idle_before_s']:.3f} s"
+        )
     busy = sum(g["total_s"] for g in gpu.values())
     if wall_s:
         print(f"{label} device busy {busy:.3f} s of {wall_s:.3f} s wall ({busy / wall_s:.0%})")

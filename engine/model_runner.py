@@ -41,6 +41,7 @@ class ModelRunner:
         self.eos_ids: set[int] = set()
         self.kv_cache_storage: torch.Tensor | None = None
         self._inputs_event = None  # recorded once a step's host-staged inputs are enqueued (see launch)
+        self._timed_done = None  # the last collected step's end event, when step timing is on
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes across all layers."""
@@ -217,11 +218,17 @@ class ModelRunner:
         if done is not None:
             done.synchronize()  # the one host sync of the step
         if timing is not None:
-            # Device time from the step's first enqueued work to its last (idle gaps inside an eager step count).
+            # Device time from the step's first enqueued work to its last (idle gaps inside an eager step count),
+            # and the device's idle gap before the step (after the previous step, when that ran back to back).
             start, kind = timing
             st = self.step_timing
             st[f"gpu_s_{kind}"] = st.get(f"gpu_s_{kind}", 0.0) + start.elapsed_time(done) / 1e3
             st[f"n_{kind}"] = st.get(f"n_{kind}", 0) + 1
+            prev_done, self._timed_done = self._timed_done, done
+            if prev_done is not None:
+                gap = max(prev_done.elapsed_time(start) / 1e3, 0.0)
+                if gap < 0.1:  # longer gaps are the engine waiting for requests, not for the host
+                    st[f"idle_s_{kind}"] = st.get(f"idle_s_{kind}", 0.0) + gap
         token_list = results[0].tolist()
         lp = None
         if len(results) > 1:
