@@ -199,7 +199,7 @@ class LLM:
             params = [as_sampling_params(sampling_params)] * len(prompts)
         ids = [self._token_ids(p) for p in prompts]
         # All at once: validated before any is queued, and the first step sees the whole batch.
-        reqs = self.engine.add_requests([(t, p, None) for t, p in zip(ids, params)])
+        reqs = self.engine.add_requests([(t, p, None) for t, p in zip(ids, params)], stream=False)
         outputs = []
         try:
             for req in reqs:

@@ -54,6 +54,7 @@ class Request:
         # Filled by the engine loop: the incremental detokenizer and the output channel.
         self.detok = None
         self.channel = None
+        self.stream_deltas = True  # False: only the final output goes on the channel (generate())
 
     @property
     def num_tokens(self) -> int:

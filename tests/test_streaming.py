@@ -56,6 +56,23 @@ def test_stream_matches_generate_and_ends_with_the_output(qwen3_llm):
     assert not any(d.finished for d in deltas[:-1])
 
 
+def test_requests_queued_without_streaming_get_only_their_final_output(qwen3_llm):
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    streamed = qwen3_llm.generate([[5, 6, 7], [9, 10]], p)  # generate() queues with stream=False itself
+    engine = qwen3_llm.engine
+    for stream, expected_items in ((False, 1), (True, 12)):
+        reqs = engine.add_requests([([5, 6, 7], p, None), ([9, 10], p, None)], stream=stream)
+        for req, ref in zip(reqs, streamed):
+            items = []
+            while not items or not items[-1].finished:
+                items.append(req.channel.get(timeout=60))
+            assert len(items) == expected_items
+            out = items[-1].output
+            assert out.token_ids == ref.token_ids and out.text == ref.text
+            # The final delta carries whatever text was not streamed before it.
+            assert "".join(d.text for d in items) == ref.text
+
+
 def test_stop_string_ends_generation_and_is_not_returned(qwen3_llm):
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
