@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
-from engine.layers.linear import tune_weight_layouts
+from engine.layers.linear import tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
 from engine.model_runner import ModelRunner
@@ -244,7 +244,7 @@ class LLM:
     def memory(self) -> dict:
         """Bytes used by weights, KV cache, activations/graphs, and what is free."""
         runner = self.runner
-        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters()) if runner.model else 0
+        weights = weight_bytes(runner.model) if runner.model else 0
         kv = runner.kv_cache_storage.nbytes if runner.kv_cache_storage is not None else 0
         report = {"device": str(self.device), "weights_bytes": weights, "kv_cache_bytes": kv}
         if self.device.type == "cuda":

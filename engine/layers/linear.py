@@ -65,6 +65,14 @@ def pack_cpu_linears(model: nn.Module) -> int:
     return count
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights, counting oneDNN-packed copies (whose dense parameters were freed)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = [m.onednn_weight for m in model.modules() if isinstance(m, Linear) and m.onednn_weight is not None]
+    packed.append(getattr(model, "tied_head_onednn", None))
+    return total + sum(w.numel() * w.element_size() for w in packed if w is not None)
+
+
 class PackedLinear(Linear):
     """A linear layer made of named shards stacked on the output axis, each loaded separately."""
 
