@@ -5,6 +5,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py throughput
     python benchmarks/gpu_bench.py shared_prefix
     python benchmarks/gpu_bench.py prefix_cache
+    python benchmarks/gpu_bench.py cascade_crossover --new-tokens 64
 Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 """
 
@@ -273,8 +274,7 @@ def bench_shared_prefix(args) -> None:
         outs = llm.generate(prompts, p)
         wall = time.perf_counter() - t
         firsts = max(o.first_token_time for o in outs)
-        last = max(o.finish_time for o in outs)
-        decode_tok_s = sum(len(o.token_ids) - 1 for o in outs) / (last - firsts)
+        decode_tok_s = decode_rate(outs)
         res["cascade" if cascade else "no_cascade"] = dict(
             tok_s=sum(len(o.token_ids) for o in outs) / wall,
             decode_tok_s=decode_tok_s,
@@ -301,6 +301,44 @@ def bench_shared_prefix(args) -> None:
     )
     print_table("shared prefix: 64 requests, 4096-token prefix + 64, 256 new tokens", [row])
     write_result("shared_prefix", row, OUT)
+
+
+def decode_rate(outs) -> float:
+    """Output tokens per second between the batch's last first token and its last finish (the decode phase)."""
+    first = max(o.first_token_time for o in outs)
+    last = max(o.finish_time for o in outs)
+    return sum(len(o.token_ids) - 1 for o in outs) / (last - first)
+
+
+def bench_cascade_crossover(args) -> None:
+    """cascade_crossover.json: decode tok/s with and without cascade, over request counts and shared-prefix
+    lengths, on one engine (its config is swapped between runs; the cascade graphs stay captured)."""
+    folder = model_folder("Qwen3-0.6B", ROOT)
+    rng = random.Random(0)
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=True,
+              cascade_min_requests=2, cascade_min_prefix_tokens=16)  # fmt: skip
+    configs = {"cascade": llm.engine.config}
+    configs["no_cascade"] = configs["cascade"].model_copy(update={"enable_cascade_attention": False})
+    p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    for n in (4, 8, 16, 32, 64):
+        for prefix_len in (128, 256, 1024, 4096):
+            prefix = [rng.randrange(10, 30000) for _ in range(prefix_len)]
+            prompts = [prefix + [rng.randrange(10, 30000) for _ in range(32)] for _ in range(n)]
+            llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
+            best = {"cascade": 0.0, "no_cascade": 0.0}
+            steps = llm.stats()["num_cascade_steps"]
+            for _ in range(2):  # alternating, best of 2 each
+                for label, cfg in configs.items():
+                    llm.engine.config = cfg
+                    best[label] = max(best[label], decode_rate(llm.generate(prompts, p)))
+            rows.append(dict(requests=n, prefix_tokens=prefix_len, cascade_tok_s=best["cascade"],
+                             no_cascade_tok_s=best["no_cascade"], ratio=best["cascade"] / best["no_cascade"],
+                             cascade_steps=llm.stats()["num_cascade_steps"] - steps))  # fmt: skip
+            print(rows[-1], flush=True)
+    free_engine(llm)
+    print_table(f"cascade crossover: decode tok/s, {args.new_tokens} new tokens, 32-token own suffix", rows)
+    write_result("cascade_crossover", {"new_tokens": args.new_tokens, "rows": rows}, OUT)
 
 
 def bench_prefix_cache(args) -> None:
@@ -335,7 +373,7 @@ def bench_prefix_cache(args) -> None:
 def main() -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["decode", "throughput", "shared_prefix", "prefix_cache"])
+    parser.add_argument("which", choices=["decode", "throughput", "shared_prefix", "prefix_cache", "cascade_crossover"])
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
@@ -352,6 +390,7 @@ def main() -> None:
         "throughput": bench_throughput,
         "shared_prefix": bench_shared_prefix,
         "prefix_cache": bench_prefix_cache,
+        "cascade_crossover": bench_cascade_crossover,
     }[args.which](args)
 
 
