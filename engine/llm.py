@@ -17,7 +17,7 @@ from engine.layers.linear import tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
 from engine.model_runner import ModelRunner
-from engine.models.llama import head_dim_of
+from engine.models.llama import head_dim_of, sliding_window_of
 from engine.models.registry import model_class_for
 from engine.request import Request, RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
@@ -74,6 +74,24 @@ class LLM:
             if max_model_len > limit:
                 raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
             backend_name = self._pick_backend()
+            window = sliding_window_of(hf_config)
+            if window is not None and window < max_model_len and backend_name == "flashinfer":
+                # The FlashInfer path has no sliding window yet (its kernels need a window variant the GPU kit does
+                # not carry); up to the window's length, full attention is the same computation.
+                if config.max_model_len is not None:
+                    raise ValueError(
+                        f"max_model_len={max_model_len} exceeds this model's {window}-token sliding attention "
+                        f"window, which the FlashInfer path does not implement; use max_model_len<={window} or "
+                        "attention_backend='torch'"
+                    )
+                logger.warning(
+                    "%s attends within a %d-token sliding window, which the FlashInfer path does not implement: "
+                    "max_model_len is %d (attention_backend='torch' serves longer sequences)",
+                    src.name,
+                    window,
+                    window,
+                )
+                max_model_len = window
             fused = backend_name == "flashinfer"
             torch.manual_seed(config.seed)
             with torch.device("meta"):
@@ -93,7 +111,7 @@ class LLM:
             layouts = tune_weight_layouts(net)
             logger.info("weight layouts by measured M=1 GEMM speed: %s", layouts)
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
-        runner.backend = make_backend(backend_name, runner, config)
+        runner.backend = make_backend(backend_name, runner, config, window)
         runner.supports_cascade = backend_name == "flashinfer"
         num_blocks = self._num_kv_blocks(runner, max_model_len)
         runner.allocate_kv_cache(num_blocks, config.block_size)

@@ -11,7 +11,7 @@ EMBEDDED_TOKENIZER_VOCAB = 49152
 
 def tiny_config(arch: str, vocab_size: int = 512, **overrides):
     """A small config of the given family, with GQA and enough layers to catch layout bugs."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -45,6 +45,9 @@ def tiny_config(arch: str, vocab_size: int = 512, **overrides):
             },
             **common,
         )
+    if arch == "mistral":
+        # A window much shorter than the test prompts, so attending beyond it would change the output.
+        return MistralConfig(**{"sliding_window": 8, "tie_word_embeddings": False, **common})
     raise ValueError(arch)
 
 

@@ -5,8 +5,8 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 __all__ = ["AttentionBackend", "AttentionMetadata", "make_backend"]
 
 
-def make_backend(name: str, runner, config) -> AttentionBackend:
-    """Create the attention backend the engine asked for."""
+def make_backend(name: str, runner, config, window: int | None = None) -> AttentionBackend:
+    """Create the attention backend the engine asked for (window: sliding attention window, torch backend)."""
     scale = runner.head_dim**-0.5
     if name == "flashinfer":
         from engine.attention.flashinfer_backend import FlashInferBackend
@@ -14,4 +14,4 @@ def make_backend(name: str, runner, config) -> AttentionBackend:
         return FlashInferBackend(runner, config)
     from engine.attention.torch_backend import TorchAttentionBackend
 
-    return TorchAttentionBackend(runner.num_heads, runner.num_kv_heads, runner.head_dim, scale)
+    return TorchAttentionBackend(runner.num_heads, runner.num_kv_heads, runner.head_dim, scale, window)

@@ -13,11 +13,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window  # sliding window: a query sees only the keys of its last `window` positions
         self.meta: AttentionMetadata | None = None
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -35,12 +36,16 @@ class TorchAttentionBackend(AttentionBackend):
         k_pos = torch.arange(max_kv, device=device)
         self.max_kv = max_kv
         self.is_causal = False
-        if meta.is_decode and min(meta.kv_lens_cpu) == max_kv:
+        windowed = self.window is not None and max_kv > self.window
+        if meta.is_decode and min(meta.kv_lens_cpu) == max_kv and not windowed:
             self.mask = None  # every query sees every key: SDPA takes its fast unmasked path
-        elif meta.num_reqs == 1 and meta.q_lens_cpu[0] == max_kv:
+        elif meta.num_reqs == 1 and meta.q_lens_cpu[0] == max_kv and not windowed:
             self.mask, self.is_causal = None, True  # a plain causal prefill
         else:
-            self.mask = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, max_q, max_kv]
+            mask = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)
+            if windowed:
+                mask &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - self.window  # HF: kv_idx > q_idx - window
+            self.mask = mask.unsqueeze(1)  # [B, 1, max_q, max_kv]
 
     def forward(self, layer_id, q, k, v, kv_cache):
         """Write this step's K/V, then attend each query to its request's cached keys."""

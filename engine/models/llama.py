@@ -95,6 +95,28 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def sliding_window_of(cfg) -> int | None:
+    """The attention window every layer uses (keys within the last `window` positions), or None for full attention.
+
+    Mistral-style configs set `sliding_window`; Qwen2/Qwen3 configs carry one too but use it only with
+    `use_sliding_window`, and then only on some layers, which this engine does not support.
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    if hasattr(cfg, "use_sliding_window"):
+        if not cfg.use_sliding_window:
+            return None
+        raise ValueError(
+            "use_sliding_window=True (sliding attention on some layers) is not supported; "
+            "set use_sliding_window=False in config.json to run this model with full attention"
+        )
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and any(t != "sliding_attention" for t in layer_types):
+        raise ValueError(f"mixed attention layer types {sorted(set(layer_types))} are not supported")
+    return int(window)
+
+
 def head_dim_of(cfg) -> int:
     """The config's head_dim, or hidden_size / num_attention_heads when it has none."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
