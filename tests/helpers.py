@@ -112,3 +112,36 @@ def wait_idle(llm, timeout: float = 20.0) -> dict:
             return s
         time.sleep(0.01)
     return llm.stats()
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2-style tokenizer: Metaspace ("▁" for spaces, prepended to the first word), byte-fallback tokens
+    <0xNN> as ordinary vocabulary, and the Replace/ByteFallback/Fuse/Strip decoder of converted SentencePiece
+    models, trained on a few sentences."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "Hello world, this is a test.",
+        "The capital of France is Paris.",
+        "Ünïcödé text with 日本語 and emoji 🙂",
+        "  leading spaces and   multiple   spaces",
+        "new\nlines\n\nhere",
+    ] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    )
+    # The trainer registers the byte tokens as special; in SentencePiece models they are ordinary vocabulary.
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] not in byte_tokens]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )

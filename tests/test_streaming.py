@@ -46,6 +46,34 @@ def test_deltas_concatenate_to_the_full_decode(tokenizer):
         assert "".join(parts) == tokenizer.decode(ids) == text
 
 
+def test_sentencepiece_style_deltas_concatenate_to_the_full_decode():
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import sentencepiece_style_tokenizer
+
+    tok = sentencepiece_style_tokenizer()
+    rng = random.Random(0)
+    alphabet = list("abc xyz\nÜ日🙂.,")
+    texts = [" Paris is  the capital.", "a\nb  c", "  two leading", "zebra quokka ÿ þ", "mixed 🙂🙂 ünï  end "]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    byte_fallback_seen = False
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        byte_fallback_seen |= any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))
+        detok = IncrementalDetokenizer(tok, [])
+        parts = []
+        for t in ids:
+            detok.add(t)
+            parts.append(detok.take_delta(False))
+        parts.append(detok.take_delta(True))
+        # Leading "▁" spaces at window boundaries and byte-fallback characters survive the incremental decode.
+        assert "".join(parts) == tok.decode(ids, skip_special_tokens=True), text
+    assert byte_fallback_seen
+
+
 def test_stream_matches_generate_and_ends_with_the_output(qwen3_llm):
     p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
