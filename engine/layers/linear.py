@@ -40,7 +40,7 @@ def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=16)
         probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
         onednn_linear(probe, packed)
-    except RuntimeError:  # e.g. bf16 on a CPU without bf16 support in oneDNN
+    except (RuntimeError, AttributeError):  # bf16 without oneDNN bf16 support; a torch build without the ops
         return None
     return packed
 
