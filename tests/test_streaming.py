@@ -32,15 +32,20 @@ def test_streamed_deltas_are_valid_utf8_and_stop_strings_never_escape(tokenizer,
     assert emitted == text[: text.find(stop)]
 
 
+def stream_deltas(tokenizer, ids: list[int]) -> list[str]:
+    """The deltas an incremental detokenizer emits for ids, one token at a time, then the final flush."""
+    detok = IncrementalDetokenizer(tokenizer, [])
+    parts = []
+    for t in ids:
+        detok.add(t)
+        parts.append(detok.take_delta(False))
+    return parts + [detok.take_delta(True)]
+
+
 def test_deltas_concatenate_to_the_full_decode(tokenizer):
     for text in TEXTS:
         ids = tokenizer.encode(text)
-        detok = IncrementalDetokenizer(tokenizer, [])
-        parts = []
-        for t in ids:
-            detok.add(t)
-            parts.append(detok.take_delta(False))
-        parts.append(detok.take_delta(True))
+        parts = stream_deltas(tokenizer, ids)
         # Byte-level BPE splits 🙂 and 日 over several tokens: no delta may hold half a character.
         assert all("\ufffd" not in p for p in parts)
         assert "".join(parts) == tokenizer.decode(ids) == text
@@ -63,14 +68,8 @@ def test_sentencepiece_style_deltas_concatenate_to_the_full_decode():
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False)
         byte_fallback_seen |= any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))
-        detok = IncrementalDetokenizer(tok, [])
-        parts = []
-        for t in ids:
-            detok.add(t)
-            parts.append(detok.take_delta(False))
-        parts.append(detok.take_delta(True))
         # Leading "▁" spaces at window boundaries and byte-fallback characters survive the incremental decode.
-        assert "".join(parts) == tok.decode(ids, skip_special_tokens=True), text
+        assert "".join(stream_deltas(tok, ids)) == tok.decode(ids, skip_special_tokens=True), text
     assert byte_fallback_seen
 
 
