@@ -36,6 +36,7 @@ class AttentionBackend:
     """Writes each layer's new K/V into the paged cache and attends over it."""
 
     name = "base"
+    fused_qkv = False  # True: forward_qkv() takes the packed QKV projection (norm, rope and KV append in one kernel)
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Prepare per-step state once, before the layers run."""

@@ -10,6 +10,7 @@ The unfused FlashInfer path stays the reference (NANOVLLM_FUSED_QKV=0 selects it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -25,14 +26,7 @@ def fused_qkv_available(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-_kernel = None
-
-
-def triton_next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (Triton tile sizes must be powers of two)."""
-    return 1 << (n - 1).bit_length()
-
-
+@functools.cache
 def _build_kernel():
     import triton
     import triton.language as tl
@@ -122,14 +116,14 @@ def qk_norm_rope_append(
     """From the QKV projection [T, (Hq + 2 Hkv) * D]: normalise (when weights are given) and rotate q and k, append
     k and v at (batch_indices, append_positions) of the paged cache [pages, 2, Hkv, page_size, D] whose page table
     is (kv_indptr, kv_indices), and return q [T, Hq, D]."""
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
+    import triton
+
+    kernel = _build_kernel()
     t = qkv.shape[0]
     d = kv_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm_weight is not None
-    _kernel[(t,)](
+    kernel[(t,)](
         qkv,
         qkv.stride(0),
         q,
@@ -147,7 +141,7 @@ def qk_norm_rope_append(
         HKV=num_kv_heads,
         D=d,
         BS=kv_cache.shape[3],
-        BLOCK_H=triton_next_power_of_2(num_heads + num_kv_heads),
+        BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),  # Triton tiles are powers of two
         NORM=norm,
         num_warps=4,
     )

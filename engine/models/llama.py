@@ -44,7 +44,7 @@ class DecoderAttention(nn.Module):
         """Project, rotate, attend through the backend, project back."""
         qkv = self.qkv_proj(x)
         t = x.shape[0]
-        if getattr(ctx.backend, "fused_qkv", False):
+        if ctx.backend.fused_qkv:
             out = ctx.backend.forward_qkv(qkv, self, ctx.positions, ctx.kv_cache[self.layer_id])
             return self.o_proj(out.reshape(t, -1))
         q, k, v = qkv.split(self.sizes, dim=-1)
@@ -170,14 +170,14 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits for the given hidden states (written into out when given)."""
-        if self.lm_head is not None and out is None:
-            return self.lm_head(hidden)
-        if self.tied_head_onednn is not None and out is None:
-            return onednn_linear(hidden, self.tied_head_onednn)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if out is not None:
+        if out is not None:  # CUDA graphs: every graph writes into one shared buffer
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             return torch.mm(hidden, weight.t(), out=out)
-        return torch.nn.functional.linear(hidden, weight)  # hidden @ weight.t() takes a slower path on the CPU
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self.tied_head_onednn is not None:
+            return onednn_linear(hidden, self.tied_head_onednn)
+        return torch.nn.functional.linear(hidden, self.embed_tokens.weight)  # hidden @ weight.t() is slower on CPU
 
     def load_weights(self, named_tensors) -> None:
         """Load HF-named checkpoint tensors, packing q/k/v and gate/up; every parameter must be covered."""
