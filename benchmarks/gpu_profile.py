@@ -4,6 +4,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels   # torch.profiler over graph-replayed decode steps, Qwen3-0.6B shapes
     python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
+    python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -72,6 +73,59 @@ def profile_kernels(args) -> None:
     )
 
 
+def profile_prefill(args) -> None:
+    """GPU kernel time of one large prefill step (the throughput run's eager steps) against its wall time."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    tokens = args.batch * args.prompt
+    llm = LLM(
+        folder,
+        load_format="dummy",
+        max_model_len=4096,
+        max_num_seqs=max(8, args.batch),
+        max_num_batched_tokens=max(tokens, 2048),
+        enable_prefix_caching=False,
+    )
+    rng = random.Random(0)
+    p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def prompts():
+        return [[rng.randrange(10, 30000) for _ in range(args.prompt)] for _ in range(args.batch)]
+
+    walls = []
+    for _ in range(args.steps):
+        batch = prompts()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(batch, p)
+        walls.append(time.perf_counter() - t)
+    batch = prompts()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(batch, p)
+    llm.shutdown()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    rows = [
+        dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]
+    ]
+    what = f"{args.batch} requests x {args.prompt} tokens = {tokens} tokens, one step"
+    print_table(f"{args.model}: GPU kernel time of one prefill step ({what})", rows)
+    best = min(walls) * 1e6
+    print(f"kernel time {total:.0f} us; generate() wall, best of {len(walls)}: {best:.0f} us")
+    write_result(
+        "gpu_profile_prefill",
+        {"model": args.model, "workload": what, "kernel_us": total, "wall_us": sorted(w * 1e6 for w in walls),
+         "rows": rows},
+        OUT,
+    )  # fmt: skip
+
+
 def bench_gemv(args) -> None:
     """cuBLAS M=1 GEMM time per weight layout for the Qwen3-0.6B decode shapes."""
     import torch.nn.functional as F
@@ -111,14 +165,14 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv"])
+    parser.add_argument("which", choices=["kernels", "gemv", "prefill"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     args = parser.parse_args()
-    {"kernels": profile_kernels, "gemv": bench_gemv}[args.which](args)
+    {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill}[args.which](args)
 
 
 if __name__ == "__main__":
