@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.base import AttentionBackend, AttentionMetadata, to_device
 from engine.models.llama import ForwardContext, LlamaForCausalLM, head_dim_of
 from engine.sampler import Sampler, logprob_tensors, top_logprobs
 from engine.scheduler import SchedulerOutput
@@ -79,7 +79,6 @@ class ModelRunner:
         kv_lens = [st + q for st, q in zip(starts, q_lens)]
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        dev = self.device
         q_lens_t = torch.tensor(q_lens, dtype=torch.long)
         cu = torch.zeros(len(sched) + 1, dtype=torch.long)
         torch.cumsum(q_lens_t, 0, out=cu[1:])
@@ -90,22 +89,26 @@ class ModelRunner:
         bs = self.block_size
         slots = tables_t[req_index, positions // bs].long() * bs + positions % bs
         cu_cpu = cu.to(torch.int32)
+        # Two copies per step (one per dtype) from pinned memory: see to_device.
+        input_ids, positions_d, slots_d, req_index_d = to_device(
+            [torch.tensor(ids, dtype=torch.long), positions, slots, req_index], self.device
+        )
+        cu_d, kv_lens_d, tables_d = to_device([cu_cpu, torch.tensor(kv_lens, dtype=torch.int32), tables_t], self.device)
         meta = AttentionMetadata(
             num_tokens=num_tokens,
             num_reqs=len(sched),
-            positions=positions.to(dev, non_blocking=True),
-            slot_mapping=slots.to(dev, non_blocking=True),
-            cu_seqlens_q=cu_cpu.to(dev, non_blocking=True),
+            positions=positions_d,
+            slot_mapping=slots_d,
+            cu_seqlens_q=cu_d,
             cu_seqlens_q_cpu=cu_cpu,
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables_t.to(dev, non_blocking=True),
-            req_index=req_index.to(dev, non_blocking=True),
+            kv_lens=kv_lens_d,
+            block_tables=tables_d,
+            req_index=req_index_d,
             q_lens_cpu=q_lens,
             kv_lens_cpu=kv_lens,
             block_tables_cpu=tables,
             is_decode=all(q == 1 for q in q_lens),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         return input_ids, meta, sample_rows
 
     @torch.inference_mode()

@@ -49,6 +49,21 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors of one dtype on the device, through one pinned buffer and one copy (as they are on the CPU).
+
+    Why: a copy from pageable memory may wait for the work already queued on the stream (the CUDA driver stages
+    it), which stalls the host while the previous step still runs; a pinned copy is queued without waiting.
+    """
+    if device.type != "cuda":
+        return tensors
+    sizes = [t.numel() for t in tensors]
+    staged = torch.empty(sum(sizes), dtype=tensors[0].dtype, pin_memory=True)
+    torch.cat([t.reshape(-1) for t in tensors], out=staged)
+    on_device = staged.to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(on_device.split(sizes), tensors)]
+
+
 def kv_write_index(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
     """Rows of the cache viewed as [-1, head_dim] where each new token's keys (all heads), then values, go.
 

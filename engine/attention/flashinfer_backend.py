@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.base import AttentionBackend, AttentionMetadata, to_device
 from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -156,10 +156,8 @@ class FlashInferBackend(_FlashInferAttention):
         """Build page tables for the step and plan the wrapper that will run it."""
         bs = self.block_size
         indptr, indices, last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs)
-        dev = self.device
-        self.kv_indptr = indptr.to(dev, non_blocking=True)
-        self.kv_indices = indices.to(dev, non_blocking=True)
-        self.kv_last = last.to(dev, non_blocking=True)
+        # The planners read indptr and last on the host; the indices only go to the device, so they get ours.
+        self.kv_indptr, self.kv_indices, self.kv_last = to_device([indptr, indices, last], self.device)
         self.batch_indices = meta.req_index.to(torch.int32)
         self.positions = meta.positions.to(torch.int32)
         common = self._common()
@@ -168,6 +166,7 @@ class FlashInferBackend(_FlashInferAttention):
             n = meta.num_reqs
             s_indices = torch.tensor(meta.block_tables_cpu[0][:shared], dtype=torch.int32)
             u_indptr, u_indices, u_last = PagedIndices.build(meta.block_tables_cpu, meta.kv_lens_cpu, bs, shared)
+            s_indices, u_indices = to_device([s_indices, u_indices], self.device)
             self.shared_prefill.plan(
                 torch.tensor([0, n], dtype=torch.int32),
                 torch.tensor([0, shared], dtype=torch.int32),
@@ -181,13 +180,13 @@ class FlashInferBackend(_FlashInferAttention):
             self.unique_decode.plan(u_indptr, u_indices, u_last, head_dim=self.head_dim, **common)
             self.mode = "cascade"
         elif meta.is_decode:
-            self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **common)
+            self.decode.plan(indptr, self.kv_indices, last, head_dim=self.head_dim, **common)
             self.mode = "decode"
         else:
             self.prefill.plan(
                 meta.cu_seqlens_q_cpu,
                 indptr,
-                indices,
+                self.kv_indices,
                 last,
                 head_dim_qk=self.head_dim,
                 causal=True,
