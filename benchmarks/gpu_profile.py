@@ -87,7 +87,7 @@ def profile_prefill(args) -> None:
         folder,
         load_format="dummy",
         max_model_len=4096,
-        max_num_seqs=max(8, args.batch),
+        max_num_seqs=max(8, args.batch * args.chunks),
         max_num_batched_tokens=max(tokens, 2048),
         enable_prefix_caching=False,
     )
@@ -107,6 +107,23 @@ def profile_prefill(args) -> None:
     batch = prompts()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(batch, p)
+    if args.chunks > 1:
+        # Back-to-back chunks, as at the start of the throughput run: is the device idle between or inside them?
+        mem0 = torch.cuda.memory_stats()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as chained:
+            llm.generate([x for _ in range(args.chunks) for x in prompts()], p)
+        mem1 = torch.cuda.memory_stats()
+        keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+        print("allocator during the chained run:", {k: mem1.get(k, 0) - mem0.get(k, 0) for k in keys})
+        host = sorted(
+            (e for e in chained.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total
+        )
+        print_table(
+            f"host (CPU) time, {args.chunks} chained prefill steps",
+            [dict(event=e.key[:60], calls=e.count, ms=e.self_cpu_time_total / 1e3) for e in host[:20]],
+        )
+        if OUT is not None:
+            chained.export_chrome_trace(str(OUT / "prefill_trace.json"))
     llm.shutdown()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
@@ -171,6 +188,7 @@ def main() -> None:
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
+    parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill}[args.which](args)
 
