@@ -5,6 +5,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
+    python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -143,6 +144,57 @@ def profile_prefill(args) -> None:
     )  # fmt: skip
 
 
+def trace_steps(trace: dict) -> list[dict]:
+    """Per-step span and busy time from a chrome trace: a step ends with its sampled tokens' device-to-host copy."""
+    device_cats = ("kernel", "gpu_memcpy", "gpu_memset")
+    events = trace["traceEvents"]
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in device_cats), key=lambda e: e["ts"])
+    steps, current = [], []
+    for e in gpu:
+        current.append(e)
+        if e["name"].startswith("Memcpy DtoH"):
+            steps.append(current)
+            current = []
+    rows = []
+    prev_end = None
+    for i, evs in enumerate(steps):
+        start, end = evs[0]["ts"], max(e["ts"] + e["dur"] for e in evs)
+        kernels = sum(e["dur"] for e in evs)
+        rows.append(dict(step=i, kernels=len(evs), span_ms=(end - start) / 1e3, busy_ms=kernels / 1e3,
+                         idle_inside_ms=(end - start - kernels) / 1e3,
+                         idle_before_ms=0.0 if prev_end is None else (start - prev_end) / 1e3))  # fmt: skip
+        prev_end = end
+    return rows
+
+
+def profile_start(args) -> None:
+    """The throughput workload's first steps (all its prefill chunks), traced: device idle inside and between."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    rng = random.Random(0)
+    # The same draws as gpu_bench.py throughput; outputs cut to --steps tokens.
+    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=min(rng.randint(100, 1024), args.steps), ignore_eos=True)
+        for _ in range(256)
+    ]
+    llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params)
+    llm.shutdown()
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    rows = trace_steps(json.loads(path.read_text()))
+    print_table(f"{args.model}: the throughput workload's first {len(rows)} steps (device ms)", rows)
+    write_result("gpu_profile_start", {"model": args.model, "rows": rows}, OUT)
+
+
 def bench_gemv(args) -> None:
     """cuBLAS M=1 GEMM time per weight layout for the Qwen3-0.6B decode shapes."""
     import torch.nn.functional as F
@@ -182,7 +234,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "prefill"])
+    parser.add_argument("which", choices=["kernels", "gemv", "prefill", "start"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -190,7 +242,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
-    {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill}[args.which](args)
+    which = {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill, "start": profile_start}
+    which[args.which](args)
 
 
 if __name__ == "__main__":
