@@ -184,7 +184,21 @@ def profile_start(args) -> None:
         for _ in range(256)
     ]
     llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+    host = None
+    if args.host:
+        # Host view instead: the engine thread under cProfile (it inflates host time; read it for where, not how much).
+        from gpu_bench import profile_engine_thread
+
+        host = profile_engine_thread(llm)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
+    if host is not None:
+        import pstats
+
+        llm.generate(prompts, params)
+        llm.shutdown()
+        pstats.Stats(host).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params)
     llm.shutdown()
@@ -240,6 +254,7 @@ def main() -> None:
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
+    parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill, "start": profile_start}

@@ -57,11 +57,18 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     """
     if device.type != "cuda":
         return tensors
+    # Each part starts 16-byte aligned: Triton specialises kernels on pointer alignment, and a part at an odd
+    # offset would compile another variant mid-run.
+    align = max(1, 16 // tensors[0].element_size())
     sizes = [t.numel() for t in tensors]
-    staged = torch.empty(sum(sizes), dtype=tensors[0].dtype, pin_memory=True)
-    torch.cat([t.reshape(-1) for t in tensors], out=staged)
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + -(-n // align) * align)
+    staged = torch.empty(starts[-1] + sizes[-1], dtype=tensors[0].dtype, pin_memory=True)
+    for start, n, t in zip(starts, sizes, tensors):
+        staged[start : start + n] = t.reshape(-1)
     on_device = staged.to(device, non_blocking=True)
-    return [part.view(t.shape) for part, t in zip(on_device.split(sizes), tensors)]
+    return [on_device[start : start + n].view(t.shape) for start, n, t in zip(starts, sizes, tensors)]
 
 
 def kv_write_index(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
