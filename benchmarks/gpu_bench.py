@@ -96,8 +96,12 @@ def print_step_timing(llm, label: str, wall_s: float | None = None) -> dict | No
     if not st:
         return None
     n = st["steps"]
-    host = {k: v / n * 1e6 for k, v in st.items() if k != "steps" and not k.startswith(("gpu_s_", "n_", "idle_s_"))}
+    skip = ("gpu_s_", "n_", "idle_s_", "gc_")
+    host = {k: v / n * 1e6 for k, v in st.items() if k != "steps" and not k.startswith(skip)}
     print(f"{label} host time per step over {n} steps (us): " + ", ".join(f"{k}={v:.0f}" for k, v in host.items()))
+    gc_pauses = {g: (st[f"gc_gen{g}_n"], st[f"gc_gen{g}_s"]) for g in range(3) if f"gc_gen{g}_n" in st}
+    pauses = ", ".join(f"gen{g} {cnt} x, {sec * 1e3:.1f} ms total" for g, (cnt, sec) in gc_pauses.items())
+    print(f"{label} garbage-collection pauses: {pauses or 'none'}")
     kinds = sorted(k[len("n_") :] for k in st if k.startswith("n_"))
     gpu = {k: dict(steps=st[f"n_{k}"], total_s=st[f"gpu_s_{k}"], us_per_step=st[f"gpu_s_{k}"] / st[f"n_{k}"] * 1e6,
                    idle_before_s=st.get(f"idle_s_{k}", 0.0)) for k in kinds}  # fmt: skip
@@ -109,7 +113,7 @@ def print_step_timing(llm, label: str, wall_s: float | None = None) -> dict | No
     busy = sum(g["total_s"] for g in gpu.values())
     if wall_s:
         print(f"{label} device busy {busy:.3f} s of {wall_s:.3f} s wall ({busy / wall_s:.0%})")
-    return dict(host_us_per_step=host, device=gpu, device_busy_s=busy)
+    return dict(host_us_per_step=host, device=gpu, device_busy_s=busy, gc_pauses=gc_pauses)
 
 
 def hf_decode_tok_s(cfg, prompt_len: int, new_tokens: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -76,6 +77,9 @@ class LLMEngine:
         # NANOVLLM_STEP_TIMING=1 accumulates host time per phase of step() (schedule/execute/finish), for profiling.
         self.step_timing: dict[str, float] | None = {} if os.environ.get("NANOVLLM_STEP_TIMING") else None
         runner.step_timing = self.step_timing
+        if self.step_timing is not None:
+            gc.callbacks.append(self._time_gc)
+        self._gc_start = 0.0
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -409,6 +413,16 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
         }
 
+    def _time_gc(self, phase: str, info: dict) -> None:
+        # Step timing: garbage-collection pauses stall whichever thread triggers them, the engine loop included.
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+            return
+        st = self.step_timing
+        key = f"gc_gen{info['generation']}"
+        st[f"{key}_s"] = st.get(f"{key}_s", 0.0) + time.perf_counter() - self._gc_start
+        st[f"{key}_n"] = st.get(f"{key}_n", 0) + 1
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop thread and abort everything still pending."""
         with self._cv:
@@ -420,5 +434,7 @@ class LLMEngine:
             if not req.is_finished:
                 self._fail(req, EngineShutdownError("the engine was shut down before this request finished"))
         self.runner.release()
+        if self.step_timing is not None and self._time_gc in gc.callbacks:
+            gc.callbacks.remove(self._time_gc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

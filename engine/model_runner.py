@@ -139,7 +139,7 @@ class ModelRunner:
         """Copy tokens still on the device from the previous step's samples into this step's input ids."""
         if pending is None:
             return
-        dst, src = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in pending)
+        dst, src = to_device([torch.tensor(x, dtype=torch.long) for x in pending], self.device)
         input_ids.index_copy_(0, dst, prev[0].index_select(0, src))
 
     def inputs_sent(self) -> None:
@@ -190,7 +190,7 @@ class ModelRunner:
             hidden = self.forward_hidden(input_ids, meta)
             if not reqs:
                 return None
-            rows = torch.tensor(sample_rows).to(self.device, non_blocking=True)
+            (rows,) = to_device([torch.tensor(sample_rows, dtype=torch.long)], self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         if self.logits_sink is not None:
             self.logits_sink.append(([r.request_id for r in reqs], [r.num_tokens for r in reqs], logits.float().cpu()))
