@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import resource
@@ -124,14 +123,6 @@ class LLM:
             runner.graphs.capture()
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self.attention_backend = backend_name
-        self._frozen_gc = self.device.type == "cuda" and os.environ.get("NANOVLLM_GC_FREEZE", "1") != "0"
-        if self._frozen_gc:
-            # The startup heap (torch, transformers, the model's modules, the tokenizer) lives as long as the engine:
-            # freezing it keeps every full collection from walking it again, which would pause the engine loop for
-            # milliseconds while the GPU waits for the next step (vLLM does the same). shutdown() unfreezes it.
-            # CPU steps take tens of milliseconds, so there a pause matters little and nothing is frozen.
-            gc.collect()
-            gc.freeze()
         kv_gib = runner.kv_cache_storage.nbytes / 2**30
         logger.info(
             "%s on %s (%s, %s attention): KV cache %d blocks x %d tokens = %d tokens (%.2f GiB), "
@@ -294,9 +285,6 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the engine thread, fail pending requests with EngineShutdownError, and free memory."""
         self.engine.shutdown()
-        if self._frozen_gc:
-            gc.unfreeze()
-            self._frozen_gc = False
 
 
 @torch.no_grad()

@@ -47,6 +47,17 @@ class TorchAttentionBackend(AttentionBackend):
                 mask &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - self.window  # HF: kv_idx > q_idx - window
             self.mask = mask.unsqueeze(1)  # [B, 1, max_q, max_kv]
 
+    def _gather_index(self, block_size: int) -> torch.Tensor:
+        # Rows of the cache viewed as [blocks * 2 * Hkv, block_size, D], in (k/v, request, head, block) order, so
+        # one index_select yields [2, B, Hkv, blocks * block_size, D] with no permuting copy after it.
+        meta, hkv = self.meta, self.num_kv_heads
+        nb = -(-self.max_kv // block_size)
+        blocks = meta.block_tables[:, :nb].long().view(1, meta.num_reqs, 1, nb)
+        kv = torch.arange(2, device=blocks.device).view(2, 1, 1, 1)
+        heads = torch.arange(hkv, device=blocks.device).view(1, 1, hkv, 1)
+        self.num_blocks = nb
+        return ((blocks * 2 + kv) * hkv + heads).flatten()
+
     def forward(self, layer_id, q, k, v, kv_cache):
         """Write this step's K/V, then attend each query to its request's cached keys."""
         meta = self.meta
@@ -54,14 +65,11 @@ class TorchAttentionBackend(AttentionBackend):
         b, hkv, dim = meta.num_reqs, self.num_kv_heads, self.head_dim
         if self.write_index is None:  # the same for every layer of the step
             self.write_index = kv_write_index(meta.slot_mapping, hkv, block_size)
-            num_blocks = -(-self.max_kv // block_size)
-            self.num_blocks = num_blocks
-            self.block_ids = meta.block_tables[:, :num_blocks].long().flatten()
+            self.gather_index = self._gather_index(block_size)
         write_kv(kv_cache, self.write_index, k, v)
-        nb = self.num_blocks
-        # index_select, not advanced indexing (8x faster on the CPU); then one copy into [2, B, H, nb * bs, D].
-        kv = kv_cache.index_select(0, self.block_ids).view(b, nb, 2, hkv, block_size, dim)
-        kv = kv.permute(2, 0, 3, 1, 4, 5).reshape(2, b, hkv, nb * block_size, dim)[:, :, :, : self.max_kv]
+        # index_select, not advanced indexing (8x faster on the CPU).
+        rows = kv_cache.view(-1, block_size, dim).index_select(0, self.gather_index)
+        kv = rows.view(2, b, hkv, self.num_blocks * block_size, dim)[:, :, :, : self.max_kv]
         keys, values = kv[0], kv[1]
         if meta.is_decode:
             queries = q.view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
