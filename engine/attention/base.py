@@ -49,6 +49,19 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+def aligned_starts(sizes: list[int], element_size: int, align_bytes: int = 16) -> list[int]:
+    """Element offsets that pack parts of these sizes one after another, each starting align_bytes-aligned.
+
+    Why: Triton specialises kernels on pointer alignment, so a part at an odd offset would compile another variant
+    of a kernel mid-run (hundreds of milliseconds).
+    """
+    align = max(1, align_bytes // element_size)
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + -(-n // align) * align)
+    return starts
+
+
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Host tensors of one dtype on the device, through one pinned buffer and one copy (as they are on the CPU).
 
@@ -57,13 +70,8 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     """
     if device.type != "cuda":
         return tensors
-    # Each part starts 16-byte aligned: Triton specialises kernels on pointer alignment, and a part at an odd
-    # offset would compile another variant mid-run.
-    align = max(1, 16 // tensors[0].element_size())
     sizes = [t.numel() for t in tensors]
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + -(-n // align) * align)
+    starts = aligned_starts(sizes, tensors[0].element_size())
     staged = torch.empty(starts[-1] + sizes[-1], dtype=tensors[0].dtype, pin_memory=True)
     for start, n, t in zip(starts, sizes, tensors):
         staged[start : start + n] = t.reshape(-1)
