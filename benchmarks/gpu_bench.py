@@ -325,8 +325,8 @@ def bench_cascade_crossover(args) -> None:
     configs["no_cascade"] = configs["cascade"].model_copy(update={"enable_cascade_attention": False})
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = []
-    for n in (4, 8, 16, 32, 64):
-        for prefix_len in (128, 256, 1024, 4096):
+    for n in args.requests:
+        for prefix_len in args.prefixes:
             prefix = [rng.randrange(10, 30000) for _ in range(prefix_len)]
             prompts = [prefix + [rng.randrange(10, 30000) for _ in range(32)] for _ in range(n)]
             llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
@@ -384,6 +384,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--requests", nargs="+", type=int, default=[4, 8, 16, 32, 64], help="cascade_crossover")
+    parser.add_argument("--prefixes", nargs="+", type=int, default=[128, 256, 1024, 4096], help="cascade_crossover")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
