@@ -29,12 +29,18 @@ class EngineConfig(BaseModel):
     enable_cascade_attention: bool = Field(
         default=True,
         description="Cascade attention for decode batches sharing a cached prefix (FlashInfer only), used when at "
-        "least cascade_min_requests share cascade_min_prefix_tokens. On an H100 (docs/benchmarks.md) it pays for "
-        "4k-token prefixes from 8 requests (1.08x; 1.86x at 64) and costs up to 18% for prefixes of 1k or less.",
+        "least cascade_min_requests share cascade_min_prefix_tokens, or share a prefix whose length times the number "
+        "of requests reaches cascade_min_shared_tokens. On an H100 (docs/benchmarks.md) it pays for 4k-token prefixes "
+        "from 8 requests (1.08x; 1.85x at 64), 2k from 32 (1.09x), 1k at 64 (1.04x), and costs up to 18% below that.",
     )
     cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(
-        default=4096, ge=1, description="Shortest shared prefix for cascade (measured crossover, see above)."
+        default=4096, ge=1, description="A shared prefix this long pays from cascade_min_requests (measured, above)."
+    )
+    cascade_min_shared_tokens: int = Field(
+        default=65536,
+        ge=1,
+        description="Shorter prefixes pay when requests x shared tokens reaches this (measured, above).",
     )
     seed: int = 0
     load_format: Literal["auto", "dummy"] = Field(

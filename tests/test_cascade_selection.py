@@ -58,3 +58,17 @@ def test_cached_prefix_follows_growth_preemption_and_new_requests():
     newcomer = Request([1] * 63, SamplingParams(), request_id=reqs[1].request_id)
     out, _ = decode_step([[1, 2, 3, 10, 20], [1, 40, 41, 42]], [reqs[0], newcomer])
     assert engine.shared_prefix_blocks(out) == 0
+
+
+def test_shorter_prefixes_cascade_once_enough_requests_share_them():
+    # 32 tokens pay from 2 requests; 16 tokens only when requests x tokens reaches 64, i.e. from 4 requests.
+    engine = make_engine(cascade_min_shared_tokens=64)
+    out, _ = decode_step([[1, 10], [1, 11], [1, 12]])
+    assert engine.shared_prefix_blocks(out) == 0  # 3 x 16 = 48
+    out, _ = decode_step([[1, 10], [1, 11], [1, 12], [1, 13]])
+    assert engine.shared_prefix_blocks(out) == 1  # 4 x 16 = 64
+    out, _ = decode_step([[1, 2, 10], [1, 2, 11]])
+    assert engine.shared_prefix_blocks(out) == 2  # 32 tokens: the per-prefix threshold alone
+    # Nothing shared is never a cascade, whatever the thresholds.
+    out, _ = decode_step([[5, 10], [6, 11], [7, 12], [8, 13]])
+    assert make_engine(cascade_min_shared_tokens=1).shared_prefix_blocks(out) == 0
