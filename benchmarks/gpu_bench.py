@@ -255,12 +255,13 @@ def bench_throughput(args) -> None:
 
 
 def bench_shared_prefix(args) -> None:
-    """shared_prefix.json: 64 requests on a cached 4,096-token prefix, cascade on and off."""
+    """shared_prefix.json: 64 requests on a cached 4,096-token prefix (by default), cascade on and off."""
     name = "Qwen3-0.6B"
     folder = model_folder(name, ROOT)
     rng = random.Random(0)
-    prefix = [rng.randrange(10, 30000) for _ in range(4096)]
-    prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+    n, prefix_len = args.shared_requests, args.prefix_tokens
+    prefix = [rng.randrange(10, 30000) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(n)]
     p = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     res = {}
     for cascade in (True, False):
@@ -268,7 +269,7 @@ def bench_shared_prefix(args) -> None:
             folder,
             load_format="dummy",
             max_model_len=8192,
-            max_num_seqs=64,
+            max_num_seqs=max(8, n),
             enable_cascade_attention=cascade,
             cascade_min_requests=args.cascade_min_requests,
         )
@@ -303,7 +304,7 @@ def bench_shared_prefix(args) -> None:
         cascade_prefill_phase_s=res["cascade"]["prefill_phase_s"],
         no_cascade_prefill_phase_s=res["no_cascade"]["prefill_phase_s"],
     )
-    print_table("shared prefix: 64 requests, 4096-token prefix + 64, 256 new tokens", [row])
+    print_table(f"shared prefix: {n} requests, {prefix_len}-token prefix + 64, 256 new tokens", [row])
     write_result("shared_prefix", row, OUT)
 
 
@@ -384,6 +385,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--shared-requests", type=int, default=64, help="shared_prefix: concurrent requests")
+    parser.add_argument("--prefix-tokens", type=int, default=4096, help="shared_prefix: shared prefix length")
     parser.add_argument("--requests", nargs="+", type=int, default=[4, 8, 16, 32, 64], help="cascade_crossover")
     parser.add_argument("--prefixes", nargs="+", type=int, default=[128, 256, 1024, 4096], help="cascade_crossover")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
