@@ -208,13 +208,34 @@ def test_tool_call_parser_never_raises_and_is_split_invariant(text, cuts):
     c, k = parser.flush()
     content += c
     calls += k
-    assert content == whole_content == f"before {text} after"
+    # Split invariance holds for any text.
+    assert content == whole_content
     assert [(x.name, x.args, x.error is None) for x in calls] == [
         (x.name, x.args, x.error is None) for x in whole_calls
     ]
+    if "<tool_call>" in text or "</tool_call>" in text:
+        return  # the text itself opens or closes a call, so the layout below does not apply
+    assert content == f"before {text} after"
     assert calls[0].name == "f" and calls[0].args == {"x": text}
     assert calls[1].error is not None and calls[1].name is None
     assert calls[0].id != calls[1].id
+
+
+def test_tool_call_parser_on_text_that_contains_the_tag():
+    # Found by hypothesis: a literal tag in the text starts a call there, and splitting must not change that.
+    full = 'before <tool_call><tool_call>\n{"name": "f", "arguments": {}}\n</tool_call> after'
+    whole_content, whole_calls = parse_all(full)
+    parser = ToolCallStreamParser()
+    content, calls = "", []
+    for i in range(0, len(full), 3):
+        c, k = parser.feed(full[i : i + 3])
+        content += c
+        calls += k
+    c, k = parser.flush()
+    content, calls = content + c, calls + k
+    assert content == whole_content
+    assert [(x.name, x.error is None) for x in calls] == [(x.name, x.error is None) for x in whole_calls]
+    assert "<tool_call>" not in content
 
 
 @given(st.text(max_size=80))
