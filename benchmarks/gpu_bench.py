@@ -195,15 +195,24 @@ def bench_decode(args) -> None:
     )
 
 
+def throughput_workload(n: int, max_new_tokens: int | None = None):
+    """nano-vllm's workload: n prompts of 100..1024 random token ids, 100..1024 new tokens each (capped), seed 0."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    cap = max_new_tokens or 1024
+    params = [
+        SamplingParams(temperature=0, max_tokens=min(rng.randint(100, 1024), cap), ignore_eos=True) for _ in range(n)
+    ]
+    return prompts, params
+
+
 def bench_throughput(args) -> None:
     """throughput.json: nano-vllm's 256-request workload, with the bandwidth roofline and its arithmetic."""
     name = "Qwen3-0.6B"
     cfg = qwen3_config(name)
     folder = model_folder(name, ROOT)
-    rng = random.Random(0)
     n = args.num_requests
-    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
-    params = [SamplingParams(temperature=0, max_tokens=rng.randint(100, 1024), ignore_eos=True) for _ in range(n)]
+    prompts, params = throughput_workload(n)
     llm = LLM(
         folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.batched_tokens
     )

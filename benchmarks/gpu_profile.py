@@ -28,6 +28,13 @@ from common import model_folder, print_table, write_result  # noqa: E402
 OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 
 
+def device_events(prof) -> tuple[list, float]:
+    """The profile's GPU events, longest total first, and their total device time (us)."""
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return events, sum(e.self_device_time_total for e in events)
+
+
 def profile_kernels(args) -> None:
     """GPU kernel time per decode step, by kernel (torch.profiler over graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -51,19 +58,17 @@ def profile_kernels(args) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, p)
     llm.shutdown()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
-    rows = []
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
-        rows.append(
-            dict(
-                kernel=e.key[:80],
-                calls=e.count,
-                us_per_step=e.self_device_time_total / args.steps,
-                us_per_call=e.self_device_time_total / max(e.count, 1),
-                share=e.self_device_time_total / total,
-            )
+    events, total = device_events(prof)
+    rows = [
+        dict(
+            kernel=e.key[:80],
+            calls=e.count,
+            us_per_step=e.self_device_time_total / args.steps,
+            us_per_call=e.self_device_time_total / max(e.count, 1),
+            share=e.self_device_time_total / total,
         )
+        for e in events[:25]
+    ]
     what = "64 requests, cascade, shared prefix 4096" if args.cascade else f"batch {args.batch}, prompt {args.prompt}"
     print_table(f"{args.model}: GPU kernel time per decode step ({args.steps} steps, {what})", rows)
     print(f"total GPU kernel time per step: {total / args.steps:.0f} us")
@@ -126,11 +131,10 @@ def profile_prefill(args) -> None:
         if OUT is not None:
             chained.export_chrome_trace(str(OUT / "prefill_trace.json"))
     llm.shutdown()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
+    events, total = device_events(prof)
     rows = [
         dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]
+        for e in events[:25]
     ]
     what = f"{args.batch} requests x {args.prompt} tokens = {tokens} tokens, one step"
     print_table(f"{args.model}: GPU kernel time of one prefill step ({what})", rows)
@@ -171,18 +175,13 @@ def profile_start(args) -> None:
     """The throughput workload's first steps (all its prefill chunks), traced: device idle inside and between."""
     import json
 
+    from gpu_bench import throughput_workload
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
-    rng = random.Random(0)
-    # The same draws as gpu_bench.py throughput; outputs cut to --steps tokens.
-    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
-    params = [
-        SamplingParams(temperature=0, max_tokens=min(rng.randint(100, 1024), args.steps), ignore_eos=True)
-        for _ in range(256)
-    ]
+    prompts, params = throughput_workload(256, max_new_tokens=args.steps)  # outputs cut to --steps tokens
     llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
     host = None
     if args.host:

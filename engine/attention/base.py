@@ -66,7 +66,9 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     """Host tensors of one dtype on the device, through one pinned buffer and one copy (as they are on the CPU).
 
     Why: a copy from pageable memory may wait for the work already queued on the stream (the CUDA driver stages
-    it), which stalls the host while the previous step still runs; a pinned copy is queued without waiting.
+    it), which stalls the host while the previous step still runs; a pinned copy is queued without waiting. The
+    same holds inside FlashInfer's plan(): page indices handed to it on the host are copied with a blocking copy,
+    so callers pass them through here first.
     """
     if device.type != "cuda":
         return tensors

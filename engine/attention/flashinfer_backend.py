@@ -226,11 +226,6 @@ class GraphAttention(_FlashInferAttention):
         self.batch_indices = torch.zeros(tokens, dtype=torch.int32, device=dev)
         self.positions = torch.zeros(tokens, dtype=torch.int32, device=dev)
 
-    def _on_device(self, indices: torch.Tensor) -> torch.Tensor:
-        # FlashInfer copies host page indices into its graph buffer with a blocking copy, which would wait for
-        # the step still running; a device tensor is copied without waiting.
-        return indices.to(self.device, non_blocking=True)
-
     def pad_tables(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int):
         """Tables and lengths padded to `rows` rows: each padding row is one token in the dummy block."""
         pad = self.rows - len(tables)
@@ -251,9 +246,8 @@ class GraphDecodeAttention(GraphAttention):
         """Plan the given requests plus padding rows."""
         tables, kv_lens = self.pad_tables(tables, kv_lens, dummy_block)
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
-        self.decode.plan(
-            indptr, self._on_device(indices), last, head_dim=self.head_dim, **self._common(), **self.split_args
-        )
+        (indices,) = to_device([indices], self.device)
+        self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common(), **self.split_args)
 
     def attend(self, q, kv_cache):
         """Paged decode attention."""
@@ -292,7 +286,7 @@ class GraphCascadeAttention(GraphDecodeAttention):
         self.shared.plan(
             torch.tensor([0, self.rows], dtype=torch.int32),
             torch.tensor([0, shared_pages], dtype=torch.int32),
-            self._on_device(torch.tensor(pages, dtype=torch.int32)),
+            *to_device([torch.tensor(pages, dtype=torch.int32)], self.device),
             torch.tensor([last], dtype=torch.int32),
             head_dim_qk=self.head_dim,
             causal=False,
@@ -326,12 +320,12 @@ class GraphPrefillAttention(GraphAttention):
         tables = tables + [[dummy_block]] * unused + [[dummy_block] * max(1, -(-pad_tokens // self.block_size))]
         kv_lens = kv_lens + [1] * unused + [max(pad_tokens, 1)]
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
+        (indices,) = to_device([indices], self.device)
         qo = [0]
         for n in q_lens:
             qo.append(qo[-1] + n)
         self.prefill.plan(
-            torch.tensor(qo, dtype=torch.int32), indptr, self._on_device(indices), last, head_dim_qk=self.head_dim,
-            causal=True,
+            torch.tensor(qo, dtype=torch.int32), indptr, indices, last, head_dim_qk=self.head_dim, causal=True,
             **self._common(),
         )  # fmt: skip
 
