@@ -214,7 +214,12 @@ def bench_throughput(args) -> None:
     n = args.num_requests
     prompts, params = throughput_workload(n)
     llm = LLM(
-        folder, load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.batched_tokens
+        folder,
+        load_format="dummy",
+        max_model_len=4096,
+        max_num_seqs=256,
+        max_num_batched_tokens=args.batched_tokens,
+        block_size=args.block_size,
     )
     prof = profile_engine_thread(llm) if args.profile else None
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
@@ -393,6 +398,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
+    parser.add_argument("--block-size", type=int, default=16, help="throughput: tokens per KV cache block")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--shared-requests", type=int, default=64, help="shared_prefix: concurrent requests")
     parser.add_argument("--prefix-tokens", type=int, default=4096, help="shared_prefix: shared prefix length")

@@ -4,6 +4,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels   # torch.profiler over graph-replayed decode steps, Qwen3-0.6B shapes
     python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
+    python benchmarks/gpu_profile.py gemm --rows 1 64 256   # the same GEMMs per row count, layout, cuBLAS vs Lt
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
@@ -241,22 +242,52 @@ def bench_gemv(args) -> None:
     write_result("gpu_profile_gemv", {"rows": rows}, OUT)
 
 
+def bench_gemm(args) -> None:
+    """cuBLAS time of the Qwen3-0.6B GEMMs per row count, weight layout and BLAS library (cuBLAS vs cuBLASLt)."""
+    import torch.nn.functional as F
+
+    from engine.layers.linear import graph_time_us
+
+    shapes = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+    shapes["lm_head"] = (151936, 1024)
+    rows = []
+    default_lib = torch.backends.cuda.preferred_blas_library()
+    try:
+        for name, (n, k) in shapes.items():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            w_col = w.t().contiguous().t()
+            for m in args.rows:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = dict(gemm=name, rows=m)
+                for lib in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(lib)
+                    for layout, w_ in (("row", w), ("col", w_col)):
+                        row[f"{lib}_{layout}_us"] = graph_time_us(lambda w_=w_, x=x: F.linear(x, w_), 20)
+                rows.append(row)
+    finally:
+        torch.backends.cuda.preferred_blas_library(default_lib)
+    print_table(f"0.6B GEMMs (bf16), 20 back-to-back in one CUDA graph; default library {default_lib}", rows)
+    write_result("gpu_profile_gemm", {"default_library": str(default_lib), "rows": rows}, OUT)
+
+
 def main() -> None:
     """Parse the command line and run one profile."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "prefill", "start"])
+    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "prefill", "start"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
-    which = {"kernels": profile_kernels, "gemv": bench_gemv, "prefill": profile_prefill, "start": profile_start}
+    which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm}
+    which.update(prefill=profile_prefill, start=profile_start)
     which[args.which](args)
 
 
