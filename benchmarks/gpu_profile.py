@@ -5,6 +5,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
     python benchmarks/gpu_profile.py gemm --rows 1 64 256   # the same GEMMs per row count, layout, cuBLAS vs Lt
+    python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
@@ -248,8 +249,7 @@ def bench_gemm(args) -> None:
 
     from engine.layers.linear import graph_time_us
 
-    shapes = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
-    shapes["lm_head"] = (151936, 1024)
+    shapes = gemm_shapes(args.model)
     rows = []
     default_lib = torch.backends.cuda.preferred_blas_library()
     try:
@@ -263,11 +263,90 @@ def bench_gemm(args) -> None:
                     torch.backends.cuda.preferred_blas_library(lib)
                     for layout, w_ in (("row", w), ("col", w_col)):
                         row[f"{lib}_{layout}_us"] = graph_time_us(lambda w_=w_, x=x: F.linear(x, w_), 20)
+                row["best_tb_s"] = w.nbytes / min(v for k_, v in row.items() if k_.endswith("_us")) / 1e6
                 rows.append(row)
     finally:
         torch.backends.cuda.preferred_blas_library(default_lib)
-    print_table(f"0.6B GEMMs (bf16), 20 back-to-back in one CUDA graph; default library {default_lib}", rows)
-    write_result("gpu_profile_gemm", {"default_library": str(default_lib), "rows": rows}, OUT)
+    print_table(f"{args.model} GEMMs (bf16), 20 back-to-back in one CUDA graph; default {default_lib}", rows)
+    write_result("gpu_profile_gemm", {"model": args.model, "default_library": str(default_lib), "rows": rows}, OUT)
+
+
+def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear layer of a Qwen3 model's shape."""
+    from common import qwen3_config
+
+    c = qwen3_config(model)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {
+        "qkv": (q + 2 * kv, c.hidden_size),
+        "o": (c.hidden_size, q),
+        "gate_up": (2 * c.intermediate_size, c.hidden_size),
+        "down": (c.hidden_size, c.intermediate_size),
+        "lm_head": (c.vocab_size, c.hidden_size),
+    }
+
+
+def bench_overlap(args) -> None:
+    """Would two micro-batches on two CUDA streams overlap one's KV-bound attention with the other's GEMMs?
+
+    Qwen3-0.6B layer skeleton (the four GEMMs and FlashInfer tensor-core decode attention) for --batch requests of
+    --prompt tokens each, 28 layers in one CUDA graph: the whole batch on one stream, vs two halves on one stream,
+    vs two halves on two streams.
+    """
+    import flashinfer
+    import torch.nn.functional as F
+
+    from engine.layers.linear import graph_time_us
+
+    shapes = gemm_shapes("Qwen3-0.6B")
+    weights = {n: torch.randn(*shapes[n], device="cuda", dtype=torch.bfloat16) * 0.02 for n in shapes if n != "lm_head"}
+    heads, kv_heads, dim, page = 16, 8, 128, 16
+    pages_per_req = -(-args.prompt // page)
+    cache = torch.randn(args.batch * pages_per_req, 2, kv_heads, page, dim, device="cuda", dtype=torch.bfloat16)
+
+    def part(rows: int, first: int):
+        # One micro-batch: its own activations, attention wrapper and workspace (two may run at once).
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), "HND", use_tensor_cores=True
+        )
+        indptr = torch.arange(rows + 1, dtype=torch.int32) * pages_per_req
+        indices = torch.arange(first * pages_per_req, (first + rows) * pages_per_req, dtype=torch.int32)
+        last = torch.full((rows,), args.prompt - (pages_per_req - 1) * page, dtype=torch.int32)
+        wrapper.plan(indptr, indices, last, heads, kv_heads, dim, page, q_data_type=torch.bfloat16,
+                     kv_data_type=torch.bfloat16)  # fmt: skip
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+
+        def layers():
+            h = x
+            for _ in range(28):
+                qkv = F.linear(h, weights["qkv"])
+                q = qkv[:, : heads * dim].reshape(rows, heads, dim).contiguous()
+                o = wrapper.run(q, cache).reshape(rows, heads * dim)
+                h = F.linear(o, weights["o"])
+                g = F.linear(h, weights["gate_up"])
+                h = F.linear(g[:, :3072], weights["down"])
+            return h
+
+        return layers
+
+    whole = part(args.batch, 0)
+    a, b = part(args.batch // 2, 0), part(args.batch - args.batch // 2, args.batch // 2)
+    side = torch.cuda.Stream()
+
+    def two_streams():
+        side.wait_stream(torch.cuda.current_stream())
+        a()
+        with torch.cuda.stream(side):
+            b()
+        torch.cuda.current_stream().wait_stream(side)
+
+    rows = [
+        dict(variant="whole batch, one stream", us=graph_time_us(whole, 3)),
+        dict(variant="two halves, one stream", us=graph_time_us(lambda: (a(), b()), 3)),
+        dict(variant="two halves, two streams", us=graph_time_us(two_streams, 3)),
+    ]
+    print_table(f"28-layer skeleton, batch {args.batch}, {args.prompt} tokens each (us per forward)", rows)
+    write_result("gpu_profile_overlap", {"batch": args.batch, "prompt": args.prompt, "rows": rows}, OUT)
 
 
 def main() -> None:
@@ -276,7 +355,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "prefill", "start"])
+    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "overlap", "prefill", "start"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -287,7 +366,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm}
-    which.update(prefill=profile_prefill, start=profile_start)
+    which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap)
     which[args.which](args)
 
 
