@@ -31,6 +31,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 
 OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 ROOT = Path(tempfile.mkdtemp())
+ENGINE_KW: dict = {}  # engine settings from the command line (--block-size), for every engine a benchmark makes
 
 
 def copy_bandwidth() -> float:
@@ -147,7 +148,7 @@ def bench_decode(args) -> None:
     for name in args.models:
         cfg = qwen3_config(name)
         folder = model_folder(name, ROOT)
-        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs)
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs, **ENGINE_KW)
         prof = profile_engine_thread(llm) if args.profile else None
         prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
         p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -219,7 +220,7 @@ def bench_throughput(args) -> None:
         max_model_len=4096,
         max_num_seqs=256,
         max_num_batched_tokens=args.batched_tokens,
-        block_size=args.block_size,
+        **ENGINE_KW,
     )
     prof = profile_engine_thread(llm) if args.profile else None
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
@@ -286,6 +287,7 @@ def bench_shared_prefix(args) -> None:
             max_num_seqs=max(8, n),
             enable_cascade_attention=cascade,
             cascade_min_requests=args.cascade_min_requests,
+            **ENGINE_KW,
         )
         prof = profile_engine_thread(llm) if args.profile and cascade else None
         llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache once
@@ -335,7 +337,7 @@ def bench_cascade_crossover(args) -> None:
     folder = model_folder("Qwen3-0.6B", ROOT)
     rng = random.Random(0)
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=True,
-              cascade_min_requests=2, cascade_min_prefix_tokens=16)  # fmt: skip
+              cascade_min_requests=2, cascade_min_prefix_tokens=16, **ENGINE_KW)  # fmt: skip
     configs = {"cascade": llm.engine.config}
     configs["no_cascade"] = configs["cascade"].model_copy(update={"enable_cascade_attention": False})
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -365,7 +367,7 @@ def bench_prefix_cache(args) -> None:
     name = "Qwen3-0.6B"
     folder = model_folder(name, ROOT)
     rng = random.Random(0)
-    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     pairs = []
     # Round 0 loads every kernel variant (full and partial prefill); rounds 1..3 are measured with fresh documents.
@@ -398,7 +400,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
-    parser.add_argument("--block-size", type=int, default=16, help="throughput: tokens per KV cache block")
+    parser.add_argument("--block-size", type=int, help="tokens per KV cache block (default: the engine's)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--shared-requests", type=int, default=64, help="shared_prefix: concurrent requests")
     parser.add_argument("--prefix-tokens", type=int, default=4096, help="shared_prefix: shared prefix length")
@@ -409,6 +411,8 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
     )
     args = parser.parse_args()
+    if args.block_size:
+        ENGINE_KW["block_size"] = args.block_size
     {
         "decode": bench_decode,
         "throughput": bench_throughput,

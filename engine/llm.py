@@ -108,8 +108,7 @@ class LLM:
         if self.device.type == "cpu":
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
-            layouts = tune_weight_layouts(net)
-            logger.info("weight layouts by measured M=1 GEMM speed: %s", layouts)
+            tune_weight_layouts(net)
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
         runner.backend = make_backend(backend_name, runner, config, window)
         runner.supports_cascade = backend_name == "flashinfer"
