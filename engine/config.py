@@ -19,7 +19,13 @@ class EngineConfig(BaseModel):
     )
     max_num_seqs: int = Field(default=256, ge=1, description="Most requests in one batch.")
     max_num_batched_tokens: int = Field(default=8192, ge=1, description="Token budget of one step.")
-    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV cache block.")
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Tokens per KV cache block; None: 64 on the FlashInfer path (on an H100, docs/benchmarks.md: "
+        "decode steps 1.2% faster, warm-prefix TTFT 4.2 -> 3.6 ms, than 16), 16 on the torch path.",
+    )
     num_kvcache_blocks: int | None = Field(default=None, ge=1, description="Override the computed KV cache size.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, description="KV cache size on the CPU, in GiB.")

@@ -74,6 +74,10 @@ class LLM:
             if max_model_len > limit:
                 raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
             backend_name = self._pick_backend()
+            if config.block_size is None:
+                # FlashInfer reads fewer, longer pages faster; the torch path gathers whole pages, so small ones.
+                block_size = 64 if backend_name == "flashinfer" else 16
+                self.config = config = config.model_copy(update={"block_size": block_size})
             window = sliding_window_of(hf_config)
             if window is not None and window < max_model_len and backend_name == "flashinfer":
                 # The FlashInfer path has no sliding window yet (its kernels need a window variant the GPU kit does

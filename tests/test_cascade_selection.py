@@ -12,7 +12,7 @@ from engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
 def make_engine(**overrides) -> LLMEngine:
-    settings = dict(enable_cascade_attention=True, cascade_min_requests=2, cascade_min_prefix_tokens=32)
+    settings = dict(enable_cascade_attention=True, cascade_min_requests=2, cascade_min_prefix_tokens=32, block_size=16)
     cfg = EngineConfig(**{**settings, **overrides})
     runner = SimpleNamespace(vocab_size=100, hf_config=SimpleNamespace(eos_token_id=2), supports_cascade=True)
     return LLMEngine(cfg, runner, None, num_blocks=64, max_model_len=512, model_name="fake")
