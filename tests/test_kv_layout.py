@@ -25,6 +25,8 @@ def test_engine_cache_is_allocated_hnd(qwen3_llm):
     runner = qwen3_llm.runner
     layer = runner.kv_cache[0]
     assert layer.shape[1:] == (2, runner.num_kv_heads, runner.block_size, runner.head_dim)
+    # block_size=None resolves per backend (64 on FlashInfer); the torch path's pages are 16 tokens.
+    assert qwen3_llm.config.block_size == runner.block_size == qwen3_llm.engine.block_manager.block_size == 16
 
 
 def test_torch_reader_gathers_each_requests_pages_in_hnd_order():
