@@ -216,13 +216,7 @@ def bench_gemv(args) -> None:
 
     from engine.layers.linear import graph_time_us
 
-    shapes = {
-        "qkv": (4096, 1024),
-        "o": (1024, 2048),
-        "gate_up": (6144, 1024),
-        "down": (1024, 3072),
-        "lm_head": (151936, 1024),
-    }
+    shapes = gemm_shapes("Qwen3-0.6B")
     reps = 50
     rows = []
     for name, (n, k) in shapes.items():
