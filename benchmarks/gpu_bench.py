@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import random
 import sys
@@ -411,6 +412,7 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
     )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's start-up choices
     if args.block_size:
         ENGINE_KW["block_size"] = args.block_size
     {

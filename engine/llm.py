@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
-from engine.layers.linear import tune_weight_layouts, weight_bytes
+from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
 from engine.model_runner import ModelRunner
@@ -113,6 +113,9 @@ class LLM:
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
             tune_weight_layouts(net)
+            if backend_name == "flashinfer" and not config.enforce_eager:
+                # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs only.
+                net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
         runner.backend = make_backend(backend_name, runner, config, window)
         runner.supports_cascade = backend_name == "flashinfer"

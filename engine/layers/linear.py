@@ -3,7 +3,9 @@ CPU."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,15 +123,20 @@ TUNE_STREAM_BYTES = 256 << 20
 TUNE_MARGIN = 0.03
 
 
-def stream_time_us(weights: list[torch.Tensor], x: torch.Tensor, calls: int = 20) -> float:
-    """Microseconds per F.linear(x, w), cycling through weights (distinct tensors) in one CUDA graph."""
-    passes = max(1, -(-calls // len(weights)))
+def cycle_time_us(calls: list[Callable[[], object]], total: int = 20) -> float:
+    """Microseconds per call, running the calls in turn (at least `total` calls) in one CUDA graph."""
+    passes = max(1, -(-total // len(calls)))
 
     def run():
-        for w in weights:
-            F.linear(x, w)
+        for call in calls:
+            call()
 
-    return graph_time_us(run, passes) / len(weights)
+    return graph_time_us(run, passes) / len(calls)
+
+
+def stream_time_us(weights: list[torch.Tensor], x: torch.Tensor) -> float:
+    """Microseconds per F.linear(x, w), cycling through weights (distinct tensors) in one CUDA graph."""
+    return cycle_time_us([functools.partial(F.linear, x, w) for w in weights])
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
+from engine.layers.gemv import linear_row, norm_linear_row, tune_gemv
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -42,11 +43,14 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Project, rotate, attend through the backend, project back."""
-        qkv = self.qkv_proj(x)
-        t = x.shape[0]
+        return self.o_proj(self.attend(self.qkv_proj(x), ctx))
+
+    def attend(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention output [T, heads * head_dim] from the packed QKV projection [T, (Hq + 2 Hkv) * head_dim]."""
+        t = qkv.shape[0]
         if ctx.backend.fused_qkv:
             out = ctx.backend.forward_qkv(qkv, self, ctx.positions, ctx.kv_cache[self.layer_id])
-            return self.o_proj(out.reshape(t, -1))
+            return out.reshape(t, -1)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -55,7 +59,7 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(ctx.positions, q, k)
         out = ctx.backend.forward(self.layer_id, q, k, v, ctx.kv_cache[self.layer_id])
-        return self.o_proj(out.reshape(t, -1))
+        return out.reshape(t, -1)
 
 
 class DecoderMLP(nn.Module):
@@ -82,9 +86,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.mlp = DecoderMLP(cfg, fused)
+        # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
+        self.gemv_plan: dict[str, tuple | None] = {}
 
     def forward(self, x, residual, ctx: ForwardContext):
         """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
+        if self.gemv_plan and x.shape[0] == 1:
+            return self.forward_row(x, residual, ctx)
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -93,6 +101,17 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(x, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def forward_row(self, x, residual, ctx: ForwardContext):
+        """The block for one token (batch-1 decode): the projections the plan names run as Triton GEMVs with the
+        norm before them and the activation after them fused in; the others as in forward()."""
+        plan, attn, mlp = self.gemv_plan, self.self_attn, self.mlp
+        qkv, residual = norm_linear_row(x, residual, self.input_layernorm, attn.qkv_proj, plan["qkv"])
+        x = linear_row(attn.attend(qkv, ctx), attn.o_proj, plan["o"])
+        act, residual = norm_linear_row(
+            x, residual, self.post_attention_layernorm, mlp.gate_up_proj, plan["gate_up"], mlp.act
+        )
+        return linear_row(act, mlp.down_proj, plan["down"]), residual
 
 
 def sliding_window_of(cfg) -> int | None:
@@ -159,6 +178,13 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    def tune_row_kernels(self, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
+        """Choose, by timing, which one-row projections run as fused Triton GEMVs (see engine/layers/gemv.py)."""
+        plan = tune_gemv(self.layers, stream_bytes, margin)
+        for layer in self.layers:
+            layer.gemv_plan = plan
+        return plan
 
     def pack_cpu(self) -> int:
         """Pre-pack the linear weights (and a copy of a tied embedding for the lm_head) for oneDNN on the CPU."""

@@ -1,0 +1,260 @@
+"""One-row GEMMs (batch-1 decode) as Triton GEMVs, with the residual add + RMSNorm before them and the SwiGLU after
+them fused in.
+
+Why: at one token per step every projection streams its weight once, and the norms and the activation between the
+projections are tiny kernels whose cost is mostly launch latency inside a CUDA graph (~2-3 us each on an H100,
+docs/benchmarks.md). Each program of the kernel recomputes the norm of the one hidden row (a few KB, from L2)
+instead of waiting for a separate norm kernel, and the gate/up kernel multiplies silu(gate) by up before it stores,
+which removes three launches per layer. cuBLAS stays the default: `tune_gemv` times each role over the model's own
+weights at start-up and keeps the Triton kernel only where it beats the unfused sequence it replaces.
+NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every role (tests and A/B runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers.linear import cycle_time_us
+
+logger = logging.getLogger("engine")
+
+# (rows per program, K per loop step, warps). A GEMV is bound by how many weight bytes are in flight: few wide
+# programs suit a long K, many narrow ones a short N (Qwen3-0.6B's down projection has only 1,024 rows).
+GEMV_CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
+# Only for a K none of the above divides (SmolLM2's 576): short tiles cost more loop steps.
+SMALL_K_CONFIGS = ((8, 64, 4), (16, 64, 4))
+ROLES = ("qkv", "o", "gate_up", "down")
+
+
+def gemv_mode() -> str:
+    """NANOVLLM_GEMV: "0" (off), "force" (Triton for every role) or "auto" (by start-up timing, the default)."""
+    mode = os.environ.get("NANOVLLM_GEMV", "auto")
+    if mode not in ("0", "force", "auto"):
+        raise ValueError(f"NANOVLLM_GEMV={mode!r} is not one of '0', 'force', 'auto'")
+    return mode
+
+
+def gemv_supported(weight: torch.Tensor) -> bool:
+    """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 weight."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+def configs_for(n: int, k: int) -> list[tuple[int, int, int]]:
+    """The configurations whose tiles divide an [n, k] weight (the kernel has no edge masks)."""
+    fits = [c for c in GEMV_CONFIGS if n % c[0] == 0 and k % c[1] == 0]
+    return fits or [c for c in SMALL_K_CONFIGS if n % c[0] == 0 and k % c[1] == 0]
+
+
+@functools.cache
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(
+        x_ptr,
+        res_ptr,
+        norm_w_ptr,
+        w_ptr,
+        bias_ptr,
+        y_ptr,
+        res_out_ptr,
+        N,
+        K,
+        stride_w,
+        eps,
+        NORM: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        SILU: tl.constexpr,
+        BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
+        # N rows further down the packed gate/up weight.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        dtype = y_ptr.dtype.element_ty
+        rstd = 1.0
+        if NORM:
+            # Pass 1 over the hidden row: its mean square. The sum is rounded to the activation dtype first, as
+            # the unfused path stores it.
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = tl.load(x_ptr + k0 + cols).to(tl.float32)
+                if RESIDUAL:
+                    h = (h + tl.load(res_ptr + k0 + cols).to(tl.float32)).to(dtype).to(tl.float32)
+                sq += h * h
+            rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + k0 + cols).to(tl.float32)
+            if NORM:
+                if RESIDUAL:
+                    xv = (xv + tl.load(res_ptr + k0 + cols).to(tl.float32)).to(dtype).to(tl.float32)
+                    if pid == 0:  # one program writes the new residual; the others only read the old one
+                        tl.store(res_out_ptr + k0 + cols, xv.to(dtype))
+                nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
+                xv = (xv * rstd * nw).to(dtype).to(tl.float32)
+            acc += tl.load(w_rows + k0).to(tl.float32) * xv[None, :]
+            if SILU:
+                acc_up += tl.load(w_rows + N * stride_w + k0).to(tl.float32) * xv[None, :]
+        y = tl.sum(acc, axis=1)
+        if BIAS:
+            y += tl.load(bias_ptr + rows).to(tl.float32)
+        if SILU:
+            # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up computed in fp32.
+            gate = y.to(dtype).to(tl.float32)
+            up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+            y = gate * tl.sigmoid(gate) * up
+        tl.store(y_ptr + rows, y.to(dtype))
+
+    return gemv_kernel
+
+
+def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
+    block_n, block_k, warps = cfg
+    n = weight.shape[0] // 2 if silu else weight.shape[0]
+    k = weight.shape[1]
+    x = x.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else y
+    _build_kernel()[(n // block_n,)](
+        x,
+        residual if residual is not None else x,
+        norm.weight if norm is not None else x,
+        weight,
+        bias if bias is not None else x,
+        y,
+        res_out,
+        n,
+        k,
+        weight.stride(0),
+        norm.eps if norm is not None else 0.0,
+        NORM=norm is not None,
+        RESIDUAL=residual is not None,
+        SILU=silu,
+        BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    return y, res_out
+
+
+def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
+    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None."""
+    if cfg is None:
+        return linear(x)
+    return _launch(x, linear.weight, cfg, bias=linear.bias)[0]
+
+
+def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
+    """(act(linear(norm(x + residual))), x + residual) for one row; residual None means x is the residual.
+
+    With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU; without, the
+    modules run one after another."""
+    if cfg is not None:
+        silu = act is not None
+        y, res_out = _launch(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
+        return y, (x if residual is None else res_out)
+    if residual is None:
+        residual, h = x, norm(x)
+    else:
+        h, residual = norm(x, residual)
+    y = linear(h)
+    return (y if act is None else act(y)), residual
+
+
+def _role_modules(layer):
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "qkv": (layer.input_layernorm, attn.qkv_proj, None),
+        "o": (None, attn.o_proj, None),
+        "gate_up": (layer.post_attention_layernorm, mlp.gate_up_proj, mlp.act),
+        "down": (None, mlp.down_proj, None),
+    }
+
+
+def _unfused_call(x, residual, norm, linear, act):
+    if norm is None:
+        return functools.partial(linear, x)
+    # The unfused add + norm works in place on its inputs: give each call its own.
+    return functools.partial(norm_linear_row, x.clone(), residual.clone(), norm, linear, None, act)
+
+
+def _time_role(mods, candidates) -> tuple[float, dict[tuple, float]]:
+    """(unfused us, {config: Triton us}) per call for one role, cycling through the given layers' modules."""
+    w0 = mods[0][1].weight
+    x = torch.randn(1, w0.shape[1], device=w0.device, dtype=w0.dtype)
+    residual = torch.randn_like(x) if mods[0][0] is not None else None
+    base = cycle_time_us([_unfused_call(x, residual, *m) for m in mods])
+    rows = [lin.weight.contiguous() for _, lin, _ in mods]  # the kernel reads row-major weights
+    times = {}
+    for cfg in candidates:
+        calls = [
+            functools.partial(_launch, x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None)
+            for (nm, lin, act), w in zip(mods, rows, strict=True)
+        ]
+        times[cfg] = cycle_time_us(calls)
+    return base, times
+
+
+@torch.inference_mode()
+def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
+    """Per role (qkv, o, gate_up, down), the Triton GEMV configuration to use at one row, or None for the unfused
+    cuBLAS + FlashInfer path; timed over the layers' own weights (up to stream_bytes of them, so they stream from
+    memory) and kept only when `margin` faster. Weights of a chosen role are made row-major."""
+    mode = gemv_mode()
+    if mode == "0" or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
+        return {}
+    plan: dict[str, tuple | None] = {}
+    notes = []
+    for role in ROLES:
+        norm, linear, act = _role_modules(layers[0])[role]
+        w0 = linear.weight
+        candidates = configs_for(w0.shape[0] // 2 if act is not None else w0.shape[0], w0.shape[1])
+        plan[role] = candidates[0] if candidates and mode == "force" else None
+        if not candidates or mode == "force":
+            continue
+        count = -(-stream_bytes // (w0.numel() * w0.element_size()))
+        base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates)
+        best = min(times, key=times.get)
+        plan[role] = best if times[best] < base * (1 - margin) else None
+        notes.append(f"{role} {times[best] / base:.2f} ({times[best]:.1f} vs {base:.1f} us, {best})")
+    if notes:
+        logger.info("one-row GEMVs, Triton / unfused time: %s", "; ".join(notes))
+    for role, cfg in plan.items():
+        if cfg is not None:
+            for layer in layers:
+                lin = _role_modules(layer)[role][1]
+                lin.weight.data = lin.weight.data.contiguous()
+    return plan
+
+
+def reference_gemv(x, weight, bias=None, norm_weight=None, eps=1e-6, residual=None, silu=False):
+    """The fused kernel's computation in plain torch (fp32 math, rounding where the unfused path stores)."""
+    dtype = x.dtype
+    h = x.float()
+    new_residual = None
+    if norm_weight is not None:
+        if residual is not None:
+            h = (h + residual.float()).to(dtype).float()
+            new_residual = h.to(dtype)
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(dtype).float()
+    y = F.linear(h, weight.float(), None if bias is None else bias.float())
+    if silu:
+        gate, up = y.to(dtype).float().chunk(2, -1)
+        y = F.silu(gate) * up
+    return y.to(dtype), new_residual
