@@ -5,6 +5,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py kernels --batch 256 --prompt 800   # the same at throughput batch sizes
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
     python benchmarks/gpu_profile.py gemm --rows 1 64 256   # the same GEMMs per row count, layout, cuBLAS vs Lt
+    python benchmarks/gpu_profile.py rowgemv --model Qwen3-8B   # one-row fused Triton GEMV configs vs cuBLAS
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -265,6 +266,37 @@ def bench_gemm(args) -> None:
     write_result("gpu_profile_gemm", {"model": args.model, "default_library": str(default_lib), "rows": rows}, OUT)
 
 
+def bench_rowgemv(args) -> None:
+    """Each one-row projection of a model: the fused Triton GEMV in every configuration vs the unfused path
+    (cuBLAS + FlashInfer norm / activation), cycling through the model's own layer weights in one CUDA graph."""
+    os.environ["NANOVLLM_GEMV"] = "0"  # measure every configuration here, not the engine's start-up choice
+
+    from engine import LLM
+    from engine.layers.gemv import GEMV_CONFIGS, ROLES, SWEEP_CONFIGS, _role_modules, _time_role, configs_for
+    from engine.layers.linear import TUNE_STREAM_BYTES
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True)
+    layers = llm.runner.model.layers
+    rows = []
+    for role in ROLES:
+        _, lin, act = _role_modules(layers[0])[role]
+        w = lin.weight
+        count = -(-TUNE_STREAM_BYTES // w.nbytes)
+        n = w.shape[0] // 2 if act is not None else w.shape[0]
+        candidates = configs_for(n, w.shape[1], GEMV_CONFIGS + SWEEP_CONFIGS)
+        base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates)
+        for cfg, us in sorted(times.items(), key=lambda kv: kv[1]):
+            rows.append(
+                dict(role=role, config=str(cfg), in_engine=cfg in GEMV_CONFIGS, us=us, unfused_us=base,
+                     ratio=us / base, tb_s=w.nbytes / us / 1e6)
+            )  # fmt: skip
+    llm.shutdown()
+    print_table(f"{args.model} one-row projections: Triton GEMV configs (rows, K step, warps, evict-first)", rows)
+    suffix = "" if args.model == "Qwen3-0.6B" else "_" + args.model.split("-")[-1].lower()
+    write_result(f"gpu_profile_rowgemv{suffix}", {"model": args.model, "rows": rows}, OUT)
+
+
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear layer of a Qwen3 model's shape."""
     from common import qwen3_config
@@ -349,7 +381,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "overlap", "prefill", "start"])
+    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -359,7 +391,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
-    which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm}
+    which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap)
     which[args.which](args)
 

@@ -24,11 +24,29 @@ from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
 
-# (rows per program, K per loop step, warps). A GEMV is bound by how many weight bytes are in flight: few wide
-# programs suit a long K, many narrow ones a short N (Qwen3-0.6B's down projection has only 1,024 rows).
-GEMV_CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
+# (rows per program, K per loop step, warps, weight loads marked evict-first). A GEMV is bound by how many weight
+# bytes are in flight: few wide programs suit a long K, many narrow ones a short N (Qwen3-0.6B's down projection
+# has only 1,024 rows). Evict-first keeps the streamed weight from displacing the hidden row every program rereads.
+GEMV_CONFIGS = (
+    (2, 1024, 4, False),
+    (4, 512, 4, False),
+    (4, 1024, 4, False),
+    (8, 256, 4, False),
+    (8, 512, 4, False),
+    (16, 256, 4, False),
+    (16, 512, 8, False),
+    (2, 1024, 4, True),
+    (4, 512, 4, True),
+    (8, 512, 4, True),
+)
 # Only for a K none of the above divides (SmolLM2's 576): short tiles cost more loop steps.
-SMALL_K_CONFIGS = ((8, 64, 4), (16, 64, 4))
+SMALL_K_CONFIGS = ((8, 64, 4, False), (16, 64, 4, False))
+# More shapes for `gpu_profile.py rowgemv`, which measures what belongs in GEMV_CONFIGS.
+SWEEP_CONFIGS = tuple(
+    (bn, bk, w, e)
+    for bn, bk, w in ((1, 1024, 2), (1, 2048, 4), (2, 512, 2), (2, 2048, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8))
+    for e in (False, True)
+)
 ROLES = ("qkv", "o", "gate_up", "down")
 
 
@@ -47,9 +65,9 @@ def gemv_supported(weight: torch.Tensor) -> bool:
     return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
 
 
-def configs_for(n: int, k: int) -> list[tuple[int, int, int]]:
+def configs_for(n: int, k: int, configs=GEMV_CONFIGS) -> list[tuple[int, int, int, bool]]:
     """The configurations whose tiles divide an [n, k] weight (the kernel has no edge masks)."""
-    fits = [c for c in GEMV_CONFIGS if n % c[0] == 0 and k % c[1] == 0]
+    fits = [c for c in configs if n % c[0] == 0 and k % c[1] == 0]
     return fits or [c for c in SMALL_K_CONFIGS if n % c[0] == 0 and k % c[1] == 0]
 
 
@@ -77,6 +95,7 @@ def _build_kernel():
         BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        EVICT_FIRST: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
@@ -107,9 +126,17 @@ def _build_kernel():
                         tl.store(res_out_ptr + k0 + cols, xv.to(dtype))
                 nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
                 xv = (xv * rstd * nw).to(dtype).to(tl.float32)
-            acc += tl.load(w_rows + k0).to(tl.float32) * xv[None, :]
+            if EVICT_FIRST:
+                w = tl.load(w_rows + k0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + k0)
+            acc += w.to(tl.float32) * xv[None, :]
             if SILU:
-                acc_up += tl.load(w_rows + N * stride_w + k0).to(tl.float32) * xv[None, :]
+                if EVICT_FIRST:
+                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first")
+                else:
+                    w_up = tl.load(w_rows + N * stride_w + k0)
+                acc_up += w_up.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
         if BIAS:
             y += tl.load(bias_ptr + rows).to(tl.float32)
@@ -124,7 +151,7 @@ def _build_kernel():
 
 
 def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
-    block_n, block_k, warps = cfg
+    block_n, block_k, warps, evict_first = cfg
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     k = weight.shape[1]
     x = x.contiguous()
@@ -148,6 +175,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        EVICT_FIRST=evict_first,
         num_warps=warps,
     )
     return y, res_out
