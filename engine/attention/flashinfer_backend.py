@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, to_device
+from engine.attention.triton_decode import SplitDecode, triton_decode_max_rows, triton_decode_supported
 from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -241,6 +242,12 @@ class GraphDecodeAttention(GraphAttention):
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
         no_split = 0 < NO_SPLIT_DECODE_MIN_BATCH <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
         self.split_args = {"disable_split_kv": True} if no_split else {}
+        # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
+        # decode + merge kernels; plan() still fills the page-table buffers both read (triton_decode.py).
+        self.split_decode = None
+        if rows <= triton_decode_max_rows() and triton_decode_supported(self.head_dim, block_size, self.device):
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms)
 
     def plan_rows(self, tables, kv_lens, dummy_block: int) -> None:
         """Plan the given requests plus padding rows."""
@@ -251,6 +258,8 @@ class GraphDecodeAttention(GraphAttention):
 
     def attend(self, q, kv_cache):
         """Paged decode attention."""
+        if self.split_decode is not None:
+            return self.split_decode(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last)
         return self.decode.run(q, kv_cache)
 
 

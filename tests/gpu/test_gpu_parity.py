@@ -215,16 +215,19 @@ def test_cascade_on_and_off_agree_and_match_hf(model_dir):
 
 
 def test_one_row_triton_kernels_match_hf(model_dir, monkeypatch):
-    """Batch-1 decode through the fused Triton GEMVs (forced for every role) matches HF and the unfused path."""
+    """Batch-1 decode through the Triton kernels (fused GEMVs forced for every role, split-KV attention with its
+    merge inside) matches HF, and the FlashInfer + cuBLAS path."""
     folder, hf = model_dir
     prompts = make_prompts([40], seed=4)
     results = []
-    for mode in ("force", "0"):
-        monkeypatch.setenv("NANOVLLM_GEMV", mode)
+    for gemv, attn_rows in (("force", "1"), ("0", "0")):
+        monkeypatch.setenv("NANOVLLM_GEMV", gemv)
+        monkeypatch.setenv("NANOVLLM_TRITON_DECODE_MAX_ROWS", attn_rows)
         llm = LLM(folder, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=4)
         try:
             plan = llm.runner.model.layers[0].gemv_plan
-            assert (plan and all(plan.values())) if mode == "force" else not plan
+            assert (plan and all(plan.values())) if gemv == "force" else not plan
+            assert (llm.runner.graphs.decode_attn[1].split_decode is not None) == (attn_rows == "1")
             before = llm.runner.graphs.replays["decode"]
             results.append(engine_logits(llm, prompts, GREEDY))
             assert llm.runner.graphs.replays["decode"] > before  # the batch-1 steps ran as graphs

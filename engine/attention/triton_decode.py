@@ -1,0 +1,156 @@
+"""Split-KV paged decode attention for the smallest CUDA-graph batches, in one Triton kernel with the merge inside.
+
+Why: at batch 1, FlashInfer's graph-mode decode always splits the KV and then runs a second kernel to merge the
+splits (docs/benchmarks.md: 8.3 + 2.5 us per layer on Qwen3-8B, 7.6 + 2.4 on Qwen3-0.6B, at a 128-384-token
+context whose KV is a few hundred KB). Here each program attends over one split of one KV head's pages for all
+the query heads of its group (a tensor-core tile), stores its partial state, and the last program of the head to
+finish, counted with an atomic, merges the splits. One launch per layer, no second kernel.
+NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (default 1; 0 switches it off).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+MAX_SPLITS = 32
+
+
+def triton_decode_max_rows() -> int:
+    """The largest decode batch served by this kernel (NANOVLLM_TRITON_DECODE_MAX_ROWS, default 1)."""
+    return int(os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "1"))
+
+
+def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
+    """Whether the kernel can run: Triton importable, CUDA, power-of-two head_dim and page size of at least 16."""
+    if importlib.util.find_spec("triton") is None or device.type != "cuda":
+        return False
+    return all(v >= 16 and v & (v - 1) == 0 for v in (head_dim, block_size))
+
+
+@functools.cache
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_decode(
+        q_ptr,
+        cache_ptr,
+        indptr_ptr,
+        indices_ptr,
+        last_ptr,
+        part_o_ptr,
+        part_m_ptr,
+        part_l_ptr,
+        counter_ptr,
+        out_ptr,
+        scale_log2,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        G: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        start = tl.load(indptr_ptr + b)
+        num_pages = tl.load(indptr_ptr + b + 1) - start
+        last_len = tl.load(last_ptr + b)
+        per_split = tl.cdiv(num_pages, S)
+        first = split * per_split
+        stop = tl.minimum(first + per_split, num_pages)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        t = tl.arange(0, BS)
+        live = g < G
+        heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
+        q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+        for p in range(first, stop):
+            page = tl.load(indices_ptr + start + p).to(tl.int64)
+            # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
+            k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
+            k = tl.load(k_rows)
+            v = tl.load(k_rows + HKV * BS * D)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            valid = tl.where(p == num_pages - 1, last_len, BS)
+            scores = tl.where(t[None, :] < valid, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp2(m - m_new)
+            probs = tl.exp2(scores - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(probs, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+            m = m_new
+        part = heads * S + split
+        tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
+        tl.store(part_m_ptr + part, m, mask=live)
+        tl.store(part_l_ptr + part, l_sum, mask=live)
+        # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
+        if arrived == S - 1:
+            splits = tl.arange(0, S)
+            for gi in tl.static_range(G):
+                h = b * HQ + kvh * G + gi
+                ms = tl.load(part_m_ptr + h * S + splits, cache_modifier=".cg")
+                ls = tl.load(part_l_ptr + h * S + splits, cache_modifier=".cg")
+                os_ = tl.load(part_o_ptr + (h * S + splits)[:, None] * D + d[None, :], cache_modifier=".cg")
+                w = tl.exp2(ms - tl.max(ms, axis=0))  # empty splits have m = -inf: weight 0
+                o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
+                tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
+            tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
+
+    return split_decode
+
+
+class SplitDecode:
+    """The kernel's fixed buffers for one captured batch size (partial states and arrival counters)."""
+
+    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, device, num_sms: int):
+        self.rows, self.hq, self.hkv, self.d = rows, num_heads, num_kv_heads, head_dim
+        # About two programs per SM; a power of two so the merge can tile the splits.
+        want = max(1, min(MAX_SPLITS, 2 * num_sms // (rows * num_kv_heads)))
+        self.splits = 1 << (want.bit_length() - 1)
+        n = rows * num_heads * self.splits
+        self.part_o = torch.empty(n, head_dim, dtype=torch.float32, device=device)
+        self.part_m = torch.empty(n, dtype=torch.float32, device=device)
+        self.part_l = torch.empty(n, dtype=torch.float32, device=device)
+        self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
+        self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+
+    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
+        """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
+        out = torch.empty_like(q)
+        group = self.hq // self.hkv
+        _build_kernel()[(self.rows, self.hkv, self.splits)](
+            q,
+            kv_cache,
+            kv_indptr,
+            kv_indices,
+            kv_last,
+            self.part_o,
+            self.part_m,
+            self.part_l,
+            self.counter,
+            out,
+            self.scale_log2,
+            HQ=self.hq,
+            HKV=self.hkv,
+            G=group,
+            BLOCK_G=max(16, 1 << (group - 1).bit_length()),  # a tensor-core tile has at least 16 rows
+            D=self.d,
+            BS=kv_cache.shape[3],
+            S=self.splits,
+            num_warps=4,
+        )
+        return out
