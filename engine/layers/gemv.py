@@ -27,16 +27,16 @@ logger = logging.getLogger("engine")
 # (rows per program, K per loop step, warps, weight loads marked evict-first). A GEMV is bound by how many weight
 # bytes are in flight: few wide programs suit a long K, many narrow ones a short N (Qwen3-0.6B's down projection
 # has only 1,024 rows). Evict-first keeps the streamed weight from displacing the hidden row every program rereads.
+# These are the fastest per role of Qwen3-0.6B and Qwen3-8B in `gpu_profile.py rowgemv` (H100, docs/benchmarks.md).
 GEMV_CONFIGS = (
+    (1, 2048, 4, True),
+    (2, 512, 2, True),
     (2, 1024, 4, False),
-    (4, 512, 4, False),
-    (4, 1024, 4, False),
-    (8, 256, 4, False),
-    (8, 512, 4, False),
-    (16, 256, 4, False),
-    (16, 512, 8, False),
     (2, 1024, 4, True),
+    (2, 2048, 8, True),
     (4, 512, 4, True),
+    (4, 1024, 8, True),
+    (4, 2048, 8, False),
     (8, 512, 4, True),
 )
 # Only for a K none of the above divides (SmolLM2's 576): short tiles cost more loop steps.
@@ -44,7 +44,7 @@ SMALL_K_CONFIGS = ((8, 64, 4, False), (16, 64, 4, False))
 # More shapes for `gpu_profile.py rowgemv`, which measures what belongs in GEMV_CONFIGS.
 SWEEP_CONFIGS = tuple(
     (bn, bk, w, e)
-    for bn, bk, w in ((1, 1024, 2), (1, 2048, 4), (2, 512, 2), (2, 2048, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8))
+    for bn, bk, w in ((1, 1024, 2), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8))
     for e in (False, True)
 )
 ROLES = ("qkv", "o", "gate_up", "down")
