@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,7 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
     mode = gemv_mode()
     if mode == "0" or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
         return {}
+    start = time.perf_counter()
     plan: dict[str, tuple | None] = {}
     notes = []
     for role in ROLES:
@@ -262,7 +264,9 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
         plan[role] = best if times[best] < base * (1 - margin) else None
         notes.append(f"{role} {times[best] / base:.2f} ({times[best]:.1f} vs {base:.1f} us, {best})")
     if notes:
-        logger.info("one-row GEMVs, Triton / unfused time: %s", "; ".join(notes))
+        # Most of the time is Triton compiling each configuration once; its cache makes later starts faster.
+        elapsed = time.perf_counter() - start
+        logger.info("one-row GEMVs (timed in %.1fs), Triton / unfused time: %s", elapsed, "; ".join(notes))
     for role, cfg in plan.items():
         if cfg is not None:
             for layer in layers:
