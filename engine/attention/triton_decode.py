@@ -5,7 +5,9 @@ splits (docs/benchmarks.md: 8.3 + 2.5 us per layer on Qwen3-8B, 7.6 + 2.4 on Qwe
 context whose KV is a few hundred KB). Here each program attends over one split of one KV head's pages for all
 the query heads of its group (a tensor-core tile), stores its partial state, and the last program of the head to
 finish, counted with an atomic, merges the splits. One launch per layer, no second kernel.
-NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (default 1; 0 switches it off).
+It serves the decode graphs of up to 8 requests: measured on an H100 (docs/benchmarks.md), attention per step at a
+128-token prompt drops from 286 to 172 us at batch 4 and from 299 to 218 us at batch 8 (Qwen3-0.6B, 28 layers).
+NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 switches it off).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ MAX_SPLITS = 32
 
 
 def triton_decode_max_rows() -> int:
-    """The largest decode batch served by this kernel (NANOVLLM_TRITON_DECODE_MAX_ROWS, default 1)."""
-    return int(os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "1"))
+    """The largest decode batch served by this kernel (NANOVLLM_TRITON_DECODE_MAX_ROWS, default 8)."""
+    return int(os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "8"))
 
 
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
