@@ -24,7 +24,10 @@ MAX_SPLITS = 32
 
 def triton_decode_max_rows() -> int:
     """The largest decode batch served by this kernel (NANOVLLM_TRITON_DECODE_MAX_ROWS, default 8)."""
-    return int(os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "8"))
+    value = os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "8")
+    if not value.isdigit():
+        raise ValueError(f"NANOVLLM_TRITON_DECODE_MAX_ROWS={value!r} must be a whole number of requests (0 = off)")
+    return int(value)
 
 
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:

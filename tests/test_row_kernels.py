@@ -1,0 +1,62 @@
+"""The one-token decode path (DecoderLayer.forward_row) and the Triton kernels' host-side choices, on the CPU.
+
+The kernels themselves run only on CUDA (tests/gpu/test_gemv.py, tests/gpu/test_triton_decode.py); here: the
+row path composes the same computation as the batched path, and the switches and tile choices are sound."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, triton_decode_max_rows
+from engine.layers.gemv import ROLES, SMALL_K_CONFIGS, configs_for, gemv_mode
+from engine.models.llama import DecoderLayer
+
+
+def test_row_path_matches_the_batched_path(qwen3_path, monkeypatch):
+    """With every role left unfused, forward_row (norm, attend, projections, residual) gives the same tokens."""
+    llm = LLM(qwen3_path, device="cpu", enable_prefix_caching=False)
+    try:
+        layers = llm.runner.model.layers
+        assert all(layer.gemv_plan == {} for layer in layers)  # no Triton tuning on the CPU
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        prompts = [[3, 17, 98, 5, 44, 200, 7]]
+        batched = llm.generate(prompts, params)[0].token_ids
+        calls = []
+        original = DecoderLayer.forward_row
+        monkeypatch.setattr(DecoderLayer, "forward_row", lambda *a: calls.append(1) or original(*a))
+        for layer in layers:
+            layer.gemv_plan = dict.fromkeys(ROLES)  # non-empty: one-token steps take forward_row
+        row = llm.generate(prompts, params)[0].token_ids
+    finally:
+        llm.shutdown()
+    assert len(calls) >= len(layers) * (params.max_tokens - 1)  # every decode step, every layer
+    assert row == batched
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 3072), (12288, 4096), (1536, 576), (96, 576), (3, 128)])
+def test_gemv_configs_divide_the_weight(n, k):
+    for block_n, block_k, _, _ in configs_for(n, k):
+        assert n % block_n == 0 and k % block_k == 0
+    if k == 576:  # no main configuration divides SmolLM2's hidden size: the small-K ones serve it
+        assert set(configs_for(n, k)) <= set(SMALL_K_CONFIGS)
+
+
+def test_split_count_fills_the_gpu_with_a_power_of_two():
+    for rows in (1, 2, 4, 8):
+        for kv_heads in (1, 3, 8):
+            want = 2 * 132 // (rows * kv_heads)
+            splits = SplitDecode(rows, kv_heads * 4, kv_heads, 64, "cpu", num_sms=132).splits
+            assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS
+            assert splits == MAX_SPLITS or splits <= want < 2 * splits or (want == 0 and splits == 1)
+
+
+def test_switches_reject_bad_values(monkeypatch):
+    monkeypatch.setenv("NANOVLLM_GEMV", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_GEMV='yes'"):
+        gemv_mode()
+    monkeypatch.setenv("NANOVLLM_TRITON_DECODE_MAX_ROWS", "eight")
+    with pytest.raises(ValueError, match="NANOVLLM_TRITON_DECODE_MAX_ROWS='eight'"):
+        triton_decode_max_rows()
+    monkeypatch.setenv("NANOVLLM_TRITON_DECODE_MAX_ROWS", "4")
+    assert triton_decode_max_rows() == 4
