@@ -5,7 +5,7 @@ Why: at one token per step every projection streams its weight once, and the nor
 projections are tiny kernels whose cost is mostly launch latency inside a CUDA graph (~2-3 us each on an H100,
 docs/benchmarks.md). Each program of the kernel recomputes the norm of the one hidden row (a few KB, from L2)
 instead of waiting for a separate norm kernel, and the gate/up kernel multiplies silu(gate) by up before it stores,
-which removes three launches per layer. cuBLAS stays the default: `tune_gemv` times each role over the model's own
+which removes three launches per layer. cuBLAS is the fallback: `tune_gemv` times each role over the model's own
 weights at start-up and keeps the Triton kernel only where it beats the unfused sequence it replaces.
 NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every role (tests and A/B runs).
 """
