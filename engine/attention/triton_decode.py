@@ -14,11 +14,12 @@ NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 swi
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 
 import torch
+
+from engine.layers.kernels import triton_available
 
 MAX_SPLITS = 32
 
@@ -33,7 +34,7 @@ def triton_decode_max_rows() -> int:
 
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
     """Whether the kernel can run: Triton importable, CUDA, power-of-two head_dim and page size of at least 16."""
-    if importlib.util.find_spec("triton") is None or device.type != "cuda":
+    if not triton_available() or device.type != "cuda":
         return False
     return all(v >= 16 and v & (v - 1) == 0 for v in (head_dim, block_size))
 

@@ -11,17 +11,18 @@ The unfused FlashInfer path stays the reference (NANOVLLM_FUSED_QKV=0 selects it
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
+
+from engine.layers.kernels import triton_available
 
 
 def fused_qkv_available(head_dim: int) -> bool:
     """Whether the fused kernel can run: Triton importable, CUDA, head_dim a power of two, not switched off."""
     if os.environ.get("NANOVLLM_FUSED_QKV", "1") == "0":
         return False
-    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+    if not triton_available() or not torch.cuda.is_available():
         return False
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 

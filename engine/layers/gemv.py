@@ -13,7 +13,6 @@ NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every ro
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine.layers.kernels import triton_available
 from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
@@ -61,7 +61,7 @@ def gemv_mode() -> str:
 
 def gemv_supported(weight: torch.Tensor) -> bool:
     """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 weight."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_available():
         return False
     return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
 
