@@ -236,6 +236,8 @@ class GraphAttention(_FlashInferAttention):
 class GraphDecodeAttention(GraphAttention):
     """Decode for one captured batch size."""
 
+    triton_attention = True  # small batches may attend with the split-KV Triton kernel (see __init__)
+
     def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
@@ -243,9 +245,10 @@ class GraphDecodeAttention(GraphAttention):
         no_split = 0 < NO_SPLIT_DECODE_MIN_BATCH <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
         self.split_args = {"disable_split_kv": True} if no_split else {}
         # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
-        # decode + merge kernels; plan() still fills the page-table buffers both read (triton_decode.py).
+        # decode + merge kernels (triton_decode.py); plan_rows() then fills its page-table buffers without planning.
         self.split_decode = None
-        if rows <= triton_decode_max_rows() and triton_decode_supported(self.head_dim, block_size, self.device):
+        small = rows <= triton_decode_max_rows()
+        if self.triton_attention and small and triton_decode_supported(self.head_dim, block_size, self.device):
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms)
 
@@ -253,6 +256,14 @@ class GraphDecodeAttention(GraphAttention):
         """Plan the given requests plus padding rows."""
         tables, kv_lens = self.pad_tables(tables, kv_lens, dummy_block)
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
+        if self.split_decode is not None:
+            # The Triton kernel reads only the page table: FlashInfer's plan (a split schedule for its own decode
+            # kernel, computed on the host) would go unused, so the buffers are filled directly.
+            indptr, indices, last = to_device([indptr, indices, last], self.device)
+            self.kv_indptr.copy_(indptr)
+            self.kv_indices[: indices.numel()].copy_(indices)
+            self.kv_last.copy_(last)
+            return
         (indices,) = to_device([indices], self.device)
         self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common(), **self.split_args)
 
@@ -267,6 +278,8 @@ class GraphCascadeAttention(GraphDecodeAttention):
     """Cascade decode for one captured batch size: the inherited page tables hold each request's own blocks
     (after the shared ones; the append positions are relative to them), a one-request non-causal prefill
     over the shared blocks serves every query, and the two states merge."""
+
+    triton_attention = False  # its unique level runs FlashInfer's decode, whose state the merge takes
 
     def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, max_pages_per_row)
