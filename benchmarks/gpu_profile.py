@@ -9,6 +9,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
+    python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -211,6 +212,63 @@ def profile_start(args) -> None:
     write_result("gpu_profile_start", {"model": args.model, "rows": rows}, OUT)
 
 
+def profile_warm(args) -> None:
+    """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new): kernels, device span and wall."""
+    import json
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
+    rng = random.Random(0)
+    p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def pair():
+        doc = [rng.randrange(10, 30000) for _ in range(4096)]
+        return doc, doc + [rng.randrange(10, 30000) for _ in range(32)]
+
+    ttfts, walls = [], []
+    for _ in range(args.steps):
+        doc, warm = pair()
+        llm.generate([doc], p)
+        t = time.perf_counter()
+        out = llm.generate([warm], p)[0]
+        walls.append(time.perf_counter() - t)
+        ttfts.append(out.time_to_first_token)
+    doc, warm = pair()
+    llm.generate([doc], p)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([warm], p)
+    llm.shutdown()
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    if OUT is not None:
+        prof.export_chrome_trace(str(OUT / "warm_trace.json"))
+    steps = trace_steps(json.loads(path.read_text()))
+    events, total = device_events(prof)
+    rows = [
+        dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
+        for e in events[:25]
+    ]
+    print_table(f"{args.model}: GPU kernels of the warm step (4,096 cached + 32 new tokens)", rows)
+    print_table("device spans (a step ends with its token copy)", steps)
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    print_table("host (CPU) time", [dict(event=e.key[:60], calls=e.count, us=e.self_cpu_time_total) for e in host[:25]])
+    ttfts.sort()
+    walls.sort()
+    print(f"kernel time {total:.0f} us; warm TTFT median {ttfts[len(ttfts) // 2] * 1e6:.0f} us, "
+          f"generate() wall median {walls[len(walls) // 2] * 1e6:.0f} us over {len(ttfts)} rounds")  # fmt: skip
+    write_result(
+        "gpu_profile_warm",
+        {"model": args.model, "kernel_us": total, "ttft_us": [x * 1e6 for x in ttfts],
+         "wall_us": [x * 1e6 for x in walls], "steps": steps, "rows": rows},
+        OUT,
+    )  # fmt: skip
+
+
 def bench_gemv(args) -> None:
     """cuBLAS M=1 GEMM time per weight layout for the Qwen3-0.6B decode shapes."""
     import torch.nn.functional as F
@@ -381,7 +439,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start"])
+    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -392,7 +450,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
-    which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap)
+    which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 
 
