@@ -246,7 +246,7 @@ def profile_warm(args) -> None:
     path = Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     if OUT is not None:
-        prof.export_chrome_trace(str(OUT / "warm_trace.json"))
+        (OUT / "warm_trace.json").write_text(path.read_text())
     steps = trace_steps(json.loads(path.read_text()))
     events, total = device_events(prof)
     rows = [
