@@ -212,6 +212,42 @@ def profile_start(args) -> None:
     write_result("gpu_profile_start", {"model": args.model, "rows": rows}, OUT)
 
 
+class HostTimer:
+    """Wall time per call of the named methods (module, class, method), counted only while .active."""
+
+    def __init__(self, targets: list[tuple[str, str, str]]):
+        import importlib
+        import time
+
+        self.active = False
+        self.totals: dict[str, list] = {}
+        self.saved = []
+        for module, cls_name, name in targets:
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = getattr(cls, name)
+            key = f"{cls_name}.{name}"
+            self.totals[key] = [0, 0.0]
+            self.saved.append((cls, name, original))
+
+            def timed(*a, _orig=original, _key=key, **kw):
+                if not self.active:
+                    return _orig(*a, **kw)
+                t = time.perf_counter()
+                try:
+                    return _orig(*a, **kw)
+                finally:
+                    total = self.totals[_key]
+                    total[0] += 1
+                    total[1] += (time.perf_counter() - t) * 1e6
+
+            setattr(cls, name, timed)
+
+    def restore(self) -> None:
+        """Put the original methods back."""
+        for cls, name, original in self.saved:
+            setattr(cls, name, original)
+
+
 def profile_warm(args) -> None:
     """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new): kernels, device span and wall."""
     import json
@@ -230,14 +266,36 @@ def profile_warm(args) -> None:
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
         return doc, doc + [rng.randrange(10, 30000) for _ in range(32)]
 
-    ttfts, walls = [], []
+    ttfts, walls, queued = [], [], []
+    host = HostTimer(
+        [
+            ("engine.scheduler", "Scheduler", "schedule"),
+            ("engine.scheduler", "Scheduler", "commit"),
+            ("engine.block_manager", "BlockManager", "find_cached_prefix"),
+            ("engine.model_runner", "ModelRunner", "launch"),
+            ("engine.model_runner", "ModelRunner", "collect"),
+            ("engine.cuda_graphs", "GraphRunner", "prefill"),
+            ("engine.attention.flashinfer_backend", "GraphPrefillAttention", "plan_step"),
+            ("torch.cuda", "CUDAGraph", "replay"),
+        ]
+    )
     for _ in range(args.steps):
         doc, warm = pair()
         llm.generate([doc], p)
+        host.active = True
         t = time.perf_counter()
         out = llm.generate([warm], p)[0]
         walls.append(time.perf_counter() - t)
+        host.active = False
         ttfts.append(out.time_to_first_token)
+        queued.append(out.scheduled_time - out.arrival_time)
+    host.restore()
+    n = args.steps
+    print_table(
+        f"host time of the warm requests (mean over {n}, us)",
+        [dict(call=k, calls=c / n, us=us / n) for k, (c, us) in host.totals.items()]
+        + [dict(call="arrival -> scheduled", calls=1, us=sum(queued) / n * 1e6)],
+    )
     doc, warm = pair()
     llm.generate([doc], p)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -9,9 +9,14 @@ from collections import OrderedDict
 from engine.request import Request
 
 
-def hash_block(parent: bytes, tokens: list[int]) -> bytes:
-    """Hash of one full block, chained to the hash of the blocks before it."""
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+def token_bytes(tokens: list[int]) -> bytes:
+    """Token ids as 8 bytes each: what a block's hash covers and its content check compares."""
+    return array("q", tokens).tobytes()
+
+
+def hash_block(parent: bytes, data: bytes) -> bytes:
+    """Hash of one full block's token bytes, chained to the hash of the blocks before it."""
+    return hashlib.blake2b(parent + data, digest_size=16).digest()
 
 
 class Block:
@@ -23,7 +28,7 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.hash: bytes | None = None
-        self.token_ids: tuple[int, ...] | None = None
+        self.token_ids: bytes | None = None  # token_bytes() of the cached content
 
 
 class BlockManager:
@@ -73,11 +78,14 @@ class BlockManager:
         max_blocks = (len(tokens) - 1) // bs
         hits: list[int] = []
         parent = b""
+        # One conversion for the whole prompt, then byte slices: a 4k-token prompt looks up 256 blocks per request.
+        data = token_bytes(tokens[: max_blocks * bs])
+        width = 8 * bs
         for i in range(max_blocks):
-            chunk = tokens[i * bs : (i + 1) * bs]
+            chunk = data[i * width : (i + 1) * width]
             h = hash_block(parent, chunk)
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(chunk):
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
             hits.append(block_id)
             parent = h
@@ -137,13 +145,13 @@ class BlockManager:
         num_full = req.num_computed_tokens // bs
         parent = req.block_hashes[-1] if req.block_hashes else b""
         for i in range(req.num_hashed_blocks, num_full):
-            chunk = req.all_token_ids[i * bs : (i + 1) * bs]
+            chunk = token_bytes(req.all_token_ids[i * bs : (i + 1) * bs])
             h = hash_block(parent, chunk)
             block = self.blocks[req.block_table[i]]
             # A block with the same content may already be cached (computed twice in one step): keep that one.
             if h not in self.hash_to_block and block.hash is None:
                 block.hash = h
-                block.token_ids = tuple(chunk)
+                block.token_ids = chunk
                 self.hash_to_block[h] = block.block_id
             req.block_hashes.append(h)
             parent = h
