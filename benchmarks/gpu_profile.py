@@ -213,7 +213,7 @@ def profile_start(args) -> None:
 
 
 class HostTimer:
-    """Wall time per call of the named methods (module, class, method), counted only while .active."""
+    """Wall time per call of the named methods (module, class or None, name), counted only while .active."""
 
     def __init__(self, targets: list[tuple[str, str, str]]):
         import importlib
@@ -223,9 +223,12 @@ class HostTimer:
         self.totals: dict[str, list] = {}
         self.saved = []
         for module, cls_name, name in targets:
-            cls = getattr(importlib.import_module(module), cls_name)
+            # A class's method, or (cls_name None) a function as the named module sees it.
+            cls = importlib.import_module(module)
+            if cls_name is not None:
+                cls = getattr(cls, cls_name)
             original = getattr(cls, name)
-            key = f"{cls_name}.{name}"
+            key = f"{cls_name or module}.{name}"
             self.totals[key] = [0, 0.0]
             self.saved.append((cls, name, original))
 
@@ -277,6 +280,9 @@ def profile_warm(args) -> None:
             ("engine.cuda_graphs", "GraphRunner", "prefill"),
             ("engine.attention.flashinfer_backend", "GraphPrefillAttention", "plan_step"),
             ("torch.cuda", "CUDAGraph", "replay"),
+            ("engine.attention.flashinfer_backend", "PagedIndices", "build"),
+            ("engine.attention.flashinfer_backend", None, "to_device"),
+            ("engine.attention.flashinfer_backend", "GraphAttention", "fill_tables"),
         ]
     )
     for _ in range(args.steps):

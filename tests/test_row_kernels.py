@@ -84,4 +84,18 @@ def test_prefill_tiles_hold_whole_query_groups(heads, kv_heads, tokens):
     assert kernel.block_q == tokens or kernel.block_q * group > kernel.block_r // 2  # no tile less than half used
     splits = kernel.splits
     assert splits & (splits - 1) == 0 and splits * kv_heads <= 132 < 2 * splits * kv_heads or splits == 16
-    assert kernel.part_o.shape == (tokens * heads * splits, 64) and kernel.counter.numel() == 17 * kv_heads
+    assert kernel.part_o.shape == (tokens * heads * splits, 64) and kernel.counter.numel() == kernel.tiles * kv_heads
+    assert kernel.merge_r * splits * 64 <= 16384 and kernel.block_r % kernel.merge_r == 0
+
+
+@pytest.mark.parametrize("q_lens", [[32], [5, 0, 17, 1, 0, 9], [0] * 16 + [64], [1] * 16 + [48]])
+def test_prefill_tile_table_covers_every_query_once(q_lens):
+    """Each query token of each row is in exactly one tile; the rest of the tiles have nothing to do."""
+    kernel = SplitPrefill(17, 64, 16, 8, 64, "cpu", num_sms=132)
+    rows, offs = kernel.tile_table(q_lens + [0] * (17 - len(q_lens)))
+    assert rows.numel() == offs.numel() == kernel.tiles
+    covered = []
+    for row, off in zip(rows.tolist(), offs.tolist()):
+        n = q_lens[row] if row < len(q_lens) else 0
+        covered += [(row, i) for i in range(off, min(off + kernel.block_q, n))]
+    assert sorted(covered) == [(r, i) for r, n in enumerate(q_lens) for i in range(n)]

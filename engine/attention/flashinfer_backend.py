@@ -227,16 +227,15 @@ class GraphAttention(_FlashInferAttention):
         self.batch_indices = torch.zeros(tokens, dtype=torch.int32, device=dev)
         self.positions = torch.zeros(tokens, dtype=torch.int32, device=dev)
 
-    def fill_tables(self, indptr, indices, last, qo_indptr=None) -> None:
-        """Copy a host page table (and query offsets, for prefill) into the fixed buffers directly, for the Triton
-        kernels, which need no plan."""
-        host = [indptr, indices, last] + ([] if qo_indptr is None else [qo_indptr])
-        dev = to_device(host, self.device)
+    def fill_tables(self, indptr, indices, last, *more) -> None:
+        """Copy a host page table (and more (host tensor, device buffer) pairs) into the fixed buffers directly, for
+        the Triton kernels, which need no plan."""
+        dev = to_device([indptr, indices, last, *(h for h, _ in more)], self.device)
         self.kv_indptr.copy_(dev[0])
         self.kv_indices[: indices.numel()].copy_(dev[1])
         self.kv_last.copy_(dev[2])
-        if qo_indptr is not None:
-            self.qo_indptr.copy_(dev[3])
+        for (_, buffer), src in zip(more, dev[3:]):
+            buffer.copy_(src)
 
     def pad_tables(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int):
         """Tables and lengths padded to `rows` rows: each padding row is one token in the dummy block."""
@@ -357,7 +356,11 @@ class GraphPrefillAttention(GraphAttention):
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
         qo = torch.from_numpy(np.cumsum([0, *q_lens], dtype=np.int32))
         if self.split_prefill is not None:
-            self.fill_tables(indptr, indices, last, qo)
+            split = self.split_prefill
+            tile_row, tile_qoff = split.tile_table(q_lens)
+            self.fill_tables(
+                indptr, indices, last, (qo, self.qo_indptr), (tile_row, split.tile_row), (tile_qoff, split.tile_qoff)
+            )
             return
         (indices,) = to_device([indices], self.device)
         self.prefill.plan(qo, indptr, indices, last, head_dim_qk=self.head_dim, causal=True, **self._common())

@@ -59,6 +59,8 @@ def _build_kernel():
         q_ptr,
         cache_ptr,
         qo_indptr_ptr,
+        tile_row_ptr,
+        tile_qoff_ptr,
         indptr_ptr,
         indices_ptr,
         last_ptr,
@@ -73,68 +75,74 @@ def _build_kernel():
         G: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        MERGE_R: tl.constexpr,
         D: tl.constexpr,
         BS: tl.constexpr,
         S: tl.constexpr,
     ):
-        # BLOCK_Q == 1: decode, row b's one query token is token b. Otherwise row b's query tokens are
-        # qo_indptr[b]..qo_indptr[b + 1], the last ones of its kv_len tokens (causal), in tiles of BLOCK_Q tokens.
-        b = tl.program_id(0)
+        # Program (tile, KV head, split). BLOCK_Q == 1: decode, tile b is row b and its one query is token b.
+        # Otherwise tile i holds query tokens tile_qoff[i].. (up to BLOCK_Q) of row tile_row[i], whose queries are
+        # tokens qo_indptr[row]..qo_indptr[row + 1], the last ones of its kv_len tokens (causal).
+        tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         if BLOCK_Q == 1:
-            q_start = b
+            row = tile
+            q_off = 0
+            q_start = tile
             q_len = 1
         else:
-            q_start = tl.load(qo_indptr_ptr + b)
-            q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
-        start = tl.load(indptr_ptr + b)
-        num_pages = tl.load(indptr_ptr + b + 1) - start
-        kv_len = (num_pages - 1) * BS + tl.load(last_ptr + b)
+            row = tl.load(tile_row_ptr + tile)
+            q_off = tl.load(tile_qoff_ptr + tile)  # unused tiles: q_off >= q_len, nothing to do
+            q_start = tl.load(qo_indptr_ptr + row)
+            q_len = tl.load(qo_indptr_ptr + row + 1) - q_start
+        start = tl.load(indptr_ptr + row)
+        num_pages = tl.load(indptr_ptr + row + 1) - start
+        kv_len = (num_pages - 1) * BS + tl.load(last_ptr + row)
         per_split = tl.cdiv(num_pages, S)
         first = split * per_split
         stop = tl.minimum(first + per_split, num_pages)
         r = tl.arange(0, BLOCK_R)  # tile row: query token r // G of the tile, query head r % G of the group
         d = tl.arange(0, D)
         t = tl.arange(0, BS)
-        for qb in range(0, q_len, BLOCK_Q):
-            live = (r < BLOCK_Q * G) & (qb + r // G < q_len)
-            qrow = (q_start + qb + r // G) * HQ + kvh * G + r % G  # row in q [tokens * HQ, D]
-            q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-            qpos = kv_len - q_len + qb + r // G  # each row's position: it sees keys at positions <= qpos
-            hi = tl.minimum(stop, (tl.minimum(kv_len - q_len + qb + BLOCK_Q, kv_len) - 1) // BS + 1)
-            m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-            l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-            for p in range(first, hi):
-                page = tl.load(indices_ptr + start + p).to(tl.int64)
-                # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
-                k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
-                k = tl.load(k_rows)
-                v = tl.load(k_rows + HKV * BS * D)
-                scores = tl.dot(q, tl.trans(k)) * scale_log2
-                scores = tl.where(p * BS + t[None, :] <= qpos[:, None], scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                # A row whose keys in this page are all in its future keeps m = -inf; exp2(-inf - 0) = 0, not NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_use)
-                probs = tl.exp2(scores - m_use[:, None])
-                l_sum = l_sum * alpha + tl.sum(probs, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
-                m = m_new
-            part = qrow * S + split
-            tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
-            tl.store(part_m_ptr + part, m, mask=live)
-            tl.store(part_l_ptr + part, l_sum, mask=live)
-        if q_len > 0:
+        live = (r < BLOCK_Q * G) & (q_off + r // G < q_len)
+        qrow = (q_start + q_off + r // G) * HQ + kvh * G + r % G  # row in q [tokens * HQ, D]
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        qpos = kv_len - q_len + q_off + r // G  # each row's position: it sees keys at positions <= qpos
+        hi = tl.minimum(stop, (tl.minimum(kv_len - q_len + q_off + BLOCK_Q, kv_len) - 1) // BS + 1)
+        hi = tl.where(q_off < q_len, hi, first)
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        for p in range(first, hi):
+            page = tl.load(indices_ptr + start + p).to(tl.int64)
+            # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
+            k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
+            k = tl.load(k_rows)
+            v = tl.load(k_rows + HKV * BS * D)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(p * BS + t[None, :] <= qpos[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            # A row whose keys in this page are all in its future keeps m = -inf; exp2(-inf - 0) = 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_use)
+            probs = tl.exp2(scores - m_use[:, None])
+            l_sum = l_sum * alpha + tl.sum(probs, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+            m = m_new
+        part = qrow * S + split
+        tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
+        tl.store(part_m_ptr + part, m, mask=live)
+        tl.store(part_l_ptr + part, l_sum, mask=live)
+        if q_off < q_len:
             # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
             tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
+            arrived = tl.atomic_add(counter_ptr + tile * HKV + kvh, 1, sem="acq_rel")
             if arrived == S - 1:
                 splits = tl.arange(0, S)
                 if BLOCK_Q == 1:
                     for gi in tl.static_range(G):
-                        h = b * HQ + kvh * G + gi
+                        h = row * HQ + kvh * G + gi
                         ms = tl.load(part_m_ptr + h * S + splits, cache_modifier=".cg")
                         ls = tl.load(part_l_ptr + h * S + splits, cache_modifier=".cg")
                         os_ = tl.load(part_o_ptr + (h * S + splits)[:, None] * D + d[None, :], cache_modifier=".cg")
@@ -142,42 +150,27 @@ def _build_kernel():
                         o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
                         tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
                 else:
-                    # A tile of (token, head) rows at a time, one split after another: every row's first split
-                    # holds its first key, so its maximum is finite.
-                    for qb in range(0, q_len, BLOCK_Q):
-                        live = (r < BLOCK_Q * G) & (qb + r // G < q_len)
-                        qrow = (q_start + qb + r // G) * HQ + kvh * G + r % G
-                        ms = tl.load(
-                            part_m_ptr + qrow[:, None] * S + splits[None, :],
-                            mask=live[:, None],
-                            other=float("-inf"),
-                            cache_modifier=".cg",
-                        )
-                        ls = tl.load(
-                            part_l_ptr + qrow[:, None] * S + splits[None, :],
-                            mask=live[:, None],
+                    # MERGE_R rows x all splits per load; every row's first split holds its first key, so its
+                    # maximum is finite.
+                    for half in tl.static_range(BLOCK_R // MERGE_R):
+                        rr = half * MERGE_R + tl.arange(0, MERGE_R)
+                        ok = (rr < BLOCK_Q * G) & (q_off + rr // G < q_len)
+                        hrow = (q_start + q_off + rr // G) * HQ + kvh * G + rr % G
+                        idx = hrow[:, None] * S + splits[None, :]
+                        ms = tl.load(part_m_ptr + idx, mask=ok[:, None], other=float("-inf"), cache_modifier=".cg")
+                        ls = tl.load(part_l_ptr + idx, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                        w = tl.exp2(ms - tl.where(ok, tl.max(ms, axis=1), 0.0)[:, None])
+                        denom = tl.where(ok, tl.sum(w * ls, axis=1), 1.0)
+                        os_ = tl.load(
+                            part_o_ptr + idx[:, :, None] * D + d[None, None, :],
+                            mask=ok[:, None, None],
                             other=0.0,
                             cache_modifier=".cg",
                         )
-                        m_max = tl.where(live, tl.max(ms, axis=1), 0.0)
-                        denom = tl.sum(tl.exp2(ms - m_max[:, None]) * ls, axis=1)
-                        o = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-                        for s in tl.static_range(S):
-                            m_s = tl.load(
-                                part_m_ptr + qrow * S + s, mask=live, other=float("-inf"), cache_modifier=".cg"
-                            )
-                            o_s = tl.load(
-                                part_o_ptr + (qrow * S + s)[:, None] * D + d[None, :],
-                                mask=live[:, None],
-                                other=0.0,
-                                cache_modifier=".cg",
-                            )
-                            o += tl.exp2(m_s - m_max)[:, None] * o_s
-                        o = o / tl.where(live, denom, 1.0)[:, None]
-                        tl.store(
-                            out_ptr + qrow[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=live[:, None]
-                        )
-                tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
+                        o = tl.sum(os_ * w[:, :, None], axis=1) / denom[:, None]
+                        dst = out_ptr + hrow[:, None] * D + d[None, :]
+                        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+                tl.store(counter_ptr + tile * HKV + kvh, 0)  # ready for the next layer's launch
 
     return split_attention
 
@@ -185,14 +178,23 @@ def _build_kernel():
 class SplitDecode:
     """The kernel's fixed buffers for one captured batch size (partial states and arrival counters)."""
 
-    block_q = 1  # query tokens per row and tile
+    block_q = 1  # query tokens per tile
 
     def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, device, num_sms: int):
         self.rows, self.hq, self.hkv, self.d = rows, num_heads, num_kv_heads, head_dim
-        self.splits = self._splits(rows, num_kv_heads, num_sms)
-        self._allocate(self._tokens(rows), device)
         group = num_heads // num_kv_heads
         self.block_r = max(16, 1 << (self.block_q * group - 1).bit_length())  # a tensor-core tile has >= 16 rows
+        self.splits = self._splits(rows, num_kv_heads, num_sms)
+        self.tiles = self._num_tiles()
+        tokens = self._tokens()
+        n = tokens * num_heads * self.splits
+        self.part_o = torch.empty(n, head_dim, dtype=torch.float32, device=device)
+        self.part_m = torch.empty(n, dtype=torch.float32, device=device)
+        self.part_l = torch.empty(n, dtype=torch.float32, device=device)
+        self.counter = torch.zeros(self.tiles * num_kv_heads, dtype=torch.int32, device=device)
+        self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+        # The merge loads MERGE_R rows x all splits at once (at most 16K fp32 values: registers).
+        self.merge_r = min(self.block_r, max(1, 16384 // (self.splits * head_dim)))
 
     @staticmethod
     def _splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
@@ -200,25 +202,20 @@ class SplitDecode:
         want = max(1, min(MAX_SPLITS, 2 * num_sms // (rows * num_kv_heads)))
         return 1 << (want.bit_length() - 1)
 
-    def _tokens(self, rows: int) -> int:
-        return rows
+    def _num_tiles(self) -> int:
+        return self.rows
 
-    def _allocate(self, tokens: int, device) -> None:
-        n = tokens * self.hq * self.splits
-        self.part_o = torch.empty(n, self.d, dtype=torch.float32, device=device)
-        self.part_m = torch.empty(n, dtype=torch.float32, device=device)
-        self.part_l = torch.empty(n, dtype=torch.float32, device=device)
-        self.counter = torch.zeros(self.rows * self.hkv, dtype=torch.int32, device=device)
-        self.scale_log2 = math.log2(math.e) / math.sqrt(self.d)
+    def _tokens(self) -> int:
+        return self.rows
 
-    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last, qo_indptr=None) -> torch.Tensor:
-        """Attention of q [tokens, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table
-        (decode: token b is row b's query)."""
+    def _launch(self, q, kv_cache, qo_indptr, tile_row, tile_qoff, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         out = torch.empty_like(q)
-        _build_kernel()[(self.rows, self.hkv, self.splits)](
+        _build_kernel()[(self.tiles, self.hkv, self.splits)](
             q,
             kv_cache,
-            kv_indptr if qo_indptr is None else qo_indptr,  # decode never reads it
+            qo_indptr,
+            tile_row,
+            tile_qoff,
             kv_indptr,
             kv_indices,
             kv_last,
@@ -233,30 +230,61 @@ class SplitDecode:
             G=self.hq // self.hkv,
             BLOCK_Q=self.block_q,
             BLOCK_R=self.block_r,
+            MERGE_R=self.merge_r,
             D=self.d,
             BS=kv_cache.shape[3],
             S=self.splits,
-            num_warps=4 if self.block_r <= 16 else 8,
+            num_warps=4,
         )
         return out
+
+    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
+        """Attention of q [rows, Hq, D] (one query per row) over the paged HND cache [pages, 2, Hkv, BS, D] given
+        by the page table."""
+        # Decode reads no query offsets or tile table: any int32 tensor stands in.
+        return self._launch(q, kv_cache, kv_indptr, kv_indptr, kv_indptr, kv_indptr, kv_indices, kv_last)
 
 
 class SplitPrefill(SplitDecode):
     """The same kernel for small prefill/mixed steps of up to `tokens` query tokens over `rows` requests, each
-    causal over its pages; tiles of about 64 (token, query head) rows."""
+    causal over its pages, in tiles of 16 (token, query head) rows: many programs and a short merge per tile."""
 
     def __init__(self, rows: int, tokens: int, num_heads, num_kv_heads, head_dim, device, num_sms):
         group = num_heads // num_kv_heads
-        self.block_q = max(1, min(tokens, 64 // group))
+        self.block_q = max(1, min(tokens, 16 // group))
         self.max_tokens = tokens
         super().__init__(rows, num_heads, num_kv_heads, head_dim, device, num_sms)
+        self.tile_row = torch.zeros(self.tiles, dtype=torch.int32, device=device)
+        self.tile_qoff = torch.zeros(self.tiles, dtype=torch.int32, device=device)
 
     @staticmethod
     def _splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
         # Sized for one request with queries (the common small prefill: a follow-up turn over a cached prefix):
-        # about a program per SM; more splits would make the final merge (S tiles per 64 rows) longer.
+        # a program per SM and query tile.
         want = max(1, min(16, num_sms // num_kv_heads))
         return 1 << (want.bit_length() - 1)
 
-    def _tokens(self, rows: int) -> int:
+    def _num_tiles(self) -> int:
+        # Each request's queries start a new tile: at most one partial tile per row beyond the full ones.
+        return -(-self.max_tokens // self.block_q) + self.rows
+
+    def _tokens(self) -> int:
         return self.max_tokens
+
+    def tile_table(self, q_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host (row, first query) of every tile for rows with these query counts; unused tiles get a query
+        offset past their row's queries."""
+        rows, offs = [], []
+        for i, n in enumerate(q_lens):
+            rows += [i] * -(-n // self.block_q)
+            offs += range(0, n, self.block_q)
+        unused = self.tiles - len(rows)
+        rows += [0] * unused
+        offs += [self.max_tokens] * unused
+        return torch.tensor(rows, dtype=torch.int32), torch.tensor(offs, dtype=torch.int32)
+
+    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last, qo_indptr) -> torch.Tensor:
+        """Causal attention of q [tokens, Hq, D] (row b's queries are tokens qo_indptr[b]..qo_indptr[b + 1], the
+        last of its keys) over the page table; the tile table must have been filled (tile_table)."""
+        args = (qo_indptr, self.tile_row, self.tile_qoff, kv_indptr, kv_indices, kv_last)
+        return self._launch(q, kv_cache, *args)

@@ -86,6 +86,9 @@ def test_split_prefill_matches_torch(kv_lens, q_lens, hq, hkv, d, bs, tokens):
     q = torch.randn(tokens, hq, d, device="cuda", generator=g).to(torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kernel = SplitPrefill(rows, tokens, hq, hkv, d, "cuda", sms)
+    tile_row, tile_qoff = kernel.tile_table([*q_lens, 0, pad])
+    kernel.tile_row.copy_(tile_row)
+    kernel.tile_qoff.copy_(tile_qoff)
     for _ in range(2):  # the second launch checks that the arrival counters were reset
         out = kernel(q, cache, indptr, indices, last, qo)
         for b, (n, m) in enumerate(zip(kv_lens, q_lens)):
