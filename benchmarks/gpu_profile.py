@@ -10,6 +10,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
     python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
+    python benchmarks/gpu_profile.py splitprefill   # that step's attention: Triton split-KV configs vs FlashInfer
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -333,6 +334,76 @@ def profile_warm(args) -> None:
     )  # fmt: skip
 
 
+def bench_splitprefill(args) -> None:
+    """Attention of the prefix-cache warm step (32 queries over 4,128 keys, Qwen3-0.6B heads, 64-token pages) in a
+    17-row prefill graph: each SplitPrefill configuration vs FlashInfer's graph-mode prefill, 28 layers per graph."""
+    import itertools
+
+    import flashinfer
+
+    from engine.attention.triton_decode import SplitPrefill
+
+    hq, hkv, d, bs, layers = 16, 8, 128, 64, 28
+    kv_len, q_len, tokens, rows = 4096 + 32, 32, 32, 17
+    pages = -(-kv_len // bs)
+    dev = torch.device("cuda")
+    caches = [torch.randn(pages + 1, 2, hkv, bs, d, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    q = torch.randn(tokens, hq, d, device=dev, dtype=torch.bfloat16)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    q_lens = [q_len] + [0] * (rows - 1)
+    indptr = i32([0] + [pages] * (rows - 1) + [pages + 1])
+    indices = i32(list(range(pages)) + [pages])
+    last = i32([kv_len - (pages - 1) * bs] + [1] * (rows - 1))
+    qo = i32([0] + [q_len] * rows)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for cache in caches:
+                fn(cache)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / 20 / layers
+
+    results = []
+    ws = torch.zeros(256 * 2**20, dtype=torch.uint8, device=dev)
+    fi = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        ws, "HND", use_cuda_graph=True, backend="fa2", qo_indptr_buf=qo.clone(), paged_kv_indptr_buf=indptr.clone(),
+        paged_kv_indices_buf=indices.clone(), paged_kv_last_page_len_buf=last.clone(),
+    )  # fmt: skip
+    fi.plan(qo.cpu(), indptr.cpu(), indices, last.cpu(), hq, hkv, d, bs, causal=True, q_data_type=torch.bfloat16,
+            kv_data_type=torch.bfloat16)  # fmt: skip
+    ref = fi.run(q, caches[0])
+    results.append(dict(kernel="flashinfer fa2 (graph)", us_per_layer=timed(lambda c=caches[0]: fi.run(q, c))))
+    for block_rows, splits, warps, stages in itertools.product((16, 32, 64), (8, 16, 32, 64), (4, 8), (None, 1)):
+        tuning = dict(block_rows=block_rows, splits=splits, num_warps=warps)
+        if stages:
+            tuning["num_stages"] = stages
+        kernel = SplitPrefill(rows, tokens, hq, hkv, d, dev, sms, **tuning)
+        tile_row, tile_qoff = kernel.tile_table(q_lens)
+        kernel.tile_row.copy_(tile_row)
+        kernel.tile_qoff.copy_(tile_qoff)
+        try:
+            out = kernel(q, caches[0], indptr, indices, last, qo)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            us = timed(lambda c=caches[0], k=kernel: k(q, c, indptr, indices, last, qo))
+        except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
+            err, us = float("nan"), float("nan")
+            print(f"{tuning}: {type(exc).__name__}: {str(exc)[:120]}")
+        results.append(dict(kernel=f"triton {tuning}", us_per_layer=us, rel_err_vs_flashinfer=err))
+    results.sort(key=lambda r: r["us_per_layer"])
+    print_table("warm-step attention: 32 queries over 4,128 keys per layer (Qwen3-0.6B heads)", results[:20])
+    write_result("gpu_profile_splitprefill", {"rows": results}, OUT)
+
+
 def bench_gemv(args) -> None:
     """cuBLAS M=1 GEMM time per weight layout for the Qwen3-0.6B decode shapes."""
     import torch.nn.functional as F
@@ -503,7 +574,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm"])
+    parser.add_argument(
+        "which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm", "splitprefill"]
+    )
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -515,6 +588,7 @@ def main() -> None:
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
+    which.update(splitprefill=bench_splitprefill)
     which[args.which](args)
 
 

@@ -179,6 +179,7 @@ class SplitDecode:
     """The kernel's fixed buffers for one captured batch size (partial states and arrival counters)."""
 
     block_q = 1  # query tokens per tile
+    launch_options = {"num_warps": 4}
 
     def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, device, num_sms: int):
         self.rows, self.hq, self.hkv, self.d = rows, num_heads, num_kv_heads, head_dim
@@ -234,7 +235,7 @@ class SplitDecode:
             D=self.d,
             BS=kv_cache.shape[3],
             S=self.splits,
-            num_warps=4,
+            **self.launch_options,
         )
         return out
 
@@ -249,19 +250,21 @@ class SplitPrefill(SplitDecode):
     """The same kernel for small prefill/mixed steps of up to `tokens` query tokens over `rows` requests, each
     causal over its pages, in tiles of 16 (token, query head) rows: many programs and a short merge per tile."""
 
-    def __init__(self, rows: int, tokens: int, num_heads, num_kv_heads, head_dim, device, num_sms):
+    def __init__(self, rows: int, tokens: int, num_heads, num_kv_heads, head_dim, device, num_sms, **tuning):
         group = num_heads // num_kv_heads
-        self.block_q = max(1, min(tokens, 16 // group))
+        # tuning (gpu_profile.py splitprefill sweeps it): block_rows, splits, num_warps, num_stages.
+        self.tuning = tuning
+        self.block_q = max(1, min(tokens, tuning.get("block_rows", 16) // group))
         self.max_tokens = tokens
+        self.launch_options = {k: tuning[k] for k in ("num_warps", "num_stages") if k in tuning} or {"num_warps": 4}
         super().__init__(rows, num_heads, num_kv_heads, head_dim, device, num_sms)
         self.tile_row = torch.zeros(self.tiles, dtype=torch.int32, device=device)
         self.tile_qoff = torch.zeros(self.tiles, dtype=torch.int32, device=device)
 
-    @staticmethod
-    def _splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
+    def _splits(self, rows: int, num_kv_heads: int, num_sms: int) -> int:
         # Sized for one request with queries (the common small prefill: a follow-up turn over a cached prefix):
         # a program per SM and query tile.
-        want = max(1, min(16, num_sms // num_kv_heads))
+        want = self.tuning.get("splits") or max(1, min(16, num_sms // num_kv_heads))
         return 1 << (want.bit_length() - 1)
 
     def _num_tiles(self) -> int:
