@@ -10,7 +10,6 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
     python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
-    python benchmarks/gpu_profile.py splitprefill   # that step's attention: Triton split-KV configs vs FlashInfer
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -216,8 +215,9 @@ def profile_start(args) -> None:
 class HostTimer:
     """Wall time per call of the named methods (module, class or None, name), counted only while .active."""
 
-    def __init__(self, targets: list[tuple[str, str, str]]):
+    def __init__(self, targets: list[tuple[str, str | None, str]]):
         import importlib
+        import inspect
         import time
 
         self.active = False
@@ -230,8 +230,8 @@ class HostTimer:
                 cls = getattr(cls, cls_name)
             original = getattr(cls, name)
             key = f"{cls_name or module}.{name}"
-            self.totals[key] = [0, 0.0]
-            self.saved.append((cls, name, original))
+            self.totals[key] = []
+            self.saved.append((cls, name, inspect.getattr_static(cls, name)))  # a staticmethod stays one
 
             def timed(*a, _orig=original, _key=key, **kw):
                 if not self.active:
@@ -240,9 +240,7 @@ class HostTimer:
                 try:
                     return _orig(*a, **kw)
                 finally:
-                    total = self.totals[_key]
-                    total[0] += 1
-                    total[1] += (time.perf_counter() - t) * 1e6
+                    self.totals[_key].append((time.perf_counter() - t) * 1e6)
 
             setattr(cls, name, timed)
 
@@ -256,6 +254,7 @@ def profile_warm(args) -> None:
     """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new): kernels, device span and wall."""
     import json
     import time
+    from statistics import median
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -283,7 +282,6 @@ def profile_warm(args) -> None:
             ("torch.cuda", "CUDAGraph", "replay"),
             ("engine.attention.flashinfer_backend", "PagedIndices", "build"),
             ("engine.attention.flashinfer_backend", None, "to_device"),
-            ("engine.attention.flashinfer_backend", "GraphAttention", "fill_tables"),
         ]
     )
     for _ in range(args.steps):
@@ -299,9 +297,26 @@ def profile_warm(args) -> None:
     host.restore()
     n = args.steps
     print_table(
-        f"host time of the warm requests (mean over {n}, us)",
-        [dict(call=k, calls=c / n, us=us / n) for k, (c, us) in host.totals.items()]
-        + [dict(call="arrival -> scheduled", calls=1, us=sum(queued) / n * 1e6)],
+        f"host time of the warm requests ({n} rounds; per call: median and max)",
+        [
+            dict(
+                call=k,
+                calls=len(v) / n,
+                us_per_request=sum(v) / n,
+                median_us=median(v) if v else 0.0,
+                max_us=max(v, default=0.0),
+            )
+            for k, v in host.totals.items()
+        ]
+        + [
+            dict(
+                call="arrival -> scheduled",
+                calls=1,
+                us_per_request=sum(queued) / n * 1e6,
+                median_us=median(queued) * 1e6,
+                max_us=max(queued) * 1e6,
+            )
+        ],
     )
     doc, warm = pair()
     llm.generate([doc], p)
@@ -332,76 +347,6 @@ def profile_warm(args) -> None:
          "wall_us": [x * 1e6 for x in walls], "steps": steps, "rows": rows},
         OUT,
     )  # fmt: skip
-
-
-def bench_splitprefill(args) -> None:
-    """Attention of the prefix-cache warm step (32 queries over 4,128 keys, Qwen3-0.6B heads, 64-token pages) in a
-    17-row prefill graph: each SplitPrefill configuration vs FlashInfer's graph-mode prefill, 28 layers per graph."""
-    import itertools
-
-    import flashinfer
-
-    from engine.attention.triton_decode import SplitPrefill
-
-    hq, hkv, d, bs, layers = 16, 8, 128, 64, 28
-    kv_len, q_len, tokens, rows = 4096 + 32, 32, 32, 17
-    pages = -(-kv_len // bs)
-    dev = torch.device("cuda")
-    caches = [torch.randn(pages + 1, 2, hkv, bs, d, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-    q = torch.randn(tokens, hq, d, device=dev, dtype=torch.bfloat16)
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
-    q_lens = [q_len] + [0] * (rows - 1)
-    indptr = i32([0] + [pages] * (rows - 1) + [pages + 1])
-    indices = i32(list(range(pages)) + [pages])
-    last = i32([kv_len - (pages - 1) * bs] + [1] * (rows - 1))
-    qo = i32([0] + [q_len] * rows)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-
-    def timed(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for cache in caches:
-                fn(cache)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / 20 / layers
-
-    results = []
-    ws = torch.zeros(256 * 2**20, dtype=torch.uint8, device=dev)
-    fi = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-        ws, "HND", use_cuda_graph=True, backend="fa2", qo_indptr_buf=qo.clone(), paged_kv_indptr_buf=indptr.clone(),
-        paged_kv_indices_buf=indices.clone(), paged_kv_last_page_len_buf=last.clone(),
-    )  # fmt: skip
-    fi.plan(qo.cpu(), indptr.cpu(), indices, last.cpu(), hq, hkv, d, bs, causal=True, q_data_type=torch.bfloat16,
-            kv_data_type=torch.bfloat16)  # fmt: skip
-    ref = fi.run(q, caches[0])
-    results.append(dict(kernel="flashinfer fa2 (graph)", us_per_layer=timed(lambda c=caches[0]: fi.run(q, c))))
-    for block_rows, splits, warps, stages in itertools.product((16, 32, 64), (8, 16, 32, 64), (4, 8), (None, 1)):
-        tuning = dict(block_rows=block_rows, splits=splits, num_warps=warps)
-        if stages:
-            tuning["num_stages"] = stages
-        kernel = SplitPrefill(rows, tokens, hq, hkv, d, dev, sms, **tuning)
-        tile_row, tile_qoff = kernel.tile_table(q_lens)
-        kernel.tile_row.copy_(tile_row)
-        kernel.tile_qoff.copy_(tile_qoff)
-        try:
-            out = kernel(q, caches[0], indptr, indices, last, qo)
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            us = timed(lambda c=caches[0], k=kernel: k(q, c, indptr, indices, last, qo))
-        except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
-            err, us = float("nan"), float("nan")
-            print(f"{tuning}: {type(exc).__name__}: {str(exc)[:120]}")
-        results.append(dict(kernel=f"triton {tuning}", us_per_layer=us, rel_err_vs_flashinfer=err))
-    results.sort(key=lambda r: r["us_per_layer"])
-    print_table("warm-step attention: 32 queries over 4,128 keys per layer (Qwen3-0.6B heads)", results[:20])
-    write_result("gpu_profile_splitprefill", {"rows": results}, OUT)
 
 
 def bench_gemv(args) -> None:
@@ -574,9 +519,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm", "splitprefill"]
-    )
+    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm"])
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -588,7 +531,6 @@ def main() -> None:
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
-    which.update(splitprefill=bench_splitprefill)
     which[args.which](args)
 
 

@@ -9,7 +9,6 @@ import time
 import torch
 
 from engine.attention.flashinfer_backend import GraphCascadeAttention, GraphDecodeAttention, GraphPrefillAttention
-from engine.attention.triton_decode import SplitPrefill, triton_decode_supported, triton_prefill_max_tokens
 from engine.models.llama import ForwardContext
 
 logger = logging.getLogger("engine")
@@ -56,17 +55,8 @@ class GraphRunner:
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
-        # Prefill graphs of up to triton_prefill_max_tokens() tokens attend with the split-KV Triton kernel, all
-        # through one set of its buffers (graphs replay one at a time).
-        small = [t for t in self.prefill_sizes if t <= triton_prefill_max_tokens()]
-        split = None
-        if small and triton_decode_supported(runner.head_dim, bs, dev):
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            heads = (runner.num_heads, runner.num_kv_heads, runner.head_dim)
-            split = SplitPrefill(self.prefill_rows, max(small), *heads, dev, sms)
         self.prefill_attn = {
-            t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages, split if t in small else None)
-            for t in self.prefill_sizes
+            t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages) for t in self.prefill_sizes
         }
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple[str, int], tuple] = {}  # page layout of each graph's last plan()

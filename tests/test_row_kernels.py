@@ -8,13 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.attention.triton_decode import (
-    MAX_SPLITS,
-    SplitDecode,
-    SplitPrefill,
-    triton_decode_max_rows,
-    triton_prefill_max_tokens,
-)
+from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, triton_decode_max_rows
 from engine.layers.gemv import ROLES, SMALL_K_CONFIGS, configs_for, gemv_mode
 from engine.models.llama import DecoderLayer
 
@@ -66,36 +60,3 @@ def test_switches_reject_bad_values(monkeypatch):
         triton_decode_max_rows()
     monkeypatch.setenv("NANOVLLM_TRITON_DECODE_MAX_ROWS", "4")
     assert triton_decode_max_rows() == 4
-    monkeypatch.setenv("NANOVLLM_TRITON_PREFILL_MAX_TOKENS", "-1")
-    with pytest.raises(ValueError, match="NANOVLLM_TRITON_PREFILL_MAX_TOKENS='-1'"):
-        triton_prefill_max_tokens()
-    monkeypatch.setenv("NANOVLLM_TRITON_PREFILL_MAX_TOKENS", "32")
-    assert triton_prefill_max_tokens() == 32
-
-
-@pytest.mark.parametrize("heads,kv_heads,tokens", [(16, 8, 64), (32, 8, 32), (9, 3, 16), (32, 8, 16), (64, 8, 64)])
-def test_prefill_tiles_hold_whole_query_groups(heads, kv_heads, tokens):
-    """Each tile holds whole (token, query head group) rows within a power-of-two tensor-core tile of >= 16 rows;
-    the split count is a power of two, about one program per SM for one request."""
-    kernel = SplitPrefill(17, tokens, heads, kv_heads, 64, "cpu", num_sms=132)
-    group = heads // kv_heads
-    assert 1 <= kernel.block_q <= tokens and kernel.block_q * group <= kernel.block_r
-    assert kernel.block_r >= 16 and kernel.block_r & (kernel.block_r - 1) == 0
-    assert kernel.block_q == tokens or kernel.block_q * group > kernel.block_r // 2  # no tile less than half used
-    splits = kernel.splits
-    assert splits & (splits - 1) == 0 and splits * kv_heads <= 132 < 2 * splits * kv_heads or splits == 16
-    assert kernel.part_o.shape == (tokens * heads * splits, 64) and kernel.counter.numel() == kernel.tiles * kv_heads
-    assert kernel.merge_r * splits * 64 <= 16384 and kernel.block_r % kernel.merge_r == 0
-
-
-@pytest.mark.parametrize("q_lens", [[32], [5, 0, 17, 1, 0, 9], [0] * 16 + [64], [1] * 16 + [48]])
-def test_prefill_tile_table_covers_every_query_once(q_lens):
-    """Each query token of each row is in exactly one tile; the rest of the tiles have nothing to do."""
-    kernel = SplitPrefill(17, 64, 16, 8, 64, "cpu", num_sms=132)
-    rows, offs = kernel.tile_table(q_lens + [0] * (17 - len(q_lens)))
-    assert rows.numel() == offs.numel() == kernel.tiles
-    covered = []
-    for row, off in zip(rows.tolist(), offs.tolist()):
-        n = q_lens[row] if row < len(q_lens) else 0
-        covered += [(row, i) for i in range(off, min(off + kernel.block_q, n))]
-    assert sorted(covered) == [(r, i) for r, n in enumerate(q_lens) for i in range(n)]

@@ -227,16 +227,6 @@ class GraphAttention(_FlashInferAttention):
         self.batch_indices = torch.zeros(tokens, dtype=torch.int32, device=dev)
         self.positions = torch.zeros(tokens, dtype=torch.int32, device=dev)
 
-    def fill_tables(self, indptr, indices, last, *more) -> None:
-        """Copy a host page table (and more (host tensor, device buffer) pairs) into the fixed buffers directly, for
-        the Triton kernels, which need no plan."""
-        dev = to_device([indptr, indices, last, *(h for h, _ in more)], self.device)
-        self.kv_indptr.copy_(dev[0])
-        self.kv_indices[: indices.numel()].copy_(dev[1])
-        self.kv_last.copy_(dev[2])
-        for (_, buffer), src in zip(more, dev[3:]):
-            buffer.copy_(src)
-
     def pad_tables(self, tables: list[list[int]], kv_lens: list[int], dummy_block: int):
         """Tables and lengths padded to `rows` rows: each padding row is one token in the dummy block."""
         pad = self.rows - len(tables)
@@ -269,7 +259,10 @@ class GraphDecodeAttention(GraphAttention):
         if self.split_decode is not None:
             # The Triton kernel reads only the page table: FlashInfer's plan (a split schedule for its own decode
             # kernel, computed on the host) would go unused, so the buffers are filled directly.
-            self.fill_tables(indptr, indices, last)
+            indptr, indices, last = to_device([indptr, indices, last], self.device)
+            self.kv_indptr.copy_(indptr)
+            self.kv_indices[: indices.numel()].copy_(indices)
+            self.kv_last.copy_(last)
             return
         (indices,) = to_device([indices], self.device)
         self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common(), **self.split_args)
@@ -331,20 +324,15 @@ class GraphPrefillAttention(GraphAttention):
     """Prefill or mixed steps of up to `tokens` query tokens and rows - 1 requests; the last row takes the
     padding tokens (causal over dummy pages), unused rows have no query tokens."""
 
-    def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row, split_prefill=None):
+    def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
-        # The smallest steps (a follow-up turn over a cached prefix) may attend with the split-KV Triton kernel
-        # (SplitPrefill, shared by the graphs that use it); plan_step() then fills the page tables directly.
-        self.split_prefill = split_prefill
-        self.prefill = None
-        if split_prefill is None:
-            self.prefill = self._prefill_wrapper(
-                qo_indptr_buf=self.qo_indptr,
-                paged_kv_indptr_buf=self.kv_indptr,
-                paged_kv_indices_buf=self.kv_indices,
-                paged_kv_last_page_len_buf=self.kv_last,
-            )
+        self.prefill = self._prefill_wrapper(
+            qo_indptr_buf=self.qo_indptr,
+            paged_kv_indptr_buf=self.kv_indptr,
+            paged_kv_indices_buf=self.kv_indices,
+            paged_kv_last_page_len_buf=self.kv_last,
+        )
 
     def plan_step(self, q_lens: list[int], tables, kv_lens, dummy_block: int) -> None:
         """Plan the requests' query lengths and pages, padding to the captured rows and tokens."""
@@ -354,19 +342,15 @@ class GraphPrefillAttention(GraphAttention):
         tables = tables + [[dummy_block]] * unused + [[dummy_block] * max(1, -(-pad_tokens // self.block_size))]
         kv_lens = kv_lens + [1] * unused + [max(pad_tokens, 1)]
         indptr, indices, last = PagedIndices.build(tables, kv_lens, self.block_size)
-        qo = torch.from_numpy(np.cumsum([0, *q_lens], dtype=np.int32))
-        if self.split_prefill is not None:
-            split = self.split_prefill
-            tile_row, tile_qoff = split.tile_table(q_lens)
-            self.fill_tables(
-                indptr, indices, last, (qo, self.qo_indptr), (tile_row, split.tile_row), (tile_qoff, split.tile_qoff)
-            )
-            return
         (indices,) = to_device([indices], self.device)
-        self.prefill.plan(qo, indptr, indices, last, head_dim_qk=self.head_dim, causal=True, **self._common())
+        qo = [0]
+        for n in q_lens:
+            qo.append(qo[-1] + n)
+        self.prefill.plan(
+            torch.tensor(qo, dtype=torch.int32), indptr, indices, last, head_dim_qk=self.head_dim, causal=True,
+            **self._common(),
+        )  # fmt: skip
 
     def attend(self, q, kv_cache):
         """Paged causal prefill attention."""
-        if self.split_prefill is not None:
-            return self.split_prefill(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last, self.qo_indptr)
         return self.prefill.run(q, kv_cache)

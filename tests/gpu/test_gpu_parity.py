@@ -238,30 +238,3 @@ def test_one_row_triton_kernels_match_hf(model_dir, monkeypatch):
         check_against_hf(hf, prompts, outs, rows)
     (o1, r1), (o2, r2) = results
     assert compare_while_equal(prompts, o1, r1, o2, r2, TOL) >= GREEDY.max_tokens // 2
-
-
-def test_small_prefill_graphs_on_triton_match_hf(model_dir, monkeypatch):
-    """Follow-up turns over cached prefixes (prefill graphs of up to 64 tokens) attend with the split-KV Triton
-    kernel; they match HF and the FlashInfer graph path."""
-    folder, hf = model_dir
-    base = make_prompts([600, 130], seed=5)
-    follow = [base[0] + make_prompts([20], seed=6)[0], base[1] + make_prompts([9], seed=7)[0]]
-    results = []
-    for limit in ("64", "0"):
-        monkeypatch.setenv("NANOVLLM_TRITON_PREFILL_MAX_TOKENS", limit)
-        llm = LLM(folder, num_kvcache_blocks=512, max_model_len=2048, max_num_seqs=16)
-        try:
-            graphs = llm.runner.graphs
-            assert (graphs.prefill_attn[32].split_prefill is not None) == (limit == "64")
-            assert graphs.prefill_attn[128].split_prefill is None
-            llm.generate(base, SamplingParams(max_tokens=1))  # cache the prefixes
-            before = graphs.replays["prefill"]
-            results.append(engine_logits(llm, follow, GREEDY))
-            assert graphs.replays["prefill"] > before  # the follow-ups' step (55 tokens) ran as a graph
-            assert all(o.num_cached_tokens > 0 for o in results[-1][0])
-        finally:
-            llm.shutdown()
-    for outs, rows in results:
-        check_against_hf(hf, follow, outs, rows)
-    (o1, r1), (o2, r2) = results
-    assert compare_while_equal(follow, o1, r1, o2, r2, TOL) >= len(follow)
