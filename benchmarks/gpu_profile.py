@@ -39,6 +39,31 @@ def device_events(prof) -> tuple[list, float]:
     return events, sum(e.self_device_time_total for e in events)
 
 
+def kernel_rows(events: list, total: float, most: int = 25) -> list[dict]:
+    """Table rows of the longest GPU events: name, calls, total us and share of all kernel time."""
+    return [
+        dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
+        for e in events[:most]
+    ]
+
+
+def host_rows(prof, most: int = 20) -> list[dict]:
+    """Table rows of the profile's host (CPU) events, longest self time first."""
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return [dict(event=e.key[:60], calls=e.count, us=e.self_cpu_time_total) for e in host[:most]]
+
+
+def profiled_steps(prof, keep_as: str | None = None) -> list[dict]:
+    """trace_steps() of the profile's chrome trace; keep_as also saves the trace under $OUT with that name."""
+    import json
+
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))  # a profile saves its trace once: copy the file for $OUT
+    if keep_as is not None and OUT is not None:
+        (OUT / keep_as).write_text(path.read_text())
+    return trace_steps(json.loads(path.read_text()))
+
+
 def profile_kernels(args) -> None:
     """GPU kernel time per decode step, by kernel (torch.profiler over graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -125,21 +150,12 @@ def profile_prefill(args) -> None:
         mem1 = torch.cuda.memory_stats()
         keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
         print("allocator during the chained run:", {k: mem1.get(k, 0) - mem0.get(k, 0) for k in keys})
-        host = sorted(
-            (e for e in chained.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total
-        )
-        print_table(
-            f"host (CPU) time, {args.chunks} chained prefill steps",
-            [dict(event=e.key[:60], calls=e.count, ms=e.self_cpu_time_total / 1e3) for e in host[:20]],
-        )
+        print_table(f"host (CPU) time, {args.chunks} chained prefill steps (us)", host_rows(chained))
         if OUT is not None:
             chained.export_chrome_trace(str(OUT / "prefill_trace.json"))
     llm.shutdown()
     events, total = device_events(prof)
-    rows = [
-        dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
-        for e in events[:25]
-    ]
+    rows = kernel_rows(events, total)
     what = f"{args.batch} requests x {args.prompt} tokens = {tokens} tokens, one step"
     print_table(f"{args.model}: GPU kernel time of one prefill step ({what})", rows)
     best = min(walls) * 1e6
@@ -177,7 +193,6 @@ def trace_steps(trace: dict) -> list[dict]:
 
 def profile_start(args) -> None:
     """The throughput workload's first steps (all its prefill chunks), traced: device idle inside and between."""
-    import json
 
     from gpu_bench import throughput_workload
     from torch.profiler import ProfilerActivity, profile
@@ -205,9 +220,7 @@ def profile_start(args) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params)
     llm.shutdown()
-    path = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(path))
-    rows = trace_steps(json.loads(path.read_text()))
+    rows = profiled_steps(prof)
     print_table(f"{args.model}: the throughput workload's first {len(rows)} steps (device ms)", rows)
     write_result("gpu_profile_start", {"model": args.model, "rows": rows}, OUT)
 
@@ -252,7 +265,6 @@ class HostTimer:
 
 def profile_warm(args) -> None:
     """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new): kernels, device span and wall."""
-    import json
     import time
     from statistics import median
 
@@ -296,47 +308,23 @@ def profile_warm(args) -> None:
         queued.append(out.scheduled_time - out.arrival_time)
     host.restore()
     n = args.steps
+    calls = {**host.totals, "arrival -> scheduled": [q * 1e6 for q in queued]}
     print_table(
         f"host time of the warm requests ({n} rounds; per call: median and max)",
-        [
-            dict(
-                call=k,
-                calls=len(v) / n,
-                us_per_request=sum(v) / n,
-                median_us=median(v) if v else 0.0,
-                max_us=max(v, default=0.0),
-            )
-            for k, v in host.totals.items()
-        ]
-        + [
-            dict(
-                call="arrival -> scheduled",
-                calls=1,
-                us_per_request=sum(queued) / n * 1e6,
-                median_us=median(queued) * 1e6,
-                max_us=max(queued) * 1e6,
-            )
-        ],
-    )
+        [dict(call=k, calls=len(v) / n, us_per_request=sum(v) / n, median_us=median(v) if v else 0.0,
+              max_us=max(v, default=0.0)) for k, v in calls.items()],
+    )  # fmt: skip
     doc, warm = pair()
     llm.generate([doc], p)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate([warm], p)
     llm.shutdown()
-    path = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(path))
-    if OUT is not None:
-        (OUT / "warm_trace.json").write_text(path.read_text())
-    steps = trace_steps(json.loads(path.read_text()))
+    steps = profiled_steps(prof, keep_as="warm_trace.json")
     events, total = device_events(prof)
-    rows = [
-        dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total, share=e.self_device_time_total / total)
-        for e in events[:25]
-    ]
+    rows = kernel_rows(events, total)
     print_table(f"{args.model}: GPU kernels of the warm step (4,096 cached + 32 new tokens)", rows)
     print_table("device spans (a step ends with its token copy)", steps)
-    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    print_table("host (CPU) time", [dict(event=e.key[:60], calls=e.count, us=e.self_cpu_time_total) for e in host[:25]])
+    print_table("host (CPU) time (us)", host_rows(prof, 25))
     ttfts.sort()
     walls.sort()
     print(f"kernel time {total:.0f} us; warm TTFT median {ttfts[len(ttfts) // 2] * 1e6:.0f} us, "

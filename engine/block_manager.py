@@ -78,7 +78,7 @@ class BlockManager:
         max_blocks = (len(tokens) - 1) // bs
         hits: list[int] = []
         parent = b""
-        # One conversion for the whole prompt, then byte slices: a 4k-token prompt looks up 256 blocks per request.
+        # One conversion for the whole prompt, then byte slices (a 4k-token prompt is 64-256 blocks).
         data = token_bytes(tokens[: max_blocks * bs])
         width = 8 * bs
         for i in range(max_blocks):
