@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import triton_available
+from engine.layers.kernels import launch_options, pdl_enabled, triton_available
 
 MAX_SPLITS = 32
 
@@ -64,7 +64,11 @@ def _build_kernel():
         D: tl.constexpr,
         BS: tl.constexpr,
         S: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -158,6 +162,8 @@ class SplitDecode:
             D=self.d,
             BS=kv_cache.shape[3],
             S=self.splits,
+            PDL=pdl_enabled(q.device),
             num_warps=4,
+            **launch_options(q.device),
         )
         return out

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import triton_available
+from engine.layers.kernels import launch_options, pdl_enabled, triton_available
 
 
 def fused_qkv_available(head_dim: int) -> bool:
@@ -53,9 +53,13 @@ def _build_kernel():
         BS: tl.constexpr,
         BLOCK_H: tl.constexpr,
         NORM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # One program per token, all its q and k heads as rows of one tile (the per-token page lookup happens
         # once); k rows also move their head's V.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # the QKV projection's output is ready
         t = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)
         half = tl.arange(0, D // 2)
@@ -144,6 +148,8 @@ def qk_norm_rope_append(
         BS=kv_cache.shape[3],
         BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),  # Triton tiles are powers of two
         NORM=norm,
+        PDL=pdl_enabled(qkv.device),
         num_warps=4,
+        **launch_options(qkv.device),
     )
     return q

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.layers.kernels import triton_available
+from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
 from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
@@ -77,6 +77,8 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+
     @triton.jit
     def gemv_kernel(
         x_ptr,
@@ -89,6 +91,7 @@ def _build_kernel():
         N,
         K,
         stride_w,
+        slice_bytes,
         eps,
         NORM: tl.constexpr,
         RESIDUAL: tl.constexpr,
@@ -97,10 +100,31 @@ def _build_kernel():
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVICT_FIRST: tl.constexpr,
+        PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
         pid = tl.program_id(0)
+        if PDL:
+            if PREFETCH:
+                # The weights are not written by earlier kernels: pull this program's rows (one contiguous
+                # slice) into L2 while the kernel before is still finishing.
+                w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
+                tl.inline_asm_elementwise(
+                    prefetch_asm, "=r,l,r", [w_slice, slice_bytes], dtype=tl.int32, is_pure=False, pack=1
+                )
+                if SILU:
+                    tl.inline_asm_elementwise(
+                        prefetch_asm,
+                        "=r,l,r",
+                        [w_slice + N * stride_w, slice_bytes],
+                        dtype=tl.int32,
+                        is_pure=False,
+                        pack=1,
+                    )
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (the hidden row, the residual) are ready
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         dtype = y_ptr.dtype.element_ty
@@ -158,6 +182,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
     x = x.contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
+    slice_bytes = block_n * weight.stride(0) * weight.element_size()
     _build_kernel()[(n // block_n,)](
         x,
         residual if residual is not None else x,
@@ -169,6 +194,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         n,
         k,
         weight.stride(0),
+        slice_bytes,
         norm.eps if norm is not None else 0.0,
         NORM=norm is not None,
         RESIDUAL=residual is not None,
@@ -177,9 +203,26 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVICT_FIRST=evict_first,
+        PDL=pdl_enabled(x.device),
+        PREFETCH=_prefetch_fits(weight, slice_bytes),
         num_warps=warps,
+        **launch_options(x.device),
     )
     return y, res_out
+
+
+def _prefetch_fits(weight: torch.Tensor, slice_bytes: int) -> bool:
+    # Only weights that fit a quarter of L2 (Qwen3-0.6B's, not Qwen3-8B's): a prefetched slice of a larger one
+    # could be evicted before its program reads it, and be read from memory twice. The bulk prefetch wants
+    # 16-byte-aligned slices.
+    if not l2_prefetch_enabled(weight.device) or weight.data_ptr() % 16 or slice_bytes % 16:
+        return False
+    return weight.numel() * weight.element_size() <= _l2_bytes(weight.device) // 4
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:

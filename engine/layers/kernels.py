@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+
+import torch
+
+# One thread of the program asks the copy engine to pull [ptr, ptr + size) into L2 (sm90 bulk prefetch); the
+# output register only satisfies Triton's inline-asm form.
+L2_PREFETCH_ASM = (
+    "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+)
 
 
 def flashinfer_available() -> bool:
@@ -13,3 +24,39 @@ def flashinfer_available() -> bool:
 def triton_available() -> bool:
     """True when Triton is importable (the engine's own kernels: fused q/k, one-row GEMVs, split-KV decode)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def pdl_mode() -> str:
+    """NANOVLLM_PDL: "1" (programmatic dependent launch with L2 weight prefetch, the default), "wait" (launch
+    without the prefetch) or "0" (plain launches)."""
+    mode = os.environ.get("NANOVLLM_PDL", "1")
+    if mode not in ("0", "wait", "1"):
+        raise ValueError(f"NANOVLLM_PDL={mode!r} is not one of '0', 'wait', '1'")
+    return mode
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9  # griddepcontrol needs sm90
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the engine's Triton kernels on this device launch with programmatic dependent launch.
+
+    Why: a decode step is a chain of small kernels (six per layer at batch 1) whose ramp-up and tail leave the
+    memory system idle (docs/benchmarks.md). Launched this way, each kernel lets the next one start as soon as
+    all its programs run; the next one streams its weights into L2, then waits (griddepcontrol.wait) for the
+    previous kernel's results before it reads any activation or writes anything."""
+    if pdl_mode() == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def l2_prefetch_enabled(device: torch.device) -> bool:
+    """Whether PDL-launched GEMVs prefetch their weights into L2 before waiting (NANOVLLM_PDL=1)."""
+    return pdl_enabled(device) and pdl_mode() == "1"
+
+
+def launch_options(device: torch.device) -> dict:
+    """Extra Triton launch options for an engine kernel: launch_pdl where PDL is on (every such kernel waits)."""
+    return {"launch_pdl": True} if pdl_enabled(device) else {}

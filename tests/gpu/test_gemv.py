@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from engine.layers.gemv import GEMV_CONFIGS, SMALL_K_CONFIGS, _launch, configs_for, reference_gemv
+from engine.layers.gemv import GEMV_CONFIGS, SMALL_K_CONFIGS, _launch, _prefetch_fits, configs_for, reference_gemv
+from engine.layers.kernels import pdl_enabled
 
 # (N, K, silu, bias, norm, residual): Qwen3-0.6B qkv / o / gate_up / down, a Qwen2-style biased qkv without a
 # residual (the first layer), Qwen3-8B gate/up, SmolLM2's K=576.
@@ -22,8 +23,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES)
-def test_gemv_matches_torch(n, k, silu, bias, norm, residual):
+def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
+    # pdl "1": launched with programmatic dependent launch, small weights prefetched into L2 first; "0": plain.
+    monkeypatch.setenv("NANOVLLM_PDL", pdl)
     g = torch.Generator(device="cuda").manual_seed(n + k)
     dt, dev = torch.bfloat16, "cuda"
     rows = 2 * n if silu else n
@@ -36,6 +40,10 @@ def test_gemv_matches_torch(n, k, silu, bias, norm, residual):
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
     configs = configs_for(n, k)
     assert configs, f"no configuration fits {n}x{k}"
+    sm90 = torch.cuda.get_device_capability()[0] >= 9
+    assert pdl_enabled(w.device) == (sm90 and pdl == "1")
+    if sm90 and pdl == "1" and w.numel() * 2 <= 4 * 2**20:  # a 0.6B-sized weight takes the prefetch
+        assert _prefetch_fits(w, configs[0][0] * k * 2)
     for cfg in configs:
         y, res_out = _launch(x, w, cfg, bias=b, norm=nm, residual=r, silu=silu)
         err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
