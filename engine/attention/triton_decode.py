@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
 
 MAX_SPLITS = 32
 
@@ -44,6 +44,8 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+
     @triton.jit
     def split_decode(
         q_ptr,
@@ -65,19 +67,38 @@ def _build_kernel():
         BS: tl.constexpr,
         S: tl.constexpr,
         PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        # The page table is copied in before the step's graph starts, so it can be read before the wait.
         start = tl.load(indptr_ptr + b)
         num_pages = tl.load(indptr_ptr + b + 1) - start
-        last_len = tl.load(last_ptr + b)
         per_split = tl.cdiv(num_pages, S)
         first = split * per_split
         stop = tl.minimum(first + per_split, num_pages)
+        if PDL:
+            if PREFETCH:
+                # Pull this split's K and V pages into L2 while the kernel before (the append) finishes.
+                page_bytes = BS * D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                for p in range(first, stop):
+                    page = tl.load(indices_ptr + start + p).to(tl.int64)
+                    k_page = cache_ptr + (page * 2 * HKV + kvh) * BS * D
+                    tl.inline_asm_elementwise(
+                        prefetch_asm, "=r,l,r", [k_page, page_bytes], dtype=tl.int32, is_pure=False, pack=1
+                    )
+                    tl.inline_asm_elementwise(
+                        prefetch_asm,
+                        "=r,l,r",
+                        [k_page + HKV * BS * D, page_bytes],
+                        dtype=tl.int32,
+                        is_pure=False,
+                        pack=1,
+                    )
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
+        last_len = tl.load(last_ptr + b)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         t = tl.arange(0, BS)
@@ -138,6 +159,7 @@ class SplitDecode:
         self.part_l = torch.empty(n, dtype=torch.float32, device=device)
         self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
         self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+        self.prefetch = l2_prefetch_enabled(device) and os.environ.get("NANOVLLM_ATTN_PREFETCH", "1") != "0"
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -163,6 +185,7 @@ class SplitDecode:
             BS=kv_cache.shape[3],
             S=self.splits,
             PDL=pdl_enabled(q.device),
+            PREFETCH=self.prefetch,
             num_warps=4,
             **launch_options(q.device),
         )
