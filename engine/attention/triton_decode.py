@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import launch_options, pdl_enabled, triton_available
 
 MAX_SPLITS = 32
 
@@ -44,8 +44,6 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
-
     @triton.jit
     def split_decode(
         q_ptr,
@@ -67,80 +65,72 @@ def _build_kernel():
         BS: tl.constexpr,
         S: tl.constexpr,
         PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        MIN_PAGES: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        # The page table is copied in before the step's graph starts, so it can be read before the wait.
+        # The page table is copied in before the step's graph starts: it can be read before the PDL wait.
         start = tl.load(indptr_ptr + b)
         num_pages = tl.load(indptr_ptr + b + 1) - start
-        per_split = tl.cdiv(num_pages, S)
-        first = split * per_split
-        stop = tl.minimum(first + per_split, num_pages)
-        if PDL:
-            if PREFETCH:
-                # Pull this split's K and V pages into L2 while the kernel before (the append) finishes.
-                page_bytes = BS * D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
-                for p in range(first, stop):
-                    page = tl.load(indices_ptr + start + p).to(tl.int64)
-                    k_page = cache_ptr + (page * 2 * HKV + kvh) * BS * D
-                    tl.inline_asm_elementwise(
-                        prefetch_asm, "=r,l,r", [k_page, page_bytes], dtype=tl.int32, is_pure=False, pack=1
+        per_split = tl.maximum(tl.cdiv(num_pages, S), MIN_PAGES)
+        active = tl.cdiv(num_pages, per_split)
+        # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
+        if split < active:
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+                tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
+            last_len = tl.load(last_ptr + b)
+            first = split * per_split
+            stop = tl.minimum(first + per_split, num_pages)
+            g = tl.arange(0, BLOCK_G)
+            d = tl.arange(0, D)
+            t = tl.arange(0, BS)
+            live = g < G
+            heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
+            q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+            for p in range(first, stop):
+                page = tl.load(indices_ptr + start + p).to(tl.int64)
+                # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
+                k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
+                k = tl.load(k_rows)
+                v = tl.load(k_rows + HKV * BS * D)
+                scores = tl.dot(q, tl.trans(k)) * scale_log2
+                valid = tl.where(p == num_pages - 1, last_len, BS)
+                scores = tl.where(t[None, :] < valid, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                alpha = tl.exp2(m - m_new)
+                probs = tl.exp2(scores - m_new[:, None])
+                l_sum = l_sum * alpha + tl.sum(probs, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+                m = m_new
+            part = heads * S + split
+            tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
+            tl.store(part_m_ptr + part, m, mask=live)
+            tl.store(part_l_ptr + part, l_sum, mask=live)
+            # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
+            if arrived == active - 1:
+                splits = tl.arange(0, S)
+                used = splits < active
+                for gi in tl.static_range(G):
+                    h = b * HQ + kvh * G + gi
+                    ms = tl.load(part_m_ptr + h * S + splits, mask=used, other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(part_l_ptr + h * S + splits, mask=used, other=0.0, cache_modifier=".cg")
+                    os_ = tl.load(
+                        part_o_ptr + (h * S + splits)[:, None] * D + d[None, :],
+                        mask=used[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
                     )
-                    tl.inline_asm_elementwise(
-                        prefetch_asm,
-                        "=r,l,r",
-                        [k_page + HKV * BS * D, page_bytes],
-                        dtype=tl.int32,
-                        is_pure=False,
-                        pack=1,
-                    )
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
-        last_len = tl.load(last_ptr + b)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        t = tl.arange(0, BS)
-        live = g < G
-        heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
-        q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-        for p in range(first, stop):
-            page = tl.load(indices_ptr + start + p).to(tl.int64)
-            # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
-            k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
-            k = tl.load(k_rows)
-            v = tl.load(k_rows + HKV * BS * D)
-            scores = tl.dot(q, tl.trans(k)) * scale_log2
-            valid = tl.where(p == num_pages - 1, last_len, BS)
-            scores = tl.where(t[None, :] < valid, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp2(m - m_new)
-            probs = tl.exp2(scores - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(probs, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
-            m = m_new
-        part = heads * S + split
-        tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
-        tl.store(part_m_ptr + part, m, mask=live)
-        tl.store(part_l_ptr + part, l_sum, mask=live)
-        # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
-        if arrived == S - 1:
-            splits = tl.arange(0, S)
-            for gi in tl.static_range(G):
-                h = b * HQ + kvh * G + gi
-                ms = tl.load(part_m_ptr + h * S + splits, cache_modifier=".cg")
-                ls = tl.load(part_l_ptr + h * S + splits, cache_modifier=".cg")
-                os_ = tl.load(part_o_ptr + (h * S + splits)[:, None] * D + d[None, :], cache_modifier=".cg")
-                w = tl.exp2(ms - tl.max(ms, axis=0))  # empty splits have m = -inf: weight 0
-                o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
-                tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
-            tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
+                    w = tl.exp2(ms - tl.max(ms, axis=0))  # unused splits have m = -inf: weight 0
+                    o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
+                    tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
+                tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
 
     return split_decode
 
@@ -159,7 +149,7 @@ class SplitDecode:
         self.part_l = torch.empty(n, dtype=torch.float32, device=device)
         self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
         self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
-        self.prefetch = l2_prefetch_enabled(device) and os.environ.get("NANOVLLM_ATTN_PREFETCH", "1") != "0"
+        self.min_pages = int(os.environ.get("NANOVLLM_SPLIT_MIN_PAGES", "1"))  # pages per split, at least
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -185,7 +175,7 @@ class SplitDecode:
             BS=kv_cache.shape[3],
             S=self.splits,
             PDL=pdl_enabled(q.device),
-            PREFETCH=self.prefetch,
+            MIN_PAGES=self.min_pages,
             num_warps=4,
             **launch_options(q.device),
         )

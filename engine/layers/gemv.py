@@ -92,6 +92,9 @@ def _build_kernel():
         K,
         stride_w,
         slice_bytes,
+        ahead_ptr,
+        ahead_numel,
+        ahead_chunk,
         eps,
         NORM: tl.constexpr,
         RESIDUAL: tl.constexpr,
@@ -102,6 +105,7 @@ def _build_kernel():
         EVICT_FIRST: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
+        AHEAD: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
@@ -122,6 +126,16 @@ def _build_kernel():
                         dtype=tl.int32,
                         is_pure=False,
                         pack=1,
+                    )
+            if AHEAD:
+                # A weight a few kernels later in the step, shared out among this kernel's programs: it streams
+                # in while the kernels between (attention among them) keep the memory system otherwise idle.
+                first = pid.to(tl.int64) * ahead_chunk
+                count = tl.minimum(ahead_chunk, ahead_numel - first)
+                if count > 0:
+                    nbytes = (count * (ahead_ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
+                    tl.inline_asm_elementwise(
+                        prefetch_asm, "=r,l,r", [ahead_ptr + first, nbytes], dtype=tl.int32, is_pure=False, pack=1
                     )
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (the hidden row, the residual) are ready
@@ -175,7 +189,7 @@ def _build_kernel():
     return gemv_kernel
 
 
-def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
+def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, ahead=None):
     block_n, block_k, warps, evict_first = cfg
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     k = weight.shape[1]
@@ -183,7 +197,14 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     slice_bytes = block_n * weight.stride(0) * weight.element_size()
-    _build_kernel()[(n // block_n,)](
+    programs = n // block_n
+    # Programs share the ahead weight in chunks of whole 16-byte units (the bulk prefetch's granule).
+    unit = 16 // weight.element_size()
+    ahead_chunk = 0
+    if ahead is not None:
+        per_program = -(-ahead.numel() // programs)
+        ahead_chunk = -(-per_program // unit) * unit
+    _build_kernel()[(programs,)](
         x,
         residual if residual is not None else x,
         norm.weight if norm is not None else x,
@@ -195,6 +216,9 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         k,
         weight.stride(0),
         slice_bytes,
+        ahead if ahead is not None else weight,
+        ahead.numel() if ahead is not None else 0,
+        ahead_chunk,
         norm.eps if norm is not None else 0.0,
         NORM=norm is not None,
         RESIDUAL=residual is not None,
@@ -205,6 +229,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         EVICT_FIRST=evict_first,
         PDL=pdl_enabled(x.device),
         PREFETCH=_prefetch_fits(weight, slice_bytes),
+        AHEAD=ahead is not None and _prefetch_fits(ahead, ahead.numel() * ahead.element_size()),
         num_warps=warps,
         **launch_options(x.device),
     )
@@ -225,21 +250,24 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
-    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None."""
+def linear_row(x: torch.Tensor, linear, cfg: tuple | None, ahead: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None; the GEMV
+    also prefetches `ahead` (a later weight) into L2."""
     if cfg is None:
         return linear(x)
-    return _launch(x, linear.weight, cfg, bias=linear.bias)[0]
+    return _launch(x, linear.weight, cfg, bias=linear.bias, ahead=ahead)[0]
 
 
-def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
+def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None, ahead=None):
     """(act(linear(norm(x + residual))), x + residual) for one row; residual None means x is the residual.
 
-    With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU; without, the
-    modules run one after another."""
+    With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU, and prefetches
+    `ahead` into L2; without, the modules run one after another."""
     if cfg is not None:
         silu = act is not None
-        y, res_out = _launch(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
+        y, res_out = _launch(
+            x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu, ahead=ahead
+        )
         return y, (x if residual is None else res_out)
     if residual is None:
         residual, h = x, norm(x)
@@ -316,6 +344,25 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
                 lin = _role_modules(layer)[role][1]
                 lin.weight.data = lin.weight.data.contiguous()
     return plan
+
+
+def prefetch_distance() -> int:
+    """NANOVLLM_PREFETCH_AHEAD: how many projections ahead a one-row GEMV prefetches a weight (0: none)."""
+    value = os.environ.get("NANOVLLM_PREFETCH_AHEAD", "2")
+    if not value.isdigit():
+        raise ValueError(f"NANOVLLM_PREFETCH_AHEAD={value!r} must be a whole number of projections (0 = off)")
+    return int(value)
+
+
+def ahead_weights(layers, distance: int) -> list[dict[str, torch.Tensor | None]]:
+    """Per layer and role, the weight `distance` projections later in a one-row step (qkv, o, gate_up, down,
+    then the next layer's qkv, ...), which that role's GEMV prefetches; None past the last layer or when off."""
+    chain = [_role_modules(layer)[role][1].weight for layer in layers for role in ROLES]
+    out = []
+    for i in range(len(layers)):
+        at = [i * len(ROLES) + j + distance for j in range(len(ROLES))]
+        out.append({role: chain[a] if distance and a < len(chain) else None for role, a in zip(ROLES, at, strict=True)})
+    return out
 
 
 def reference_gemv(x, weight, bias=None, norm_weight=None, eps=1e-6, residual=None, silu=False):

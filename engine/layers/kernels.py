@@ -40,23 +40,24 @@ def _pdl_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9  # griddepcontrol needs sm90
 
 
-def pdl_enabled(device: torch.device) -> bool:
+def pdl_enabled(device: torch.device | str) -> bool:
     """Whether the engine's Triton kernels on this device launch with programmatic dependent launch.
 
     Why: a decode step is a chain of small kernels (six per layer at batch 1) whose ramp-up and tail leave the
     memory system idle (docs/benchmarks.md). Launched this way, each kernel lets the next one start as soon as
     all its programs run; the next one streams its weights into L2, then waits (griddepcontrol.wait) for the
     previous kernel's results before it reads any activation or writes anything."""
+    device = torch.device(device)
     if pdl_mode() == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def l2_prefetch_enabled(device: torch.device) -> bool:
+def l2_prefetch_enabled(device: torch.device | str) -> bool:
     """Whether PDL-launched GEMVs prefetch their weights into L2 before waiting (NANOVLLM_PDL=1)."""
     return pdl_enabled(device) and pdl_mode() == "1"
 
 
-def launch_options(device: torch.device) -> dict:
+def launch_options(device: torch.device | str) -> dict:
     """Extra Triton launch options for an engine kernel: launch_pdl where PDL is on (every such kernel waits)."""
     return {"launch_pdl": True} if pdl_enabled(device) else {}
