@@ -120,6 +120,7 @@ class _FlashInferAttention(AttentionBackend):
             self.kv_indptr,
             self.kv_indices,
             kv_cache,
+            prefetch=attn.row_prefetch if qkv.shape[0] == 1 else (),
         )
         return self.attend(q, kv_cache)
 

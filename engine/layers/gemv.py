@@ -20,7 +20,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import (
+    L2_PREFETCH_ASM,
+    l2_prefetch_enabled,
+    launch_options,
+    layer_prefetch_mode,
+    pdl_enabled,
+    triton_available,
+)
 from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
@@ -92,9 +99,6 @@ def _build_kernel():
         K,
         stride_w,
         slice_bytes,
-        ahead_ptr,
-        ahead_numel,
-        ahead_chunk,
         eps,
         NORM: tl.constexpr,
         RESIDUAL: tl.constexpr,
@@ -105,7 +109,6 @@ def _build_kernel():
         EVICT_FIRST: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
-        AHEAD: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
@@ -126,16 +129,6 @@ def _build_kernel():
                         dtype=tl.int32,
                         is_pure=False,
                         pack=1,
-                    )
-            if AHEAD:
-                # A weight a few kernels later in the step, shared out among this kernel's programs: it streams
-                # in while the kernels between (attention among them) keep the memory system otherwise idle.
-                first = pid.to(tl.int64) * ahead_chunk
-                count = tl.minimum(ahead_chunk, ahead_numel - first)
-                if count > 0:
-                    nbytes = (count * (ahead_ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
-                    tl.inline_asm_elementwise(
-                        prefetch_asm, "=r,l,r", [ahead_ptr + first, nbytes], dtype=tl.int32, is_pure=False, pack=1
                     )
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (the hidden row, the residual) are ready
@@ -189,7 +182,7 @@ def _build_kernel():
     return gemv_kernel
 
 
-def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, ahead=None):
+def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
     block_n, block_k, warps, evict_first = cfg
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     k = weight.shape[1]
@@ -197,14 +190,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, ahe
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     slice_bytes = block_n * weight.stride(0) * weight.element_size()
-    programs = n // block_n
-    # Programs share the ahead weight in chunks of whole 16-byte units (the bulk prefetch's granule).
-    unit = 16 // weight.element_size()
-    ahead_chunk = 0
-    if ahead is not None:
-        per_program = -(-ahead.numel() // programs)
-        ahead_chunk = -(-per_program // unit) * unit
-    _build_kernel()[(programs,)](
+    _build_kernel()[(n // block_n,)](
         x,
         residual if residual is not None else x,
         norm.weight if norm is not None else x,
@@ -216,9 +202,6 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, ahe
         k,
         weight.stride(0),
         slice_bytes,
-        ahead if ahead is not None else weight,
-        ahead.numel() if ahead is not None else 0,
-        ahead_chunk,
         norm.eps if norm is not None else 0.0,
         NORM=norm is not None,
         RESIDUAL=residual is not None,
@@ -229,7 +212,6 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, ahe
         EVICT_FIRST=evict_first,
         PDL=pdl_enabled(x.device),
         PREFETCH=_prefetch_fits(weight, slice_bytes),
-        AHEAD=ahead is not None and _prefetch_fits(ahead, ahead.numel() * ahead.element_size()),
         num_warps=warps,
         **launch_options(x.device),
     )
@@ -250,24 +232,21 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def linear_row(x: torch.Tensor, linear, cfg: tuple | None, ahead: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None; the GEMV
-    also prefetches `ahead` (a later weight) into L2."""
+def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
+    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None."""
     if cfg is None:
         return linear(x)
-    return _launch(x, linear.weight, cfg, bias=linear.bias, ahead=ahead)[0]
+    return _launch(x, linear.weight, cfg, bias=linear.bias)[0]
 
 
-def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None, ahead=None):
+def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
     """(act(linear(norm(x + residual))), x + residual) for one row; residual None means x is the residual.
 
-    With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU, and prefetches
-    `ahead` into L2; without, the modules run one after another."""
+    With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU; without, the
+    modules run one after another."""
     if cfg is not None:
         silu = act is not None
-        y, res_out = _launch(
-            x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu, ahead=ahead
-        )
+        y, res_out = _launch(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
         return y, (x if residual is None else res_out)
     if residual is None:
         residual, h = x, norm(x)
@@ -346,22 +325,23 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
     return plan
 
 
-def prefetch_distance() -> int:
-    """NANOVLLM_PREFETCH_AHEAD: how many projections ahead a one-row GEMV prefetches a weight (0: none)."""
-    value = os.environ.get("NANOVLLM_PREFETCH_AHEAD", "2")
-    if not value.isdigit():
-        raise ValueError(f"NANOVLLM_PREFETCH_AHEAD={value!r} must be a whole number of projections (0 = off)")
-    return int(value)
+def layer_prefetch(layers) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer, the weights a one-row step prefetches into L2 when its QKV projection is done: the layer's o,
+    gate/up and down projections (and with NANOVLLM_LAYER_PREFETCH=all the next layer's QKV).
 
-
-def ahead_weights(layers, distance: int) -> list[dict[str, torch.Tensor | None]]:
-    """Per layer and role, the weight `distance` projections later in a one-row step (qkv, o, gate_up, down,
-    then the next layer's qkv, ...), which that role's GEMV prefetches; None past the last layer or when off."""
-    chain = [_role_modules(layer)[role][1].weight for layer in layers for role in ROLES]
+    Why: between the QKV projection and the o projection only the q/k kernel and attention run, and they read
+    little from memory; with the weights streaming in meanwhile, the three GEMVs after attention read from L2.
+    Only where the weights are small next to L2 (Qwen3-0.6B, not Qwen3-8B), so they are still there when read."""
+    mode = layer_prefetch_mode()
     out = []
-    for i in range(len(layers)):
-        at = [i * len(ROLES) + j + distance for j in range(len(ROLES))]
-        out.append({role: chain[a] if distance and a < len(chain) else None for role, a in zip(ROLES, at, strict=True)})
+    for i, layer in enumerate(layers):
+        weights = [_role_modules(layer)[role][1].weight for role in ("o", "gate_up", "down")]
+        if mode == "all" and i + 1 < len(layers):
+            weights.append(_role_modules(layers[i + 1])["qkv"][1].weight)
+        dense = all(w.is_contiguous() or w.t().is_contiguous() for w in weights)  # one range from data_ptr()
+        fits = mode != "0" and dense and all(_prefetch_fits(w, w.numel() * w.element_size()) for w in weights)
+        total = sum(w.numel() * w.element_size() for w in weights)
+        out.append(tuple(weights) if fits and total <= _l2_bytes(weights[0].device) // 2 else ())
     return out
 
 

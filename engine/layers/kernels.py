@@ -16,6 +16,13 @@ L2_PREFETCH_ASM = (
 )
 
 
+# Each thread pulls its own [ptr, ptr + size) into L2; sizes of 0 or less (past a weight's end) are skipped.
+L2_PREFETCH_EACH_ASM = (
+    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+)
+LAYER_PREFETCH_CHUNKS = 256  # pieces each weight is prefetched in (at least one per thread of a 4-warp program)
+
+
 def flashinfer_available() -> bool:
     """True when FlashInfer is importable (it needs CUDA)."""
     return importlib.util.find_spec("flashinfer") is not None
@@ -61,3 +68,27 @@ def l2_prefetch_enabled(device: torch.device | str) -> bool:
 def launch_options(device: torch.device | str) -> dict:
     """Extra Triton launch options for an engine kernel: launch_pdl where PDL is on (every such kernel waits)."""
     return {"launch_pdl": True} if pdl_enabled(device) else {}
+
+
+def layer_prefetch_mode() -> str:
+    """NANOVLLM_LAYER_PREFETCH: which weights a one-row step prefetches into L2 once its QKV projection is done:
+    "mlp" (the layer's o, gate/up and down projections, the default), "all" (also the next layer's QKV) or "0"."""
+    mode = os.environ.get("NANOVLLM_LAYER_PREFETCH", "mlp")
+    if mode not in ("0", "mlp", "all"):
+        raise ValueError(f"NANOVLLM_LAYER_PREFETCH={mode!r} is not one of '0', 'mlp', 'all'")
+    return mode
+
+
+def prefetch_args(weights, max_ranges: int) -> tuple[list, int]:
+    """Kernel arguments for prefetching up to max_ranges weights in LAYER_PREFETCH_CHUNKS pieces each:
+    (pointer, numel, elements per piece) per range, padded with empty ranges, and how many are real."""
+    args = []
+    for w in weights:
+        unit = 16 // w.element_size()  # a piece is a whole number of 16-byte granules
+        per = -(-w.numel() // LAYER_PREFETCH_CHUNKS)
+        args += [w, w.numel(), -(-per // unit) * unit]
+    count = len(weights)
+    pad = weights[0] if weights else None
+    for _ in range(max_ranges - count):
+        args += [pad, 0, 0]
+    return args, count

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
-from engine.layers.gemv import ahead_weights, linear_row, norm_linear_row, prefetch_distance, tune_gemv
+from engine.layers.gemv import layer_prefetch, linear_row, norm_linear_row, tune_gemv
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -40,6 +40,8 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
         self.sizes = (q_size, kv_size, kv_size)
+        # Weights a one-row step prefetches into L2 once this layer's QKV projection is done (layer_prefetch()).
+        self.row_prefetch: tuple[torch.Tensor, ...] = ()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Project, rotate, attend through the backend, project back."""
@@ -88,7 +90,6 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, fused)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
-        self.gemv_ahead: dict[str, torch.Tensor | None] = {}  # role -> a later weight its GEMV prefetches
 
     def forward(self, x, residual, ctx: ForwardContext):
         """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
@@ -106,15 +107,13 @@ class DecoderLayer(nn.Module):
     def forward_row(self, x, residual, ctx: ForwardContext):
         """The block for one token (batch-1 decode): the projections the plan names run as Triton GEMVs with the
         norm before them and the activation after them fused in; the others as in forward()."""
-        plan, ahead, attn, mlp = self.gemv_plan, self.gemv_ahead, self.self_attn, self.mlp
-        qkv, residual = norm_linear_row(
-            x, residual, self.input_layernorm, attn.qkv_proj, plan["qkv"], ahead=ahead.get("qkv")
-        )
-        x = linear_row(attn.attend(qkv, ctx), attn.o_proj, plan["o"], ahead.get("o"))
+        plan, attn, mlp = self.gemv_plan, self.self_attn, self.mlp
+        qkv, residual = norm_linear_row(x, residual, self.input_layernorm, attn.qkv_proj, plan["qkv"])
+        x = linear_row(attn.attend(qkv, ctx), attn.o_proj, plan["o"])
         act, residual = norm_linear_row(
-            x, residual, self.post_attention_layernorm, mlp.gate_up_proj, plan["gate_up"], mlp.act, ahead.get("gate_up")
+            x, residual, self.post_attention_layernorm, mlp.gate_up_proj, plan["gate_up"], mlp.act
         )
-        return linear_row(act, mlp.down_proj, plan["down"], ahead.get("down")), residual
+        return linear_row(act, mlp.down_proj, plan["down"]), residual
 
 
 def sliding_window_of(cfg) -> int | None:
@@ -185,10 +184,10 @@ class LlamaForCausalLM(nn.Module):
     def tune_row_kernels(self, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
         """Choose, by timing, which one-row projections run as fused Triton GEMVs (see engine/layers/gemv.py)."""
         plan = tune_gemv(self.layers, stream_bytes, margin)
-        ahead = ahead_weights(self.layers, prefetch_distance() if plan else 0)
-        for layer, layer_ahead in zip(self.layers, ahead, strict=True):
+        ahead = layer_prefetch(self.layers) if plan else [()] * len(self.layers)
+        for layer, weights in zip(self.layers, ahead, strict=True):
             layer.gemv_plan = plan
-            layer.gemv_ahead = layer_ahead
+            layer.self_attn.row_prefetch = weights
         return plan
 
     def pack_cpu(self) -> int:

@@ -38,7 +38,6 @@ def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
     b = torch.randn(rows, device=dev, generator=g).to(dt) if bias else None
     nm = types.SimpleNamespace(weight=nw, eps=1e-6) if norm else None
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
-    ahead = torch.randn(1000, 1032, device=dev, generator=g).to(dt)  # chunks do not divide it evenly
     configs = configs_for(n, k)
     assert configs, f"no configuration fits {n}x{k}"
     sm90 = torch.cuda.get_device_capability()[0] >= 9
@@ -51,9 +50,6 @@ def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
         assert err < 1e-2, f"{cfg}: relative error {err:.2e}"
         if residual:
             assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
-        # Prefetching a later weight into L2 (shared out among the programs) leaves the result as it was.
-        y_ahead, _ = _launch(x, w, cfg, bias=b, norm=nm, residual=r, silu=silu, ahead=ahead)
-        assert torch.equal(y_ahead, y), f"{cfg}: prefetching ahead changed the result"
     # the reference itself is not trivially equal to a plain GEMV of x (so the comparison checks the fusion)
     if norm or silu:
         plain = torch.nn.functional.linear(x.float(), w.float()).to(dt)
