@@ -15,16 +15,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import (
-    L2_PREFETCH_EACH_ASM,
-    LAYER_PREFETCH_CHUNKS,
-    launch_options,
-    pdl_enabled,
-    prefetch_args,
-    triton_available,
-)
-
-MAX_PREFETCH = 4  # weights one launch can prefetch
+from engine.layers.kernels import launch_options, pdl_enabled, triton_available
 
 
 def fused_qkv_available(head_dim: int) -> bool:
@@ -41,16 +32,6 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    prefetch_asm = tl.constexpr(L2_PREFETCH_EACH_ASM)
-
-    @triton.jit
-    def prefetch_range(ptr, numel, chunk, CHUNKS: tl.constexpr):
-        # Piece i of the weight: [i * chunk, min((i + 1) * chunk, numel)) elements, one piece per element.
-        i = tl.arange(0, CHUNKS).to(tl.int64)
-        first = i * chunk
-        nbytes = (tl.minimum(chunk, numel - first) * (ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
-        tl.inline_asm_elementwise(prefetch_asm, "=r,l,r", [ptr + first, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
     @triton.jit
     def qk_norm_rope_append(
         qkv_ptr,
@@ -66,18 +47,6 @@ def _build_kernel():
         kv_indices_ptr,
         cache_ptr,
         eps,
-        pf0,
-        pf0_numel,
-        pf0_chunk,
-        pf1,
-        pf1_numel,
-        pf1_chunk,
-        pf2,
-        pf2_numel,
-        pf2_chunk,
-        pf3,
-        pf3_numel,
-        pf3_chunk,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
         D: tl.constexpr,
@@ -85,24 +54,12 @@ def _build_kernel():
         BLOCK_H: tl.constexpr,
         NORM: tl.constexpr,
         PDL: tl.constexpr,
-        NUM_PF: tl.constexpr,
-        PF_CHUNKS: tl.constexpr,
     ):
         # One program per token, all its q and k heads as rows of one tile (the per-token page lookup happens
         # once); k rows also move their head's V.
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()  # the QKV projection's output is ready
-        if NUM_PF > 0 and tl.program_id(0) == 0:
-            # The QKV projection is done and attention reads little: the memory system would idle until the
-            # o projection. Start the layer's next weights streaming into L2 now (one-row steps only).
-            prefetch_range(pf0, pf0_numel, pf0_chunk, PF_CHUNKS)
-            if NUM_PF > 1:
-                prefetch_range(pf1, pf1_numel, pf1_chunk, PF_CHUNKS)
-            if NUM_PF > 2:
-                prefetch_range(pf2, pf2_numel, pf2_chunk, PF_CHUNKS)
-            if NUM_PF > 3:
-                prefetch_range(pf3, pf3_numel, pf3_chunk, PF_CHUNKS)
         t = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)
         half = tl.arange(0, D // 2)
@@ -160,18 +117,13 @@ def qk_norm_rope_append(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     kv_cache: torch.Tensor,
-    prefetch: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """From the QKV projection [T, (Hq + 2 Hkv) * D]: normalise (when weights are given) and rotate q and k, append
     k and v at (batch_indices, append_positions) of the paged cache [pages, 2, Hkv, page_size, D] whose page table
-    is (kv_indptr, kv_indices), and return q [T, Hq, D]. Program 0 also prefetches the `prefetch` weights into L2
-    (up to MAX_PREFETCH, each a dense tensor)."""
+    is (kv_indptr, kv_indices), and return q [T, Hq, D]."""
     import triton
 
     kernel = _build_kernel()
-    pf_args, num_pf = prefetch_args(list(prefetch[:MAX_PREFETCH]), MAX_PREFETCH)
-    if num_pf == 0:
-        pf_args = [qkv, 0, 0] * MAX_PREFETCH
     t = qkv.shape[0]
     d = kv_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
@@ -190,7 +142,6 @@ def qk_norm_rope_append(
         kv_indices,
         kv_cache,
         eps,
-        *pf_args,
         HQ=num_heads,
         HKV=num_kv_heads,
         D=d,
@@ -198,8 +149,6 @@ def qk_norm_rope_append(
         BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),  # Triton tiles are powers of two
         NORM=norm,
         PDL=pdl_enabled(qkv.device),
-        NUM_PF=num_pf,
-        PF_CHUNKS=LAYER_PREFETCH_CHUNKS,
         num_warps=4,
         **launch_options(qkv.device),
     )

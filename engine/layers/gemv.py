@@ -326,18 +326,16 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
 
 
 def layer_prefetch(layers) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer, the weights a one-row step prefetches into L2 when its QKV projection is done: the layer's o,
-    gate/up and down projections (and with NANOVLLM_LAYER_PREFETCH=all the next layer's QKV).
+    """Per layer, the weights a one-row step's attention kernel prefetches into L2: the layer's o, gate/up and
+    down projections (engine/attention/triton_decode.py).
 
     Why: between the QKV projection and the o projection only the q/k kernel and attention run, and they read
     little from memory; with the weights streaming in meanwhile, the three GEMVs after attention read from L2.
     Only where the weights are small next to L2 (Qwen3-0.6B, not Qwen3-8B), so they are still there when read."""
     mode = layer_prefetch_mode()
     out = []
-    for i, layer in enumerate(layers):
+    for layer in layers:
         weights = [_role_modules(layer)[role][1].weight for role in ("o", "gate_up", "down")]
-        if mode == "all" and i + 1 < len(layers):
-            weights.append(_role_modules(layers[i + 1])["qkv"][1].weight)
         dense = all(w.is_contiguous() or w.t().is_contiguous() for w in weights)  # one range from data_ptr()
         fits = mode != "0" and dense and all(_prefetch_fits(w, w.numel() * w.element_size()) for w in weights)
         total = sum(w.numel() * w.element_size() for w in weights)

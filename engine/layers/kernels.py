@@ -16,11 +16,11 @@ L2_PREFETCH_ASM = (
 )
 
 
-# Each thread pulls its own [ptr, ptr + size) into L2; sizes of 0 or less (past a weight's end) are skipped.
-L2_PREFETCH_EACH_ASM = (
-    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+# The same from thread 0 of the program, and only for a size above 0 (a piece past a weight's end has none).
+L2_PREFETCH_SIZED_ASM = (
+    "{ .reg .pred p; .reg .pred q; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; "
+    "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
 )
-LAYER_PREFETCH_CHUNKS = 256  # pieces each weight is prefetched in (at least one per thread of a 4-warp program)
 
 
 def flashinfer_available() -> bool:
@@ -79,13 +79,13 @@ def layer_prefetch_mode() -> str:
     return mode
 
 
-def prefetch_args(weights, max_ranges: int) -> tuple[list, int]:
-    """Kernel arguments for prefetching up to max_ranges weights in LAYER_PREFETCH_CHUNKS pieces each:
+def prefetch_args(weights, max_ranges: int, pieces: int) -> tuple[list, int]:
+    """Kernel arguments for prefetching up to max_ranges weights in `pieces` pieces each (one per program):
     (pointer, numel, elements per piece) per range, padded with empty ranges, and how many are real."""
     args = []
     for w in weights:
         unit = 16 // w.element_size()  # a piece is a whole number of 16-byte granules
-        per = -(-w.numel() // LAYER_PREFETCH_CHUNKS)
+        per = -(-w.numel() // pieces)
         args += [w, w.numel(), -(-per // unit) * unit]
     count = len(weights)
     pad = weights[0] if weights else None

@@ -59,23 +59,3 @@ def test_fused_kernel_matches_flashinfer_kernels(heads, kv_heads, head_dim, norm
     assert torch.equal(cache[:, 1], ref_cache[:, 1])  # V is copied, not computed
     written = ref_cache.abs().sum(dim=(1, 2, 4)) > 0
     assert torch.equal(cache.abs().sum(dim=(1, 2, 4)) > 0, written)  # the same slots, nothing else
-
-
-def test_prefetching_weights_leaves_the_results_alone():
-    """One-row steps also prefetch the layer's next weights into L2 from this kernel: same q and cache as without."""
-    torch.manual_seed(1)
-    dev, dt, heads, kv_heads, d, page = "cuda", torch.bfloat16, 16, 8, 128, 16
-    qkv = torch.randn(1, (heads + 2 * kv_heads) * d, device=dev, dtype=dt)
-    qw, kw = torch.randn(d, device=dev, dtype=dt), torch.randn(d, device=dev, dtype=dt)
-    cos_sin = torch.randn(64, d, device=dev)
-    i32 = lambda *v: torch.tensor(v, device=dev, dtype=torch.int32)  # noqa: E731
-    args = (cos_sin, i32(20), i32(0), i32(20), i32(0, 2), i32(1, 3))
-    # Sizes that the 256 pieces do not divide evenly, as a weight of SmolLM2's shapes would not.
-    weights = [torch.randn(n, 576, device=dev, dtype=dt) for n in (1536, 577, 64, 3072)]
-    outs = []
-    for prefetch in ((), tuple(weights)):
-        cache = torch.zeros(4, 2, kv_heads, page, d, device=dev, dtype=dt)
-        q = qk_norm_rope_append(qkv, heads, kv_heads, qw, kw, 1e-6, *args, cache, prefetch=prefetch)
-        outs.append((q, cache))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert outs[0][1].abs().sum() > 0  # the row was appended
