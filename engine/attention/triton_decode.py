@@ -30,7 +30,7 @@ from engine.layers.kernels import (
 MAX_PREFETCH = 3  # weights one launch can prefetch
 
 MAX_SPLITS = 32
-MIN_PAGES_PER_SPLIT = 1  # 2 measured within noise of 1 at a 128-384-token context (H100, docs/benchmarks.md)
+MIN_PAGES_PER_SPLIT = 1  # 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md): not a clear gain
 
 
 def triton_decode_max_rows() -> int:
