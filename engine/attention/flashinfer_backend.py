@@ -99,9 +99,8 @@ class _FlashInferAttention(AttentionBackend):
             self.workspace, "HND", use_tensor_cores=tensor_cores, backend="fa2", **graph
         )
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, prefetch=()) -> torch.Tensor:
-        """Attention of q over the planned pages (after this step's K/V were appended); a kernel that can also
-        prefetches the `prefetch` weights into L2 (engine/layers/gemv.py: layer_prefetch)."""
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of q over the planned pages (after this step's K/V were appended)."""
         raise NotImplementedError
 
     def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
@@ -122,8 +121,6 @@ class _FlashInferAttention(AttentionBackend):
             self.kv_indices,
             kv_cache,
         )
-        if qkv.shape[0] == 1 and attn.row_prefetch:
-            return self.attend(q, kv_cache, prefetch=attn.row_prefetch)
         return self.attend(q, kv_cache)
 
     def forward(self, layer_id, q, k, v, kv_cache):
@@ -198,7 +195,7 @@ class FlashInferBackend(_FlashInferAttention):
             )
             self.mode = "prefill"
 
-    def attend(self, q, kv_cache, prefetch=()):
+    def attend(self, q, kv_cache):
         """Decode, cascade or prefill attention, as planned."""
         if self.mode == "decode":
             return self.decode.run(q, kv_cache)
@@ -270,10 +267,10 @@ class GraphDecodeAttention(GraphAttention):
         (indices,) = to_device([indices], self.device)
         self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common(), **self.split_args)
 
-    def attend(self, q, kv_cache, prefetch=()):
-        """Paged decode attention (the Triton kernel also prefetches the given weights)."""
+    def attend(self, q, kv_cache):
+        """Paged decode attention."""
         if self.split_decode is not None:
-            return self.split_decode(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last, prefetch)
+            return self.split_decode(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last)
         return self.decode.run(q, kv_cache)
 
 
@@ -318,7 +315,7 @@ class GraphCascadeAttention(GraphDecodeAttention):
             **self._common(),
         )
 
-    def attend(self, q, kv_cache, prefetch=()):
+    def attend(self, q, kv_cache):
         """Own pages by decode, shared pages once, merged."""
         return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
 
@@ -354,6 +351,6 @@ class GraphPrefillAttention(GraphAttention):
             **self._common(),
         )  # fmt: skip
 
-    def attend(self, q, kv_cache, prefetch=()):
+    def attend(self, q, kv_cache):
         """Paged causal prefill attention."""
         return self.prefill.run(q, kv_cache)

@@ -19,15 +19,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import (
-    L2_PREFETCH_SIZED_ASM,
-    launch_options,
-    pdl_enabled,
-    prefetch_args,
-    triton_available,
-)
-
-MAX_PREFETCH = 3  # weights one launch can prefetch
+from engine.layers.kernels import launch_options, pdl_enabled, triton_available
 
 MAX_SPLITS = 32
 MIN_PAGES_PER_SPLIT = 1  # 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md): not a clear gain
@@ -53,15 +45,6 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    prefetch_asm = tl.constexpr(L2_PREFETCH_SIZED_ASM)
-
-    @triton.jit
-    def prefetch_piece(ptr, numel, chunk, piece):
-        # Piece `piece` of a weight: [piece * chunk, min((piece + 1) * chunk, numel)) elements.
-        first = piece.to(tl.int64) * chunk
-        nbytes = (tl.minimum(chunk, numel - first) * (ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
-        tl.inline_asm_elementwise(prefetch_asm, "=r,l,r", [ptr + first, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
     @triton.jit
     def split_decode(
         q_ptr,
@@ -75,15 +58,6 @@ def _build_kernel():
         counter_ptr,
         out_ptr,
         scale_log2,
-        pf0,
-        pf0_numel,
-        pf0_chunk,
-        pf1,
-        pf1_numel,
-        pf1_chunk,
-        pf2,
-        pf2_numel,
-        pf2_chunk,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
         G: tl.constexpr,
@@ -93,7 +67,6 @@ def _build_kernel():
         S: tl.constexpr,
         PDL: tl.constexpr,
         MIN_PAGES: tl.constexpr,
-        NUM_PF: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -103,21 +76,9 @@ def _build_kernel():
         num_pages = tl.load(indptr_ptr + b + 1) - start
         per_split = tl.maximum(tl.cdiv(num_pages, S), MIN_PAGES)
         active = tl.cdiv(num_pages, per_split)
-        if NUM_PF > 0:
-            if PDL:
-                tl.extra.cuda.gdc_launch_dependents()
-                tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
-            # The QKV projection is done and attention reads little: start the layer's next weights streaming into
-            # L2, a piece per program (one-row steps only), so the GEMVs after attention read them from L2.
-            piece = (b * HKV + kvh) * S + split
-            prefetch_piece(pf0, pf0_numel, pf0_chunk, piece)
-            if NUM_PF > 1:
-                prefetch_piece(pf1, pf1_numel, pf1_chunk, piece)
-            if NUM_PF > 2:
-                prefetch_piece(pf2, pf2_numel, pf2_chunk, piece)
         # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
         if split < active:
-            if PDL and NUM_PF == 0:
+            if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
                 tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
             last_len = tl.load(last_ptr + b)
@@ -190,14 +151,10 @@ class SplitDecode:
         self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
         self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
 
-    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last, prefetch=()) -> torch.Tensor:
-        """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table;
-        the programs also prefetch the `prefetch` weights (up to MAX_PREFETCH dense tensors) into L2."""
+    def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
+        """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
         out = torch.empty_like(q)
         group = self.hq // self.hkv
-        pf_args, num_pf = prefetch_args(list(prefetch[:MAX_PREFETCH]), MAX_PREFETCH, self.rows * self.hkv * self.splits)
-        if num_pf == 0:
-            pf_args = [q, 0, 0] * MAX_PREFETCH
         _build_kernel()[(self.rows, self.hkv, self.splits)](
             q,
             kv_cache,
@@ -210,7 +167,6 @@ class SplitDecode:
             self.counter,
             out,
             self.scale_log2,
-            *pf_args,
             HQ=self.hq,
             HKV=self.hkv,
             G=group,
@@ -220,7 +176,6 @@ class SplitDecode:
             S=self.splits,
             PDL=pdl_enabled(q.device),
             MIN_PAGES=MIN_PAGES_PER_SPLIT,
-            NUM_PF=num_pf,
             num_warps=4,
             **launch_options(q.device),
         )

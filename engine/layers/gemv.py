@@ -20,14 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.layers.kernels import (
-    L2_PREFETCH_ASM,
-    l2_prefetch_enabled,
-    launch_options,
-    layer_prefetch_mode,
-    pdl_enabled,
-    triton_available,
-)
+from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
 from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
@@ -323,24 +316,6 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
                 lin = _role_modules(layer)[role][1]
                 lin.weight.data = lin.weight.data.contiguous()
     return plan
-
-
-def layer_prefetch(layers) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer, the weights a one-row step's attention kernel prefetches into L2: the layer's o, gate/up and
-    down projections (engine/attention/triton_decode.py).
-
-    Why: between the QKV projection and the o projection only the q/k kernel and attention run, and they read
-    little from memory; with the weights streaming in meanwhile, the three GEMVs after attention read from L2.
-    Only where the weights are small next to L2 (Qwen3-0.6B, not Qwen3-8B), so they are still there when read."""
-    mode = layer_prefetch_mode()
-    out = []
-    for layer in layers:
-        weights = [_role_modules(layer)[role][1].weight for role in ("o", "gate_up", "down")]
-        dense = all(w.is_contiguous() or w.t().is_contiguous() for w in weights)  # one range from data_ptr()
-        fits = mode != "0" and dense and all(_prefetch_fits(w, w.numel() * w.element_size()) for w in weights)
-        total = sum(w.numel() * w.element_size() for w in weights)
-        out.append(tuple(weights) if fits and total <= _l2_bytes(weights[0].device) // 2 else ())
-    return out
 
 
 def reference_gemv(x, weight, bias=None, norm_weight=None, eps=1e-6, residual=None, silu=False):

@@ -16,13 +16,6 @@ L2_PREFETCH_ASM = (
 )
 
 
-# The same from thread 0 of the program, and only for a size above 0 (a piece past a weight's end has none).
-L2_PREFETCH_SIZED_ASM = (
-    "{ .reg .pred p; .reg .pred q; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; "
-    "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
-)
-
-
 def flashinfer_available() -> bool:
     """True when FlashInfer is importable (it needs CUDA)."""
     return importlib.util.find_spec("flashinfer") is not None
@@ -68,27 +61,3 @@ def l2_prefetch_enabled(device: torch.device | str) -> bool:
 def launch_options(device: torch.device | str) -> dict:
     """Extra Triton launch options for an engine kernel: launch_pdl where PDL is on (every such kernel waits)."""
     return {"launch_pdl": True} if pdl_enabled(device) else {}
-
-
-def layer_prefetch_mode() -> str:
-    """NANOVLLM_LAYER_PREFETCH: which weights a one-row step prefetches into L2 once its QKV projection is done:
-    "mlp" (the layer's o, gate/up and down projections, the default), "all" (also the next layer's QKV) or "0"."""
-    mode = os.environ.get("NANOVLLM_LAYER_PREFETCH", "mlp")
-    if mode not in ("0", "mlp", "all"):
-        raise ValueError(f"NANOVLLM_LAYER_PREFETCH={mode!r} is not one of '0', 'mlp', 'all'")
-    return mode
-
-
-def prefetch_args(weights, max_ranges: int, pieces: int) -> tuple[list, int]:
-    """Kernel arguments for prefetching up to max_ranges weights in `pieces` pieces each (one per program):
-    (pointer, numel, elements per piece) per range, padded with empty ranges, and how many are real."""
-    args = []
-    for w in weights:
-        unit = 16 // w.element_size()  # a piece is a whole number of 16-byte granules
-        per = -(-w.numel() // pieces)
-        args += [w, w.numel(), -(-per // unit) * unit]
-    count = len(weights)
-    pad = weights[0] if weights else None
-    for _ in range(max_ranges - count):
-        args += [pad, 0, 0]
-    return args, count

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
-from engine.layers.gemv import layer_prefetch, linear_row, norm_linear_row, tune_gemv
+from engine.layers.gemv import linear_row, norm_linear_row, tune_gemv
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -40,8 +40,6 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
         self.sizes = (q_size, kv_size, kv_size)
-        # Weights a one-row step prefetches into L2 once this layer's QKV projection is done (layer_prefetch()).
-        self.row_prefetch: tuple[torch.Tensor, ...] = ()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Project, rotate, attend through the backend, project back."""
@@ -184,10 +182,8 @@ class LlamaForCausalLM(nn.Module):
     def tune_row_kernels(self, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
         """Choose, by timing, which one-row projections run as fused Triton GEMVs (see engine/layers/gemv.py)."""
         plan = tune_gemv(self.layers, stream_bytes, margin)
-        ahead = layer_prefetch(self.layers) if plan else [()] * len(self.layers)
-        for layer, weights in zip(self.layers, ahead, strict=True):
+        for layer in self.layers:
             layer.gemv_plan = plan
-            layer.self_attn.row_prefetch = weights
         return plan
 
     def pack_cpu(self) -> int:

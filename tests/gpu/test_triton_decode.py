@@ -52,6 +52,3 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs):
             err = ((out[b].float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, f"row {b} ({n} tokens): relative error {err:.2e}"
     assert not kernel.counter.any()
-    # Its programs can also prefetch weights into L2 (pieces that do not divide them evenly): the same output.
-    weights = (torch.randn(1000, 1032, device="cuda", generator=g).to(torch.bfloat16),) * 2
-    assert torch.equal(kernel(q, cache, indptr, indices, last, weights), out)
