@@ -62,13 +62,21 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
 
 
+def command_line() -> str:
+    """The command that ran, with the engine's NANOVLLM_* settings in front (they change what is measured)."""
+    import os
+
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NANOVLLM_") and k != "NANOVLLM_COMMIT"]
+    return " ".join(env + ["python"] + sys.argv)
+
+
 def write_result(name: str, results: dict, out_dir: Path | None = None) -> Path:
     """Write benchmarks/results/<name>.json (and a copy under out_dir) with device, date, commit and command."""
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": " ".join(["python"] + sys.argv),
+        "command": command_line(),
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
