@@ -53,15 +53,20 @@ def host_rows(prof, most: int = 20) -> list[dict]:
     return [dict(event=e.key[:60], calls=e.count, us=e.self_cpu_time_total) for e in host[:most]]
 
 
-def profiled_steps(prof, keep_as: str | None = None) -> list[dict]:
-    """trace_steps() of the profile's chrome trace; keep_as also saves the trace under $OUT with that name."""
+def chrome_trace(prof, keep_as: str | None = None) -> dict:
+    """The profile's chrome trace; keep_as also saves it under $OUT with that name."""
     import json
 
     path = Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))  # a profile saves its trace once: copy the file for $OUT
     if keep_as is not None and OUT is not None:
         (OUT / keep_as).write_text(path.read_text())
-    return trace_steps(json.loads(path.read_text()))
+    return json.loads(path.read_text())
+
+
+def profiled_steps(prof, keep_as: str | None = None) -> list[dict]:
+    """trace_steps() of the profile's chrome trace; keep_as also saves the trace under $OUT with that name."""
+    return trace_steps(chrome_trace(prof, keep_as))
 
 
 def profile_kernels(args) -> None:
@@ -122,11 +127,7 @@ def critical_path_rows(prof, steps: int, most: int = 25) -> list[dict]:
 
     Why: with programmatic dependent launch a kernel starts while the one before still runs, so kernel durations
     overlap and their sum overstates the step; what each kernel adds past the latest end so far does not."""
-    import json
-
-    path = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text())["traceEvents"]
+    events = chrome_trace(prof)["traceEvents"]
     gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
     added: dict[str, list[float]] = {}
     latest = None

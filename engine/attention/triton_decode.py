@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import launch_options, triton_available
 
 MAX_SPLITS = 32
 MIN_PAGES_PER_SPLIT = 1  # 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md): not a clear gain
@@ -155,6 +155,7 @@ class SplitDecode:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
         out = torch.empty_like(q)
         group = self.hq // self.hkv
+        launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
         _build_kernel()[(self.rows, self.hkv, self.splits)](
             q,
             kv_cache,
@@ -174,9 +175,9 @@ class SplitDecode:
             D=self.d,
             BS=kv_cache.shape[3],
             S=self.splits,
-            PDL=pdl_enabled(q.device),
+            PDL=bool(launch),
             MIN_PAGES=MIN_PAGES_PER_SPLIT,
             num_warps=4,
-            **launch_options(q.device),
+            **launch,
         )
         return out

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import launch_options, triton_available
 
 
 def fused_qkv_available(head_dim: int) -> bool:
@@ -128,6 +128,7 @@ def qk_norm_rope_append(
     d = kv_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     norm = q_norm_weight is not None
+    launch = launch_options(qkv.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
     kernel[(t,)](
         qkv,
         qkv.stride(0),
@@ -148,8 +149,8 @@ def qk_norm_rope_append(
         BS=kv_cache.shape[3],
         BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),  # Triton tiles are powers of two
         NORM=norm,
-        PDL=pdl_enabled(qkv.device),
+        PDL=bool(launch),
         num_warps=4,
-        **launch_options(qkv.device),
+        **launch,
     )
     return q

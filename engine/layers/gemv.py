@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, pdl_enabled, triton_available
+from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, triton_available
 from engine.layers.linear import cycle_time_us
 
 logger = logging.getLogger("engine")
@@ -183,6 +183,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     slice_bytes = block_n * weight.stride(0) * weight.element_size()
+    launch = launch_options(x.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
     _build_kernel()[(n // block_n,)](
         x,
         residual if residual is not None else x,
@@ -203,10 +204,10 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVICT_FIRST=evict_first,
-        PDL=pdl_enabled(x.device),
+        PDL=bool(launch),
         PREFETCH=_prefetch_fits(weight, slice_bytes),
         num_warps=warps,
-        **launch_options(x.device),
+        **launch,
     )
     return y, res_out
 
