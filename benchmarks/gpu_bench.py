@@ -2,6 +2,7 @@
 
 Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py decode --models Qwen3-0.6B Qwen3-8B
+    python benchmarks/gpu_bench.py decode --models Qwen3-0.6B --batch 8 --skip-hf   # decode_batch8.json
     python benchmarks/gpu_bench.py throughput
     python benchmarks/gpu_bench.py shared_prefix
     python benchmarks/gpu_bench.py prefix_cache
@@ -151,16 +152,20 @@ def bench_decode(args) -> None:
         folder = model_folder(name, ROOT)
         llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs, **ENGINE_KW)
         prof = profile_engine_thread(llm) if args.profile else None
-        prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
+        rng = random.Random(0)
+        batch = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(args.batch)]
         p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-        llm.generate([prompt], p)  # warm-up
+        llm.generate(batch, p)  # warm-up
         runs = []
         for _ in range(3):
             t = time.perf_counter()
-            out = llm.generate([prompt], p)[0]
+            outs = llm.generate(batch, p)
             wall = time.perf_counter() - t
-            decode = (len(out.token_ids) - 1) / (out.finish_time - out.first_token_time)
-            runs.append((decode, len(out.token_ids) / wall))
+            # Decode phase: from the last first token to the last finish (every request decodes throughout).
+            first = max(o.first_token_time for o in outs)
+            last = max(o.finish_time for o in outs)
+            decode = args.batch * (args.new_tokens - 1) / (last - first)
+            runs.append((decode, args.batch * args.new_tokens / wall))
         runs.sort()
         engine_decode, engine_e2e = runs[1]
         if prof is not None:
@@ -171,16 +176,17 @@ def bench_decode(args) -> None:
         print_step_timing(llm, name)
         free_engine(llm)
         hf = float("nan")
-        if not args.skip_hf:
+        if not args.skip_hf and args.batch == 1:
             try:
                 hf = hf_decode_tok_s(cfg, 128, args.new_tokens)
             except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the engine numbers
                 print(f"HF baseline failed: {type(exc).__name__}: {str(exc)[:300]}")
-        step_bytes = weight_bytes(cfg) + kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)
-        floor = bw / step_bytes
+        step_bytes = weight_bytes(cfg) + args.batch * kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)
+        floor = args.batch * bw / step_bytes
         rows.append(
             dict(
                 model=name,
+                batch=args.batch,
                 engine_tok_s=engine_decode,
                 engine_e2e_tok_s=engine_e2e,
                 hf_tok_s=hf,
@@ -189,9 +195,9 @@ def bench_decode(args) -> None:
                 engine_over_hf=engine_decode / hf,
             )
         )
-        print_table("decode, batch 1, prompt 128", rows)
+        print_table(f"decode, batch {args.batch}, prompt 128", rows)
     write_result(
-        "decode",
+        "decode" if args.batch == 1 else f"decode_batch{args.batch}",
         {"copy_bandwidth_bytes_s": bw, "prompt_len": 128, "new_tokens": args.new_tokens, "rows": rows},
         OUT,
     )
@@ -399,6 +405,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="decode: concurrent requests (HF: batch 1 only)")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--block-size", type=int, help="tokens per KV cache block (default: the engine's)")

@@ -6,6 +6,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py gemv      # F.linear vs other layouts for the 0.6B decode GEMMs, in a CUDA graph
     python benchmarks/gpu_profile.py gemm --rows 1 64 256   # the same GEMMs per row count, layout, cuBLAS vs Lt
     python benchmarks/gpu_profile.py rowgemv --model Qwen3-8B   # one-row fused Triton GEMV configs vs cuBLAS
+    python benchmarks/gpu_profile.py fewrows --few-rows 4 16 32   # few-row fused Triton GEMM configs vs cuBLAS
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -459,6 +460,41 @@ def bench_rowgemv(args) -> None:
     write_result(f"gpu_profile_rowgemv{suffix}", {"model": args.model, "rows": rows}, OUT)
 
 
+def bench_fewrows(args) -> None:
+    """Each projection at a few token rows (decode batches, small prefill steps): the few-row Triton kernel in
+    every configuration vs the unfused path (FlashInfer norm / activation + cuBLAS), cycling through the model's
+    own layer weights in one CUDA graph, with the weight layouts and one-row choices the engine starts with."""
+    os.environ["NANOVLLM_GEMV_MAX_ROWS"] = "1"  # the engine's own few-row tuning is what this measures
+
+    from engine import LLM
+    from engine.layers.gemv import ROLES, ROWS_CONFIGS, SWEEP_ROWS_CONFIGS, _role_modules, _time_role, rows_configs_for
+    from engine.layers.linear import TUNE_STREAM_BYTES
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1)
+    layers = llm.runner.model.layers
+    rows = []
+    for role in ROLES:
+        norm, lin, act = _role_modules(layers[0])[role]
+        w = lin.weight
+        count = -(-TUNE_STREAM_BYTES // w.nbytes)
+        n = w.shape[0] // 2 if act is not None else w.shape[0]
+        fused = norm is not None or act is not None
+        candidates = rows_configs_for(n, w.shape[1], fused, ROWS_CONFIGS + SWEEP_ROWS_CONFIGS)
+        for m in args.few_rows:
+            base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates, m)
+            for cfg, us in sorted(times.items(), key=lambda kv: kv[1])[:6]:
+                rows.append(
+                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,
+                         ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1)
+                )  # fmt: skip
+    llm.shutdown()
+    title = "few-row projections: Triton configs (rows/program, K step, warps, stages, K splits)"
+    print_table(f"{args.model} {title}", rows)
+    suffix = "" if args.model == "Qwen3-0.6B" else "_" + args.model.split("-")[-1].lower()
+    write_result(f"gpu_profile_fewrows{suffix}", {"model": args.model, "rows": rows}, OUT)
+
+
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear layer of a Qwen3 model's shape."""
     from common import qwen3_config
@@ -543,7 +579,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["kernels", "gemv", "gemm", "rowgemv", "overlap", "prefill", "start", "warm"])
+    parser.add_argument(
+        "which", choices=["kernels", "gemv", "gemm", "rowgemv", "fewrows", "overlap", "prefill", "start", "warm"]
+    )
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
@@ -551,9 +589,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
+    parser.add_argument("--few-rows", nargs="+", type=int, default=[4, 16, 32], help="fewrows: row counts")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
+    which["fewrows"] = bench_fewrows
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 

@@ -9,7 +9,16 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, triton_decode_max_rows
-from engine.layers.gemv import ROLES, SMALL_K_CONFIGS, configs_for, gemv_mode
+from engine.layers.gemv import (
+    ROLES,
+    ROWS_CONFIGS,
+    SMALL_K_CONFIGS,
+    configs_for,
+    gemv_max_rows,
+    gemv_mode,
+    rows_configs_for,
+    rows_tile,
+)
 from engine.models.llama import DecoderLayer
 
 
@@ -32,6 +41,35 @@ def test_row_path_matches_the_batched_path(qwen3_path, monkeypatch):
         llm.shutdown()
     assert len(calls) >= len(layers) * (params.max_tokens - 1)  # every decode step, every layer
     assert row == batched
+
+
+def test_few_row_steps_take_the_row_path(qwen3_path, monkeypatch):
+    """Steps of 2..32 token rows go through forward_row with the plan of their row tile, larger ones do not, and
+    the tokens are those of the batched path."""
+    llm = LLM(qwen3_path, device="cpu", enable_prefix_caching=False)
+    try:
+        layers = llm.runner.model.layers
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        prompts = [[3, 17, 98, 5, 44, 200, 7], [9, 8, 7], [5] * 40]
+        batched = [o.token_ids for o in llm.generate(prompts, params)]
+        seen = []
+        original = DecoderLayer.forward_row
+
+        def spy(self, x, residual, ctx, plan=None):
+            seen.append((x.shape[0], plan))
+            return original(self, x, residual, ctx, plan)
+
+        monkeypatch.setattr(DecoderLayer, "forward_row", spy)
+        plans = {16: dict.fromkeys(ROLES), 32: dict.fromkeys(ROLES)}
+        for layer in layers:
+            layer.rows_plan = plans
+        rows = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.shutdown()
+    assert rows == batched
+    assert {n for n, _ in seen} == {3}  # the 50-token prefill ran batched, the 3-request decode steps row-wise
+    assert all(plan is plans[16] for _, plan in seen)
+    assert rows_tile(2) == rows_tile(16) == 16 and rows_tile(17) == rows_tile(32) == 32
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 3072), (12288, 4096), (1536, 576), (96, 576), (3, 128)])
@@ -60,3 +98,22 @@ def test_switches_reject_bad_values(monkeypatch):
         triton_decode_max_rows()
     monkeypatch.setenv("NANOVLLM_TRITON_DECODE_MAX_ROWS", "4")
     assert triton_decode_max_rows() == 4
+    for bad in ("0", "33", "many"):
+        monkeypatch.setenv("NANOVLLM_GEMV_MAX_ROWS", bad)
+        with pytest.raises(ValueError, match=f"NANOVLLM_GEMV_MAX_ROWS='{bad}'.*from 1 to 32"):
+            gemv_max_rows()
+    monkeypatch.setenv("NANOVLLM_GEMV_MAX_ROWS", "16")
+    assert gemv_max_rows() == 16
+
+
+@pytest.mark.parametrize("n,k,fused", [(4096, 1024, True), (1024, 2048, False), (1024, 3072, False), (1536, 576, True)])
+def test_few_row_configs_divide_the_weight(n, k, fused):
+    configs = rows_configs_for(n, k, fused)
+    for block_n, block_k, _, _, splits in configs:
+        assert n % block_n == 0 and k % (block_k * splits) == 0
+        assert splits == 1 or not fused  # a fused norm needs whole rows in one program
+    if not fused and k >= 2048:  # Qwen3-0.6B's o and down may split K
+        assert any(c[4] > 1 for c in configs)
+    if k == 576:  # SmolLM2: no K step divides it, so the unfused path serves it
+        assert not configs
+    assert set(configs) <= set(ROWS_CONFIGS)

@@ -59,6 +59,15 @@ def gemv_mode() -> str:
     return mode
 
 
+def gemv_max_rows() -> int:
+    """NANOVLLM_GEMV_MAX_ROWS: the most token rows a step may have to take the few-row kernels (default MAX_ROWS;
+    1 keeps them to one-row steps)."""
+    value = os.environ.get("NANOVLLM_GEMV_MAX_ROWS", str(MAX_ROWS))
+    if not value.isdigit() or not 1 <= int(value) <= MAX_ROWS:
+        raise ValueError(f"NANOVLLM_GEMV_MAX_ROWS={value!r} must be a whole number from 1 to {MAX_ROWS}")
+    return int(value)
+
+
 def gemv_supported(weight: torch.Tensor) -> bool:
     """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 weight."""
     if not triton_available():
@@ -175,6 +184,223 @@ def _build_kernel():
     return gemv_kernel
 
 
+# Few-row GEMMs (2..MAX_ROWS rows: decode batches, small prefill steps): (output rows per program, K step, warps,
+# pipeline stages, K splits). The token rows are padded to a tensor-core tile of 16 or 32; the weight tile is the
+# MMA's long side. K splits add programs where the output has few rows (Qwen3-0.6B's o and down: 1,024).
+MAX_ROWS = 32
+ROWS_CONFIGS = (
+    (16, 256, 4, 3, 1),
+    (32, 256, 4, 3, 1),
+    (16, 256, 4, 3, 2),
+    (32, 128, 4, 4, 1),
+    (64, 128, 4, 3, 1),
+    (16, 128, 4, 4, 4),
+)
+SWEEP_ROWS_CONFIGS = tuple(
+    (bn, bk, w, st, sk)
+    for bn, bk, w, st, sk in (
+        (16, 512, 4, 2, 1), (32, 256, 8, 3, 1), (64, 256, 8, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 3, 2),
+        (16, 128, 4, 4, 2), (32, 128, 4, 4, 2), (16, 256, 4, 3, 4), (128, 128, 8, 3, 1),
+    )
+)  # fmt: skip
+
+
+def rows_tile(m: int) -> int:
+    """The padded token-row tile for m rows (16 or 32)."""
+    return 16 if m <= 16 else 32
+
+
+@functools.cache
+def _build_rows_kernel():
+    import triton
+    import triton.language as tl
+
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+
+    @triton.jit
+    def rows_kernel(
+        x_ptr,
+        res_ptr,
+        norm_w_ptr,
+        w_ptr,
+        bias_ptr,
+        y_ptr,
+        res_out_ptr,
+        part_ptr,
+        counter_ptr,
+        M,
+        N,
+        K,
+        stride_wn,
+        stride_wk,
+        slice_bytes,
+        eps,
+        NORM: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        SILU: tl.constexpr,
+        BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        STAGES: tl.constexpr,
+        PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        # Program (pid, split) computes y[:, pid * BLOCK_N : +BLOCK_N] over its K range as acc[n, m] = W x^T, so the
+        # weight rows fill the MMA's long side and the few token rows its short one.
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        k_len = K // SPLIT_K
+        k_first = split * k_len
+        if PDL:
+            if PREFETCH:
+                # Row-major weight: this program's rows are one contiguous slice (SPLIT_K is 1 whenever PREFETCH).
+                w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_wn
+                tl.inline_asm_elementwise(
+                    prefetch_asm, "=r,l,r", [w_slice, slice_bytes], dtype=tl.int32, is_pure=False, pack=1
+                )
+                if SILU:
+                    tl.inline_asm_elementwise(
+                        prefetch_asm,
+                        "=r,l,r",
+                        [w_slice + N * stride_wn, slice_bytes],
+                        dtype=tl.int32,
+                        is_pure=False,
+                        pack=1,
+                    )
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (hidden rows, residual) are ready
+        dtype = y_ptr.dtype.element_ty
+        m = tl.arange(0, BLOCK_M)
+        live = m < M
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + m[:, None] * K + cols[None, :]
+        res_rows = res_ptr + m[:, None] * K + cols[None, :]
+        rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if NORM:
+            # Pass 1 over the hidden rows: their mean squares (the sum rounded to the activation dtype first, as
+            # the unfused path stores it).
+            sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = tl.load(x_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)
+                if RESIDUAL:
+                    r = tl.load(res_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)
+                    h = (h + r).to(dtype).to(tl.float32)
+                sq += tl.sum(h * h, axis=1)
+            rstd = tl.rsqrt(sq / K + eps)
+        w_tile = w_ptr + n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in tl.range(k_first, k_first + k_len, BLOCK_K, num_stages=STAGES):
+            xv = tl.load(x_rows + k0, mask=live[:, None], other=0.0)
+            if NORM:
+                xf = xv.to(tl.float32)
+                if RESIDUAL:
+                    xf = (xf + tl.load(res_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)).to(dtype)
+                    if pid == 0:  # one program writes the new residual; the others only read the old one
+                        tl.store(res_out_ptr + m[:, None] * K + k0 + cols[None, :], xf, mask=live[:, None])
+                    xf = xf.to(tl.float32)
+                nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
+                xv = (xf * rstd[:, None] * nw[None, :]).to(dtype)
+            w = tl.load(w_tile + k0 * stride_wk)
+            acc = tl.dot(w, tl.trans(xv), acc)
+            if SILU:
+                w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk)
+                acc_up = tl.dot(w_up, tl.trans(xv), acc_up)
+        out_ptrs = y_ptr + m[None, :] * N + n[:, None]
+        if SPLIT_K > 1:
+            # Each split stores its partial sums; the last of the tile's splits to arrive adds them up and stores.
+            tile = n[:, None] * BLOCK_M + m[None, :]
+            tl.store(part_ptr + split * N * BLOCK_M + tile, acc)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    acc += tl.load(part_ptr + s * N * BLOCK_M + tile, cache_modifier=".cg")
+                if BIAS:
+                    acc += tl.load(bias_ptr + n).to(tl.float32)[:, None]
+                tl.store(out_ptrs, acc.to(dtype), mask=live[None, :])
+                tl.store(counter_ptr + pid, 0)  # ready for the next launch
+        else:
+            y = acc
+            if BIAS:
+                y += tl.load(bias_ptr + n).to(tl.float32)[:, None]
+            if SILU:
+                # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up in fp32.
+                gate = y.to(dtype).to(tl.float32)
+                up = acc_up.to(dtype).to(tl.float32)
+                y = gate * tl.sigmoid(gate) * up
+            tl.store(out_ptrs, y.to(dtype), mask=live[None, :])
+
+    return rows_kernel
+
+
+@functools.cache
+def _split_counters(device: torch.device) -> torch.Tensor:
+    # Arrival counters of split-K tiles, zero between launches (the last arrival resets its own); kernels that
+    # share them run one after another (a PDL launch touches them only after its wait).
+    return torch.zeros(4096, dtype=torch.int32, device=device)
+
+
+def rows_configs_for(n: int, k: int, norm: bool, configs=ROWS_CONFIGS) -> list[tuple[int, int, int, int, int]]:
+    """The few-row configurations whose tiles divide an [n, k] weight; K splits only without a norm or SwiGLU
+    (the norm needs whole rows) and at most 4,096 tiles (the arrival counters)."""
+    return [
+        c
+        for c in configs
+        if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and (c[4] == 1 or (not norm and n // c[0] <= 4096))
+    ]
+
+
+def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
+    block_n, block_k, warps, stages, split_k = cfg
+    m, k = x.shape
+    n = weight.shape[0] // 2 if silu else weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else y
+    tile_m = rows_tile(m)
+    part = torch.empty(split_k * n * tile_m if split_k > 1 else 1, dtype=torch.float32, device=x.device)
+    row_major = weight.stride(1) == 1
+    slice_bytes = block_n * weight.stride(0) * weight.element_size()
+    launch = launch_options(x.device)
+    _build_rows_kernel()[(n // block_n, split_k)](
+        x,
+        residual if residual is not None else x,
+        norm.weight if norm is not None else x,
+        weight,
+        bias if bias is not None else x,
+        y,
+        res_out,
+        part,
+        _split_counters(x.device),
+        m,
+        n,
+        k,
+        weight.stride(0),
+        weight.stride(1),
+        slice_bytes,
+        norm.eps if norm is not None else 0.0,
+        NORM=norm is not None,
+        RESIDUAL=residual is not None,
+        SILU=silu,
+        BIAS=bias is not None,
+        BLOCK_M=tile_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        STAGES=stages,
+        PDL=bool(launch),
+        PREFETCH=row_major and split_k == 1 and _prefetch_fits(weight, slice_bytes),
+        num_warps=warps,
+        **launch,
+    )
+    return y, res_out
+
+
 def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
     block_n, block_k, warps, evict_first = cfg
     n = weight.shape[0] // 2 if silu else weight.shape[0]
@@ -226,21 +452,27 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
+def _launcher(x: torch.Tensor):
+    return _launch if x.shape[0] == 1 else _launch_rows
+
+
 def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
-    """linear(x) for one row x [1, in]: the Triton GEMV with cfg, or the layer itself when cfg is None."""
+    """linear(x) for one row x [1, in] (or up to MAX_ROWS rows with a few-row cfg): the Triton kernel with cfg, or
+    the layer itself when cfg is None."""
     if cfg is None:
         return linear(x)
-    return _launch(x, linear.weight, cfg, bias=linear.bias)[0]
+    return _launcher(x)(x, linear.weight, cfg, bias=linear.bias)[0]
 
 
 def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
-    """(act(linear(norm(x + residual))), x + residual) for one row; residual None means x is the residual.
+    """(act(linear(norm(x + residual))), x + residual) for one row (or a few, with a few-row cfg); residual None
+    means x is the residual.
 
     With cfg, one Triton kernel does the add, the norm, the GEMV and (when act is given) the SwiGLU; without, the
     modules run one after another."""
     if cfg is not None:
         silu = act is not None
-        y, res_out = _launch(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
+        y, res_out = _launcher(x)(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
         return y, (x if residual is None else res_out)
     if residual is None:
         residual, h = x, norm(x)
@@ -267,21 +499,64 @@ def _unfused_call(x, residual, norm, linear, act):
     return functools.partial(norm_linear_row, x.clone(), residual.clone(), norm, linear, None, act)
 
 
-def _time_role(mods, candidates) -> tuple[float, dict[tuple, float]]:
-    """(unfused us, {config: Triton us}) per call for one role, cycling through the given layers' modules."""
+def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, float]]:
+    """(unfused us, {config: Triton us}) per call for one role at `rows` token rows, cycling through the given
+    layers' modules."""
     w0 = mods[0][1].weight
-    x = torch.randn(1, w0.shape[1], device=w0.device, dtype=w0.dtype)
+    x = torch.randn(rows, w0.shape[1], device=w0.device, dtype=w0.dtype)
     residual = torch.randn_like(x) if mods[0][0] is not None else None
     base = cycle_time_us([_unfused_call(x, residual, *m) for m in mods])
-    rows = [lin.weight.contiguous() for _, lin, _ in mods]  # the kernel reads row-major weights
+    # The GEMV reads row-major weights; the few-row kernel takes the weight as it is.
+    weights = [lin.weight.contiguous() if rows == 1 else lin.weight for _, lin, _ in mods]
     times = {}
     for cfg in candidates:
         calls = [
-            functools.partial(_launch, x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None)
-            for (nm, lin, act), w in zip(mods, rows, strict=True)
+            functools.partial(_launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None)
+            for (nm, lin, act), w in zip(mods, weights, strict=True)
         ]
         times[cfg] = cycle_time_us(calls)
     return base, times
+
+
+# Row counts each few-row tile is timed at before it is chosen: the tile's smallest and largest typical steps
+# (decode batches of 2-16 requests and 16-token prefill chunks share the 16-row tile; 32-token ones the other).
+ROWS_TUNE_AT = {16: (4, 16), 32: (32,)}
+
+
+@torch.inference_mode()
+def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, tuple | None]]:
+    """Per row tile (16, 32) and role, the few-row Triton configuration for steps of 2..32 token rows, or None for
+    the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at every row count of ROWS_TUNE_AT."""
+    mode, max_rows = gemv_mode(), gemv_max_rows()
+    if mode == "0" or max_rows == 1 or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
+        return {}
+    start = time.perf_counter()
+    plans: dict[int, dict[str, tuple | None]] = {}
+    notes = []
+    for tile, row_counts in ROWS_TUNE_AT.items():
+        if tile // 2 >= max_rows:
+            continue
+        plan = plans[tile] = {}
+        for role in ROLES:
+            norm, linear, act = _role_modules(layers[0])[role]
+            w0 = linear.weight
+            n = w0.shape[0] // 2 if act is not None else w0.shape[0]
+            candidates = rows_configs_for(n, w0.shape[1], norm is not None or act is not None)
+            plan[role] = candidates[0] if candidates and mode == "force" else None
+            if not candidates or mode == "force":
+                continue
+            count = -(-stream_bytes // (w0.numel() * w0.element_size()))
+            mods = [_role_modules(layer)[role] for layer in layers[:count]]
+            timed = [_time_role(mods, candidates, rows) for rows in row_counts]
+            best = min(candidates, key=lambda c: sum(t[c] / base for base, t in timed))
+            if all(t[best] < base * (1 - margin) for base, t in timed):
+                plan[role] = best
+            ratios = "/".join(f"{t[best] / base:.2f}" for base, t in timed)
+            notes.append(f"{tile}-row {role} {ratios} ({best})")
+    if notes:
+        elapsed = time.perf_counter() - start
+        logger.info("few-row GEMMs (timed in %.1fs), Triton / unfused time: %s", elapsed, "; ".join(notes))
+    return plans
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
-from engine.layers.gemv import linear_row, norm_linear_row, tune_gemv
+from engine.layers.gemv import MAX_ROWS, linear_row, norm_linear_row, rows_tile, tune_gemv, tune_rows
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -88,11 +88,15 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, fused)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
+        # row tile (16, 32) -> role -> few-row Triton config for steps of 2..32 token rows (tune_rows).
+        self.rows_plan: dict[int, dict[str, tuple | None]] = {}
 
     def forward(self, x, residual, ctx: ForwardContext):
         """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
-        if self.gemv_plan and x.shape[0] == 1:
-            return self.forward_row(x, residual, ctx)
+        rows = x.shape[0]
+        plan = self.gemv_plan if rows == 1 else self.rows_plan.get(rows_tile(rows)) if rows <= MAX_ROWS else None
+        if plan:
+            return self.forward_row(x, residual, ctx, plan)
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -102,10 +106,11 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_row(self, x, residual, ctx: ForwardContext):
-        """The block for one token (batch-1 decode): the projections the plan names run as Triton GEMVs with the
-        norm before them and the activation after them fused in; the others as in forward()."""
-        plan, attn, mlp = self.gemv_plan, self.self_attn, self.mlp
+    def forward_row(self, x, residual, ctx: ForwardContext, plan: dict | None = None):
+        """The block for one token (batch-1 decode) or a few (plan from rows_plan): the projections the plan names
+        run as Triton kernels with the norm before them and the activation after them fused in; the others as in
+        forward()."""
+        plan, attn, mlp = plan or self.gemv_plan, self.self_attn, self.mlp
         qkv, residual = norm_linear_row(x, residual, self.input_layernorm, attn.qkv_proj, plan["qkv"])
         x = linear_row(attn.attend(qkv, ctx), attn.o_proj, plan["o"])
         act, residual = norm_linear_row(
@@ -180,10 +185,12 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def tune_row_kernels(self, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
-        """Choose, by timing, which one-row projections run as fused Triton GEMVs (see engine/layers/gemv.py)."""
-        plan = tune_gemv(self.layers, stream_bytes, margin)
+        """Choose, by timing, which one-row and few-row projections run as fused Triton kernels (see
+        engine/layers/gemv.py); returns the one-row plan."""
+        plan = tune_gemv(self.layers, stream_bytes, margin)  # first: it may make weights row-major
+        rows_plans = tune_rows(self.layers, stream_bytes, margin)
         for layer in self.layers:
-            layer.gemv_plan = plan
+            layer.gemv_plan, layer.rows_plan = plan, rows_plans
         return plan
 
     def pack_cpu(self) -> int:

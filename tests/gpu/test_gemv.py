@@ -7,7 +7,17 @@ import types
 import pytest
 import torch
 
-from engine.layers.gemv import GEMV_CONFIGS, SMALL_K_CONFIGS, _launch, _prefetch_fits, configs_for, reference_gemv
+from engine.layers.gemv import (
+    GEMV_CONFIGS,
+    ROWS_CONFIGS,
+    SMALL_K_CONFIGS,
+    _launch,
+    _launch_rows,
+    _prefetch_fits,
+    configs_for,
+    reference_gemv,
+    rows_configs_for,
+)
 from engine.layers.kernels import pdl_enabled
 
 # (N, K, silu, bias, norm, residual): Qwen3-0.6B qkv / o / gate_up / down, a Qwen2-style biased qkv without a
@@ -56,8 +66,69 @@ def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
         assert plain.shape != ref.shape or not torch.allclose(plain.float(), ref.float(), rtol=1e-1)
 
 
+def _operands(n, k, m, silu, bias, norm, residual):
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    dt, dev = torch.bfloat16, "cuda"
+    rows = 2 * n if silu else n
+    w = (torch.randn(rows, k, device=dev, generator=g) / k**0.5).to(dt)
+    x = torch.randn(m, k, device=dev, generator=g).to(dt)
+    r = torch.randn(m, k, device=dev, generator=g).to(dt) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=dev, generator=g)).to(dt) if norm else None
+    b = torch.randn(rows, device=dev, generator=g).to(dt) if bias else None
+    return w, x, r, nw, b
+
+
+@pytest.mark.parametrize("m", [3, 32])
+@pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:5])
+def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m):
+    """Every few-row configuration that fits, row-major and column-major weights, padded 16- and 32-row tiles."""
+    w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
+    nm = types.SimpleNamespace(weight=nw, eps=1e-6) if norm else None
+    ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
+    configs = rows_configs_for(n, k, norm or silu)
+    assert configs and (norm or silu or any(c[4] > 1 for c in configs))  # K splits are tried where allowed
+    for weight in (w, w.t().contiguous().t()):
+        for cfg in configs:
+            for _ in range(2):  # twice: the split-K arrival counters must be back at zero after a launch
+                y, res_out = _launch_rows(x, weight, cfg, bias=b, norm=nm, residual=r, silu=silu)
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                assert err < 1e-2, f"{cfg}, strides {weight.stride()}: relative error {err:.2e}"
+                if residual:
+                    assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_few_row_kernel_in_a_graph_with_and_without_pdl(pdl, monkeypatch):
+    """Qwen3-0.6B's o and gate/up projections chained in one CUDA graph (the second reads the first's output and the
+    residual): bit-identical with and without programmatic dependent launch, and equal to the kernels run eagerly."""
+    monkeypatch.setenv("NANOVLLM_PDL", pdl)
+    m = 8
+    w_o, x, r, _, _ = _operands(1024, 2048, m, False, False, False, False)
+    w_gu, _, r, nw, _ = _operands(3072, 1024, m, True, False, True, True)
+    nm = types.SimpleNamespace(weight=nw, eps=1e-6)
+    cfg_o = next(c for c in rows_configs_for(1024, 2048, False) if c[4] > 1)
+    cfg_gu = rows_configs_for(3072, 1024, True)[0]
+
+    def chain():
+        h, _ = _launch_rows(x, w_o, cfg_o)
+        return _launch_rows(h, w_gu, cfg_gu, norm=nm, residual=r, silu=True)
+
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    h_ref, _ = reference_gemv(x, w_o)
+    ref, _ = reference_gemv(h_ref, w_gu, None, nw, 1e-6, r, True)
+    assert ((eager[0].float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
 def test_configs_cover_the_benchmark_shapes():
     """Every projection of the Qwen3-0.6B and Qwen3-8B shapes has configurations to choose from."""
     for n, k in [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (6144, 4096), (4096, 4096),
                  (12288, 4096), (4096, 12288)]:  # fmt: skip
         assert set(configs_for(n, k)) <= set(GEMV_CONFIGS + SMALL_K_CONFIGS) and configs_for(n, k)
+        assert set(rows_configs_for(n, k, True)) <= set(ROWS_CONFIGS) and rows_configs_for(n, k, True)
