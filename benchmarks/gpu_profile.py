@@ -475,12 +475,11 @@ def bench_fewrows(args) -> None:
     layers = llm.runner.model.layers
     rows = []
     for role in ROLES:
-        norm, lin, act = _role_modules(layers[0])[role]
+        _, lin, act = _role_modules(layers[0])[role]
         w = lin.weight
         count = -(-TUNE_STREAM_BYTES // w.nbytes)
         n = w.shape[0] // 2 if act is not None else w.shape[0]
-        fused = norm is not None or act is not None
-        candidates = rows_configs_for(n, w.shape[1], fused, ROWS_CONFIGS + SWEEP_ROWS_CONFIGS)
+        candidates = rows_configs_for(n, w.shape[1], ROWS_CONFIGS + SWEEP_ROWS_CONFIGS)
         for m in args.few_rows:
             base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates, m)
             for cfg, us in sorted(times.items(), key=lambda kv: kv[1])[:6]:

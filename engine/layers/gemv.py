@@ -185,24 +185,29 @@ def _build_kernel():
 
 
 # Few-row GEMMs (2..MAX_ROWS rows: decode batches, small prefill steps): (output rows per program, K step, warps,
-# pipeline stages, K splits). The token rows are padded to a tensor-core tile of 16 or 32; the weight tile is the
-# MMA's long side. K splits add programs where the output has few rows (Qwen3-0.6B's o and down: 1,024).
+# pipeline stages, K splits). Each program covers a short K range in one or two steps, so a layer's weight is
+# requested at once by hundreds of programs; the last split of each tile to finish adds the partial sums up.
 MAX_ROWS = 32
 ROWS_CONFIGS = (
-    (16, 256, 4, 3, 1),
-    (32, 256, 4, 3, 1),
-    (16, 256, 4, 3, 2),
-    (32, 128, 4, 4, 1),
-    (64, 128, 4, 3, 1),
-    (16, 128, 4, 4, 4),
+    (64, 256, 4, 2, 4),
+    (32, 256, 4, 2, 4),
+    (32, 256, 4, 2, 8),
+    (64, 128, 4, 2, 8),
+    (16, 256, 4, 2, 8),
+    (32, 256, 4, 2, 12),
 )
+# More shapes for `gpu_profile.py fewrows`, which measures what belongs in ROWS_CONFIGS.
 SWEEP_ROWS_CONFIGS = tuple(
     (bn, bk, w, st, sk)
     for bn, bk, w, st, sk in (
-        (16, 512, 4, 2, 1), (32, 256, 8, 3, 1), (64, 256, 8, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 3, 2),
-        (16, 128, 4, 4, 2), (32, 128, 4, 4, 2), (16, 256, 4, 3, 4), (128, 128, 8, 3, 1),
+        (64, 256, 8, 2, 4), (128, 128, 8, 2, 8), (64, 128, 4, 2, 4), (32, 128, 4, 2, 8), (16, 128, 4, 2, 8),
+        (32, 256, 4, 2, 2), (64, 256, 4, 2, 2), (16, 256, 4, 2, 4), (32, 512, 4, 1, 4), (32, 256, 4, 2, 6),
+        (16, 256, 4, 2, 12), (32, 128, 4, 3, 12),
     )
 )  # fmt: skip
+# Each of a program's threads asks for one weight row's K range (sm90 bulk L2 prefetch); a row may be asked for
+# by more than one thread, which costs nothing.
+L2_PREFETCH_ROWS_ASM = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;"
 
 
 def rows_tile(m: int) -> int:
@@ -215,7 +220,7 @@ def _build_rows_kernel():
     import triton
     import triton.language as tl
 
-    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ROWS_ASM)
 
     @triton.jit
     def rows_kernel(
@@ -233,7 +238,6 @@ def _build_rows_kernel():
         K,
         stride_wn,
         stride_wk,
-        slice_bytes,
         eps,
         NORM: tl.constexpr,
         RESIDUAL: tl.constexpr,
@@ -247,24 +251,29 @@ def _build_rows_kernel():
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
     ):
-        # Program (pid, split) computes y[:, pid * BLOCK_N : +BLOCK_N] over its K range as acc[n, m] = W x^T, so the
-        # weight rows fill the MMA's long side and the few token rows its short one.
+        # Program (pid, split) computes acc[n, m] = W[n, k] x[m, k]^T over its K range for the output rows
+        # pid * BLOCK_N.. (the weight fills the MMA's long side, the few token rows its short one). RMSNorm is
+        # applied without a pass of its own: the GEMM takes x * norm_weight, each program also sums x^2 over its K
+        # range, and the token rows are scaled by their rstd once the whole K is summed.
         pid = tl.program_id(0)
         split = tl.program_id(1)
-        k_len = K // SPLIT_K
-        k_first = split * k_len
+        k_len = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # the launcher checks that BLOCK_K * SPLIT_K divides K
+        k_first = tl.multiple_of(split * k_len, BLOCK_K)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL:
             if PREFETCH:
-                # Row-major weight: this program's rows are one contiguous slice (SPLIT_K is 1 whenever PREFETCH).
-                w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_wn
+                # The weights are not written by earlier kernels: pull this program's part into L2 while the
+                # kernel before is still finishing.
+                row_bytes = k_len * 2
+                w_rows = w_ptr + n.to(tl.int64) * stride_wn + k_first
                 tl.inline_asm_elementwise(
-                    prefetch_asm, "=r,l,r", [w_slice, slice_bytes], dtype=tl.int32, is_pure=False, pack=1
+                    prefetch_asm, "=r,l,r", [w_rows, row_bytes], dtype=tl.int32, is_pure=False, pack=1
                 )
                 if SILU:
                     tl.inline_asm_elementwise(
                         prefetch_asm,
                         "=r,l,r",
-                        [w_slice + N * stride_wn, slice_bytes],
+                        [w_rows + N * stride_wn, row_bytes],
                         dtype=tl.int32,
                         is_pure=False,
                         pack=1,
@@ -274,66 +283,68 @@ def _build_rows_kernel():
         dtype = y_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         live = m < M
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + m[:, None] * K + cols[None, :]
-        res_rows = res_ptr + m[:, None] * K + cols[None, :]
-        rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        if NORM:
-            # Pass 1 over the hidden rows: their mean squares (the sum rounded to the activation dtype first, as
-            # the unfused path stores it).
-            sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                h = tl.load(x_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)
-                if RESIDUAL:
-                    r = tl.load(res_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)
-                    h = (h + r).to(dtype).to(tl.float32)
-                sq += tl.sum(h * h, axis=1)
-            rstd = tl.rsqrt(sq / K + eps)
+        offs = m[:, None] * K + cols[None, :]
         w_tile = w_ptr + n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(k_first, k_first + k_len, BLOCK_K, num_stages=STAGES):
-            xv = tl.load(x_rows + k0, mask=live[:, None], other=0.0)
+            xv = tl.load(x_ptr + offs + k0, mask=live[:, None], other=0.0)
             if NORM:
-                xf = xv.to(tl.float32)
+                h = xv.to(tl.float32)
                 if RESIDUAL:
-                    xf = (xf + tl.load(res_rows + k0, mask=live[:, None], other=0.0).to(tl.float32)).to(dtype)
-                    if pid == 0:  # one program writes the new residual; the others only read the old one
-                        tl.store(res_out_ptr + m[:, None] * K + k0 + cols[None, :], xf, mask=live[:, None])
-                    xf = xf.to(tl.float32)
-                nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
-                xv = (xf * rstd[:, None] * nw[None, :]).to(dtype)
+                    # The sum is rounded to the activation dtype, as the unfused path stores it.
+                    r = tl.load(res_ptr + offs + k0, mask=live[:, None], other=0.0)
+                    h = (h + r.to(tl.float32)).to(dtype)
+                    if pid == 0:  # one program per K range writes the new residual; the others only read
+                        tl.store(res_out_ptr + offs + k0, h, mask=live[:, None])
+                    h = h.to(tl.float32)
+                sq += tl.sum(h * h, axis=1)
+                xv = (h * tl.load(norm_w_ptr + k0 + cols).to(tl.float32)[None, :]).to(dtype)
             w = tl.load(w_tile + k0 * stride_wk)
             acc = tl.dot(w, tl.trans(xv), acc)
             if SILU:
-                w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk)
-                acc_up = tl.dot(w_up, tl.trans(xv), acc_up)
-        out_ptrs = y_ptr + m[None, :] * N + n[:, None]
+                acc_up = tl.dot(tl.load(w_tile + N * stride_wn + k0 * stride_wk), tl.trans(xv), acc_up)
+        last = True
         if SPLIT_K > 1:
-            # Each split stores its partial sums; the last of the tile's splits to arrive adds them up and stores.
+            # Each split stores its partial sums (and its rows' partial x^2); the last of the tile's splits to
+            # arrive adds them up and finishes the tile.
             tile = n[:, None] * BLOCK_M + m[None, :]
+            up_base = part_ptr + SPLIT_K * N * BLOCK_M
+            sq_base = part_ptr + (2 if SILU else 1) * SPLIT_K * N * BLOCK_M + pid * SPLIT_K * BLOCK_M
             tl.store(part_ptr + split * N * BLOCK_M + tile, acc)
+            if SILU:
+                tl.store(up_base + split * N * BLOCK_M + tile, acc_up)
+            if NORM:
+                tl.store(sq_base + split * BLOCK_M + m, sq)
             tl.debug_barrier()
             arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
+            last = arrived == SPLIT_K - 1
+            if last:
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                sq = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for s in tl.static_range(SPLIT_K):
                     acc += tl.load(part_ptr + s * N * BLOCK_M + tile, cache_modifier=".cg")
-                if BIAS:
-                    acc += tl.load(bias_ptr + n).to(tl.float32)[:, None]
-                tl.store(out_ptrs, acc.to(dtype), mask=live[None, :])
+                    if SILU:
+                        acc_up += tl.load(up_base + s * N * BLOCK_M + tile, cache_modifier=".cg")
+                    if NORM:
+                        sq += tl.load(sq_base + s * BLOCK_M + m, cache_modifier=".cg")
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
-        else:
-            y = acc
+        if last:
+            if NORM:
+                rstd = tl.rsqrt(sq / K + eps)
+                acc = acc * rstd[None, :]
+                acc_up = acc_up * rstd[None, :]
             if BIAS:
-                y += tl.load(bias_ptr + n).to(tl.float32)[:, None]
+                acc += tl.load(bias_ptr + n).to(tl.float32)[:, None]
             if SILU:
                 # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up in fp32.
-                gate = y.to(dtype).to(tl.float32)
+                gate = acc.to(dtype).to(tl.float32)
                 up = acc_up.to(dtype).to(tl.float32)
-                y = gate * tl.sigmoid(gate) * up
-            tl.store(out_ptrs, y.to(dtype), mask=live[None, :])
+                acc = gate * tl.sigmoid(gate) * up
+            tl.store(y_ptr + m[None, :] * N + n[:, None], acc.to(dtype), mask=live[None, :])
 
     return rows_kernel
 
@@ -342,17 +353,16 @@ def _build_rows_kernel():
 def _split_counters(device: torch.device) -> torch.Tensor:
     # Arrival counters of split-K tiles, zero between launches (the last arrival resets its own); kernels that
     # share them run one after another (a PDL launch touches them only after its wait).
-    return torch.zeros(4096, dtype=torch.int32, device=device)
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
-def rows_configs_for(n: int, k: int, norm: bool, configs=ROWS_CONFIGS) -> list[tuple[int, int, int, int, int]]:
-    """The few-row configurations whose tiles divide an [n, k] weight; K splits only without a norm or SwiGLU
-    (the norm needs whole rows) and at most 4,096 tiles (the arrival counters)."""
-    return [
-        c
-        for c in configs
-        if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and (c[4] == 1 or (not norm and n // c[0] <= 4096))
-    ]
+MAX_TILES = 4096
+
+
+def rows_configs_for(n: int, k: int, configs=ROWS_CONFIGS) -> list[tuple[int, int, int, int, int]]:
+    """The few-row configurations whose tiles divide an [n, k] weight, with at most MAX_TILES output tiles (the
+    arrival counters)."""
+    return [c for c in configs if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and n // c[0] <= MAX_TILES]
 
 
 def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
@@ -363,10 +373,12 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     tile_m = rows_tile(m)
-    part = torch.empty(split_k * n * tile_m if split_k > 1 else 1, dtype=torch.float32, device=x.device)
-    row_major = weight.stride(1) == 1
-    slice_bytes = block_n * weight.stride(0) * weight.element_size()
+    part_len = ((2 if silu else 1) * n + n // block_n) * split_k * tile_m if split_k > 1 else 1
+    part = torch.empty(part_len, dtype=torch.float32, device=x.device)
     launch = launch_options(x.device)
+    # The bulk prefetch wants 16-byte-aligned row pieces of a row-major weight.
+    row_bytes = k // split_k * weight.element_size()
+    aligned = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0 and row_bytes % 16 == 0
     _build_rows_kernel()[(n // block_n, split_k)](
         x,
         residual if residual is not None else x,
@@ -382,7 +394,6 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         k,
         weight.stride(0),
         weight.stride(1),
-        slice_bytes,
         norm.eps if norm is not None else 0.0,
         NORM=norm is not None,
         RESIDUAL=residual is not None,
@@ -394,7 +405,7 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         SPLIT_K=split_k,
         STAGES=stages,
         PDL=bool(launch),
-        PREFETCH=row_major and split_k == 1 and _prefetch_fits(weight, slice_bytes),
+        PREFETCH=aligned and weight.data_ptr() % 16 == 0 and _prefetch_fits(weight, 16),
         num_warps=warps,
         **launch,
     )
@@ -508,13 +519,18 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
     base = cycle_time_us([_unfused_call(x, residual, *m) for m in mods])
     # The GEMV reads row-major weights; the few-row kernel takes the weight as it is.
     weights = [lin.weight.contiguous() if rows == 1 else lin.weight for _, lin, _ in mods]
+    from triton.runtime.errors import OutOfResources
+
     times = {}
     for cfg in candidates:
         calls = [
             functools.partial(_launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None)
             for (nm, lin, act), w in zip(mods, weights, strict=True)
         ]
-        times[cfg] = cycle_time_us(calls)
+        try:
+            times[cfg] = cycle_time_us(calls)
+        except OutOfResources:  # a tile too large for this GPU's shared memory: not a candidate here
+            continue
     return base, times
 
 
@@ -541,14 +557,17 @@ def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, t
             norm, linear, act = _role_modules(layers[0])[role]
             w0 = linear.weight
             n = w0.shape[0] // 2 if act is not None else w0.shape[0]
-            candidates = rows_configs_for(n, w0.shape[1], norm is not None or act is not None)
+            candidates = rows_configs_for(n, w0.shape[1])
             plan[role] = candidates[0] if candidates and mode == "force" else None
             if not candidates or mode == "force":
                 continue
             count = -(-stream_bytes // (w0.numel() * w0.element_size()))
             mods = [_role_modules(layer)[role] for layer in layers[:count]]
             timed = [_time_role(mods, candidates, rows) for rows in row_counts]
-            best = min(candidates, key=lambda c: sum(t[c] / base for base, t in timed))
+            fits = [c for c in candidates if all(c in t for _, t in timed)]
+            if not fits:
+                continue
+            best = min(fits, key=lambda c: sum(t[c] / base for base, t in timed))
             if all(t[best] < base * (1 - margin) for base, t in timed):
                 plan[role] = best
             ratios = "/".join(f"{t[best] / base:.2f}" for base, t in timed)
