@@ -65,11 +65,17 @@ def test_few_row_steps_take_the_row_path(qwen3_path, monkeypatch):
         for layer in layers:
             layer.rows_plan = plans
         rows = [o.token_ids for o in llm.generate(prompts, params)]
+        seen_default = list(seen)
+        seen.clear()
+        for layer in layers:
+            layer.rows_max = 2  # NANOVLLM_GEMV_MAX_ROWS=2: 3-request steps stay batched
+        capped = [o.token_ids for o in llm.generate(prompts, params)]
     finally:
         llm.shutdown()
-    assert rows == batched
-    assert {n for n, _ in seen} == {3}  # the 50-token prefill ran batched, the 3-request decode steps row-wise
-    assert all(plan is plans[16] for _, plan in seen)
+    assert rows == batched == capped
+    assert {n for n, _ in seen_default} == {3}  # the 50-token prefill ran batched, the 3-request decode row-wise
+    assert all(plan is plans[16] for _, plan in seen_default)
+    assert not seen
     assert rows_tile(2) == rows_tile(16) == 16 and rows_tile(17) == rows_tile(32) == 32
 
 

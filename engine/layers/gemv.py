@@ -14,7 +14,7 @@ a few-row kernel on tensor cores (`_build_rows_kernel`): the RMSNorm is folded i
 x * norm_weight and the rows are scaled by their rstd once the whole K is summed), and K is split so that
 hundreds of programs stream one weight, the last split of each tile adding the partial sums in a fixed order.
 `tune_rows` keeps it per role and row tile where it measures faster. Measured on an H100 (docs/benchmarks.md):
-Qwen3-0.6B decode at 4 and 16 requests 1.18x. NANOVLLM_GEMV_MAX_ROWS=1 switches it off.
+Qwen3-0.6B decode 1.07-1.18x at 2-16 requests. NANOVLLM_GEMV_MAX_ROWS=1 switches it off.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.layers.activation import SiluAndMul
-from engine.layers.gemv import MAX_ROWS, linear_row, norm_linear_row, rows_tile, tune_gemv, tune_rows
+from engine.layers.gemv import MAX_ROWS, gemv_max_rows, linear_row, norm_linear_row, rows_tile, tune_gemv, tune_rows
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -88,13 +88,14 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, fused)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
-        # row tile (16, 32) -> role -> few-row Triton config for steps of 2..32 token rows (tune_rows).
+        # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
         self.rows_plan: dict[int, dict[str, tuple | None]] = {}
+        self.rows_max = MAX_ROWS
 
     def forward(self, x, residual, ctx: ForwardContext):
         """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
         rows = x.shape[0]
-        plan = self.gemv_plan if rows == 1 else self.rows_plan.get(rows_tile(rows)) if rows <= MAX_ROWS else None
+        plan = self.gemv_plan if rows == 1 else self.rows_plan.get(rows_tile(rows)) if rows <= self.rows_max else None
         if plan:
             return self.forward_row(x, residual, ctx, plan)
         if residual is None:
@@ -189,8 +190,9 @@ class LlamaForCausalLM(nn.Module):
         engine/layers/gemv.py); returns the one-row plan."""
         plan = tune_gemv(self.layers, stream_bytes, margin)  # first: it may make weights row-major
         rows_plans = tune_rows(self.layers, stream_bytes, margin)
+        rows_max = gemv_max_rows()
         for layer in self.layers:
-            layer.gemv_plan, layer.rows_plan = plan, rows_plans
+            layer.gemv_plan, layer.rows_plan, layer.rows_max = plan, rows_plans, rows_max
         return plan
 
     def pack_cpu(self) -> int:
