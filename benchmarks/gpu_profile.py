@@ -429,26 +429,34 @@ def bench_gemm(args) -> None:
     write_result("gpu_profile_gemm", {"model": args.model, "default_library": str(default_lib), "rows": rows}, OUT)
 
 
+def role_weights(layers, role: str):
+    """(the role's modules of as many layers as stream past the L2, its first weight, its output rows)."""
+    from engine.layers.gemv import _role_modules
+    from engine.layers.linear import TUNE_STREAM_BYTES
+
+    _, lin, act = _role_modules(layers[0])[role]
+    w = lin.weight
+    count = -(-TUNE_STREAM_BYTES // w.nbytes)
+    n = w.shape[0] // 2 if act is not None else w.shape[0]
+    return [_role_modules(layer)[role] for layer in layers[:count]], w, n
+
+
 def bench_rowgemv(args) -> None:
     """Each one-row projection of a model: the fused Triton GEMV in every configuration vs the unfused path
     (cuBLAS + FlashInfer norm / activation), cycling through the model's own layer weights in one CUDA graph."""
     os.environ["NANOVLLM_GEMV"] = "0"  # measure every configuration here, not the engine's start-up choice
 
     from engine import LLM
-    from engine.layers.gemv import GEMV_CONFIGS, ROLES, SWEEP_CONFIGS, _role_modules, _time_role, configs_for
-    from engine.layers.linear import TUNE_STREAM_BYTES
+    from engine.layers.gemv import GEMV_CONFIGS, ROLES, SWEEP_CONFIGS, _time_role, configs_for
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True)
     layers = llm.runner.model.layers
     rows = []
     for role in ROLES:
-        _, lin, act = _role_modules(layers[0])[role]
-        w = lin.weight
-        count = -(-TUNE_STREAM_BYTES // w.nbytes)
-        n = w.shape[0] // 2 if act is not None else w.shape[0]
+        mods, w, n = role_weights(layers, role)
         candidates = configs_for(n, w.shape[1], GEMV_CONFIGS + SWEEP_CONFIGS)
-        base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates)
+        base, times = _time_role(mods, candidates)
         for cfg, us in sorted(times.items(), key=lambda kv: kv[1]):
             rows.append(
                 dict(role=role, config=str(cfg), in_engine=cfg in GEMV_CONFIGS, us=us, unfused_us=base,
@@ -467,21 +475,17 @@ def bench_fewrows(args) -> None:
     os.environ["NANOVLLM_GEMV_MAX_ROWS"] = "1"  # the engine's own few-row tuning is what this measures
 
     from engine import LLM
-    from engine.layers.gemv import ROLES, ROWS_CONFIGS, SWEEP_ROWS_CONFIGS, _role_modules, _time_role, rows_configs_for
-    from engine.layers.linear import TUNE_STREAM_BYTES
+    from engine.layers.gemv import ROLES, ROWS_CONFIGS, SWEEP_ROWS_CONFIGS, _time_role, rows_configs_for
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1)
     layers = llm.runner.model.layers
     rows = []
     for role in ROLES:
-        _, lin, act = _role_modules(layers[0])[role]
-        w = lin.weight
-        count = -(-TUNE_STREAM_BYTES // w.nbytes)
-        n = w.shape[0] // 2 if act is not None else w.shape[0]
+        mods, w, n = role_weights(layers, role)
         candidates = rows_configs_for(n, w.shape[1], ROWS_CONFIGS + SWEEP_ROWS_CONFIGS)
         for m in args.few_rows:
-            base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates, m)
+            base, times = _time_role(mods, candidates, m)
             for cfg, us in sorted(times.items(), key=lambda kv: kv[1])[:6]:
                 rows.append(
                     dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,

@@ -89,11 +89,34 @@ def configs_for(n: int, k: int, configs=GEMV_CONFIGS) -> list[tuple[int, int, in
 
 
 @functools.cache
+def _build_pdl_prologue():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prefetch_then_wait(w_ptrs, up_offset, nbytes, ASM: tl.constexpr, SILU: tl.constexpr, PREFETCH: tl.constexpr):
+        # The weights are not written by earlier kernels: pull this program's part (and with SILU the matching
+        # "up" part, up_offset further) into L2 while the kernel before is still finishing; then let the next
+        # kernel launch, and wait for the earlier kernels' outputs (hidden rows, residual) before reading them.
+        if PREFETCH:
+            tl.inline_asm_elementwise(ASM, "=r,l,r", [w_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+            if SILU:
+                tl.inline_asm_elementwise(
+                    ASM, "=r,l,r", [w_ptrs + up_offset, nbytes], dtype=tl.int32, is_pure=False, pack=1
+                )
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+    return prefetch_then_wait
+
+
+@functools.cache
 def _build_kernel():
     import triton
     import triton.language as tl
 
     prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+    pdl_prologue = _build_pdl_prologue()
 
     @triton.jit
     def gemv_kernel(
@@ -122,25 +145,9 @@ def _build_kernel():
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
         pid = tl.program_id(0)
-        if PDL:
-            if PREFETCH:
-                # The weights are not written by earlier kernels: pull this program's rows (one contiguous
-                # slice) into L2 while the kernel before is still finishing.
-                w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
-                tl.inline_asm_elementwise(
-                    prefetch_asm, "=r,l,r", [w_slice, slice_bytes], dtype=tl.int32, is_pure=False, pack=1
-                )
-                if SILU:
-                    tl.inline_asm_elementwise(
-                        prefetch_asm,
-                        "=r,l,r",
-                        [w_slice + N * stride_w, slice_bytes],
-                        dtype=tl.int32,
-                        is_pure=False,
-                        pack=1,
-                    )
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (the hidden row, the residual) are ready
+        if PDL:  # this program's rows are one contiguous slice of the weight: one thread prefetches it
+            w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
+            pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         dtype = y_ptr.dtype.element_ty
@@ -227,6 +234,7 @@ def _build_rows_kernel():
     import triton.language as tl
 
     prefetch_asm = tl.constexpr(L2_PREFETCH_ROWS_ASM)
+    pdl_prologue = _build_pdl_prologue()
 
     @triton.jit
     def rows_kernel(
@@ -266,26 +274,9 @@ def _build_rows_kernel():
         k_len = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # the launcher checks that BLOCK_K * SPLIT_K divides K
         k_first = tl.multiple_of(split * k_len, BLOCK_K)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PDL:
-            if PREFETCH:
-                # The weights are not written by earlier kernels: pull this program's part into L2 while the
-                # kernel before is still finishing.
-                row_bytes = k_len * 2
-                w_rows = w_ptr + n.to(tl.int64) * stride_wn + k_first
-                tl.inline_asm_elementwise(
-                    prefetch_asm, "=r,l,r", [w_rows, row_bytes], dtype=tl.int32, is_pure=False, pack=1
-                )
-                if SILU:
-                    tl.inline_asm_elementwise(
-                        prefetch_asm,
-                        "=r,l,r",
-                        [w_rows + N * stride_wn, row_bytes],
-                        dtype=tl.int32,
-                        is_pure=False,
-                        pack=1,
-                    )
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # the earlier kernels' outputs (hidden rows, residual) are ready
+        if PDL:  # each weight row's K range of this program is prefetched on its own (row-major weights)
+            w_rows = w_ptr + n.to(tl.int64) * stride_wn + k_first
+            pdl_prologue(w_rows, N * stride_wn, k_len * 2, prefetch_asm, SILU, PREFETCH)
         dtype = y_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         live = m < M
