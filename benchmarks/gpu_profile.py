@@ -11,6 +11,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
     python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
+    python benchmarks/gpu_profile.py plan      # host time of planning that warm step, in a hot loop
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -498,6 +499,44 @@ def bench_fewrows(args) -> None:
     write_result(f"gpu_profile_fewrows{suffix}", {"model": args.model, "rows": rows}, OUT)
 
 
+def profile_plan(args) -> None:
+    """Host time of planning the prefix-cache benchmark's warm step (32 new tokens over 4,128 cached ones, the
+    32-token prefill graph) in a hot loop: the whole plan_step, its page tables, the pinned copy, FlashInfer's plan."""
+    import time
+
+    from engine import LLM
+    from engine.attention.base import to_device
+    from engine.attention.flashinfer_backend import PagedIndices
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
+    attn = llm.runner.graphs.prefill_attn[32]
+    tables, kv_lens = [list(range(10, 75))], [4128]
+    padded_tables, padded_lens = tables + [[0]] * (attn.rows - 1), kv_lens + [1] * (attn.rows - 1)
+    indptr, indices, last = PagedIndices.build(padded_tables, padded_lens, attn.block_size)
+    qo = torch.tensor([0] + [32] * attn.rows, dtype=torch.int32)
+    (dev_indices,) = to_device([indices], attn.device)
+    common = dict(head_dim_qk=attn.head_dim, causal=True, **attn._common())
+    parts = {
+        "plan_step": lambda: attn.plan_step([32], tables, kv_lens, llm.runner.dummy_block),
+        "PagedIndices.build": lambda: PagedIndices.build(padded_tables, padded_lens, attn.block_size),
+        "to_device (pinned copy)": lambda: to_device([indices], attn.device),
+        "FlashInfer prefill plan()": lambda: attn.prefill.plan(qo, indptr, dev_indices, last, **common),
+    }
+    rows = []
+    for name, fn in parts.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps * 10):
+            fn()
+        rows.append(dict(part=name, us=(time.perf_counter() - start) / (args.steps * 10) * 1e6))
+    llm.shutdown()
+    print_table(f"{args.model}: host time per call, hot loop of {args.steps * 10}", rows)
+    write_result("gpu_profile_plan", {"model": args.model, "rows": rows}, OUT)
+
+
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear layer of a Qwen3 model's shape."""
     from common import qwen3_config
@@ -583,7 +622,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "which", choices=["kernels", "gemv", "gemm", "rowgemv", "fewrows", "overlap", "prefill", "start", "warm"]
+        "which",
+        choices=["kernels", "gemv", "gemm", "rowgemv", "fewrows", "overlap", "prefill", "start", "warm", "plan"],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
@@ -596,7 +636,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
-    which["fewrows"] = bench_fewrows
+    which.update(fewrows=bench_fewrows, plan=profile_plan)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 
