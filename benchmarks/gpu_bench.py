@@ -419,6 +419,8 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
     )
     args = parser.parse_args()
+    if args.batch > args.max_num_seqs:
+        parser.error(f"--batch {args.batch} needs --max-num-seqs of at least {args.batch} (it is {args.max_num_seqs})")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's start-up choices
     if args.block_size:
         ENGINE_KW["block_size"] = args.block_size
