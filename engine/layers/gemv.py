@@ -202,6 +202,7 @@ def _build_kernel():
 # pipeline stages, K splits). Each program covers a short K range in one or two steps, so a layer's weight is
 # requested at once by hundreds of programs; the last split of each tile to finish adds the partial sums up.
 MAX_ROWS = 32
+MAX_TILES = 4096  # output tiles of one launch at most: the split-K arrival counters
 # The fastest per role of Qwen3-0.6B at 4, 16 and 32 rows in `gpu_profile.py fewrows` (H100, docs/benchmarks.md).
 ROWS_CONFIGS = (
     (64, 256, 4, 1, 4),
@@ -271,7 +272,7 @@ def _build_rows_kernel():
         # range, and the token rows are scaled by their rstd once the whole K is summed.
         pid = tl.program_id(0)
         split = tl.program_id(1)
-        k_len = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # the launcher checks that BLOCK_K * SPLIT_K divides K
+        k_len = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # rows_configs_for offers only splits that BLOCK_K divides
         k_first = tl.multiple_of(split * k_len, BLOCK_K)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL:  # each weight row's K range of this program is prefetched on its own (row-major weights)
@@ -353,9 +354,6 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
-MAX_TILES = 4096
-
-
 def rows_configs_for(n: int, k: int, configs=ROWS_CONFIGS) -> list[tuple[int, int, int, int, int]]:
     """The few-row configurations whose tiles divide an [n, k] weight, with at most MAX_TILES output tiles (the
     arrival counters)."""
@@ -373,9 +371,9 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
     part_len = ((2 if silu else 1) * n + n // block_n) * split_k * tile_m if split_k > 1 else 1
     part = torch.empty(part_len, dtype=torch.float32, device=x.device)
     launch = launch_options(x.device)
-    # The bulk prefetch wants 16-byte-aligned row pieces of a row-major weight.
+    # Each program prefetches one K range per weight row: a row-major weight whose rows start 16-byte aligned.
     row_bytes = k // split_k * weight.element_size()
-    aligned = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0 and row_bytes % 16 == 0
+    prefetch = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0
     _build_rows_kernel()[(n // block_n, split_k)](
         x,
         residual if residual is not None else x,
@@ -402,7 +400,7 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         SPLIT_K=split_k,
         STAGES=stages,
         PDL=bool(launch),
-        PREFETCH=aligned and weight.data_ptr() % 16 == 0 and _prefetch_fits(weight, 16),
+        PREFETCH=prefetch and _prefetch_fits(weight, row_bytes),
         num_warps=warps,
         **launch,
     )
