@@ -77,13 +77,17 @@ class GraphRunner:
 
     def _forward(self, kind: str, attn, n: int) -> torch.Tensor:
         # Inside the graph: int64 -> int32 copies of the append coordinates (and last-page lengths for decode, which
-        # change every step while the page lists do not), then the model and the lm_head.
+        # change every step while the page lists do not; the fused decode kernel needs none), then the model and
+        # the lm_head.
         s = self.static
-        attn.positions.copy_(s[APPEND_POS, :n])
-        if kind == "prefill":
-            attn.batch_indices.copy_(s[BATCH_IDX, :n])
+        if getattr(attn, "fused_decode", False):
+            attn.last_len = s[LAST_LEN, :n]  # its kernel reads the int64 rows itself and appends by the page table
         else:
-            attn.kv_last.copy_(s[LAST_LEN, :n])
+            attn.positions.copy_(s[APPEND_POS, :n])
+            if kind == "prefill":
+                attn.batch_indices.copy_(s[BATCH_IDX, :n])
+            else:
+                attn.kv_last.copy_(s[LAST_LEN, :n])
         model = self.runner.model
         hidden = model(s[IDS, :n], ForwardContext(s[ROPE_POS, :n], attn, self.runner.kv_cache))
         if kind == "prefill":

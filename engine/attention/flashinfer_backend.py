@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, to_device
-from engine.attention.triton_decode import SplitDecode, triton_decode_max_rows, triton_decode_supported
+from engine.attention.triton_decode import (
+    SplitDecode,
+    fused_decode_enabled,
+    triton_decode_max_rows,
+    triton_decode_supported,
+)
 from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -251,6 +256,10 @@ class GraphDecodeAttention(GraphAttention):
         if self.triton_attention and small and triton_decode_supported(self.head_dim, block_size, self.device):
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms)
+        # With it, the q/k norm + rope + K/V append happen inside the attention kernel too (one launch fewer per
+        # layer); it then reads the step's int64 last-page lengths itself (last_len, set by the graph runner).
+        self.fused_decode = self.split_decode is not None and self.fused_qkv and fused_decode_enabled()
+        self.last_len: torch.Tensor | None = None
 
     def plan_rows(self, tables, kv_lens, dummy_block: int) -> None:
         """Plan the given requests plus padding rows."""
@@ -266,6 +275,24 @@ class GraphDecodeAttention(GraphAttention):
             return
         (indices,) = to_device([indices], self.device)
         self.decode.plan(indptr, indices, last, head_dim=self.head_dim, **self._common(), **self.split_args)
+
+    def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
+        """From the packed QKV projection: the fused decode kernel where it serves, else as the base class."""
+        if not self.fused_decode:
+            return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
+        norm = attn.q_norm is not None
+        return self.split_decode.fused(
+            qkv,
+            attn.q_norm.weight if norm else None,
+            attn.k_norm.weight if norm else None,
+            attn.q_norm.eps if norm else 0.0,
+            attn.rotary.cos_sin_cache,
+            rope_positions,
+            kv_cache,
+            self.kv_indptr,
+            self.kv_indices,
+            self.last_len,
+        )
 
     def attend(self, q, kv_cache):
         """Paged decode attention."""

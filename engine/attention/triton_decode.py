@@ -33,6 +33,15 @@ def triton_decode_max_rows() -> int:
     return int(value)
 
 
+def fused_decode_enabled() -> bool:
+    """Whether decode graphs that use this kernel also fold the q/k norm, rope and K/V append into it
+    (NANOVLLM_FUSED_DECODE, default 1; 0 keeps the separate fused q/k kernel before it)."""
+    value = os.environ.get("NANOVLLM_FUSED_DECODE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"NANOVLLM_FUSED_DECODE={value!r} must be 0 or 1")
+    return value == "1"
+
+
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
     """Whether the kernel can run: Triton importable, CUDA, power-of-two head_dim and page size of at least 16."""
     if not triton_available() or device.type != "cuda":
@@ -48,6 +57,12 @@ def _build_kernel():
     @triton.jit
     def split_decode(
         q_ptr,
+        q_stride,
+        q_w_ptr,
+        k_w_ptr,
+        cos_sin_ptr,
+        rope_pos_ptr,
+        eps,
         cache_ptr,
         indptr_ptr,
         indices_ptr,
@@ -67,6 +82,8 @@ def _build_kernel():
         S: tl.constexpr,
         PDL: tl.constexpr,
         MIN_PAGES: tl.constexpr,
+        FUSED: tl.constexpr,
+        NORM: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -89,10 +106,48 @@ def _build_kernel():
             t = tl.arange(0, BS)
             live = g < G
             heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
-            q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
             m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+            if FUSED:
+                # q_ptr is this step's QKV projection: q/k RMSNorm and NeoX rope happen here, on full rows (each
+                # element with its rotation partner, d +- D/2), so no kernel between the projection and attention.
+                row = q_ptr + b * q_stride
+                partner = (d + D // 2) % D
+                q_cols = (kvh * G + g)[:, None] * D
+                xq = tl.load(row + q_cols + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+                xq_p = tl.load(row + q_cols + partner[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+                k_row = row + (HQ + kvh) * D
+                xk = tl.load(k_row + d).to(tl.float32)
+                xk_p = tl.load(k_row + partner).to(tl.float32)
+                if NORM:
+                    rq = tl.rsqrt(tl.sum(xq * xq, 1) / D + eps)[:, None]
+                    xq = xq * rq * tl.load(q_w_ptr + d).to(tl.float32)[None, :]
+                    xq_p = xq_p * rq * tl.load(q_w_ptr + partner).to(tl.float32)[None, :]
+                    rk = tl.rsqrt(tl.sum(xk * xk, 0) / D + eps)
+                    xk = xk * rk * tl.load(k_w_ptr + d).to(tl.float32)
+                    xk_p = xk_p * rk * tl.load(k_w_ptr + partner).to(tl.float32)
+                pos = tl.load(rope_pos_ptr + b).to(tl.int64)
+                cos = tl.load(cos_sin_ptr + pos * D + d % (D // 2))
+                sin = tl.load(cos_sin_ptr + pos * D + D // 2 + d % (D // 2))
+                sin = tl.where(d < D // 2, -sin, sin)  # first half: x1 cos - x2 sin; second: x2 cos + x1 sin
+                q = (xq * cos[None, :] + xq_p * sin[None, :]).to(cache_ptr.dtype.element_ty)
+                k_new = (xk * cos + xk_p * sin).to(cache_ptr.dtype.element_ty)
+                v_new = tl.load(row + (HQ + HKV + kvh) * D + d)
+                if split == active - 1:
+                    # The split with the last page appends the step's K/V there and counts the new token from
+                    # registers; the page loop skips its slot, which no other program reads.
+                    page = tl.load(indices_ptr + start + num_pages - 1).to(tl.int64)
+                    slot = cache_ptr + ((page * 2 * HKV + kvh) * BS + last_len - 1) * D + d
+                    tl.store(slot, k_new)
+                    tl.store(slot + HKV * BS * D, v_new)
+                    m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+                    l_sum = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
+                    acc = acc + v_new.to(tl.float32)[None, :]
+                last_valid = last_len - 1
+            else:
+                q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+                last_valid = last_len
             for p in range(first, stop):
                 page = tl.load(indices_ptr + start + p).to(tl.int64)
                 # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
@@ -100,7 +155,7 @@ def _build_kernel():
                 k = tl.load(k_rows)
                 v = tl.load(k_rows + HKV * BS * D)
                 scores = tl.dot(q, tl.trans(k)) * scale_log2
-                valid = tl.where(p == num_pages - 1, last_len, BS)
+                valid = tl.where(p == num_pages - 1, last_valid, BS)
                 scores = tl.where(t[None, :] < valid, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 alpha = tl.exp2(m - m_new)
@@ -154,10 +209,37 @@ class SplitDecode:
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
         out = torch.empty_like(q)
+        self._launch(q, 0, None, None, 0.0, None, None, kv_cache, kv_indptr, kv_indices, kv_last, out)
+        return out
+
+    def fused(
+        self, qkv, q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions, kv_cache, kv_indptr, kv_indices, kv_last
+    ):
+        """Attention of each row's step token given its QKV projection [rows, (Hq + 2 Hkv) * D]: q/k norm (when
+        weights are given) and NeoX rope by rope_positions, the K/V append at the last slot of each row's pages
+        (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D]."""
+        if qkv.stride(1) != 1:
+            raise ValueError(f"the QKV projection must have contiguous rows (strides {qkv.stride()})")
+        out = torch.empty(self.rows, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
+        self._launch(
+            qkv, qkv.stride(0), q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions,
+            kv_cache, kv_indptr, kv_indices, kv_last, out,
+        )  # fmt: skip
+        return out
+
+    def _launch(self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out):
         group = self.hq // self.hkv
+        fused, norm = cos_sin is not None, q_w is not None
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
+        unused = q  # pointer arguments a constexpr branch never reads
         _build_kernel()[(self.rows, self.hkv, self.splits)](
             q,
+            q_stride,
+            q_w if norm else unused,
+            k_w if norm else unused,
+            cos_sin if fused else unused,
+            rope_pos if fused else unused,
+            eps,
             kv_cache,
             kv_indptr,
             kv_indices,
@@ -177,7 +259,8 @@ class SplitDecode:
             S=self.splits,
             PDL=bool(launch),
             MIN_PAGES=MIN_PAGES_PER_SPLIT,
+            FUSED=fused,
+            NORM=norm,
             num_warps=4,
             **launch,
         )
-        return out

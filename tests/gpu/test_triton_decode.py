@@ -52,3 +52,55 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs):
             err = ((out[b].float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, f"row {b} ({n} tokens): relative error {err:.2e}"
     assert not kernel.counter.any()
+
+
+@pytest.mark.parametrize(
+    "lens,hq,hkv,d,bs,norm",
+    [
+        ([130], 16, 8, 128, 64, True),  # Qwen3-0.6B: the new token opens no page
+        ([129], 16, 8, 128, 64, True),  # the new token is alone in its page
+        ([1, 5000], 32, 8, 128, 64, True),  # a first token, and many pages per split
+        ([64, 700, 33, 4096], 32, 8, 64, 16, False),  # Llama-1B heads (no q/k norm), 16-token pages
+        ([300, 17], 9, 3, 64, 64, False),  # SmolLM2: a group of 3 padded to a 16-row tile
+    ],
+)
+def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm):
+    """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
+    kernel followed by the attention kernel, and nothing written but each row's new slot."""
+    from engine.layers.fused_qkv import qk_norm_rope_append
+
+    g = torch.Generator(device="cuda").manual_seed(len(lens) + sum(lens))
+    cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total=sum(-(-n // bs) for n in lens) + 8, g=g)
+    rows = len(lens)
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, device="cuda", generator=g).to(torch.bfloat16)
+    qw = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(torch.bfloat16) if norm else None
+    kw = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(torch.bfloat16) if norm else None
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(8192, dtype=torch.float32), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).cuda()
+    positions = torch.tensor([n - 1 for n in lens], device="cuda")  # int64, as the graph's input rows are
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    kernel = SplitDecode(rows, hq, hkv, d, "cuda", sms)
+
+    ref_cache = cache.clone()
+    q = qk_norm_rope_append(
+        qkv, hq, hkv, qw, kw, 1e-6, cos_sin, positions, torch.arange(rows, device="cuda", dtype=torch.int32),
+        positions.to(torch.int32), indptr, indices, ref_cache,
+    )  # fmt: skip
+    ref = kernel(q, ref_cache, indptr, indices, last)
+    before = cache.clone()
+    for _ in range(2):  # the second launch checks that the arrival counters were reset
+        out = kernel.fused(qkv, qw, kw, 1e-6, cos_sin, positions, cache, indptr, indices, last.long())
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 1e-2, f"relative error {err:.2e} against the separate kernels"
+    assert not kernel.counter.any()
+    # K (computed: within rounding of the other kernel's) and V (copied: exact) at each row's new slot only.
+    changed = (cache != before).any(dim=-1)  # [pages, 2, Hkv, BS]
+    expected = torch.zeros_like(changed)
+    for b, n in enumerate(lens):
+        page = indices[indptr[b] + (n - 1) // bs]
+        expected[page, :, :, (n - 1) % bs] = True
+    assert torch.equal(changed | expected, expected), "the kernel wrote outside the rows' new slots"
+    k_err = ((cache[:, 0].float() - ref_cache[:, 0].float()).norm() / ref_cache[:, 0].float().norm()).item()
+    assert k_err < 1e-3
+    assert torch.equal(cache[:, 1], ref_cache[:, 1])
