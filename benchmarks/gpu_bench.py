@@ -203,6 +203,52 @@ def bench_decode(args) -> None:
     )
 
 
+def bench_decode_ab(args) -> None:
+    """decode_ab.json: decode tok/s of engines that differ only in one environment variable, all built in this
+    process and run in turn, round after round (the order reversed every other round).
+
+    Why: on H100s the same code decodes up to ~7% faster or slower from one process to the next (docs/benchmarks.md),
+    more than the changes being measured; engines that share a process, card and time compare more closely."""
+    name = args.models[0]
+    folder = model_folder(name, ROOT)
+    engines = []
+    for value in args.ab_values:
+        os.environ[args.ab_env] = value  # read while the engine is built and its graphs are captured
+        kw = dict(max_model_len=4096, max_num_seqs=args.max_num_seqs, num_kvcache_blocks=args.ab_kv_blocks)
+        engines.append((value, LLM(folder, load_format="dummy", **kw, **ENGINE_KW)))
+    rng = random.Random(0)
+    batch = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(args.batch)]
+    p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rates: dict[str, list[float]] = {value: [] for value, _ in engines}
+    for _, llm in engines:
+        llm.generate(batch, p)  # warm-up
+    for r in range(args.rounds):
+        for value, llm in engines if r % 2 == 0 else engines[::-1]:
+            outs = llm.generate(batch, p)
+            first = max(o.first_token_time for o in outs)
+            rates[value].append(args.batch * (args.new_tokens - 1) / (max(o.finish_time for o in outs) - first))
+    for _, llm in engines:
+        free_engine(llm)
+    base = sorted(rates[args.ab_values[0]])[len(rates[args.ab_values[0]]) // 2]
+    rows = []
+    for value, runs in rates.items():
+        median = sorted(runs)[len(runs) // 2]
+        rows.append(
+            dict(
+                env=f"{args.ab_env}={value}",
+                median_tok_s=median,
+                min_tok_s=min(runs),
+                max_tok_s=max(runs),
+                over_first=median / base,
+                rounds=[round(x, 1) for x in runs],
+            )
+        )
+    print_table(f"{name}: decode A/B, batch {args.batch}, prompt 128, {args.new_tokens} new tokens", rows)
+    write_result(
+        f"decode_ab_batch{args.batch}", {"model": name, "batch": args.batch, "env": args.ab_env, "rows": rows}, OUT
+    )
+
+
 def throughput_workload(n: int, max_new_tokens: int | None = None):
     """nano-vllm's workload: n prompts of 100..1024 random token ids, 100..1024 new tokens each (capped), seed 0."""
     rng = random.Random(0)
@@ -401,7 +447,9 @@ def bench_prefix_cache(args) -> None:
 def main() -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["decode", "throughput", "shared_prefix", "prefix_cache", "cascade_crossover"])
+    parser.add_argument(
+        "which", choices=["decode", "decode_ab", "throughput", "shared_prefix", "prefix_cache", "cascade_crossover"]
+    )
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
@@ -415,6 +463,10 @@ def main() -> None:
     parser.add_argument("--requests", nargs="+", type=int, default=[4, 8, 16, 32, 64], help="cascade_crossover")
     parser.add_argument("--prefixes", nargs="+", type=int, default=[128, 256, 1024, 4096], help="cascade_crossover")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
+    parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
+    parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
+    parser.add_argument("--rounds", type=int, default=6, help="decode_ab: timed runs per engine")
+    parser.add_argument("--ab-kv-blocks", type=int, default=256, help="decode_ab: KV cache blocks per engine")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
     )
@@ -426,6 +478,7 @@ def main() -> None:
         ENGINE_KW["block_size"] = args.block_size
     {
         "decode": bench_decode,
+        "decode_ab": bench_decode_ab,
         "throughput": bench_throughput,
         "shared_prefix": bench_shared_prefix,
         "prefix_cache": bench_prefix_cache,

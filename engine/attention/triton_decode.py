@@ -22,7 +22,9 @@ import torch
 from engine.layers.kernels import launch_options, triton_available
 
 MAX_SPLITS = 32
-MIN_PAGES_PER_SPLIT = 1  # 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md): not a clear gain
+# Fewest pages a split reads: 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md), not a clear gain.
+# NANOVLLM_ATTN_MIN_PAGES overrides it (A/B runs); a context of at most that many pages takes one split.
+MIN_PAGES_PER_SPLIT = 1
 
 
 def triton_decode_max_rows() -> int:
@@ -163,30 +165,35 @@ def _build_kernel():
                 l_sum = l_sum * alpha + tl.sum(probs, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
                 m = m_new
-            part = heads * S + split
-            tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
-            tl.store(part_m_ptr + part, m, mask=live)
-            tl.store(part_l_ptr + part, l_sum, mask=live)
-            # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
-            if arrived == active - 1:
-                splits = tl.arange(0, S)
-                used = splits < active
-                for gi in tl.static_range(G):
-                    h = b * HQ + kvh * G + gi
-                    ms = tl.load(part_m_ptr + h * S + splits, mask=used, other=float("-inf"), cache_modifier=".cg")
-                    ls = tl.load(part_l_ptr + h * S + splits, mask=used, other=0.0, cache_modifier=".cg")
-                    os_ = tl.load(
-                        part_o_ptr + (h * S + splits)[:, None] * D + d[None, :],
-                        mask=used[:, None],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    w = tl.exp2(ms - tl.max(ms, axis=0))  # unused splits have m = -inf: weight 0
-                    o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
-                    tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
-                tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
+            if active == 1:
+                # One split holds the whole context: its state is the answer, no partial store or merge.
+                o = acc / l_sum[:, None]
+                tl.store(out_ptr + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+            else:
+                part = heads * S + split
+                tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
+                tl.store(part_m_ptr + part, m, mask=live)
+                tl.store(part_l_ptr + part, l_sum, mask=live)
+                # Every thread's partial stores happen before the (release) arrival; the last arrival merges.
+                tl.debug_barrier()
+                arrived = tl.atomic_add(counter_ptr + b * HKV + kvh, 1, sem="acq_rel")
+                if arrived == active - 1:
+                    splits = tl.arange(0, S)
+                    used = splits < active
+                    for gi in tl.static_range(G):
+                        h = b * HQ + kvh * G + gi
+                        ms = tl.load(part_m_ptr + h * S + splits, mask=used, other=float("-inf"), cache_modifier=".cg")
+                        ls = tl.load(part_l_ptr + h * S + splits, mask=used, other=0.0, cache_modifier=".cg")
+                        os_ = tl.load(
+                            part_o_ptr + (h * S + splits)[:, None] * D + d[None, :],
+                            mask=used[:, None],
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        w = tl.exp2(ms - tl.max(ms, axis=0))  # unused splits have m = -inf: weight 0
+                        o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
+                        tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
+                    tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
 
     return split_decode
 
@@ -205,6 +212,10 @@ class SplitDecode:
         self.part_l = torch.empty(n, dtype=torch.float32, device=device)
         self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
         self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+        value = os.environ.get("NANOVLLM_ATTN_MIN_PAGES", str(MIN_PAGES_PER_SPLIT))
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"NANOVLLM_ATTN_MIN_PAGES={value!r} must be a whole number of pages, at least 1")
+        self.min_pages = int(value)
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -258,7 +269,7 @@ class SplitDecode:
             BS=kv_cache.shape[3],
             S=self.splits,
             PDL=bool(launch),
-            MIN_PAGES=MIN_PAGES_PER_SPLIT,
+            MIN_PAGES=self.min_pages,
             FUSED=fused,
             NORM=norm,
             num_warps=4,

@@ -35,12 +35,14 @@ def paged(lens, hkv, d, bs, pages_total, g):
         ([300], 9, 3, 64, 64),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-def test_split_decode_matches_torch(lens, hq, hkv, d, bs):
+@pytest.mark.parametrize("min_pages", [1, 8])  # 8: contexts of up to 8 pages take one split, stored directly
+def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages):
     g = torch.Generator(device="cuda").manual_seed(sum(lens))
     cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total=sum(-(-n // bs) for n in lens) + 8, g=g)
     q = torch.randn(len(lens), hq, d, device="cuda", generator=g).to(torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kernel = SplitDecode(len(lens), hq, hkv, d, "cuda", sms)
+    kernel.min_pages = min_pages
     for _ in range(2):  # the second launch checks that the arrival counters were reset
         out = kernel(q, cache, indptr, indices, last)
         for b, n in enumerate(lens):
@@ -64,7 +66,8 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs):
         ([300, 17], 9, 3, 64, 64, False),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm):
+@pytest.mark.parametrize("min_pages", [1, 8])
+def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages):
     """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
     kernel followed by the attention kernel, and nothing written but each row's new slot."""
     from engine.layers.fused_qkv import qk_norm_rope_append
@@ -81,6 +84,7 @@ def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm)
     positions = torch.tensor([n - 1 for n in lens], device="cuda")  # int64, as the graph's input rows are
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kernel = SplitDecode(rows, hq, hkv, d, "cuda", sms)
+    kernel.min_pages = min_pages
 
     ref_cache = cache.clone()
     q = qk_norm_rope_append(
