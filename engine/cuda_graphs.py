@@ -4,6 +4,7 @@ token count. FlashInfer wrappers read fixed buffers; plan() refills them outside
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -15,6 +16,7 @@ logger = logging.getLogger("engine")
 
 PREFILL_TOKEN_SIZES = (16, 32, 64, 128, 256, 512)
 PREFILL_GRAPH_REQUESTS = 16  # requests a prefill/mixed graph holds (plus one padding row)
+STEP_TUNE_CONTEXT = 384  # tokens of context in the decode step that refine_row_plan times (a short chat turn)
 
 # Rows of the per-step int64 input block (one pinned host copy, one H2D copy per step).
 IDS, ROPE_POS, APPEND_POS, BATCH_IDX, LAST_LEN, SAMPLE_ROWS = range(6)
@@ -51,7 +53,7 @@ class GraphRunner:
         self.logits = torch.empty(
             max(self.max_bs, self.prefill_rows), runner.vocab_size, dtype=runner.dtype, device=dev
         )
-        pages = -(-max_model_len // bs)
+        self.max_pages = pages = -(-max_model_len // bs)
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
@@ -95,9 +97,57 @@ class GraphRunner:
         # Every graph writes its logits into one buffer, so graphs do not each keep a [rows, vocab] output.
         return model.compute_logits(hidden, out=self.logits[: hidden.shape[0]])
 
+    def refine_row_plan(self) -> None:
+        """Choose each role's one-row GEMV configuration among those tune_gemv ranked fastest alone, by timing the
+        batch-1 decode step graph itself, one role at a time (NANOVLLM_STEP_TUNE=0 keeps the ranking's first).
+
+        The step reads a STEP_TUNE_CONTEXT-token context from the scratch page (listed once per page) and appends
+        there, so no request's KV is touched."""
+        model = self.runner.model
+        alternatives = getattr(model, "gemv_alternatives", None)
+        attn = self.decode_attn.get(1)
+        mode = os.environ.get("NANOVLLM_STEP_TUNE", "1")
+        if mode not in ("0", "1"):
+            raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
+        if mode == "0" or not alternatives or attn is None:
+            return
+        from engine.layers.linear import graph_time_us
+
+        start = time.perf_counter()
+        bs, dummy, s = self.block_size, self.runner.dummy_block, self.static
+        pages = max(1, min(self.max_pages, STEP_TUNE_CONTEXT // bs))
+        attn.plan_rows([[dummy] * pages], [pages * bs], dummy)
+        s[ROPE_POS, 0] = s[APPEND_POS, 0] = pages * bs - 1
+        s[LAST_LEN, 0] = bs
+
+        def step_us() -> float:
+            return graph_time_us(lambda: self._forward("decode", attn, 1), reps=8)
+
+        plan = dict(model.layers[0].gemv_plan)
+        first = best = step_us()
+        for role, configs in alternatives.items():
+            for cfg in configs:
+                if cfg == plan[role]:
+                    continue
+                model.set_row_plan({**plan, role: cfg})
+                t = step_us()
+                if t < best:
+                    plan, best = {**plan, role: cfg}, t
+        model.set_row_plan(plan)
+        s[ROPE_POS, 0] = s[APPEND_POS, 0] = 0
+        s[LAST_LEN, 0] = 1
+        logger.info(
+            "one-row GEMVs timed in the decode step (%.1fs): %.1f -> %.1f us per step with %s",
+            time.perf_counter() - start,
+            first,
+            best,
+            "; ".join(f"{role} {cfg}" for role, cfg in plan.items()),
+        )
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Record every graph, largest first within a kind so the shared pool is sized once."""
+        self.refine_row_plan()
         start = time.perf_counter()
         dev = self.runner.device
         before = torch.cuda.memory_reserved(dev)

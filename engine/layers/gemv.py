@@ -56,6 +56,11 @@ SWEEP_CONFIGS = tuple(
     for e in (False, True)
 )
 ROLES = ("qkv", "o", "gate_up", "down")
+# Configurations per role, the fastest when timed alone, that are then timed in the captured decode step itself
+# (engine/cuda_graphs.py: GraphRunner.refine_row_plan). Why: timed alone, several tie within 2%, yet in the step,
+# where each kernel overlaps its neighbours (PDL, L2 prefetch), the choice moved batch-1 decode by up to ~5%
+# (H100, docs/benchmarks.md).
+STEP_TRIES = 3
 
 
 def gemv_mode() -> str:
@@ -574,10 +579,11 @@ def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, t
 
 
 @torch.inference_mode()
-def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
+def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = None) -> dict[str, tuple | None]:
     """Per role (qkv, o, gate_up, down), the Triton GEMV configuration to use at one row, or None for the unfused
     cuBLAS + FlashInfer path; timed over the layers' own weights (up to stream_bytes of them, so they stream from
-    memory) and kept only when `margin` faster. Weights of a chosen role are made row-major."""
+    memory) and kept only when `margin` faster. Weights of a chosen role are made row-major. `ranked`, when given,
+    receives each chosen role's STEP_TRIES fastest configurations, fastest first, for a timing in the whole step."""
     mode = gemv_mode()
     if mode == "0" or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
         return {}
@@ -595,6 +601,8 @@ def tune_gemv(layers, stream_bytes: int, margin: float) -> dict[str, tuple | Non
         base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates)
         best = min(times, key=times.get)
         plan[role] = best if times[best] < base * (1 - margin) else None
+        if ranked is not None and plan[role] is not None:
+            ranked[role] = sorted(times, key=times.get)[:STEP_TRIES]
         notes.append(f"{role} {times[best] / base:.2f} ({times[best]:.1f} vs {base:.1f} us, {best})")
     if notes:
         # Most of the time is Triton compiling each configuration once; its cache makes later starts faster.

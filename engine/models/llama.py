@@ -175,6 +175,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied_head_onednn: torch.Tensor | None = None  # oneDNN copy of the tied embedding, see pack_cpu
+        self.gemv_alternatives: dict[str, list[tuple]] = {}
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
@@ -188,12 +189,18 @@ class LlamaForCausalLM(nn.Module):
     def tune_row_kernels(self, stream_bytes: int, margin: float) -> dict[str, tuple | None]:
         """Choose, by timing, which one-row and few-row projections run as fused Triton kernels (see
         engine/layers/gemv.py); returns the one-row plan."""
-        plan = tune_gemv(self.layers, stream_bytes, margin)  # first: it may make weights row-major
+        self.gemv_alternatives = {}  # role -> configurations to try in the captured step (GraphRunner)
+        plan = tune_gemv(self.layers, stream_bytes, margin, self.gemv_alternatives)  # first: may make weights row-major
         rows_plans = tune_rows(self.layers, stream_bytes, margin)
         rows_max = gemv_max_rows()
         for layer in self.layers:
             layer.gemv_plan, layer.rows_plan, layer.rows_max = plan, rows_plans, rows_max
         return plan
+
+    def set_row_plan(self, plan: dict[str, tuple | None]) -> None:
+        """Use these one-row GEMV configurations in every layer (from the next forward or graph capture on)."""
+        for layer in self.layers:
+            layer.gemv_plan = plan
 
     def pack_cpu(self) -> int:
         """Pre-pack the linear weights (and a copy of a tied embedding for the lm_head) for oneDNN on the CPU."""

@@ -248,6 +248,42 @@ def test_one_row_triton_kernels_match_hf(model_dir, monkeypatch):
     assert compare_while_equal(prompts, o1, r1, o2, r2, TOL) >= GREEDY.max_tokens // 2
 
 
+def test_step_timed_gemv_choice_matches_hf(model_dir, monkeypatch):
+    """The one-row GEMV choice timed in the decode step graph (GraphRunner.refine_row_plan) picks among the given
+    alternatives, runs on the scratch page only, and leaves an engine whose decode matches HF."""
+    from engine.cuda_graphs import LAST_LEN, ROPE_POS
+    from engine.layers.gemv import ROLES, configs_for
+
+    folder, hf = model_dir
+    prompts = make_prompts([40], seed=7)
+    monkeypatch.setenv("NANOVLLM_GEMV", "force")  # every role on the Triton GEMV, the first configuration
+    llm = LLM(folder, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16)
+    try:
+        model, graphs = llm.runner.model, llm.runner.graphs
+        layer = model.layers[0]
+        shapes = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+        alternatives = {}
+        for role in ROLES:
+            w = shapes[role].weight if role in shapes else layer.mlp.gate_up_proj.weight
+            n = w.shape[0] // 2 if role == "gate_up" else w.shape[0]
+            alternatives[role] = configs_for(n, w.shape[1])[:3]
+        assert all(len(c) > 1 for c in alternatives.values())
+        model.gemv_alternatives = alternatives
+        cache_before = llm.runner.kv_cache_storage.clone()
+        graphs.capture()  # refines the plan, then records every graph again
+        plan = layer.gemv_plan
+        assert all(plan[role] in alternatives[role] for role in ROLES)
+        assert all(lay.gemv_plan is plan for lay in model.layers)
+        assert graphs.static[LAST_LEN, 0] == 1 and graphs.static[ROPE_POS, 0] == 0  # padding state back
+        diff = (llm.runner.kv_cache_storage != cache_before).transpose(0, 1)  # [blocks + 1, layers, ...]
+        changed = diff.flatten(1).any(1).nonzero().flatten().tolist()
+        assert set(changed) <= {llm.runner.dummy_block}, f"timing the step wrote outside the scratch page: {changed}"
+        outs, rows = engine_logits(llm, prompts, GREEDY)
+    finally:
+        llm.shutdown()
+    check_against_hf(hf, prompts, outs, rows)
+
+
 def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
     """Steps of 2..32 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
     then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph); against HF and
