@@ -537,6 +537,39 @@ def profile_plan(args) -> None:
     write_result("gpu_profile_plan", {"model": args.model, "rows": rows}, OUT)
 
 
+def profile_stepab(args) -> None:
+    """Batch-1 decode step time of one engine (its graph recorded afresh and replayed: GraphRunner.decode_step_us)
+    with each variant of the attention kernel, alternated round by round; several contexts.
+
+    Why: engines built in turn differ by up to ~3% in step time with the same code (where their weights land),
+    more than the kernel changes being compared; one engine toggled between variants does not."""
+    from engine import LLM
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    rows = []
+    for engine_no in range(args.engines):
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=8)
+        graphs = llm.runner.graphs
+        attn = graphs.decode_attn[1]
+        own = (attn.fused_decode, attn.split_decode.min_pages)
+        variants = {"q/k kernel + attention": (False, 1), "fused": (True, 1), "fused, one split to 8 pages": (True, 8)}
+        times: dict[tuple[str, int], list[float]] = {}
+        for r in range(args.rounds):
+            for name, (fused, min_pages) in variants.items() if r % 2 == 0 else list(variants.items())[::-1]:
+                attn.fused_decode, attn.split_decode.min_pages = fused, min_pages
+                for context in args.contexts:
+                    times.setdefault((name, context), []).append(graphs.decode_step_us(context))
+        attn.fused_decode, attn.split_decode.min_pages = own
+        llm.shutdown()
+        for (name, context), ts in times.items():
+            base = min(times[("q/k kernel + attention", context)])
+            rows.append(
+                dict(engine=engine_no, variant=name, context=context, step_us=min(ts), over_first=min(ts) / base)
+            )
+    print_table(f"{args.model}: batch-1 decode step (us, best of {args.rounds} rounds)", rows)
+    write_result("gpu_profile_stepab", {"model": args.model, "rows": rows}, OUT)
+
+
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear layer of a Qwen3 model's shape."""
     from common import qwen3_config
@@ -623,7 +656,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "which",
-        choices=["kernels", "gemv", "gemm", "rowgemv", "fewrows", "overlap", "prefill", "start", "warm", "plan"],
+        choices=[
+            "kernels",
+            "gemv",
+            "gemm",
+            "rowgemv",
+            "fewrows",
+            "overlap",
+            "prefill",
+            "start",
+            "warm",
+            "plan",
+            "stepab",
+        ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
@@ -634,9 +679,12 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
     parser.add_argument("--few-rows", nargs="+", type=int, default=[4, 16, 32], help="fewrows: row counts")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
+    parser.add_argument("--engines", type=int, default=2, help="stepab: engines built in turn")
+    parser.add_argument("--rounds", type=int, default=5, help="stepab: timings per variant and context")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[192, 384, 2048], help="stepab: context tokens")
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
-    which.update(fewrows=bench_fewrows, plan=profile_plan)
+    which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 

@@ -97,45 +97,49 @@ class GraphRunner:
         # Every graph writes its logits into one buffer, so graphs do not each keep a [rows, vocab] output.
         return model.compute_logits(hidden, out=self.logits[: hidden.shape[0]])
 
+    @torch.inference_mode()
+    def decode_step_us(self, context: int = STEP_TUNE_CONTEXT, reps: int = 8) -> float:
+        """Microseconds per replay of a batch-1 decode step graph, recorded now, at a `context`-token context.
+
+        The context is the scratch page listed once per page, and the step appends there, so no request's KV is
+        touched; the batch-1 decode graph is re-planned before its next real step."""
+        from engine.layers.linear import graph_time_us
+
+        attn, bs, dummy, s = self.decode_attn[1], self.block_size, self.runner.dummy_block, self.static
+        pages = max(1, min(self.max_pages, context // bs))
+        attn.plan_rows([[dummy] * pages], [pages * bs], dummy)
+        self.planned.pop(("decode", 1), None)
+        s[ROPE_POS, 0] = s[APPEND_POS, 0] = pages * bs - 1
+        s[LAST_LEN, 0] = bs
+        try:
+            return graph_time_us(lambda: self._forward("decode", attn, 1), reps)
+        finally:
+            s[ROPE_POS, 0] = s[APPEND_POS, 0] = 0
+            s[LAST_LEN, 0] = 1
+
     def refine_row_plan(self) -> None:
         """Choose each role's one-row GEMV configuration among those tune_gemv ranked fastest alone, by timing the
-        batch-1 decode step graph itself, one role at a time (NANOVLLM_STEP_TUNE=0 keeps the ranking's first).
-
-        The step reads a STEP_TUNE_CONTEXT-token context from the scratch page (listed once per page) and appends
-        there, so no request's KV is touched."""
+        batch-1 decode step graph itself (decode_step_us), one role at a time (NANOVLLM_STEP_TUNE=0 keeps the
+        ranking's first)."""
         model = self.runner.model
         alternatives = getattr(model, "gemv_alternatives", None)
-        attn = self.decode_attn.get(1)
         mode = os.environ.get("NANOVLLM_STEP_TUNE", "1")
         if mode not in ("0", "1"):
             raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
-        if mode == "0" or not alternatives or attn is None:
+        if mode == "0" or not alternatives or 1 not in self.decode_attn:
             return
-        from engine.layers.linear import graph_time_us
-
         start = time.perf_counter()
-        bs, dummy, s = self.block_size, self.runner.dummy_block, self.static
-        pages = max(1, min(self.max_pages, STEP_TUNE_CONTEXT // bs))
-        attn.plan_rows([[dummy] * pages], [pages * bs], dummy)
-        s[ROPE_POS, 0] = s[APPEND_POS, 0] = pages * bs - 1
-        s[LAST_LEN, 0] = bs
-
-        def step_us() -> float:
-            return graph_time_us(lambda: self._forward("decode", attn, 1), reps=8)
-
         plan = dict(model.layers[0].gemv_plan)
-        first = best = step_us()
+        first = best = self.decode_step_us()
         for role, configs in alternatives.items():
             for cfg in configs:
                 if cfg == plan[role]:
                     continue
                 model.set_row_plan({**plan, role: cfg})
-                t = step_us()
+                t = self.decode_step_us()
                 if t < best:
                     plan, best = {**plan, role: cfg}, t
         model.set_row_plan(plan)
-        s[ROPE_POS, 0] = s[APPEND_POS, 0] = 0
-        s[LAST_LEN, 0] = 1
         logger.info(
             "one-row GEMVs timed in the decode step (%.1fs): %.1f -> %.1f us per step with %s",
             time.perf_counter() - start,
