@@ -22,6 +22,14 @@ STEP_TUNE_CONTEXT = 384  # tokens of context in the decode step that refine_row_
 IDS, ROPE_POS, APPEND_POS, BATCH_IDX, LAST_LEN, SAMPLE_ROWS = range(6)
 
 
+def step_tune_enabled() -> bool:
+    """Whether the one-row GEMV choice is timed in the decode step before capture (NANOVLLM_STEP_TUNE, default 1)."""
+    mode = os.environ.get("NANOVLLM_STEP_TUNE", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
+    return mode == "1"
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes 1, 2, 4, 8, then every 16 up to max_num_seqs (which is always included)."""
     sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
@@ -123,10 +131,7 @@ class GraphRunner:
         ranking's first)."""
         model = self.runner.model
         alternatives = getattr(model, "gemv_alternatives", None)
-        mode = os.environ.get("NANOVLLM_STEP_TUNE", "1")
-        if mode not in ("0", "1"):
-            raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
-        if mode == "0" or not alternatives or 1 not in self.decode_attn:
+        if not step_tune_enabled() or not alternatives or 1 not in self.decode_attn:
             return
         start = time.perf_counter()
         plan = dict(model.layers[0].gemv_plan)

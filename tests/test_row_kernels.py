@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, triton_decode_max_rows
+from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, fused_decode_enabled, triton_decode_max_rows
+from engine.cuda_graphs import step_tune_enabled
 from engine.layers.gemv import (
     MAX_TILES,
     ROLES,
@@ -111,6 +112,20 @@ def test_switches_reject_bad_values(monkeypatch):
             gemv_max_rows()
     monkeypatch.setenv("NANOVLLM_GEMV_MAX_ROWS", "16")
     assert gemv_max_rows() == 16
+    for name, read in (("NANOVLLM_FUSED_DECODE", fused_decode_enabled), ("NANOVLLM_STEP_TUNE", step_tune_enabled)):
+        monkeypatch.setenv(name, "on")
+        with pytest.raises(ValueError, match=f"{name}='on' must be 0 or 1"):
+            read()
+        monkeypatch.setenv(name, "0")
+        assert read() is False
+        monkeypatch.delenv(name)
+        assert read() is True  # the default
+    for bad in ("0", "two"):
+        monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", bad)
+        with pytest.raises(ValueError, match=f"NANOVLLM_ATTN_MIN_PAGES='{bad}'.*at least 1"):
+            SplitDecode(1, 16, 8, 128, "cpu", num_sms=132)
+    monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", "8")
+    assert SplitDecode(1, 16, 8, 128, "cpu", num_sms=132).min_pages == 8
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (1024, 3072), (12288, 4096), (1536, 576)])
