@@ -9,6 +9,8 @@ It serves the decode graphs of up to 8 requests: measured on an H100 (docs/bench
 128-token prompt drops from 286 to 172 us at batch 4 and from 299 to 218 us at batch 8 (Qwen3-0.6B, 28 layers); at a
 3,800-token context from 341 to 312 us at batch 1 and from 1,337 to 1,262 us at batch 8.
 NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 switches it off).
+In those graphs it also takes the step's QKV projection and does the q/k RMSNorm, rope and K/V append itself
+(SplitDecode.fused): the batch-1 step then takes 0.94-0.96 of its time (H100, docs/benchmarks.md).
 """
 
 from __future__ import annotations
