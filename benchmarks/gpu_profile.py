@@ -537,9 +537,19 @@ def profile_plan(args) -> None:
     write_result("gpu_profile_plan", {"model": args.model, "rows": rows}, OUT)
 
 
+# stepab variants: (fused q/k + append inside attention, fewest pages per split, L2 prefetch of the pages)
+STEP_VARIANTS = {
+    "separate": (False, 1, False),
+    "fused": (True, 1, False),
+    "fused_min8": (True, 8, False),
+    "fused_prefetch": (True, 1, True),
+}
+
+
 def profile_stepab(args) -> None:
-    """Batch-1 decode step time of one engine (its graph recorded afresh and replayed: GraphRunner.decode_step_us)
-    with each variant of the attention kernel, alternated round by round; several contexts.
+    """Decode step time of one engine (its graph recorded afresh and replayed: GraphRunner.decode_step_us) with
+    each variant of the attention kernel (--variants, the first is the baseline), alternated round by round; per
+    batch size and context.
 
     Why: engines built in turn differ by up to ~3% in step time with the same code (where their weights land),
     more than the kernel changes being compared; one engine toggled between variants does not."""
@@ -550,24 +560,36 @@ def profile_stepab(args) -> None:
     for engine_no in range(args.engines):
         llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=8)
         graphs = llm.runner.graphs
-        attn = graphs.decode_attn[1]
-        own = (attn.fused_decode, attn.split_decode.min_pages)
-        variants = {"q/k kernel + attention": (False, 1), "fused": (True, 1), "fused, one split to 8 pages": (True, 8)}
-        times: dict[tuple[str, int], list[float]] = {}
+        times: dict[tuple[str, int, int], list[float]] = {}
         for r in range(args.rounds):
-            for name, (fused, min_pages) in variants.items() if r % 2 == 0 else list(variants.items())[::-1]:
-                attn.fused_decode, attn.split_decode.min_pages = fused, min_pages
-                for context in args.contexts:
-                    times.setdefault((name, context), []).append(graphs.decode_step_us(context))
-        attn.fused_decode, attn.split_decode.min_pages = own
+            for name in args.variants if r % 2 == 0 else args.variants[::-1]:
+                fused, min_pages, prefetch = STEP_VARIANTS[name]
+                for batch in args.batches:
+                    attn = graphs.decode_attn[batch]
+                    own = (attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch)
+                    attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch = (
+                        fused,
+                        min_pages,
+                        prefetch,
+                    )
+                    for context in args.contexts:
+                        times.setdefault((name, batch, context), []).append(graphs.decode_step_us(context, batch))
+                    attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch = own
         llm.shutdown()
-        for (name, context), ts in times.items():
-            base = min(times[("q/k kernel + attention", context)])
+        for (name, batch, context), ts in times.items():
+            base = min(times[(args.variants[0], batch, context)])
             rows.append(
-                dict(engine=engine_no, variant=name, context=context, step_us=min(ts), over_first=min(ts) / base)
+                dict(
+                    engine=engine_no,
+                    variant=name,
+                    batch=batch,
+                    context=context,
+                    step_us=min(ts),
+                    over_first=min(ts) / base,
+                )
             )
-    print_table(f"{args.model}: batch-1 decode step (us, best of {args.rounds} rounds)", rows)
-    write_result("gpu_profile_stepab", {"model": args.model, "rows": rows}, OUT)
+    print_table(f"{args.model}: decode step (us, best of {args.rounds} rounds)", rows)
+    write_result("gpu_profile_stepab", {"model": args.model, "variants": STEP_VARIANTS, "rows": rows}, OUT)
 
 
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -682,6 +704,10 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=2, help="stepab: engines built in turn")
     parser.add_argument("--rounds", type=int, default=5, help="stepab: timings per variant and context")
     parser.add_argument("--contexts", nargs="+", type=int, default=[192, 384, 2048], help="stepab: context tokens")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1], help="stepab: decode graph sizes")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
+    )
     args = parser.parse_args()
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab)

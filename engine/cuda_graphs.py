@@ -106,24 +106,25 @@ class GraphRunner:
         return model.compute_logits(hidden, out=self.logits[: hidden.shape[0]])
 
     @torch.inference_mode()
-    def decode_step_us(self, context: int = STEP_TUNE_CONTEXT, reps: int = 8) -> float:
-        """Microseconds per replay of a batch-1 decode step graph, recorded now, at a `context`-token context.
+    def decode_step_us(self, context: int = STEP_TUNE_CONTEXT, rows: int = 1, reps: int = 8) -> float:
+        """Microseconds per replay of the decode step graph for `rows` requests (a captured size), recorded now,
+        each at a `context`-token context.
 
         The context is the scratch page listed once per page, and the step appends there, so no request's KV is
-        touched; the batch-1 decode graph is re-planned before its next real step."""
+        touched; that graph is re-planned before its next real step."""
         from engine.layers.linear import graph_time_us
 
-        attn, bs, dummy, s = self.decode_attn[1], self.block_size, self.runner.dummy_block, self.static
+        attn, bs, dummy, s = self.decode_attn[rows], self.block_size, self.runner.dummy_block, self.static
         pages = max(1, min(self.max_pages, context // bs))
-        attn.plan_rows([[dummy] * pages], [pages * bs], dummy)
-        self.planned.pop(("decode", 1), None)
-        s[ROPE_POS, 0] = s[APPEND_POS, 0] = pages * bs - 1
-        s[LAST_LEN, 0] = bs
+        attn.plan_rows([[dummy] * pages] * rows, [pages * bs] * rows, dummy)
+        self.planned.pop(("decode", rows), None)
+        s[ROPE_POS, :rows] = s[APPEND_POS, :rows] = pages * bs - 1
+        s[LAST_LEN, :rows] = bs
         try:
-            return graph_time_us(lambda: self._forward("decode", attn, 1), reps)
+            return graph_time_us(lambda: self._forward("decode", attn, rows), reps)
         finally:
-            s[ROPE_POS, 0] = s[APPEND_POS, 0] = 0
-            s[LAST_LEN, 0] = 1
+            s[ROPE_POS, :rows] = s[APPEND_POS, :rows] = 0
+            s[LAST_LEN, :rows] = 1
 
     def refine_row_plan(self) -> None:
         """Choose each role's one-row GEMV configuration among those tune_gemv ranked fastest alone, by timing the
