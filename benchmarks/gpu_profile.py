@@ -537,16 +537,13 @@ def profile_plan(args) -> None:
     write_result("gpu_profile_plan", {"model": args.model, "rows": rows}, OUT)
 
 
-# stepab variants: (fused q/k + append inside attention, fewest pages per split, L2 prefetch of the pages, L2
-# prefetch of the layer's o, gate/up and down weights from the attention kernel)
+# stepab variants: (fused q/k + append inside attention, fewest pages per split, L2 prefetch of the pages)
 STEP_VARIANTS = {
-    "separate": (False, 1, False, False),
-    "fused": (True, 1, False, False),
-    "fused_min8": (True, 8, False, False),
-    "fused_prefetch": (True, 1, True, False),
-    "fused_layerpf": (True, 1, False, True),
+    "separate": (False, 1, False),
+    "fused": (True, 1, False),
+    "fused_min8": (True, 8, False),
+    "fused_prefetch": (True, 1, True),
 }
-STEP_KNOBS = ("fused_decode", "min_pages", "prefetch", "layer_prefetch")
 
 
 def profile_stepab(args) -> None:
@@ -566,18 +563,18 @@ def profile_stepab(args) -> None:
         times: dict[tuple[str, int, int], list[float]] = {}
         for r in range(args.rounds):
             for name in args.variants if r % 2 == 0 else args.variants[::-1]:
+                fused, min_pages, prefetch = STEP_VARIANTS[name]
                 for batch in args.batches:
                     attn = graphs.decode_attn[batch]
-                    kernel = attn.split_decode
-                    kernel.l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-                    targets = (attn, kernel, kernel, kernel)
-                    own = [getattr(t, k) for t, k in zip(targets, STEP_KNOBS, strict=True)]
-                    for t, k, v in zip(targets, STEP_KNOBS, STEP_VARIANTS[name], strict=True):
-                        setattr(t, k, v)
+                    own = (attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch)
+                    attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch = (
+                        fused,
+                        min_pages,
+                        prefetch,
+                    )
                     for context in args.contexts:
                         times.setdefault((name, batch, context), []).append(graphs.decode_step_us(context, batch))
-                    for t, k, v in zip(targets, STEP_KNOBS, own, strict=True):
-                        setattr(t, k, v)
+                    attn.fused_decode, attn.split_decode.min_pages, attn.split_decode.prefetch = own
         llm.shutdown()
         for (name, batch, context), ts in times.items():
             base = min(times[(args.variants[0], batch, context)])

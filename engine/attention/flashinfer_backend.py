@@ -292,7 +292,6 @@ class GraphDecodeAttention(GraphAttention):
             self.kv_indptr,
             self.kv_indices,
             self.last_len,
-            tuple(m.weight for m in getattr(attn, "next_linears", ())),
         )
 
     def attend(self, q, kv_cache):

@@ -61,16 +61,6 @@ def _build_kernel():
     prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
 
     @triton.jit
-    def _prefetch_slice(w_ptr, numel, chunk, pid, ASM: tl.constexpr):
-        # Elements [pid * chunk, (pid + 1) * chunk) of the weight, as one bulk L2 prefetch (16-byte multiples).
-        count = tl.minimum(chunk, numel - pid * chunk)
-        if count > 0:
-            nbytes = (count * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
-            tl.inline_asm_elementwise(
-                ASM, "=r,l,r", [w_ptr + pid.to(tl.int64) * chunk, nbytes], dtype=tl.int32, is_pure=False, pack=1
-            )
-
-    @triton.jit
     def split_decode(
         q_ptr,
         q_stride,
@@ -101,16 +91,6 @@ def _build_kernel():
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
         PREFETCH: tl.constexpr,
-        pf0_ptr,
-        pf0_numel,
-        pf0_chunk,
-        pf1_ptr,
-        pf1_numel,
-        pf1_chunk,
-        pf2_ptr,
-        pf2_numel,
-        pf2_chunk,
-        LAYER_PF: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -121,17 +101,6 @@ def _build_kernel():
         per_split = tl.maximum(tl.cdiv(num_pages, S), MIN_PAGES)
         active = tl.cdiv(num_pages, per_split)
         # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
-        if LAYER_PF:
-            # The layer's next weights (o, gate/up, down) are not written by any kernel: once the QKV projection
-            # is done (after the wait), every program of the grid, splits past the context included, asks for its
-            # slice of each, so they stream into L2 while attention leaves the memory idle.
-            if PDL:
-                tl.extra.cuda.gdc_launch_dependents()
-                tl.extra.cuda.gdc_wait()
-            pid = (b * HKV + kvh) * S + split
-            _prefetch_slice(pf0_ptr, pf0_numel, pf0_chunk, pid, prefetch_asm)
-            _prefetch_slice(pf1_ptr, pf1_numel, pf1_chunk, pid, prefetch_asm)
-            _prefetch_slice(pf2_ptr, pf2_numel, pf2_chunk, pid, prefetch_asm)
         if split < active:
             if PREFETCH:
                 # Earlier steps wrote these pages: pull this split's K and V rows into L2 while the kernel before
@@ -150,7 +119,7 @@ def _build_kernel():
                         is_pure=False,
                         pack=1,
                     )
-            if PDL and not LAYER_PF:
+            if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
                 tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
             last_len = tl.load(last_ptr + b)
@@ -274,13 +243,6 @@ class SplitDecode:
         if value not in ("0", "1"):
             raise ValueError(f"NANOVLLM_ATTN_PREFETCH={value!r} must be 0 or 1")
         self.prefetch = value == "1" and l2_prefetch_enabled(device)
-        # L2 prefetch of the layer's next weights (o, gate/up, down) once attention starts, where together they fit
-        # half the L2 (NANOVLLM_ATTN_LAYER_PREFETCH).
-        value = os.environ.get("NANOVLLM_ATTN_LAYER_PREFETCH", "0")
-        if value not in ("0", "1"):
-            raise ValueError(f"NANOVLLM_ATTN_LAYER_PREFETCH={value!r} must be 0 or 1")
-        self.layer_prefetch = value == "1" and l2_prefetch_enabled(device)
-        self.l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if self.layer_prefetch else 0
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -289,49 +251,25 @@ class SplitDecode:
         return out
 
     def fused(
-        self,
-        qkv,
-        q_norm_weight,
-        k_norm_weight,
-        eps,
-        cos_sin,
-        rope_positions,
-        kv_cache,
-        kv_indptr,
-        kv_indices,
-        kv_last,
-        next_weights=(),
+        self, qkv, q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions, kv_cache, kv_indptr, kv_indices, kv_last
     ):
         """Attention of each row's step token given its QKV projection [rows, (Hq + 2 Hkv) * D]: q/k norm (when
         weights are given) and NeoX rope by rope_positions, the K/V append at the last slot of each row's pages
-        (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D].
-        With layer_prefetch on, up to three next_weights are also pulled into L2 where they fit half of it."""
+        (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D]."""
         if qkv.stride(1) != 1:
             raise ValueError(f"the QKV projection must have contiguous rows (strides {qkv.stride()})")
         out = torch.empty(self.rows, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
-        if not self.layer_prefetch or sum(w.numel() * w.element_size() for w in next_weights) > self.l2_bytes // 2:
-            next_weights = ()
         self._launch(
             qkv, qkv.stride(0), q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions,
-            kv_cache, kv_indptr, kv_indices, kv_last, out, next_weights,
+            kv_cache, kv_indptr, kv_indices, kv_last, out,
         )  # fmt: skip
         return out
 
-    def _launch(
-        self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out, pf=()
-    ):
+    def _launch(self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
         unused = q  # pointer arguments a constexpr branch never reads
-        programs = self.rows * self.hkv * self.splits
-        slices = []
-        for w in list(pf)[:3]:
-            per_16b = 16 // w.element_size()  # bulk prefetches take 16-byte multiples
-            numel = w.numel() // per_16b * per_16b
-            chunk = -(-numel // programs // per_16b) * per_16b
-            slices += [w, numel, chunk]
-        slices += [unused, 0, 1] * (3 - len(slices) // 3)
         _build_kernel()[(self.rows, self.hkv, self.splits)](
             q,
             q_stride,
@@ -362,16 +300,6 @@ class SplitDecode:
             FUSED=fused,
             NORM=norm,
             PREFETCH=self.prefetch,
-            pf0_ptr=slices[0],
-            pf0_numel=slices[1],
-            pf0_chunk=slices[2],
-            pf1_ptr=slices[3],
-            pf1_numel=slices[4],
-            pf1_chunk=slices[5],
-            pf2_ptr=slices[6],
-            pf2_numel=slices[7],
-            pf2_chunk=slices[8],
-            LAYER_PF=bool(pf) and bool(launch),
             num_warps=4,
             **launch,
         )

@@ -86,9 +86,6 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.mlp = DecoderMLP(cfg, fused)
-        # What the layer reads after attention, in order: the fused decode attention may pull it into L2 (a plain
-        # tuple, so the modules are not registered twice).
-        self.self_attn.next_linears = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
         # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
