@@ -10,7 +10,7 @@ It serves the decode graphs of up to 8 requests: measured on an H100 (docs/bench
 3,800-token context from 341 to 312 us at batch 1 and from 1,337 to 1,262 us at batch 8.
 NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 switches it off).
 In those graphs it also takes the step's QKV projection and does the q/k RMSNorm, rope and K/V append itself
-(SplitDecode.fused): the batch-1 step then takes 0.94-0.96 of its time (H100, docs/benchmarks.md).
+(SplitDecode.fused): a decode step then takes 0.94-0.98 of its time at batch 1, 4 and 8 (H100, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, triton_available
+from engine.layers.kernels import launch_options, triton_available
 
 MAX_SPLITS = 32
 # Fewest pages a split reads: 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md), not a clear gain.
@@ -58,8 +58,6 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
-
     @triton.jit
     def split_decode(
         q_ptr,
@@ -90,7 +88,6 @@ def _build_kernel():
         MIN_PAGES: tl.constexpr,
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
-        PREFETCH: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -102,23 +99,6 @@ def _build_kernel():
         active = tl.cdiv(num_pages, per_split)
         # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
         if split < active:
-            if PREFETCH:
-                # Earlier steps wrote these pages: pull this split's K and V rows into L2 while the kernel before
-                # is still finishing (the new token's slot, written below, is not read from them).
-                page_bytes = BS * D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8)
-                for p in range(split * per_split, tl.minimum(split * per_split + per_split, num_pages)):
-                    k_page = cache_ptr + (tl.load(indices_ptr + start + p).to(tl.int64) * 2 * HKV + kvh) * BS * D
-                    tl.inline_asm_elementwise(
-                        prefetch_asm, "=r,l,r", [k_page, page_bytes], dtype=tl.int32, is_pure=False, pack=1
-                    )
-                    tl.inline_asm_elementwise(
-                        prefetch_asm,
-                        "=r,l,r",
-                        [k_page + HKV * BS * D, page_bytes],
-                        dtype=tl.int32,
-                        is_pure=False,
-                        pack=1,
-                    )
             if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
                 tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
@@ -238,11 +218,6 @@ class SplitDecode:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"NANOVLLM_ATTN_MIN_PAGES={value!r} must be a whole number of pages, at least 1")
         self.min_pages = int(value)
-        # L2 prefetch of each split's pages before the PDL wait (NANOVLLM_ATTN_PREFETCH, A/B runs).
-        value = os.environ.get("NANOVLLM_ATTN_PREFETCH", "0")
-        if value not in ("0", "1"):
-            raise ValueError(f"NANOVLLM_ATTN_PREFETCH={value!r} must be 0 or 1")
-        self.prefetch = value == "1" and l2_prefetch_enabled(device)
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -299,7 +274,6 @@ class SplitDecode:
             MIN_PAGES=self.min_pages,
             FUSED=fused,
             NORM=norm,
-            PREFETCH=self.prefetch,
             num_warps=4,
             **launch,
         )
