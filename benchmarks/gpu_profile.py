@@ -539,7 +539,14 @@ def profile_plan(args) -> None:
 
 # stepab variants: (fused q/k + append inside attention, fewest pages per split). The tenth session's runs 7-8
 # also timed L2 prefetches of the pages (before the PDL wait) and of the layer's next weights (after it): slower.
-STEP_VARIANTS = {"separate": (False, 1), "fused": (True, 1), "fused_min8": (True, 8)}
+STEP_VARIANTS = {
+    "separate": (False, 1),
+    "fused": (True, 1),
+    "fused_min2": (True, 2),
+    "fused_min3": (True, 3),
+    "fused_min4": (True, 4),
+    "fused_min8": (True, 8),
+}
 
 
 def profile_stepab(args) -> None:
