@@ -537,15 +537,17 @@ def profile_plan(args) -> None:
     write_result("gpu_profile_plan", {"model": args.model, "rows": rows}, OUT)
 
 
-# stepab variants: (fused q/k + append inside attention, fewest pages per split). The tenth session's runs 7-8
-# also timed L2 prefetches of the pages (before the PDL wait) and of the layer's next weights (after it): slower.
+# stepab variants: (fused q/k + append inside attention, fewest pages per split, most pages attended in one split).
+# The tenth session's runs 7-8 also timed L2 prefetches of the pages (before the PDL wait) and of the layer's next
+# weights (after it): slower, dropped.
 STEP_VARIANTS = {
-    "separate": (False, 1),
-    "fused": (True, 1),
-    "fused_min2": (True, 2),
-    "fused_min3": (True, 3),
-    "fused_min4": (True, 4),
-    "fused_min8": (True, 8),
+    "separate": (False, 1, 0),
+    "fused": (True, 1, 0),
+    "fused_min2": (True, 2, 0),
+    "fused_min3": (True, 3, 0),
+    "fused_min4": (True, 4, 0),
+    "fused_min8": (True, 8, 0),
+    "fused_one3": (True, 1, 3),
 }
 
 
@@ -566,14 +568,15 @@ def profile_stepab(args) -> None:
         times: dict[tuple[str, int, int], list[float]] = {}
         for r in range(args.rounds):
             for name in args.variants if r % 2 == 0 else args.variants[::-1]:
-                fused, min_pages = STEP_VARIANTS[name]
+                fused, min_pages, one_split = STEP_VARIANTS[name]
                 for batch in args.batches:
                     attn = graphs.decode_attn[batch]
-                    own = (attn.fused_decode, attn.split_decode.min_pages)
-                    attn.fused_decode, attn.split_decode.min_pages = fused, min_pages
+                    kernel = attn.split_decode
+                    own = (attn.fused_decode, kernel.min_pages, kernel.one_split_pages)
+                    attn.fused_decode, kernel.min_pages, kernel.one_split_pages = fused, min_pages, one_split
                     for context in args.contexts:
                         times.setdefault((name, batch, context), []).append(graphs.decode_step_us(context, batch))
-                    attn.fused_decode, attn.split_decode.min_pages = own
+                    attn.fused_decode, kernel.min_pages, kernel.one_split_pages = own
         llm.shutdown()
         for (name, batch, context), ts in times.items():
             base = min(times[(args.variants[0], batch, context)])

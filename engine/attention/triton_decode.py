@@ -27,6 +27,10 @@ MAX_SPLITS = 32
 # Fewest pages a split reads: 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md), not a clear gain.
 # NANOVLLM_ATTN_MIN_PAGES overrides it (A/B runs); a context of at most that many pages takes one split.
 MIN_PAGES_PER_SPLIT = 1
+# A context of at most this many pages is attended by one program per KV head, which then stores its output
+# directly. Measured in one engine (H100, 64-token pages, docs/benchmarks.md): at 2-3 pages the step takes
+# 0.93-0.94 of its split time at batch 1 (0.97-0.98 at batch 4-8); at 4 pages and more, one split loses.
+ONE_SPLIT_PAGES = 3
 
 
 def triton_decode_max_rows() -> int:
@@ -86,6 +90,7 @@ def _build_kernel():
         S: tl.constexpr,
         PDL: tl.constexpr,
         MIN_PAGES: tl.constexpr,
+        ONE_SPLIT_PAGES: tl.constexpr,
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
     ):
@@ -96,6 +101,8 @@ def _build_kernel():
         start = tl.load(indptr_ptr + b)
         num_pages = tl.load(indptr_ptr + b + 1) - start
         per_split = tl.maximum(tl.cdiv(num_pages, S), MIN_PAGES)
+        if num_pages <= ONE_SPLIT_PAGES:
+            per_split = tl.maximum(num_pages, 1)  # one program per head: no partial states, no merge
         active = tl.cdiv(num_pages, per_split)
         # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
         if split < active:
@@ -218,6 +225,7 @@ class SplitDecode:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"NANOVLLM_ATTN_MIN_PAGES={value!r} must be a whole number of pages, at least 1")
         self.min_pages = int(value)
+        self.one_split_pages = ONE_SPLIT_PAGES
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -272,6 +280,7 @@ class SplitDecode:
             S=self.splits,
             PDL=bool(launch),
             MIN_PAGES=self.min_pages,
+            ONE_SPLIT_PAGES=self.one_split_pages,
             FUSED=fused,
             NORM=norm,
             num_warps=4,

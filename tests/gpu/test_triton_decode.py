@@ -25,6 +25,10 @@ def paged(lens, hkv, d, bs, pages_total, g):
     return cache, as_i32(indptr), as_i32(indices), as_i32(last)
 
 
+# (fewest pages per split, most pages in one split): the engine's default, splits only, up to 8 pages in one split
+SPLIT_RULES = [(1, 3), (1, 0), (8, 0)]
+
+
 @pytest.mark.parametrize(
     "lens,hq,hkv,d,bs",
     [
@@ -35,14 +39,15 @@ def paged(lens, hkv, d, bs, pages_total, g):
         ([300], 9, 3, 64, 64),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-@pytest.mark.parametrize("min_pages", [1, 8])  # 8: contexts of up to 8 pages take one split, stored directly
-def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages):
+@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
+def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split):
     g = torch.Generator(device="cuda").manual_seed(sum(lens))
     cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total=sum(-(-n // bs) for n in lens) + 8, g=g)
     q = torch.randn(len(lens), hq, d, device="cuda", generator=g).to(torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kernel = SplitDecode(len(lens), hq, hkv, d, "cuda", sms)
     kernel.min_pages = min_pages
+    kernel.one_split_pages = one_split
     for _ in range(2):  # the second launch checks that the arrival counters were reset
         out = kernel(q, cache, indptr, indices, last)
         for b, n in enumerate(lens):
@@ -66,8 +71,8 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages):
         ([300, 17], 9, 3, 64, 64, False),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-@pytest.mark.parametrize("min_pages", [1, 8])
-def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages):
+@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
+def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages, one_split):
     """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
     kernel followed by the attention kernel, and nothing written but each row's new slot."""
     from engine.layers.fused_qkv import qk_norm_rope_append
@@ -85,6 +90,7 @@ def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm,
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kernel = SplitDecode(rows, hq, hkv, d, "cuda", sms)
     kernel.min_pages = min_pages
+    kernel.one_split_pages = one_split
 
     ref_cache = cache.clone()
     q = qk_norm_rope_append(
