@@ -547,6 +547,7 @@ STEP_VARIANTS = {
     "fused_min3": (True, 3, 0),
     "fused_min4": (True, 4, 0),
     "fused_min8": (True, 8, 0),
+    "fused_one2": (True, 1, 2),
     "fused_one3": (True, 1, 3),
 }
 

@@ -28,9 +28,10 @@ MAX_SPLITS = 32
 # NANOVLLM_ATTN_MIN_PAGES overrides it (A/B runs); a context of at most that many pages takes one split.
 MIN_PAGES_PER_SPLIT = 1
 # A context of at most this many pages is attended by one program per KV head, which then stores its output
-# directly. Measured in one engine (H100, 64-token pages, docs/benchmarks.md): at 2-3 pages the step takes
-# 0.93-0.94 of its split time at batch 1 (0.97-0.98 at batch 4-8); at 4 pages and more, one split loses.
-ONE_SPLIT_PAGES = 3
+# directly. Measured in one engine (H100, 64-token pages, docs/benchmarks.md): at 2 pages the step takes 0.94 of
+# its split time at batch 1 and 0.97 at batch 4-8; at 3 pages 0.99 at batch 1 but 1.02-1.03 at batch 4-8; from 4
+# pages on one split loses.
+ONE_SPLIT_PAGES = 2
 
 
 def triton_decode_max_rows() -> int:

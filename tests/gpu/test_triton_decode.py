@@ -26,7 +26,7 @@ def paged(lens, hkv, d, bs, pages_total, g):
 
 
 # (fewest pages per split, most pages in one split): the engine's default, splits only, up to 8 pages in one split
-SPLIT_RULES = [(1, 3), (1, 0), (8, 0)]
+SPLIT_RULES = [(1, 2), (1, 0), (8, 0)]
 
 
 @pytest.mark.parametrize(
