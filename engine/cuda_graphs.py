@@ -90,7 +90,7 @@ class GraphRunner:
         # change every step while the page lists do not; the fused decode kernel needs none), then the model and
         # the lm_head.
         s = self.static
-        if getattr(attn, "fused_decode", False):
+        if attn.fused_decode:
             attn.last_len = s[LAST_LEN, :n]  # its kernel reads the int64 rows itself and appends by the page table
         else:
             attn.positions.copy_(s[APPEND_POS, :n])
@@ -131,7 +131,7 @@ class GraphRunner:
         batch-1 decode step graph itself (decode_step_us), one role at a time (NANOVLLM_STEP_TUNE=0 keeps the
         ranking's first)."""
         model = self.runner.model
-        alternatives = getattr(model, "gemv_alternatives", None)
+        alternatives = model.gemv_alternatives
         if not step_tune_enabled() or not alternatives or 1 not in self.decode_attn:
             return
         start = time.perf_counter()

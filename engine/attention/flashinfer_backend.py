@@ -110,14 +110,11 @@ class _FlashInferAttention(AttentionBackend):
 
     def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
         """From the packed QKV projection: norm and rotate q/k, append K/V (one fused kernel), then attend."""
-        norm = attn.q_norm is not None
         q = qk_norm_rope_append(
             qkv,
             self.num_heads,
             self.num_kv_heads,
-            attn.q_norm.weight if norm else None,
-            attn.k_norm.weight if norm else None,
-            attn.q_norm.eps if norm else 0.0,
+            *attn.qk_norm_args(),
             attn.rotary.cos_sin_cache,
             rope_positions,
             self.batch_indices,
@@ -221,6 +218,8 @@ class GraphAttention(_FlashInferAttention):
     """Fixed-address page tables for `rows` requests and `tokens` query tokens, so a CUDA graph can capture the
     step; plan() refills the buffers outside the graph. Padding rows point at the scratch (dummy) block."""
 
+    fused_decode = False  # GraphDecodeAttention: attention that also does the q/k norm, rope and append
+
     def __init__(self, runner, block_size: int, workspace, rows: int, tokens: int, max_pages_per_row: int):
         super().__init__(runner, block_size, workspace)
         self.rows, self.tokens = rows, tokens
@@ -280,12 +279,9 @@ class GraphDecodeAttention(GraphAttention):
         """From the packed QKV projection: the fused decode kernel where it serves, else as the base class."""
         if not self.fused_decode:
             return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
-        norm = attn.q_norm is not None
         return self.split_decode.fused(
             qkv,
-            attn.q_norm.weight if norm else None,
-            attn.k_norm.weight if norm else None,
-            attn.q_norm.eps if norm else 0.0,
+            *attn.qk_norm_args(),
             attn.rotary.cos_sin_cache,
             rope_positions,
             kv_cache,

@@ -41,6 +41,12 @@ class DecoderAttention(nn.Module):
         self.rotary = rotary
         self.sizes = (q_size, kv_size, kv_size)
 
+    def qk_norm_args(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(q norm weight, k norm weight, eps) for the fused kernels; (None, None, 0.0) without q/k norm."""
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Project, rotate, attend through the backend, project back."""
         return self.o_proj(self.attend(self.qkv_proj(x), ctx))
