@@ -212,10 +212,16 @@ def bench_decode_ab(args) -> None:
     name = args.models[0]
     folder = model_folder(name, ROOT)
     engines = []
+    caller = os.environ.get(args.ab_env)
     for value in args.ab_values:
         os.environ[args.ab_env] = value  # read while the engine is built and its graphs are captured
         kw = dict(max_model_len=4096, max_num_seqs=args.max_num_seqs, num_kvcache_blocks=args.ab_kv_blocks)
         engines.append((value, LLM(folder, load_format="dummy", **kw, **ENGINE_KW)))
+    # The recorded command shows the caller's settings; each row names its engine's value.
+    if caller is None:
+        del os.environ[args.ab_env]
+    else:
+        os.environ[args.ab_env] = caller
     rng = random.Random(0)
     batch = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(args.batch)]
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
