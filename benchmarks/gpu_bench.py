@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -429,8 +430,10 @@ def bench_prefix_cache(args) -> None:
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     pairs = []
-    # Round 0 loads every kernel variant (full and partial prefill); rounds 1..3 are measured with fresh documents.
-    for _ in range(4):
+    # Round 0 loads every kernel variant (full and partial prefill); the other rounds are measured with fresh
+    # documents. Medians of --rounds (default 10): both TTFTs vary from round to round (the cold one by up to a
+    # third between runs), so three rounds did not settle a 0.3 ms change.
+    for _ in range(1 + args.ttft_rounds):
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
         cold = llm.generate([doc], p)[0]
         warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
@@ -442,11 +445,13 @@ def bench_prefix_cache(args) -> None:
         )
     print_step_timing(llm, "prefix cache")
     free_engine(llm)
-    measured = sorted(pairs[1:])
-    cold_s = sorted(c for c, _, _ in measured)[1]
-    warm_s = sorted(w for _, w, _ in measured)[1]
+    measured = pairs[1:]
+    cold_s = statistics.median(c for c, _, _ in measured)
+    warm_s = statistics.median(w for _, w, _ in measured)
     row = dict(cold_ttft_s=cold_s, warm_ttft_s=warm_s, ratio=warm_s / cold_s, warm_cached_tokens=measured[0][2])
-    print_table("prefix cache: TTFT for a 4096-token prompt, cold vs same prefix + 32 tokens", [row])
+    print_table(f"prefix cache: TTFT for a 4096-token prompt, cold vs same prefix + 32 tokens (medians of "
+                f"{len(measured)} rounds)", [row])  # fmt: skip
+    row["rounds"] = [dict(cold_ttft_s=c, warm_ttft_s=w) for c, w, _ in measured]
     write_result("prefix_cache", row, OUT)
 
 
@@ -472,6 +477,7 @@ def main() -> None:
     parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
     parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
     parser.add_argument("--rounds", type=int, default=6, help="decode_ab: timed runs per engine")
+    parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache: measured cold/warm pairs")
     parser.add_argument("--ab-kv-blocks", type=int, default=256, help="decode_ab: KV cache blocks per engine")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"

@@ -330,8 +330,12 @@ def profile_warm(args) -> None:
             ("engine.cuda_graphs", "GraphRunner", "prefill"),
             ("engine.attention.flashinfer_backend", "GraphPrefillAttention", "plan_step"),
             ("torch.cuda", "CUDAGraph", "replay"),
-            ("engine.attention.flashinfer_backend", "PagedIndices", "build"),
-            ("engine.attention.flashinfer_backend", None, "to_device"),
+            ("engine.attention.flashinfer_backend", "StagedTables", "fill"),
+            ("engine.attention.flashinfer_backend", "StagedTables", "send_indices"),
+            ("flashinfer.prefill", "BatchPrefillWithPagedKVCacheWrapper", "plan"),
+            ("engine.sampler", "Sampler", "sample"),
+            ("engine.model_runner", "ModelRunner", "inputs_sent"),
+            ("engine.llm_engine", "LLMEngine", "_flush_deliveries"),
         ]
     )
     for _ in range(args.steps):
@@ -501,27 +505,36 @@ def bench_fewrows(args) -> None:
 
 def profile_plan(args) -> None:
     """Host time of planning the prefix-cache benchmark's warm step (32 new tokens over 4,128 cached ones, the
-    32-token prefill graph) in a hot loop: the whole plan_step, its page tables, the pinned copy, FlashInfer's plan."""
+    32-token prefill graph) in a hot loop: the whole plan_step, its pinned page tables, the indices' copy, and
+    FlashInfer's plan() given pinned tables (as plan_step does) or pageable ones with the lengths left to it (as
+    the engine did before StagedTables)."""
     import time
 
     from engine import LLM
-    from engine.attention.base import to_device
     from engine.attention.flashinfer_backend import PagedIndices
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
     attn = llm.runner.graphs.prefill_attn[32]
+    st = attn.staged
     tables, kv_lens = [list(range(10, 75))], [4128]
     padded_tables, padded_lens = tables + [[0]] * (attn.rows - 1), kv_lens + [1] * (attn.rows - 1)
-    indptr, indices, last = PagedIndices.build(padded_tables, padded_lens, attn.block_size)
+    q_lens = [32] + [0] * (attn.rows - 1)
+    rows_n = st.fill(padded_tables, padded_lens, attn.block_size)
+    st.fill_qo(q_lens)
+    dev_indices = st.send_indices(rows_n)
+    indptr, _, last = PagedIndices.build(padded_tables, padded_lens, attn.block_size)
     qo = torch.tensor([0] + [32] * attn.rows, dtype=torch.int32)
-    (dev_indices,) = to_device([indices], attn.device)
     common = dict(head_dim_qk=attn.head_dim, causal=True, **attn._common())
+    given = dict(seq_lens=st.seq_lens, max_token_per_sequence=32, max_sequence_kv=4128)
     parts = {
         "plan_step": lambda: attn.plan_step([32], tables, kv_lens, llm.runner.dummy_block),
-        "PagedIndices.build": lambda: PagedIndices.build(padded_tables, padded_lens, attn.block_size),
-        "to_device (pinned copy)": lambda: to_device([indices], attn.device),
-        "FlashInfer prefill plan()": lambda: attn.prefill.plan(qo, indptr, dev_indices, last, **common),
+        "StagedTables.fill": lambda: st.fill(padded_tables, padded_lens, attn.block_size),
+        "StagedTables.send_indices": lambda: st.send_indices(rows_n),
+        "FlashInfer plan(), pinned tables and lengths given": lambda: attn.prefill.plan(
+            st.qo_indptr, st.indptr, dev_indices, st.last, **given, **common
+        ),
+        "FlashInfer plan(), pageable tables": lambda: attn.prefill.plan(qo, indptr, dev_indices, last, **common),
     }
     rows = []
     for name, fn in parts.items():
@@ -531,6 +544,7 @@ def profile_plan(args) -> None:
         start = time.perf_counter()
         for _ in range(args.steps * 10):
             fn()
+        torch.cuda.synchronize()
         rows.append(dict(part=name, us=(time.perf_counter() - start) / (args.steps * 10) * 1e6))
     llm.shutdown()
     print_table(f"{args.model}: host time per call, hot loop of {args.steps * 10}", rows)
