@@ -41,6 +41,7 @@ class ModelRunner:
         self.eos_ids: set[int] = set()
         self.kv_cache_storage: torch.Tensor | None = None
         self._inputs_event = None  # recorded once a step's host-staged inputs are enqueued (see launch)
+        self._last_done = None  # the end event of the last step launched
         self._timed_done = None  # the last collected step's end event, when step timing is on
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -160,6 +161,7 @@ class ModelRunner:
         # consumed them. It has nearly always: the step before it was collected, and its inputs go first.
         if self._inputs_event is not None:
             self._inputs_event.synchronize()
+        self._last_done = None  # until this step records its end
         gpu_start = None
         if self.step_timing is not None and self.device.type == "cuda":
             gpu_start = torch.cuda.Event(enable_timing=True)
@@ -207,6 +209,7 @@ class ModelRunner:
             ]
             done = torch.cuda.Event(enable_timing=gpu_start is not None)
             done.record()
+            self._last_done = done
         if self.step_timing is not None:
             self.step_timing["launch"] = self.step_timing.get("launch", 0.0) + time.perf_counter() - t0
         timing = None if gpu_start is None else (gpu_start, kind)
@@ -220,6 +223,10 @@ class ModelRunner:
         _, _, results, done, wanted, timing = handle
         if done is not None:
             done.synchronize()  # the one host sync of the step
+            if done is self._last_done:
+                # Nothing is in flight: the next launch need not ask the device whether inputs were consumed (a
+                # CUDA call costs 3-10x its usual time when the host has been idle: docs/benchmarks.md).
+                self._inputs_event = self._last_done = None
         if timing is not None:
             # Device time from the step's first enqueued work to its last (idle gaps inside an eager step count),
             # and the device's idle gap before the step (after the previous step, when that ran back to back).
