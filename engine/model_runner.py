@@ -15,6 +15,36 @@ from engine.scheduler import SchedulerOutput
 logger = logging.getLogger("engine")
 
 
+class StepBuffers:
+    """CUDA events and pinned token buffers reused step after step, so launching a step creates no event and takes
+    no pinned allocation (whose caching allocator queries and records events of its own).
+
+    Why: each CUDA call costs 3-10x its usual time on the first step after the host has idled (H100 host,
+    benchmarks/host_idle.py: an event record 12.5 us hot, 62 us after 1 ms idle), which is the prefix-cache
+    benchmark's warm request. A slot is reused SLOTS steps later; at most two steps (the one being collected and
+    the one just launched) hold theirs."""
+
+    SLOTS = 4
+
+    def __init__(self):
+        self.inputs = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        self.done = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        self.tokens: list[torch.Tensor] = []
+        self.step = 0
+
+    def next(self) -> None:
+        """Move to the next step's slot."""
+        self.step = (self.step + 1) % self.SLOTS
+
+    def pinned_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """This step's pinned copy of the sampled token ids (enqueued, not awaited)."""
+        n = token_ids.shape[0]
+        if not self.tokens or self.tokens[0].shape[0] < n:
+            # Grown rarely (the largest batch so far, at least 256 rows); in-flight steps keep their old buffers.
+            self.tokens = [torch.empty(max(n, 256), dtype=torch.long, pin_memory=True) for _ in range(self.SLOTS)]
+        return self.tokens[self.step][:n].copy_(token_ids, non_blocking=True)
+
+
 class ModelRunner:
     """Owns the model, the KV cache tensors, the attention backend and the sampler."""
 
@@ -43,6 +73,7 @@ class ModelRunner:
         self._inputs_event = None  # recorded once a step's host-staged inputs are enqueued (see launch)
         self._last_done = None  # the end event of the last step launched
         self._timed_done = None  # the last collected step's end event, when step timing is on
+        self._buffers = StepBuffers() if device.type == "cuda" else None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes across all layers."""
@@ -145,8 +176,8 @@ class ModelRunner:
 
     def inputs_sent(self) -> None:
         """Mark that this step's host-staged inputs (ours and FlashInfer's plan buffers) are enqueued."""
-        if self.device.type == "cuda":
-            self._inputs_event = torch.cuda.Event()
+        if self._buffers is not None:
+            self._inputs_event = self._buffers.inputs[self._buffers.step]
             self._inputs_event.record()
 
     @torch.inference_mode()
@@ -162,6 +193,8 @@ class ModelRunner:
         if self._inputs_event is not None:
             self._inputs_event.synchronize()
         self._last_done = None  # until this step records its end
+        if self._buffers is not None:
+            self._buffers.next()
         gpu_start = None
         if self.step_timing is not None and self.device.type == "cuda":
             gpu_start = torch.cuda.Event(enable_timing=True)
@@ -204,10 +237,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Copy to pinned memory and mark the point: collect() waits for this step only, not for the next
             # step, which is usually enqueued behind it by then.
-            results = [
-                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results
-            ]
-            done = torch.cuda.Event(enable_timing=gpu_start is not None)
+            buffers = self._buffers
+            first = [buffers.pinned_tokens(token_ids)] if token_ids.dtype == torch.long else []
+            results = first + [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in results[len(first) :]
+            ]  # fmt: skip
+            done = torch.cuda.Event(enable_timing=True) if gpu_start is not None else buffers.done[buffers.step]
             done.record()
             self._last_done = done
         if self.step_timing is not None:
