@@ -35,15 +35,21 @@ class PagedIndices:
     """FlashInfer's page-table triple (indptr, indices, last_page_len) built on the host from block tables."""
 
     @staticmethod
-    def build(tables: list[list[int]], kv_lens: list[int], block_size: int, first_block: int = 0):
-        """Pages first_block.. of each table that hold kv_lens tokens, as int32 CPU tensors."""
+    def write(tables: list[list[int]], kv_lens: list[int], block_size: int, first_block: int, indptr: np.ndarray):
+        """Fill indptr[: rows + 1] (indptr[0] stays 0) for pages first_block.. of each table holding kv_lens tokens;
+        returns (kv lengths, pages per row, the flat page indices)."""
         # numpy and one flat pass: at 256 requests this runs every step, and list-to-tensor conversion was 3x slower.
         kv = np.asarray(kv_lens, dtype=np.int64)
         pages = -(-kv // block_size)
-        indptr = np.zeros(len(kv_lens) + 1, dtype=np.int32)
-        np.cumsum(pages - first_block, out=indptr[1:])
+        np.cumsum(pages - first_block, out=indptr[1 : len(kv_lens) + 1])
         flat = itertools.chain.from_iterable(t[first_block:p] for t, p in zip(tables, pages.tolist()))
-        indices = np.fromiter(flat, dtype=np.int32, count=int(indptr[-1]))
+        return kv, pages, np.fromiter(flat, dtype=np.int32, count=int(indptr[len(kv_lens)]))
+
+    @staticmethod
+    def build(tables: list[list[int]], kv_lens: list[int], block_size: int, first_block: int = 0):
+        """Pages first_block.. of each table that hold kv_lens tokens, as int32 CPU tensors."""
+        indptr = np.zeros(len(kv_lens) + 1, dtype=np.int32)
+        kv, pages, indices = PagedIndices.write(tables, kv_lens, block_size, first_block, indptr)
         last = (kv - (pages - 1) * block_size).astype(np.int32)
         return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
@@ -72,15 +78,15 @@ class StagedTables:
         """Pages first_block.. of each table holding kv_lens tokens (as PagedIndices.build); returns the row count."""
         _, indptr, last, seq, indices = self.np
         rows = len(tables)
-        kv = np.asarray(kv_lens, dtype=np.int32)
-        pages = (kv + (block_size - 1)) // block_size
-        np.cumsum(pages - first_block, out=indptr[1 : rows + 1])
-        total = int(indptr[rows])
-        flat = itertools.chain.from_iterable(t[first_block:p] for t, p in zip(tables, pages.tolist()))
-        indices[:total] = np.fromiter(flat, dtype=np.int32, count=total)
+        kv, pages, flat = PagedIndices.write(tables, kv_lens, block_size, first_block, indptr)
+        indices[: flat.shape[0]] = flat
         last[:rows] = kv - (pages - 1) * block_size
         seq[:rows] = kv - first_block * block_size
         return rows
+
+    def total(self, rows: int) -> int:
+        """Page indices the last fill wrote for its rows."""
+        return int(self.np[1][rows])
 
     def fill_qo(self, q_lens: list[int]) -> None:
         """The query-token offsets of each row (prefill steps)."""
@@ -88,7 +94,7 @@ class StagedTables:
 
     def send_indices(self, rows: int) -> torch.Tensor:
         """The rows' page indices on the device (enqueued, not awaited)."""
-        total = int(self.np[1][rows])
+        total = self.total(rows)
         on_device = self.device_indices[:total]
         on_device.copy_(self.indices[:total], non_blocking=True)
         return on_device
@@ -315,7 +321,7 @@ class GraphDecodeAttention(GraphAttention):
         if self.split_decode is not None:
             # The Triton kernel reads only the page table: FlashInfer's plan (a split schedule for its own decode
             # kernel, computed on the host) would go unused, so the buffers are filled directly.
-            total = int(st.np[1][rows])
+            total = st.total(rows)
             self.kv_indptr.copy_(st.indptr, non_blocking=True)
             self.kv_indices[:total].copy_(st.indices[:total], non_blocking=True)
             self.kv_last.copy_(st.last, non_blocking=True)
