@@ -12,6 +12,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
     python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
     python benchmarks/gpu_profile.py plan      # host time of planning that warm step, in a hot loop
+    python benchmarks/gpu_profile.py prefillsplit   # that warm step's attention per split-KV chunk size
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -609,6 +610,74 @@ def profile_stepab(args) -> None:
     write_result("gpu_profile_stepab", {"model": args.model, "variants": STEP_VARIANTS, "rows": rows}, OUT)
 
 
+def replay_us(graph, reps: int = 50) -> float:
+    """Microseconds per replay of a captured graph, replayed reps times back to back (best of 3 runs)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / reps)
+    return best
+
+
+def bench_prefill_split(args) -> None:
+    """The prefix-cache warm step (32 new tokens over --contexts cached ones, in the 32-token prefill graph) per
+    split-KV chunk size of its attention (--splits pages; 0 = FlashInfer's graph planner): every layer's attention
+    alone in one CUDA graph (also with FlashInfer's zero-filled output, as before), and the whole step graph.
+    Variants alternate round by round in one engine; best of --rounds."""
+    from engine import LLM
+    from engine.cuda_graphs import APPEND_POS, BATCH_IDX, IDS, ROPE_POS, SAMPLE_ROWS
+    from engine.layers.linear import graph_time_us
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
+    runner, graphs, t = llm.runner, llm.runner.graphs, 32
+    attn, s = graphs.prefill_attn[t], graphs.static
+    bs, n_blocks = attn.block_size, runner.kv_cache[0].shape[0]
+    q = torch.randn(t, attn.num_heads, attn.head_dim, dtype=attn.dtype, device=attn.device)
+    times: dict[tuple[int, int, str], list[float]] = {}
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            for context in args.contexts:
+                kv_len = context + t
+                pages = -(-kv_len // bs)
+                table = list(range(n_blocks - pages - 1, n_blocks - 1))  # distinct pages no request holds
+                s[IDS, :t] = 0
+                s[ROPE_POS, :t] = s[APPEND_POS, :t] = torch.arange(context, kv_len, device=s.device)
+                s[BATCH_IDX, :t] = 0
+                s[SAMPLE_ROWS, : attn.rows] = 0
+                s[SAMPLE_ROWS, 0] = t - 1
+                splits = args.splits if r % 2 == 0 else args.splits[::-1]
+                for split in splits:
+                    if split and split >= pages:
+                        continue
+                    attn.split_pages = split or None
+                    attn.plan_step([t], [table], [kv_len], runner.dummy_block)
+                    key = (context, split)
+                    times.setdefault(key + ("attention",), []).append(
+                        graph_time_us(lambda: [attn.attend(q, kv) for kv in runner.kv_cache], 4)
+                    )
+                    if split == 0:
+                        times.setdefault(key + ("attention, zero-filled output",), []).append(
+                            graph_time_us(lambda: [attn.prefill.run(q, kv) for kv in runner.kv_cache], 4)
+                        )
+                    times.setdefault(key + ("step graph",), []).append(replay_us(graphs.graphs[("prefill", t)][0]))
+    attn.split_pages = None
+    llm.shutdown()
+    rows = []
+    for (context, split, what), ts in sorted(times.items()):
+        base = min(times[(context, 0, what if what != "attention, zero-filled output" else "attention")])
+        rows.append(dict(context=context, split_pages=split or "auto", what=what, us=min(ts), over_auto=min(ts) / base))
+    print_table(f"{args.model}: warm prefill step per split-KV chunk (us, best of {args.rounds} rounds)", rows)
+    write_result("gpu_profile_prefillsplit", {"model": args.model, "rows": rows}, OUT)
+
+
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear layer of a Qwen3 model's shape."""
     from common import qwen3_config
@@ -707,6 +776,7 @@ def main() -> None:
             "warm",
             "plan",
             "stepab",
+            "prefillsplit",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -720,14 +790,19 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     parser.add_argument("--engines", type=int, default=2, help="stepab: engines built in turn")
     parser.add_argument("--rounds", type=int, default=5, help="stepab: timings per variant and context")
-    parser.add_argument("--contexts", nargs="+", type=int, default=[192, 384, 2048], help="stepab: context tokens")
+    parser.add_argument(
+        "--contexts", nargs="+", type=int, default=None, help="stepab (192 384 2048), prefillsplit (1024 4096 8000)"
+    )
+    parser.add_argument("--splits", nargs="+", type=int, default=[0, 3, 4, 6, 8, 12, 17], help="prefillsplit: pages")
     parser.add_argument("--batches", nargs="+", type=int, default=[1], help="stepab: decode graph sizes")
     parser.add_argument(
         "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
     )
     args = parser.parse_args()
+    if args.contexts is None:
+        args.contexts = [1024, 4096, 8000] if args.which == "prefillsplit" else [192, 384, 2048]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
-    which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab)
+    which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 

@@ -255,13 +255,20 @@ class FlashInferBackend(_FlashInferAttention):
             return self.decode.run(q, kv_cache)
         if self.mode == "cascade":
             return _cascade(self.flashinfer, self.unique_decode, self.shared_prefill, q, kv_cache)
-        return self.prefill.run(q, kv_cache)
+        return _prefill_run(self.prefill, q, kv_cache)
+
+
+def _prefill_run(wrapper, q: torch.Tensor, kv_cache: torch.Tensor, **kwargs):
+    # FlashInfer's paged prefill run() zero-fills the output it allocates (one fill kernel per layer: 28 per step,
+    # a 16 MB fill per layer for a 4,096-token prompt). Every query row is written by the kernel or its merge, so an
+    # uninitialised buffer serves.
+    return wrapper.run(q, kv_cache, out=torch.empty_like(q), **kwargs)
 
 
 def _cascade(flashinfer, unique_decode, shared_prefill, q, kv_cache):
     # Each request's own pages, then the shared prefix read once for all queries; merge the two softmax states.
     out, lse = unique_decode.run(q, kv_cache, return_lse=True)
-    out_shared, lse_shared = shared_prefill.run(q, kv_cache, return_lse=True)
+    out_shared, lse_shared = _prefill_run(shared_prefill, q, kv_cache, return_lse=True)
     flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
     return out
 
@@ -405,6 +412,7 @@ class GraphPrefillAttention(GraphAttention):
 
     def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
+        self.split_pages: int | None = None  # KV pages per split-KV chunk; None: FlashInfer's graph planner decides
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
         self.prefill = self._prefill_wrapper(
             qo_indptr_buf=self.qo_indptr,
@@ -423,13 +431,16 @@ class GraphPrefillAttention(GraphAttention):
         st = self.staged
         rows = st.fill(tables, kv_lens, self.block_size)
         st.fill_qo(q_lens)
+        split = {}
+        if self.split_pages and max(kv_lens) > self.split_pages * self.block_size:
+            split["fixed_split_size"] = self.split_pages
         # Pinned host tables (copied without waiting), the lengths and maxima given: plan() computes none of them.
         self.prefill.plan(
             st.qo_indptr, st.indptr, st.send_indices(rows), st.last, head_dim_qk=self.head_dim, causal=True,
             seq_lens=st.seq_lens, max_token_per_sequence=max(q_lens), max_sequence_kv=max(kv_lens),
-            **self._common(),
+            **split, **self._common(),
         )  # fmt: skip
 
     def attend(self, q, kv_cache):
         """Paged causal prefill attention."""
-        return self.prefill.run(q, kv_cache)
+        return _prefill_run(self.prefill, q, kv_cache)
