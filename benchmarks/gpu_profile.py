@@ -641,6 +641,8 @@ def bench_prefill_split(args) -> None:
     attn, s = graphs.prefill_attn[t], graphs.static
     bs, n_blocks = attn.block_size, runner.kv_cache[0].shape[0]
     q = torch.randn(t, attn.num_heads, attn.head_dim, dtype=attn.dtype, device=attn.device)
+    # FlashInfer's graph-mode prefill grid: 2 CTAs per SM, over the KV heads (its planner's max_batch_size_if_split).
+    budget = 2 * torch.cuda.get_device_properties(attn.device).multi_processor_count // attn.num_kv_heads
     times: dict[tuple[int, int, str], list[float]] = {}
     with torch.inference_mode():
         for r in range(args.rounds):
@@ -655,8 +657,8 @@ def bench_prefill_split(args) -> None:
                 s[SAMPLE_ROWS, 0] = t - 1
                 splits = args.splits if r % 2 == 0 else args.splits[::-1]
                 for split in splits:
-                    if split and split >= pages:
-                        continue
+                    if split and (split >= pages or -(-pages // split) > budget):
+                        continue  # one chunk (no split), or more chunks than FlashInfer's graph grid holds
                     attn.split_pages = split or None
                     attn.plan_step([t], [table], [kv_len], runner.dummy_block)
                     key = (context, split)
