@@ -523,7 +523,7 @@ def profile_plan(args) -> None:
     q_lens = [32] + [0] * (attn.rows - 1)
     rows_n = st.fill(padded_tables, padded_lens, attn.block_size)
     st.fill_qo(q_lens)
-    dev_indices = st.send_indices(rows_n)
+    dev_indices = st.send_indices(rows_n, attn.kv_indices)
     indptr, _, last = PagedIndices.build(padded_tables, padded_lens, attn.block_size)
     qo = torch.tensor([0] + [32] * attn.rows, dtype=torch.int32)
     common = dict(head_dim_qk=attn.head_dim, causal=True, **attn._common())
@@ -531,7 +531,7 @@ def profile_plan(args) -> None:
     parts = {
         "plan_step": lambda: attn.plan_step([32], tables, kv_lens, llm.runner.dummy_block),
         "StagedTables.fill": lambda: st.fill(padded_tables, padded_lens, attn.block_size),
-        "StagedTables.send_indices": lambda: st.send_indices(rows_n),
+        "StagedTables.send_indices": lambda: st.send_indices(rows_n, attn.kv_indices),
         "FlashInfer plan(), pinned tables and lengths given": lambda: attn.prefill.plan(
             st.qo_indptr, st.indptr, dev_indices, st.last, **given, **common
         ),

@@ -70,9 +70,6 @@ class StagedTables:
         views = self.buf.split([n, n, rows, rows, max_pages])
         self.qo_indptr, self.indptr, self.last, self.seq_lens, self.indices = views
         self.np = [v.numpy() for v in views]
-        # Page indices reach the device by one asynchronous copy; plan() reads them there (from a host tensor it
-        # would copy them synchronously).
-        self.device_indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
 
     def fill(self, tables: list[list[int]], kv_lens: list[int], block_size: int, first_block: int = 0) -> int:
         """Pages first_block.. of each table holding kv_lens tokens (as PagedIndices.build); returns the row count."""
@@ -92,10 +89,14 @@ class StagedTables:
         """The query-token offsets of each row (prefill steps)."""
         np.cumsum(q_lens, out=self.np[0][1 : len(q_lens) + 1])
 
-    def send_indices(self, rows: int) -> torch.Tensor:
-        """The rows' page indices on the device (enqueued, not awaited)."""
+    def send_indices(self, rows: int, dst: torch.Tensor) -> torch.Tensor:
+        """Copy the rows' page indices into the device buffer dst (enqueued, not awaited); returns the part written.
+
+        dst is the wrapper's own page-index buffer: plan() then finds its indices already in place (torch skips a
+        copy onto the same memory), where from a host tensor it would copy synchronously and from another device
+        tensor it would launch one more copy (each CUDA call costs several times more right after idle)."""
         total = self.total(rows)
-        on_device = self.device_indices[:total]
+        on_device = dst[:total]
         on_device.copy_(self.indices[:total], non_blocking=True)
         return on_device
 
@@ -328,12 +329,11 @@ class GraphDecodeAttention(GraphAttention):
         if self.split_decode is not None:
             # The Triton kernel reads only the page table: FlashInfer's plan (a split schedule for its own decode
             # kernel, computed on the host) would go unused, so the buffers are filled directly.
-            total = st.total(rows)
             self.kv_indptr.copy_(st.indptr, non_blocking=True)
-            self.kv_indices[:total].copy_(st.indices[:total], non_blocking=True)
+            st.send_indices(rows, self.kv_indices)
             self.kv_last.copy_(st.last, non_blocking=True)
             return
-        indices = st.send_indices(rows)
+        indices = st.send_indices(rows, self.kv_indices)
         self.decode.plan(
             st.indptr, indices, st.last, head_dim=self.head_dim, **self._common(), **self.split_args
         )  # fmt: skip
@@ -412,7 +412,9 @@ class GraphPrefillAttention(GraphAttention):
 
     def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
-        self.split_pages: int | None = None  # KV pages per split-KV chunk; None: FlashInfer's graph planner decides
+        # KV pages per split-KV chunk (an A/B knob); None: FlashInfer's graph planner decides, which measured fastest
+        # at 1k-8k tokens of context (gpu_profile.py prefillsplit, docs/benchmarks.md section 4).
+        self.split_pages: int | None = None
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
         self.prefill = self._prefill_wrapper(
             qo_indptr_buf=self.qo_indptr,
@@ -435,8 +437,9 @@ class GraphPrefillAttention(GraphAttention):
         if self.split_pages and max(kv_lens) > self.split_pages * self.block_size:
             split["fixed_split_size"] = self.split_pages
         # Pinned host tables (copied without waiting), the lengths and maxima given: plan() computes none of them.
+        indices = st.send_indices(rows, self.kv_indices)
         self.prefill.plan(
-            st.qo_indptr, st.indptr, st.send_indices(rows), st.last, head_dim_qk=self.head_dim, causal=True,
+            st.qo_indptr, st.indptr, indices, st.last, head_dim_qk=self.head_dim, causal=True,
             seq_lens=st.seq_lens, max_token_per_sequence=max(q_lens), max_sequence_kv=max(kv_lens),
             **split, **self._common(),
         )  # fmt: skip
