@@ -222,6 +222,9 @@ SWEEP_ROWS_CONFIGS = tuple(
         (32, 128, 4, 1, 8), (64, 512, 4, 1, 2), (64, 128, 4, 1, 8), (32, 256, 4, 2, 8), (16, 256, 4, 2, 8),
         (32, 256, 4, 2, 12), (64, 256, 8, 2, 4), (128, 128, 4, 1, 8), (64, 128, 8, 1, 4), (64, 128, 4, 2, 4),
         (64, 256, 4, 2, 2), (64, 256, 4, 1, 2), (128, 128, 8, 2, 8),
+        # No split-K: each program streams its rows' whole K through a pipeline, with no partial-sum round trip.
+        (32, 256, 4, 3, 1), (32, 128, 4, 4, 1), (16, 256, 4, 3, 1), (16, 128, 4, 4, 1), (32, 256, 8, 3, 1),
+        (64, 128, 4, 4, 1), (32, 512, 8, 2, 1),
     )
 )  # fmt: skip
 # Each of a program's threads asks for one weight row's K range (sm90 bulk L2 prefetch); a row may be asked for
