@@ -412,8 +412,9 @@ class GraphPrefillAttention(GraphAttention):
 
     def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
-        # KV pages per split-KV chunk (an A/B knob); None: FlashInfer's graph planner decides, which measured fastest
-        # at 1k-8k tokens of context (gpu_profile.py prefillsplit, docs/benchmarks.md section 4).
+        # KV pages per split-KV chunk, for `gpu_profile.py prefillsplit` (which keeps the chunks within the graph's
+        # grid; FlashInfer raises otherwise). None: FlashInfer's graph planner decides, which measured fastest at
+        # 1k-8k tokens of context (docs/benchmarks.md, the twelfth session).
         self.split_pages: int | None = None
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
         self.prefill = self._prefill_wrapper(
