@@ -70,43 +70,15 @@ def command_line() -> str:
     return " ".join(env + ["python"] + sys.argv)
 
 
-def python_loop() -> int:
-    """A fixed bit of pure-Python work (3,000 multiply-adds)."""
-    s = 0
-    for i in range(3000):
-        s += i * i
-    return s
-
-
-def host_speed_us(reps: int = 200) -> float:
-    """Median microseconds of python_loop() in this process, hot.
-
-    Why: on the GPU host, whole processes run at one of two speeds (the prefix-cache TTFTs, cold ~14.5 or ~20-25 ms,
-    move together from one process to the next; docs/benchmarks.md, the twelfth session). Each result records this
-    probe, so runs can be compared at the same host speed."""
-    import statistics
-    import time
-
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        python_loop()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
 def write_result(name: str, results: dict, out_dir: Path | None = None) -> Path:
-    """Write benchmarks/results/<name>.json (and a copy under out_dir) with device, date, commit, command and the
-    host-speed probe."""
+    """Write benchmarks/results/<name>.json (and a copy under out_dir) with device, date, commit and command."""
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": command_line(),
-        "host_python_loop_us": host_speed_us(),
         "results": results,
     }
-    print(f"host speed probe: {payload['host_python_loop_us']:.1f} us per python_loop()")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
