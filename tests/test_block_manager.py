@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, token_bytes
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -88,6 +88,19 @@ def test_prefix_hit_requires_identical_tokens():
     # A different first block breaks the chain even where later tokens agree.
     shifted = Request([0, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams())
     assert bm.find_cached_prefix(shifted) == []
+
+
+def test_block_content_is_every_token_id_in_full():
+    # Ids of large vocabularies (Qwen3: 151,936) must not alias: a narrower encoding would let 65,537 match 1.
+    ids = [1, 65_537, 151_935, 2**40 + 3]
+    assert token_bytes(ids) == b"".join(i.to_bytes(8, "little") for i in ids)
+    bm = BlockManager(8, block_size=4)
+    a = Request([1, 2, 3, 65_537, 5], SamplingParams())
+    assert bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.cache_full_blocks(a)
+    assert bm.find_cached_prefix(Request([1, 2, 3, 65_537, 9], SamplingParams())) == a.block_table[:1]
+    assert bm.find_cached_prefix(Request([1, 2, 3, 1, 5], SamplingParams())) == []
 
 
 def test_freed_cached_blocks_are_reused_least_recently_used_first():
