@@ -19,6 +19,7 @@ Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import sys
@@ -610,22 +611,6 @@ def profile_stepab(args) -> None:
     write_result("gpu_profile_stepab", {"model": args.model, "variants": STEP_VARIANTS, "rows": rows}, OUT)
 
 
-def replay_us(graph, reps: int = 50) -> float:
-    """Microseconds per replay of a captured graph, replayed reps times back to back (best of 3 runs)."""
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / reps)
-    return best
-
-
 def bench_prefill_split(args) -> None:
     """The prefix-cache warm step (32 new tokens over --contexts cached ones, in the 32-token prefill graph) per
     split-KV chunk size of its attention (--splits pages; 0 = FlashInfer's graph planner): every layer's attention
@@ -633,7 +618,7 @@ def bench_prefill_split(args) -> None:
     Variants alternate round by round in one engine; best of --rounds."""
     from engine import LLM
     from engine.cuda_graphs import APPEND_POS, BATCH_IDX, IDS, ROPE_POS, SAMPLE_ROWS
-    from engine.layers.linear import graph_time_us
+    from engine.layers.linear import graph_time_us, replay_us
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16)
@@ -641,6 +626,7 @@ def bench_prefill_split(args) -> None:
     attn, s = graphs.prefill_attn[t], graphs.static
     bs, n_blocks = attn.block_size, runner.kv_cache[0].shape[0]
     q = torch.randn(t, attn.num_heads, attn.head_dim, dtype=attn.dtype, device=attn.device)
+    plan = attn.prefill.plan
     # FlashInfer's graph-mode prefill grid: 2 CTAs per SM, over the KV heads (its planner's max_batch_size_if_split).
     budget = 2 * torch.cuda.get_device_properties(attn.device).multi_processor_count // attn.num_kv_heads
     times: dict[tuple[int, int, str], list[float]] = {}
@@ -659,7 +645,8 @@ def bench_prefill_split(args) -> None:
                 for split in splits:
                     if split and (split >= pages or -(-pages // split) > budget):
                         continue  # one chunk (no split), or more chunks than FlashInfer's graph grid holds
-                    attn.split_pages = split or None
+                    # The engine leaves the chunk size to FlashInfer; a fixed one goes to plan() from here.
+                    attn.prefill.plan = functools.partial(plan, fixed_split_size=split) if split else plan
                     attn.plan_step([t], [table], [kv_len], runner.dummy_block)
                     key = (context, split)
                     times.setdefault(key + ("attention",), []).append(
@@ -669,8 +656,10 @@ def bench_prefill_split(args) -> None:
                         times.setdefault(key + ("attention, zero-filled output",), []).append(
                             graph_time_us(lambda: [attn.prefill.run(q, kv) for kv in runner.kv_cache], 4)
                         )
-                    times.setdefault(key + ("step graph",), []).append(replay_us(graphs.graphs[("prefill", t)][0]))
-    attn.split_pages = None
+                    step_graph = graphs.graphs[("prefill", t)][0]
+                    step_graph.replay()  # once untimed after the new plan
+                    times.setdefault(key + ("step graph",), []).append(replay_us(step_graph, 50))
+    attn.prefill.plan = plan
     llm.shutdown()
     rows = []
     for (context, split, what), ts in sorted(times.items()):

@@ -412,10 +412,6 @@ class GraphPrefillAttention(GraphAttention):
 
     def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
-        # KV pages per split-KV chunk, for `gpu_profile.py prefillsplit` (which keeps the chunks within the graph's
-        # grid; FlashInfer raises otherwise). None: FlashInfer's graph planner decides, which measured fastest at
-        # 1k-8k tokens of context (docs/benchmarks.md, the twelfth session).
-        self.split_pages: int | None = None
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
         self.prefill = self._prefill_wrapper(
             qo_indptr_buf=self.qo_indptr,
@@ -434,15 +430,14 @@ class GraphPrefillAttention(GraphAttention):
         st = self.staged
         rows = st.fill(tables, kv_lens, self.block_size)
         st.fill_qo(q_lens)
-        split = {}
-        if self.split_pages and max(kv_lens) > self.split_pages * self.block_size:
-            split["fixed_split_size"] = self.split_pages
         # Pinned host tables (copied without waiting), the lengths and maxima given: plan() computes none of them.
+        # Split-KV chunking stays with FlashInfer's graph planner: fixed chunks of 3-17 pages measured no faster at
+        # 1k-8k tokens of context (gpu_profile.py prefillsplit, docs/benchmarks.md).
         indices = st.send_indices(rows, self.kv_indices)
         self.prefill.plan(
             st.qo_indptr, st.indptr, indices, st.last, head_dim_qk=self.head_dim, causal=True,
             seq_lens=st.seq_lens, max_token_per_sequence=max(q_lens), max_sequence_kv=max(kv_lens),
-            **split, **self._common(),
+            **self._common(),
         )  # fmt: skip
 
     def attend(self, q, kv_cache):

@@ -96,6 +96,20 @@ class PackedLinear(Linear):
             param[offset : offset + size].copy_(tensor)
 
 
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 1) -> float:
+    """Microseconds per replay of a captured graph, replayed `replays` times back to back (best of 3 runs)."""
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / replays)
+    return best
+
+
 def graph_time_us(fn, reps: int = 20) -> float:
     """Microseconds per call of fn, run reps times back-to-back in one CUDA graph (best of 3 replays): the
     kernels' own time, without launch gaps."""
@@ -105,15 +119,7 @@ def graph_time_us(fn, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / reps)
-    return best
+    return replay_us(graph) / reps
 
 
 # Bytes of weights each timed GEMM sequence streams: more than a Hopper L2 (50 MB), so every GEMM reads its weight
