@@ -13,6 +13,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py warm      # the prefix-cache benchmark's warm step: kernels, device span, host
     python benchmarks/gpu_profile.py plan      # host time of planning that warm step, in a hot loop
     python benchmarks/gpu_profile.py prefillsplit   # that warm step's attention per split-KV chunk size
+    python benchmarks/gpu_profile.py decodeattn   # decode attention kernel families at batch 64-256
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -507,7 +508,8 @@ def bench_fewrows(args) -> None:
 
 def profile_plan(args) -> None:
     """Host time of planning the prefix-cache benchmark's warm step (32 new tokens over 4,128 cached ones, the
-    32-token prefill graph) in a hot loop: the whole plan_step, its pinned page tables, the indices' copy, and
+    32-token prefill graph) in a hot loop: the whole plan_step (for a new shape, and for the shape of the graph's
+    last plan, which skips FlashInfer's plan()), its pinned page tables, the indices' copy, and
     FlashInfer's plan() given pinned tables (as plan_step does) or pageable ones with the lengths left to it (as
     the engine did before StagedTables)."""
     import time
@@ -529,8 +531,15 @@ def profile_plan(args) -> None:
     qo = torch.tensor([0] + [32] * attn.rows, dtype=torch.int32)
     common = dict(head_dim_qk=attn.head_dim, causal=True, **attn._common())
     given = dict(seq_lens=st.seq_lens, max_token_per_sequence=32, max_sequence_kv=4128)
+
+    def plan_step(again: bool):
+        if not again:
+            attn.planned_shape = None  # as a step of a new shape: FlashInfer's plan() runs
+        attn.plan_step([32], tables, kv_lens, llm.runner.dummy_block)
+
     parts = {
-        "plan_step": lambda: attn.plan_step([32], tables, kv_lens, llm.runner.dummy_block),
+        "plan_step": functools.partial(plan_step, False),
+        "plan_step, the shape of the last plan (plan() skipped)": functools.partial(plan_step, True),
         "StagedTables.fill": lambda: st.fill(padded_tables, padded_lens, attn.block_size),
         "StagedTables.send_indices": lambda: st.send_indices(rows_n, attn.kv_indices),
         "FlashInfer plan(), pinned tables and lengths given": lambda: attn.prefill.plan(
@@ -647,6 +656,7 @@ def bench_prefill_split(args) -> None:
                         continue  # one chunk (no split), or more chunks than FlashInfer's graph grid holds
                     # The engine leaves the chunk size to FlashInfer; a fixed one goes to plan() from here.
                     attn.prefill.plan = functools.partial(plan, fixed_split_size=split) if split else plan
+                    attn.planned_shape = None  # the same shape, planned with another chunk size
                     attn.plan_step([t], [table], [kv_len], runner.dummy_block)
                     key = (context, split)
                     times.setdefault(key + ("attention",), []).append(
@@ -667,6 +677,80 @@ def bench_prefill_split(args) -> None:
         rows.append(dict(context=context, split_pages=split or "auto", what=what, us=min(ts), over_auto=min(ts) / base))
     print_table(f"{args.model}: warm prefill step per split-KV chunk (us, best of {args.rounds} rounds)", rows)
     write_result("gpu_profile_prefillsplit", {"model": args.model, "rows": rows}, OUT)
+
+
+def run_layers(wrapper, q: torch.Tensor, caches: list[torch.Tensor], out: torch.Tensor) -> None:
+    """One planned attention wrapper over each KV cache in turn."""
+    for cache in caches:
+        wrapper.run(q, cache, out=out)
+
+
+def bench_decode_attention(args) -> None:
+    """FlashInfer's decode attention per kernel family at throughput batch sizes: CUDA-core decode, tensor-core
+    (the prefill kernel) on FlashAttention-2 with and without split-KV, and on FlashAttention-3, each planned once
+    and timed in a CUDA graph over --layers distinct KV caches (Qwen3-0.6B heads, 64-token pages, HND). Prints
+    microseconds per layer and the KV read rate."""
+    import flashinfer
+
+    from engine.layers.linear import graph_time_us
+
+    heads, kv_heads, dim, page = 16, 8, 128, 64
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    variants = {
+        "cuda cores, fa2": dict(use_tensor_cores=False, backend="fa2"),
+        "tensor cores, fa2": dict(use_tensor_cores=True, backend="fa2"),
+        "tensor cores, fa2, no split": dict(use_tensor_cores=True, backend="fa2", no_split=True),
+        "tensor cores, fa3": dict(use_tensor_cores=True, backend="fa3"),
+    }
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            pages = -(-context // page)
+            caches = [
+                torch.randn(batch * pages, 2, kv_heads, page, dim, device=dev, dtype=dt) for _ in range(args.layers)
+            ]
+            q = torch.randn(batch, heads, dim, device=dev, dtype=dt)
+            indptr = torch.arange(batch + 1, dtype=torch.int32) * pages
+            indices = torch.randperm(batch * pages, dtype=torch.int32)  # scattered pages, as a live cache has
+            last = torch.full((batch,), context - (pages - 1) * page, dtype=torch.int32)
+            kv_bytes = batch * context * kv_heads * dim * 2 * 2
+            base = None
+            for name, v in variants.items():
+                opts = dict(v)
+                no_split = opts.pop("no_split", False)
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    torch.zeros(256 << 20, dtype=torch.uint8, device=dev),
+                    "HND",
+                    use_cuda_graph=True,
+                    paged_kv_indptr_buffer=indptr.to(dev),
+                    paged_kv_indices_buffer=indices.to(dev),
+                    paged_kv_last_page_len_buffer=last.to(dev),
+                    **opts,
+                )
+                extra = {"disable_split_kv": True} if no_split else {}
+                try:
+                    wrapper.plan(indptr, indices, last, heads, kv_heads, dim, page, q_data_type=dt, kv_data_type=dt,
+                                 **extra)  # fmt: skip
+                    out = torch.empty_like(q)
+                    us = graph_time_us(functools.partial(run_layers, wrapper, q, caches, out), 4) / len(caches)
+                except Exception as e:  # a kernel family this build lacks is reported, not fatal
+                    rows.append(dict(batch=batch, context=context, variant=name, error=str(e)[:80]))
+                    continue
+                base = base or us
+                rows.append(
+                    dict(
+                        batch=batch,
+                        context=context,
+                        variant=name,
+                        us=us,
+                        tb_s=kv_bytes / us / 1e6,
+                        over_first=us / base,
+                    )
+                )
+            del caches
+            torch.cuda.empty_cache()
+    print_table("decode attention per layer (us; KV read rate TB/s)", rows)
+    write_result("gpu_profile_decodeattn", {"rows": rows}, OUT)
 
 
 def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -768,6 +852,7 @@ def main() -> None:
             "plan",
             "stepab",
             "prefillsplit",
+            "decodeattn",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -785,15 +870,21 @@ def main() -> None:
         "--contexts", nargs="+", type=int, default=None, help="stepab (192 384 2048), prefillsplit (1024 4096 8000)"
     )
     parser.add_argument("--splits", nargs="+", type=int, default=[0, 3, 4, 6, 8, 12, 17], help="prefillsplit: pages")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1], help="stepab: decode graph sizes")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="stepab (1), decodeattn (64 128 256)")
+    parser.add_argument("--layers", type=int, default=4, help="decodeattn: distinct KV caches cycled")
     parser.add_argument(
         "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
     )
     args = parser.parse_args()
     if args.contexts is None:
-        args.contexts = [1024, 4096, 8000] if args.which == "prefillsplit" else [192, 384, 2048]
+        args.contexts = {"prefillsplit": [1024, 4096, 8000], "decodeattn": [512, 1024]}.get(
+            args.which, [192, 384, 2048]
+        )
+    if args.batches is None:
+        args.batches = [64, 128, 256] if args.which == "decodeattn" else [1]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
+    which.update(decodeattn=bench_decode_attention)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 

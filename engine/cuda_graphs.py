@@ -274,11 +274,10 @@ class GraphRunner:
         h[BATCH_IDX, offset:t] = attn.rows - 1  # the padding row: causal over dummy pages
         h[SAMPLE_ROWS, : attn.rows] = 0
         h[SAMPLE_ROWS, : len(samples)] = samples
-        attn.plan_step(
+        self.num_plans += attn.plan_step(
             [s.num_new_tokens for s in scheduled],
             [s.req.block_table for s in scheduled],
             [s.start + s.num_new_tokens for s in scheduled],
             self.runner.dummy_block,
         )
-        self.num_plans += 1
         return self._replay(("prefill", t), len(samples), pending, prev)

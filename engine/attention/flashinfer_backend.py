@@ -89,6 +89,12 @@ class StagedTables:
         """The query-token offsets of each row (prefill steps)."""
         np.cumsum(q_lens, out=self.np[0][1 : len(q_lens) + 1])
 
+    def shape_key(self, rows: int) -> bytes:
+        """Everything of the last fill that a plan() depends on (query offsets, pages per row, lengths): not the
+        page ids themselves, which plan() only copies."""
+        qo, indptr, last, seq, _ = self.np
+        return b"".join(a.tobytes() for a in (qo[: rows + 1], indptr[: rows + 1], last[:rows], seq[:rows]))
+
     def send_indices(self, rows: int, dst: torch.Tensor) -> torch.Tensor:
         """Copy the rows' page indices into the device buffer dst (enqueued, not awaited); returns the part written.
 
@@ -419,9 +425,19 @@ class GraphPrefillAttention(GraphAttention):
             paged_kv_indices_buf=self.kv_indices,
             paged_kv_last_page_len_buf=self.kv_last,
         )
+        # StagedTables.shape_key() of this wrapper's last plan(); None forces the next one (set it to None after
+        # planning the wrapper any other way).
+        self.planned_shape: bytes | None = None
 
-    def plan_step(self, q_lens: list[int], tables, kv_lens, dummy_block: int) -> None:
-        """Plan the requests' query lengths and pages, padding to the captured rows and tokens."""
+    def plan_step(self, q_lens: list[int], tables, kv_lens, dummy_block: int) -> bool:
+        """Plan the requests' query lengths and pages, padding to the captured rows and tokens; False when the
+        step repeats the shape of this graph's last plan, whose schedule then stands (only the pages are sent).
+
+        Why: a repeated shape is the common case of a prompt over a cached prefix (the same document, a new
+        question of the same length), and FlashInfer's plan() was ~170-250 us of the ~2.4 ms warm TTFT on an H100
+        (docs/benchmarks.md). plan() reads only the offsets and lengths on the host; in CUDA-graph mode it copies
+        them, and the schedule it computes from them, into this wrapper's own device buffers, which nothing else
+        writes, so with the same inputs they already hold what it would write."""
         pad_tokens = self.tokens - sum(q_lens)
         unused = self.rows - 1 - len(q_lens)
         q_lens = q_lens + [0] * unused + [pad_tokens]
@@ -434,11 +450,16 @@ class GraphPrefillAttention(GraphAttention):
         # Split-KV chunking stays with FlashInfer's graph planner: fixed chunks of 3-17 pages measured no faster at
         # 1k-8k tokens of context (gpu_profile.py prefillsplit, docs/benchmarks.md).
         indices = st.send_indices(rows, self.kv_indices)
+        shape = st.shape_key(rows)
+        if shape == self.planned_shape:
+            return False
         self.prefill.plan(
             st.qo_indptr, st.indptr, indices, st.last, head_dim_qk=self.head_dim, causal=True,
             seq_lens=st.seq_lens, max_token_per_sequence=max(q_lens), max_sequence_kv=max(kv_lens),
             **self._common(),
         )  # fmt: skip
+        self.planned_shape = shape
+        return True
 
     def attend(self, q, kv_cache):
         """Paged causal prefill attention."""

@@ -152,6 +152,45 @@ def test_mixed_lengths_prefix_hits_and_graphs_match_hf(model_dir):
         llm.shutdown()
 
 
+class CountedCalls:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_prefill_graph_of_a_repeated_shape_keeps_its_plan_and_matches_hf(model_dir):
+    """Two cached documents of one length, then each with a question of one length, one request at a time: the
+    second warm step has the first's shape, so its prefill graph keeps the first's FlashInfer plan and only the
+    page ids change (another document's pages); both match HF."""
+    folder, hf = model_dir
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=32)
+    try:
+        graphs = llm.runner.graphs
+        docs = make_prompts([256, 256], seed=3)
+        llm.generate(docs, SamplingParams(temperature=0, max_tokens=1))
+        plans = {t: CountedCalls(attn.prefill.plan) for t, attn in graphs.prefill_attn.items()}
+        for t, counted in plans.items():
+            graphs.prefill_attn[t].prefill.plan = counted
+        follow = [d + q for d, q in zip(docs, make_prompts([20, 20], seed=4), strict=True)]
+        before = graphs.replays["prefill"]
+        outs, rows = [], {}
+        for prompt in follow:
+            o, r = engine_logits(llm, [prompt], GREEDY)
+            outs += o
+            rows.update(r)
+        assert [o.num_cached_tokens for o in outs] == [256, 256]
+        assert graphs.replays["prefill"] == before + 2  # one warm prefill graph step per request
+        assert sum(c.calls for c in plans.values()) == 1  # the second step kept the first's plan
+        check_against_hf(hf, follow, outs, rows)
+    finally:
+        llm.shutdown()
+
+
 def test_chunked_prefill_matches_hf(model_dir):
     folder, hf = model_dir
     # 16-token blocks here (the default on this path is 64), so both page sizes meet HF.
@@ -285,26 +324,26 @@ def test_step_timed_gemv_choice_matches_hf(model_dir, monkeypatch):
 
 
 def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
-    """Steps of 2..32 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
-    then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph); against HF and
-    against the cuBLAS + FlashInfer path."""
+    """Steps of 2..64 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
+    then after prefix hits a 9-token step (16-row graph), a 3 x 8-token step (32-row graph) and a 2 x 20-token
+    step (64-row graph); against HF and against the cuBLAS + FlashInfer path."""
     folder, hf = model_dir
     prompts = make_prompts([6, 5, 7, 4, 6], seed=5, prefix=32)
     prefix = prompts[0][:32]
-    follow = [prefix + p for p in make_prompts([9, 8, 8, 8], seed=6)]
-    batches = [prompts, follow[:1], follow[1:]]
+    follow = [prefix + p for p in make_prompts([9, 8, 8, 8, 20, 20], seed=6)]
+    batches = [prompts, follow[:1], follow[1:4], follow[4:]]
     results = []
     for gemv in ("force", "0"):
         monkeypatch.setenv("NANOVLLM_GEMV", gemv)
         llm = LLM(folder, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16, block_size=16)
         try:
             plans = llm.runner.model.layers[0].rows_plan
-            forced = set(plans) == {16, 32} and all(all(p.values()) for p in plans.values())
+            forced = set(plans) == {16, 32, 64} and all(all(p.values()) for p in plans.values())
             assert forced if gemv == "force" else not plans
             replays = dict(llm.runner.graphs.replays)
             runs = [engine_logits(llm, batch, GREEDY) for batch in batches]
-            assert all(o.num_cached_tokens == 32 for o in runs[1][0] + runs[2][0])  # short steps after hits
-            assert llm.runner.graphs.replays["prefill"] >= replays["prefill"] + 2
+            assert all(o.num_cached_tokens == 32 for o in runs[1][0] + runs[2][0] + runs[3][0])  # after hits
+            assert llm.runner.graphs.replays["prefill"] >= replays["prefill"] + 3
             assert llm.runner.graphs.replays["decode"] > replays["decode"]
             results.append(runs)
         finally:
