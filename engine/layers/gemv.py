@@ -9,7 +9,7 @@ which removes three launches per layer. cuBLAS is the fallback: `tune_gemv` time
 weights at start-up and keeps the Triton kernel only where it beats the unfused sequence it replaces.
 NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every role (tests and A/B runs).
 
-Steps of 2..64 token rows (decode batches, short prefill chunks after a prefix-cache hit) get the same fusions from
+Steps of 2..32 token rows (decode batches, short prefill chunks after a prefix-cache hit) get the same fusions from
 a few-row kernel on tensor cores (`_build_rows_kernel`): the RMSNorm is folded into its epilogue (the GEMM takes
 x * norm_weight and the rows are scaled by their rstd once the whole K is summed), and K is split so that
 hundreds of programs stream one weight, the last split of each tile adding the partial sums in a fixed order.
@@ -206,7 +206,7 @@ def _build_kernel():
 # Few-row GEMMs (2..MAX_ROWS rows: decode batches, small prefill steps): (output rows per program, K step, warps,
 # pipeline stages, K splits). Each program covers a short K range in one or two steps, so a layer's weight is
 # requested at once by hundreds of programs; the last split of each tile to finish adds the partial sums up.
-MAX_ROWS = 64
+MAX_ROWS = 32
 MAX_TILES = 4096  # output tiles of one launch at most: the split-K arrival counters
 # The fastest per role of Qwen3-0.6B at 4, 16 and 32 rows in `gpu_profile.py fewrows` (H100, docs/benchmarks.md).
 ROWS_CONFIGS = (
@@ -233,8 +233,8 @@ L2_PREFETCH_ROWS_ASM = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0
 
 
 def rows_tile(m: int) -> int:
-    """The padded token-row tile for m rows (16, 32 or 64)."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    """The padded token-row tile for m rows (16 or 32)."""
+    return 16 if m <= 16 else 32
 
 
 @functools.cache
@@ -538,14 +538,13 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
 
 
 # Row counts each few-row tile is timed at before it is chosen: the tile's smallest and largest typical steps
-# (decode batches of 2-16 requests and 16-token prefill chunks share the 16-row tile; 32-token ones the next;
-# decode batches of 48 and 64 requests and 64-token chunks the 64-row tile).
-ROWS_TUNE_AT = {16: (4, 16), 32: (32,), 64: (48, 64)}
+# (decode batches of 2-16 requests and 16-token prefill chunks share the 16-row tile; 32-token ones the other).
+ROWS_TUNE_AT = {16: (4, 16), 32: (32,)}
 
 
 @torch.inference_mode()
 def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, tuple | None]]:
-    """Per row tile (16, 32, 64) and role, the few-row Triton configuration for steps of 2..64 token rows, or None for
+    """Per row tile (16, 32) and role, the few-row Triton configuration for steps of 2..32 token rows, or None for
     the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at every row count of ROWS_TUNE_AT."""
     mode, max_rows = gemv_mode(), gemv_max_rows()
     if mode == "0" or max_rows == 1 or not gemv_supported(_role_modules(layers[0])["o"][1].weight):

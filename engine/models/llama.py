@@ -94,7 +94,7 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, fused)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
-        # row tile (16, 32, 64) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
+        # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
         self.rows_plan: dict[int, dict[str, tuple | None]] = {}
         self.rows_max = MAX_ROWS
 

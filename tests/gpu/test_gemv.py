@@ -78,11 +78,10 @@ def _operands(n, k, m, silu, bias, norm, residual):
     return w, x, r, nw, b
 
 
-@pytest.mark.parametrize("m", [3, 32, 48])
+@pytest.mark.parametrize("m", [3, 32])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:5])
 def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m):
-    """Every few-row configuration that fits, row-major and column-major weights, padded 16-, 32- and 64-row
-    tiles."""
+    """Every few-row configuration that fits, row-major and column-major weights, padded 16- and 32-row tiles."""
     w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
     nm = types.SimpleNamespace(weight=nw, eps=1e-6) if norm else None
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)

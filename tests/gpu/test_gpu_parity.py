@@ -324,26 +324,26 @@ def test_step_timed_gemv_choice_matches_hf(model_dir, monkeypatch):
 
 
 def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
-    """Steps of 2..64 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
-    then after prefix hits a 9-token step (16-row graph), a 3 x 8-token step (32-row graph) and a 2 x 20-token
-    step (64-row graph); against HF and against the cuBLAS + FlashInfer path."""
+    """Steps of 2..32 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
+    then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph); against HF and
+    against the cuBLAS + FlashInfer path."""
     folder, hf = model_dir
     prompts = make_prompts([6, 5, 7, 4, 6], seed=5, prefix=32)
     prefix = prompts[0][:32]
-    follow = [prefix + p for p in make_prompts([9, 8, 8, 8, 20, 20], seed=6)]
-    batches = [prompts, follow[:1], follow[1:4], follow[4:]]
+    follow = [prefix + p for p in make_prompts([9, 8, 8, 8], seed=6)]
+    batches = [prompts, follow[:1], follow[1:]]
     results = []
     for gemv in ("force", "0"):
         monkeypatch.setenv("NANOVLLM_GEMV", gemv)
         llm = LLM(folder, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16, block_size=16)
         try:
             plans = llm.runner.model.layers[0].rows_plan
-            forced = set(plans) == {16, 32, 64} and all(all(p.values()) for p in plans.values())
+            forced = set(plans) == {16, 32} and all(all(p.values()) for p in plans.values())
             assert forced if gemv == "force" else not plans
             replays = dict(llm.runner.graphs.replays)
             runs = [engine_logits(llm, batch, GREEDY) for batch in batches]
-            assert all(o.num_cached_tokens == 32 for o in runs[1][0] + runs[2][0] + runs[3][0])  # after hits
-            assert llm.runner.graphs.replays["prefill"] >= replays["prefill"] + 3
+            assert all(o.num_cached_tokens == 32 for o in runs[1][0] + runs[2][0])  # short steps after hits
+            assert llm.runner.graphs.replays["prefill"] >= replays["prefill"] + 2
             assert llm.runner.graphs.replays["decode"] > replays["decode"]
             results.append(runs)
         finally:
