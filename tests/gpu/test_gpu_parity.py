@@ -78,17 +78,19 @@ def engine_logits(llm: LLM, prompts, params) -> tuple[list, dict]:
     return outs, rows
 
 
-_fp32_refs: dict = {}
+# (HF model, its fp32 copy) of the model last asked for. Held by the model itself, not its id(): once a model
+# fixture's model is freed, the next one may get its id, and would be compared with the other model's copy.
+_fp32_ref: list = []
 
 
 def fp32_reference(hf):
     """HF in fp32 on the same (bf16-valued) weights: the higher-precision reference both bf16 paths approximate."""
-    if id(hf) not in _fp32_refs:
+    if not _fp32_ref or _fp32_ref[0][0] is not hf:
         import copy
 
-        _fp32_refs.clear()
-        _fp32_refs[id(hf)] = copy.deepcopy(hf).float()
-    return _fp32_refs[id(hf)]
+        _fp32_ref.clear()  # the previous copy goes before the next is made
+        _fp32_ref.append((hf, copy.deepcopy(hf).float()))
+    return _fp32_ref[0][1]
 
 
 def check_against_hf(hf, prompts, outs, rows) -> float:
