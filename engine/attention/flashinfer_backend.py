@@ -33,13 +33,9 @@ SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its s
 
 def graph_shared_chunk_pages(shared_pages: int) -> int | None:
     """Pages per split-KV chunk of a cascade graph's shared level (NANOVLLM_CASCADE_SPLITS chunks; 0 leaves the
-    chunk size to FlashInfer's CUDA-graph planner), or None for the planner's choice.
-
-    Never a single chunk: the graph was captured with the planner's split-KV path (its merge included), and a
-    fixed chunk size that leaves one chunk would plan the unsplit one."""
+    chunk size to FlashInfer's CUDA-graph planner), or None for the planner's choice."""
     splits = int(os.environ.get("NANOVLLM_CASCADE_SPLITS", "0"))
-    chunk = max(2, -(-shared_pages // splits)) if splits > 0 else None
-    return chunk if chunk and shared_pages > chunk else None
+    return max(2, -(-shared_pages // splits)) if splits > 0 else None
 
 
 class PagedIndices:
