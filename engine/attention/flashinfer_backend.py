@@ -31,13 +31,6 @@ NO_SPLIT_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BAT
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
-def graph_shared_chunk_pages(shared_pages: int) -> int | None:
-    """Pages per split-KV chunk of a cascade graph's shared level (NANOVLLM_CASCADE_SPLITS chunks; 0 leaves the
-    chunk size to FlashInfer's CUDA-graph planner), or None for the planner's choice."""
-    splits = int(os.environ.get("NANOVLLM_CASCADE_SPLITS", "0"))
-    return max(2, -(-shared_pages // splits)) if splits > 0 else None
-
-
 class PagedIndices:
     """FlashInfer's page-table triple (indptr, indices, last_page_len) built on the host from block tables."""
 
@@ -403,7 +396,7 @@ class GraphCascadeAttention(GraphDecodeAttention):
         shared_pages = max(shared_blocks, 1)
         pages = tables[0][:shared_blocks] if shared_blocks else [dummy_block]
         last = bs if shared_blocks else 1
-        chunk = graph_shared_chunk_pages(shared_pages)
+        # Split-KV is left to FlashInfer's CUDA-graph planner: it sizes chunks to the fixed grid.
         self.shared.plan(
             torch.tensor([0, self.rows], dtype=torch.int32),
             torch.tensor([0, shared_pages], dtype=torch.int32),
@@ -411,7 +404,6 @@ class GraphCascadeAttention(GraphDecodeAttention):
             torch.tensor([last], dtype=torch.int32),
             head_dim_qk=self.head_dim,
             causal=False,
-            **({"fixed_split_size": chunk} if chunk else {}),
             **self._common(),
         )
 
