@@ -26,8 +26,16 @@ TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH"
 # Batch size from which CUDA-graph tensor-core decode plans without split-KV: FlashInfer's graph-mode planner
 # otherwise always splits, adding a merge kernel per layer. Measured on an H100 (throughput workload, A/B in one
 # run): decode step 6.63 -> 6.47 ms. Large batches fill the GPU without splitting; a single very long request
-# among them costs at most its own KV read serially (8k tokens: ~55 us per layer). 0 = always split (A/B knob).
-NO_SPLIT_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "64"))
+# among them costs at most its own KV read serially (8k tokens: ~55 us per layer).
+NO_SPLIT_DECODE_MIN_BATCH = 64
+
+
+def no_split_decode_min_batch() -> int:
+    """NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH (A/B knob, read when a graph is built; 0 = always split), by default
+    NO_SPLIT_DECODE_MIN_BATCH."""
+    return int(os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", str(NO_SPLIT_DECODE_MIN_BATCH)))
+
+
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
@@ -313,7 +321,7 @@ class GraphDecodeAttention(GraphAttention):
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
-        no_split = 0 < NO_SPLIT_DECODE_MIN_BATCH <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
+        no_split = 0 < no_split_decode_min_batch() <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
         self.split_args = {"disable_split_kv": True} if no_split else {}
         # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
         # decode + merge kernels (triton_decode.py); plan_rows() then fills its page-table buffers without planning.
