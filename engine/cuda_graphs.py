@@ -9,7 +9,13 @@ import time
 
 import torch
 
-from engine.attention.flashinfer_backend import GraphCascadeAttention, GraphDecodeAttention, GraphPrefillAttention
+from engine.attention.flashinfer_backend import (
+    GraphCascadeAttention,
+    GraphDecodeAttention,
+    GraphPrefillAttention,
+    whole_kv_pays,
+    whole_kv_variant_sizes,
+)
 from engine.models.llama import ForwardContext
 
 logger = logging.getLogger("engine")
@@ -64,12 +70,17 @@ class GraphRunner:
         self.max_pages = pages = -(-max_model_len // bs)
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
+        # Unsplit twins of the split-KV tensor-core decode graphs, for steps without one dominant context.
+        self.whole_kv_attn = {
+            b: GraphDecodeAttention(runner, bs, ws, b, pages, whole_kv=True) for b in whole_kv_variant_sizes(self.sizes)
+        }
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         self.prefill_attn = {
             t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages) for t in self.prefill_sizes
         }
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.planned: dict[tuple[str, int], tuple] = {}  # page layout of each graph's last plan()
+        # Keyed (kind, size), and ("decode", size, "whole_kv") for the unsplit twins.
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
         self.num_plans = 0
         self.replays: dict[str, int] = {"decode": 0, "cascade": 0, "prefill": 0}  # steps served per graph kind
         self.pool_bytes = 0
@@ -162,10 +173,12 @@ class GraphRunner:
         dev = self.runner.device
         before = torch.cuda.memory_reserved(dev)
         pool = None
-        shapes = [("prefill", t, a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
-        shapes += [("decode", b, a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
-        shapes += [("cascade", b, a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
-        for kind, n, attn in shapes:
+        shapes = [(("prefill", t), a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
+        shapes += [(("decode", b), a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
+        shapes += [(("decode", b, "whole_kv"), a) for b, a in sorted(self.whole_kv_attn.items(), reverse=True)]
+        shapes += [(("cascade", b), a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
+        for key, attn in shapes:
+            kind, n = key[:2]
             self._plan_padding(kind, attn)
             self._forward(kind, attn, n)  # warm-up outside the graph (lazy inits, autotuning)
             torch.cuda.synchronize(dev)
@@ -174,13 +187,15 @@ class GraphRunner:
                 out = self._forward(kind, attn, n)
             if pool is None:
                 pool = graph.pool()
-            self.graphs[(kind, n)] = (graph, out)
+            self.graphs[key] = (graph, out)
         torch.cuda.synchronize(dev)
         self.pool_bytes = torch.cuda.memory_reserved(dev) - before
         logger.info(
-            "captured %d CUDA graphs (decode batch %s; cascade batch %s; prefill tokens %s) in %.1fs, %.0f MiB",
+            "captured %d CUDA graphs (decode batch %s, also unsplit at %s; cascade batch %s; prefill tokens %s) in "
+            "%.1fs, %.0f MiB",
             len(self.graphs),
             ",".join(map(str, self.sizes)),
+            ",".join(map(str, self.whole_kv_attn)) or "-",
             ",".join(map(str, self.cascade_sizes)) or "-",
             ",".join(map(str, self.prefill_sizes)) or "-",
             time.perf_counter() - start,
@@ -203,7 +218,7 @@ class GraphRunner:
             return None
         return next((t for t in self.prefill_sizes if t >= num_tokens), None)
 
-    def _replay(self, key: tuple[str, int], n: int, pending, prev) -> torch.Tensor:
+    def _replay(self, key: tuple, n: int, pending, prev) -> torch.Tensor:
         self.static.copy_(self.host, non_blocking=True)  # a few KiB: one copy, whatever the shape
         self.runner.patch_inputs(self.static[IDS], pending, prev)
         self.runner.inputs_sent()
@@ -234,17 +249,20 @@ class GraphRunner:
         layout = (shared_blocks,) + tuple(
             (r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions)
         )
-        if self.planned.get((kind, bs)) != layout:
+        key, attn = (kind, bs), self.cascade_attn[bs] if kind == "cascade" else self.decode_attn[bs]
+        if kind == "decode" and bs in self.whole_kv_attn and whole_kv_pays([r.num_tokens for r in reqs]):
+            key, attn = (kind, bs, "whole_kv"), self.whole_kv_attn[bs]
+        if self.planned.get(key) != layout:
             tables = [r.block_table for r in reqs]
             kv_lens = [r.num_tokens for r in reqs]
             dummy = self.runner.dummy_block
             if kind == "cascade":
-                self.cascade_attn[bs].plan_cascade(tables, kv_lens, shared_blocks, dummy)
+                attn.plan_cascade(tables, kv_lens, shared_blocks, dummy)
             else:
-                self.decode_attn[bs].plan_rows(tables, kv_lens, dummy)
-            self.planned[(kind, bs)] = layout
+                attn.plan_rows(tables, kv_lens, dummy)
+            self.planned[key] = layout
             self.num_plans += 1
-        return self._replay((kind, bs), len(reqs), pending, prev)
+        return self._replay(key, len(reqs), pending, prev)
 
     def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
         """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""

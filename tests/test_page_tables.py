@@ -30,3 +30,44 @@ def test_staged_tables_match_paged_indices(block_size, first_block):
         q_lens = [rng.randint(0, 50) for _ in range(rows)]
         staged.fill_qo(q_lens)
         assert staged.qo_indptr[: rows + 1].tolist() == [0, *np.cumsum(q_lens).tolist()]
+
+
+def test_shape_key_ignores_page_ids_and_sees_every_length():
+    """A prefill graph skips plan() when shape_key() repeats: the same key for other pages, a new one for any change
+    of query offsets, pages per row or lengths (each would change FlashInfer's schedule)."""
+    staged = StagedTables(rows=3, max_pages=64, device=torch.device("cpu"))
+
+    def key(tables, kv_lens, q_lens):
+        rows = staged.fill(tables, kv_lens, 16)
+        staged.fill_qo(q_lens)
+        return staged.shape_key(rows)
+
+    base = key([[1, 2, 3], [4]], [40, 9], [8, 1])
+    assert key([[7, 8, 9], [5]], [40, 9], [8, 1]) == base  # other pages, same shape
+    assert key([[1, 2, 3], [4]], [41, 9], [8, 1]) != base  # a length (the last page's fill)
+    assert key([[1, 2, 3], [4, 5]], [40, 17], [8, 1]) != base  # a row gains a page
+    assert key([[1, 2, 3], [4]], [40, 9], [7, 2]) != base  # the query split between rows
+    assert key([[1, 2, 3], [4], [6]], [40, 9, 3], [8, 1, 1]) != base  # another row
+
+
+def test_whole_kv_graphs_only_below_the_unsplit_sizes_and_only_without_a_dominant_context(monkeypatch):
+    """Unsplit twins exist for the tensor-core decode sizes that split (16-48 by default); a step takes one unless its
+    longest request holds more than WHOLE_KV_MAX_SHARE of its KV tokens."""
+    from engine.attention.flashinfer_backend import (
+        NO_SPLIT_DECODE_MIN_BATCH,
+        TENSOR_CORE_DECODE_MIN_BATCH,
+        WHOLE_KV_MAX_SHARE,
+        whole_kv_pays,
+        whole_kv_variant_sizes,
+    )
+
+    sizes = [1, 2, 4, 8, 16, 32, 48, 64, 80]
+    expected = [b for b in sizes if TENSOR_CORE_DECODE_MIN_BATCH <= b < NO_SPLIT_DECODE_MIN_BATCH]
+    assert whole_kv_variant_sizes(sizes) == expected and expected
+    monkeypatch.setenv("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "0")  # always split: no twins
+    assert whole_kv_variant_sizes(sizes) == []
+    assert whole_kv_pays([300] * 16) and whole_kv_pays([100, 120, 90, 110, 95, 105, 100])
+    share = int(1 / WHOLE_KV_MAX_SHARE)
+    assert whole_kv_pays([100] * share)  # exactly at the share
+    assert not whole_kv_pays([8000] + [300] * 15)  # one long context among short ones
+    assert not whole_kv_pays([101] + [100] * (share - 1))

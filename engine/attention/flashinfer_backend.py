@@ -28,6 +28,25 @@ TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH"
 # run): decode step 6.63 -> 6.47 ms. Large batches fill the GPU without splitting; a single very long request
 # among them costs at most its own KV read serially (8k tokens: ~55 us per layer).
 NO_SPLIT_DECODE_MIN_BATCH = 64
+# Below that, tensor-core decode graphs are captured twice, with and without split-KV, and a step takes the unsplit
+# one unless its longest request holds more than this share of the step's KV tokens. Why: with uniform contexts the
+# unsplit graph decodes 4.3-5.2% faster at 16, 32 and 48 requests (H100, `decode_ab`, docs/benchmarks.md), but
+# without split-KV each request's KV is read by one program per KV head, so one long context among short ones
+# would take its whole read serially; at a share of 1/5 the eight programs of the longest request read its KV
+# about as fast as the whole GPU reads the rest.
+WHOLE_KV_MAX_SHARE = 0.2
+
+
+def whole_kv_variant_sizes(sizes: list[int]) -> list[int]:
+    """The captured decode sizes that also get an unsplit (whole-KV) graph: tensor-core sizes below the no-split
+    threshold (none when NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH=0, which always splits)."""
+    first_unsplit = no_split_decode_min_batch()
+    return [b for b in sizes if first_unsplit > 0 and TENSOR_CORE_DECODE_MIN_BATCH <= b < first_unsplit]
+
+
+def whole_kv_pays(kv_lens: list[int]) -> bool:
+    """Whether a decode step of these context lengths should take the unsplit graph (see WHOLE_KV_MAX_SHARE)."""
+    return max(kv_lens) <= WHOLE_KV_MAX_SHARE * sum(kv_lens)
 
 
 def no_split_decode_min_batch() -> int:
@@ -317,12 +336,13 @@ class GraphDecodeAttention(GraphAttention):
 
     triton_attention = True  # small batches may attend with the split-KV Triton kernel (see __init__)
 
-    def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
+    def __init__(self, runner, block_size, workspace, rows, max_pages_per_row, whole_kv: bool = False):
+        """whole_kv: plan each request's KV as one chunk (tensor-core sizes only) whatever the batch size."""
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
-        no_split = 0 < no_split_decode_min_batch() <= rows and rows >= TENSOR_CORE_DECODE_MIN_BATCH
-        self.split_args = {"disable_split_kv": True} if no_split else {}
+        no_split = whole_kv or 0 < no_split_decode_min_batch() <= rows
+        self.split_args = {"disable_split_kv": True} if no_split and rows >= TENSOR_CORE_DECODE_MIN_BATCH else {}
         # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
         # decode + merge kernels (triton_decode.py); plan_rows() then fills its page-table buffers without planning.
         self.split_decode = None

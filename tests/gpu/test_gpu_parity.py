@@ -193,6 +193,28 @@ def test_prefill_graph_of_a_repeated_shape_keeps_its_plan_and_matches_hf(model_d
         llm.shutdown()
 
 
+def test_unsplit_and_split_decode_graphs_match_hf(model_dir):
+    """16 requests of similar length decode through the unsplit (whole-KV) graph, 16 with one long context among
+    short ones through the split-KV graph of the same size; both match HF."""
+    folder, hf = model_dir
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=16)
+    try:
+        graphs = llm.runner.graphs
+        assert 16 in graphs.whole_kv_attn and graphs.whole_kv_attn[16].split_args == {"disable_split_kv": True}
+        assert graphs.decode_attn[16].split_args == {}
+        batches = [
+            make_prompts([30 + 3 * i for i in range(16)], seed=11),
+            make_prompts([900] + [20 + i for i in range(15)], seed=12),
+        ]
+        for batch, key in zip(batches, [("decode", 16, "whole_kv"), ("decode", 16)], strict=True):
+            graphs.planned.clear()
+            outs, rows = engine_logits(llm, batch, GREEDY)
+            assert key in graphs.planned and len([k for k in graphs.planned if k[:2] == ("decode", 16)]) == 1
+            check_against_hf(hf, batch, outs, rows)
+    finally:
+        llm.shutdown()
+
+
 def test_chunked_prefill_matches_hf(model_dir):
     folder, hf = model_dir
     # 16-token blocks here (the default on this path is 64), so both page sizes meet HF.
