@@ -32,8 +32,9 @@ NO_SPLIT_DECODE_MIN_BATCH = 64
 # one unless its longest request holds more than this share of the step's KV tokens. Why: with uniform contexts the
 # unsplit graph decodes 4.3-5.2% faster at 16, 32 and 48 requests (H100, `decode_ab`, docs/benchmarks.md), but
 # without split-KV each request's KV is read by one program per KV head, so one long context among short ones
-# would take its whole read serially; at a share of 1/5 the eight programs of the longest request read its KV
-# about as fast as the whole GPU reads the rest.
+# would take its whole read serially. At a share of 1/5 the eight programs of the longest request should read its
+# KV about as fast as the whole GPU reads the rest (an estimate from ~75 GB/s per program against ~3 TB/s; skewed
+# batches were not measured).
 WHOLE_KV_MAX_SHARE = 0.2
 
 
