@@ -249,12 +249,12 @@ class GraphRunner:
         layout = (shared_blocks,) + tuple(
             (r.block_table[0], len(r.block_table), p // block) for r, p in zip(reqs, positions)
         )
+        kv_lens = [p + 1 for p in positions]  # each request's tokens, this step's included
         key, attn = (kind, bs), self.cascade_attn[bs] if kind == "cascade" else self.decode_attn[bs]
-        if kind == "decode" and bs in self.whole_kv_attn and whole_kv_pays([r.num_tokens for r in reqs]):
+        if kind == "decode" and bs in self.whole_kv_attn and whole_kv_pays(kv_lens):
             key, attn = (kind, bs, "whole_kv"), self.whole_kv_attn[bs]
         if self.planned.get(key) != layout:
             tables = [r.block_table for r in reqs]
-            kv_lens = [r.num_tokens for r in reqs]
             dummy = self.runner.dummy_block
             if kind == "cascade":
                 attn.plan_cascade(tables, kv_lens, shared_blocks, dummy)
