@@ -7,6 +7,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py shared_prefix
     python benchmarks/gpu_bench.py prefix_cache
     python benchmarks/gpu_bench.py cascade_crossover --new-tokens 64
+    python benchmarks/gpu_bench.py skewed_decode --new-tokens 64
 Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 """
 
@@ -391,6 +392,53 @@ def decode_rate(outs) -> float:
     return sum(len(o.token_ids) - 1 for o in outs) / (last - first)
 
 
+def bench_skewed_decode(args) -> None:
+    """skewed_decode.json: decode tok/s of batches whose first request has a long context among short ones, through
+    the unsplit and the split-KV decode graph of the same engine (and through the engine's own choice), in turn.
+
+    Why: unsplit, each request's KV is read by one program per KV head; one long context then takes its read
+    serially while the rest of the GPU has finished. Where that starts to cost sets WHOLE_KV_MAX_SHARE."""
+    import engine.cuda_graphs as graphs_module
+
+    name = args.models[0]
+    folder = model_folder(name, ROOT)
+    max_len = max(args.long_lens) + args.new_tokens + 64
+    llm = LLM(folder, load_format="dummy", max_model_len=max_len, max_num_seqs=max(args.batches), **ENGINE_KW)
+    rule = graphs_module.whole_kv_pays
+    variants = {"unsplit": lambda lens: True, "split": lambda lens: False, "engine": rule}
+    rng = random.Random(0)
+    p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    try:
+        for batch in args.batches:
+            for long_len in args.long_lens:
+                prompts = [
+                    [rng.randrange(10, 30000) for _ in range(n)] for n in [long_len] + [args.short_len] * (batch - 1)
+                ]
+                # The prompts enter the prefix cache, so every measured round starts decoding all rows in one step.
+                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+                rates: dict[str, list[float]] = {v: [] for v in variants}
+                order = list(variants)
+                for r in range(args.rounds):
+                    for v in order if r % 2 == 0 else order[::-1]:
+                        graphs_module.whole_kv_pays = variants[v]
+                        rates[v].append(decode_rate(llm.generate(prompts, p)))
+                graphs_module.whole_kv_pays = rule
+                mid = args.new_tokens // 2  # the share halfway through the measured steps
+                lens = [n + mid for n in [long_len] + [args.short_len] * (batch - 1)]
+                med = {v: statistics.median(x) for v, x in rates.items()}
+                rows.append(dict(requests=batch, long_tokens=long_len, short_tokens=args.short_len,
+                                 long_share=lens[0] / sum(lens), unsplit_tok_s=med["unsplit"], split_tok_s=med["split"],
+                                 engine_tok_s=med["engine"], unsplit_over_split=med["unsplit"] / med["split"],
+                                 engine_takes="unsplit" if rule(lens) else "split"))  # fmt: skip
+                print(rows[-1], flush=True)
+    finally:
+        graphs_module.whole_kv_pays = rule
+        free_engine(llm)
+    print_table(f"{name}: skewed decode, one long context among short ones, {args.new_tokens} new tokens", rows)
+    write_result("skewed_decode", {"model": name, "new_tokens": args.new_tokens, "rows": rows}, OUT)
+
+
 def bench_cascade_crossover(args) -> None:
     """cascade_crossover.json: decode tok/s with and without cascade, over request counts and shared-prefix
     lengths, on one engine (its config is swapped between runs; the cascade graphs stay captured)."""
@@ -459,7 +507,16 @@ def main() -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "which", choices=["decode", "decode_ab", "throughput", "shared_prefix", "prefix_cache", "cascade_crossover"]
+        "which",
+        choices=[
+            "decode",
+            "decode_ab",
+            "throughput",
+            "shared_prefix",
+            "prefix_cache",
+            "cascade_crossover",
+            "skewed_decode",
+        ],
     )
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -474,9 +531,14 @@ def main() -> None:
     parser.add_argument("--requests", nargs="+", type=int, default=[4, 8, 16, 32, 64], help="cascade_crossover")
     parser.add_argument("--prefixes", nargs="+", type=int, default=[128, 256, 1024, 4096], help="cascade_crossover")
     parser.add_argument("--cascade-min-requests", type=int, default=8)
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64, 128], help="skewed_decode: requests")
+    parser.add_argument(
+        "--long-lens", nargs="+", type=int, default=[1024, 4096, 16384], help="skewed_decode: the long context"
+    )
+    parser.add_argument("--short-len", type=int, default=256, help="skewed_decode: the other requests' prompts")
     parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
     parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
-    parser.add_argument("--rounds", type=int, default=6, help="decode_ab: timed runs per engine")
+    parser.add_argument("--rounds", type=int, default=6, help="decode_ab, skewed_decode: timed runs each")
     parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache: measured cold/warm pairs")
     parser.add_argument("--ab-kv-blocks", type=int, default=256, help="decode_ab: KV cache blocks per engine")
     parser.add_argument(
@@ -495,6 +557,7 @@ def main() -> None:
         "shared_prefix": bench_shared_prefix,
         "prefix_cache": bench_prefix_cache,
         "cascade_crossover": bench_cascade_crossover,
+        "skewed_decode": bench_skewed_decode,
     }[args.which](args)
 
 

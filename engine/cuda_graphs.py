@@ -13,6 +13,7 @@ from engine.attention.flashinfer_backend import (
     GraphCascadeAttention,
     GraphDecodeAttention,
     GraphPrefillAttention,
+    no_split_decode_min_batch,
     whole_kv_pays,
     whole_kv_variant_sizes,
 )
@@ -71,8 +72,10 @@ class GraphRunner:
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
         # Unsplit twins of the split-KV tensor-core decode graphs, for steps without one dominant context.
+        first_unsplit = no_split_decode_min_batch(dev, runner.num_kv_heads)
         self.whole_kv_attn = {
-            b: GraphDecodeAttention(runner, bs, ws, b, pages, whole_kv=True) for b in whole_kv_variant_sizes(self.sizes)
+            b: GraphDecodeAttention(runner, bs, ws, b, pages, whole_kv=True)
+            for b in whole_kv_variant_sizes(self.sizes, first_unsplit)
         }
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         self.prefill_attn = {

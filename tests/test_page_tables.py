@@ -51,23 +51,23 @@ def test_shape_key_ignores_page_ids_and_sees_every_length():
 
 
 def test_whole_kv_graphs_only_below_the_unsplit_sizes_and_only_without_a_dominant_context(monkeypatch):
-    """Unsplit twins exist for the tensor-core decode sizes that split (16-48 by default); a step takes one unless its
-    longest request holds more than WHOLE_KV_MAX_SHARE of its KV tokens."""
+    """Unsplit twins exist for the tensor-core decode sizes that split; a step takes one unless its longest request
+    holds more than WHOLE_KV_MAX_OVER_MEAN times the mean context."""
     from engine.attention.flashinfer_backend import (
-        NO_SPLIT_DECODE_MIN_BATCH,
         TENSOR_CORE_DECODE_MIN_BATCH,
-        WHOLE_KV_MAX_SHARE,
+        WHOLE_KV_MAX_OVER_MEAN,
+        no_split_decode_min_batch,
         whole_kv_pays,
         whole_kv_variant_sizes,
     )
 
     sizes = [1, 2, 4, 8, 16, 32, 48, 64, 80]
-    expected = [b for b in sizes if TENSOR_CORE_DECODE_MIN_BATCH <= b < NO_SPLIT_DECODE_MIN_BATCH]
-    assert whole_kv_variant_sizes(sizes) == expected and expected
-    monkeypatch.setenv("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "0")  # always split: no twins
-    assert whole_kv_variant_sizes(sizes) == []
+    assert whole_kv_variant_sizes(sizes, 33) == [b for b in sizes if TENSOR_CORE_DECODE_MIN_BATCH <= b < 33] == [16, 32]
+    assert whole_kv_variant_sizes(sizes, 0) == []  # always split: no twins
+    monkeypatch.setenv("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "0")  # read before the device is asked
+    assert no_split_decode_min_batch(None, 8) == 0
     assert whole_kv_pays([300] * 16) and whole_kv_pays([100, 120, 90, 110, 95, 105, 100])
-    share = int(1 / WHOLE_KV_MAX_SHARE)
-    assert whole_kv_pays([100] * share)  # exactly at the share
+    r = WHOLE_KV_MAX_OVER_MEAN
+    edge = int(r * 1500 / (16 - r))  # the longest context 15 others of 100 tokens allow: at most r times the mean
+    assert whole_kv_pays([edge] + [100] * 15) and not whole_kv_pays([edge + 1] + [100] * 15)
     assert not whole_kv_pays([8000] + [300] * 15)  # one long context among short ones
-    assert not whole_kv_pays([101] + [100] * (share - 1))

@@ -23,37 +23,41 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 # docs/benchmarks.md): 64 requests with 4k-token contexts decode 1.65x faster with it; the nano-vllm throughput
 # workload is unchanged; the GPU kit measured it slower at batch 1. NANOVLLM_TC_DECODE_MIN_BATCH overrides (A/B runs).
 TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH", "16"))
-# Batch size from which CUDA-graph tensor-core decode plans without split-KV: FlashInfer's graph-mode planner
-# otherwise always splits, adding a merge kernel per layer. Measured on an H100 (throughput workload, A/B in one
-# run): decode step 6.63 -> 6.47 ms. Large batches fill the GPU without splitting; a single very long request
-# among them costs at most its own KV read serially (8k tokens: ~55 us per layer).
-NO_SPLIT_DECODE_MIN_BATCH = 64
+# CUDA-graph tensor-core decode plans without split-KV from the batch size where FlashInfer's graph-mode planner has
+# no room left to split: its grid is fixed at max(rows, 2 x SMs / KV heads) work items per KV head (33 on an H100
+# with 8 KV heads), so from there on every request is one item whatever the split plan says, and splitting only
+# adds a merge kernel per layer. Measured on an H100 (`gpu_bench.py skewed_decode`, docs/benchmarks.md): at 64 and
+# 128 requests the split graph decoded no faster than the unsplit one even with one 16k-token context among
+# 256-token ones (0.97-1.00x), and with similar contexts the unsplit graph is faster (decode step 6.63 -> 6.47 ms
+# on the throughput workload; +4.7% at 48 requests in `decode_ab`).
 # Below that, tensor-core decode graphs are captured twice, with and without split-KV, and a step takes the unsplit
-# one unless its longest request holds more than this share of the step's KV tokens. Why: with uniform contexts the
-# unsplit graph decodes 4.3-5.2% faster at 16, 32 and 48 requests (H100, `decode_ab`, docs/benchmarks.md), but
-# without split-KV each request's KV is read by one program per KV head, so one long context among short ones
-# would take its whole read serially. At a share of 1/5 the eight programs of the longest request should read its
-# KV about as fast as the whole GPU reads the rest (an estimate from ~75 GB/s per program against ~3 TB/s; skewed
-# batches were not measured).
-WHOLE_KV_MAX_SHARE = 0.2
+# one unless its longest request is more than WHOLE_KV_MAX_OVER_MEAN times the mean context. Why: with contexts of
+# similar length the unsplit graph decodes 4.3-5.2% faster at 16 and 32 requests (`decode_ab`), but without
+# split-KV each request's KV is read by one program per KV head, so one long context among short ones is read
+# serially while the rest of the GPU waits: 16 requests, one of 16k tokens, decode 2.9x faster split
+# (`skewed_decode`).
+WHOLE_KV_MAX_OVER_MEAN = 2.0
 
 
-def whole_kv_variant_sizes(sizes: list[int]) -> list[int]:
-    """The captured decode sizes that also get an unsplit (whole-KV) graph: tensor-core sizes below the no-split
-    threshold (none when NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH=0, which always splits)."""
-    first_unsplit = no_split_decode_min_batch()
+def whole_kv_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
+    """The captured decode sizes that also get an unsplit (whole-KV) graph: tensor-core sizes below first_unsplit
+    (none when it is 0, which always splits)."""
     return [b for b in sizes if first_unsplit > 0 and TENSOR_CORE_DECODE_MIN_BATCH <= b < first_unsplit]
 
 
 def whole_kv_pays(kv_lens: list[int]) -> bool:
-    """Whether a decode step of these context lengths should take the unsplit graph (see WHOLE_KV_MAX_SHARE)."""
-    return max(kv_lens) <= WHOLE_KV_MAX_SHARE * sum(kv_lens)
+    """Whether a decode step of these context lengths should take the unsplit graph (see WHOLE_KV_MAX_OVER_MEAN)."""
+    return max(kv_lens) * len(kv_lens) <= WHOLE_KV_MAX_OVER_MEAN * sum(kv_lens)
 
 
-def no_split_decode_min_batch() -> int:
-    """NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH (A/B knob, read when a graph is built; 0 = always split), by default
-    NO_SPLIT_DECODE_MIN_BATCH."""
-    return int(os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", str(NO_SPLIT_DECODE_MIN_BATCH)))
+def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
+    """The decode batch size from which tensor-core graphs plan without split-KV: NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH
+    (A/B knob, read when a graph is built; 0 = always split), by default where FlashInfer's graph-mode planner can
+    no longer split (2 x SMs / KV heads, see above)."""
+    value = os.environ.get("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH")
+    if value is not None:
+        return int(value)
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count // num_kv_heads
 
 
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
@@ -342,7 +346,7 @@ class GraphDecodeAttention(GraphAttention):
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
-        no_split = whole_kv or 0 < no_split_decode_min_batch() <= rows
+        no_split = whole_kv or 0 < no_split_decode_min_batch(self.device, self.num_kv_heads) <= rows
         self.split_args = {"disable_split_kv": True} if no_split and rows >= TENSOR_CORE_DECODE_MIN_BATCH else {}
         # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
         # decode + merge kernels (triton_decode.py); plan_rows() then fills its page-table buffers without planning.
