@@ -397,7 +397,8 @@ def bench_skewed_decode(args) -> None:
     the unsplit and the split-KV decode graph of the same engine (and through the engine's own choice), in turn.
 
     Why: unsplit, each request's KV is read by one program per KV head; one long context then takes its read
-    serially while the rest of the GPU has finished. Where that starts to cost sets WHOLE_KV_MAX_SHARE."""
+    serially while the rest of the GPU has finished. Where that starts to cost sets WHOLE_KV_MAX_OVER_MEAN. Sizes
+    without a twin graph (from 2 x SMs / KV heads requests on) run the same graph in both columns."""
     import engine.cuda_graphs as graphs_module
 
     name = args.models[0]
@@ -428,7 +429,8 @@ def bench_skewed_decode(args) -> None:
                 lens = [n + mid for n in [long_len] + [args.short_len] * (batch - 1)]
                 med = {v: statistics.median(x) for v, x in rates.items()}
                 rows.append(dict(requests=batch, long_tokens=long_len, short_tokens=args.short_len,
-                                 long_share=lens[0] / sum(lens), unsplit_tok_s=med["unsplit"], split_tok_s=med["split"],
+                                 long_share=lens[0] / sum(lens), long_over_mean=lens[0] * batch / sum(lens),
+                                 unsplit_tok_s=med["unsplit"], split_tok_s=med["split"],
                                  engine_tok_s=med["engine"], unsplit_over_split=med["unsplit"] / med["split"],
                                  engine_takes="unsplit" if rule(lens) else "split"))  # fmt: skip
                 print(rows[-1], flush=True)

@@ -28,15 +28,16 @@ TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH"
 # with 8 KV heads), so from there on every request is one item whatever the split plan says, and splitting only
 # adds a merge kernel per layer. Measured on an H100 (`gpu_bench.py skewed_decode`, docs/benchmarks.md): at 64 and
 # 128 requests the split graph decoded no faster than the unsplit one even with one 16k-token context among
-# 256-token ones (0.97-1.00x), and with similar contexts the unsplit graph is faster (decode step 6.63 -> 6.47 ms
-# on the throughput workload; +4.7% at 48 requests in `decode_ab`).
+# 256-token ones (unsplit / split 1.00-1.07), and with similar contexts the unsplit graph is faster (decode step
+# 6.63 -> 6.47 ms on the throughput workload; +4.7% at 48 requests in `decode_ab`).
 # Below that, tensor-core decode graphs are captured twice, with and without split-KV, and a step takes the unsplit
 # one unless its longest request is more than WHOLE_KV_MAX_OVER_MEAN times the mean context. Why: with contexts of
 # similar length the unsplit graph decodes 4.3-5.2% faster at 16 and 32 requests (`decode_ab`), but without
 # split-KV each request's KV is read by one program per KV head, so one long context among short ones is read
-# serially while the rest of the GPU waits: 16 requests, one of 16k tokens, decode 2.9x faster split
-# (`skewed_decode`).
-WHOLE_KV_MAX_OVER_MEAN = 2.0
+# serially while the rest of the GPU waits: 16 requests, one of 16k tokens, decode 2.9x faster split. Measured
+# (`skewed_decode`, docs/benchmarks.md), the two cross at about 2.5x the mean at 32 requests and between 2.5x and
+# 3.1x at 16.
+WHOLE_KV_MAX_OVER_MEAN = 2.5
 
 
 def whole_kv_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
