@@ -397,8 +397,8 @@ def bench_skewed_decode(args) -> None:
     the unsplit and the split-KV decode graph of the same engine (and through the engine's own choice), in turn.
 
     Why: unsplit, each request's KV is read by one program per KV head; one long context then takes its read
-    serially while the rest of the GPU has finished. Where that starts to cost sets WHOLE_KV_MAX_OVER_MEAN. Sizes
-    without a twin graph (from 2 x SMs / KV heads requests on) run the same graph in both columns."""
+    serially while the rest of the GPU has finished. Where that starts to cost sets WHOLE_KV_MAX_OVER_MEAN. A size
+    without a twin graph runs the same graph in both columns."""
     import engine.cuda_graphs as graphs_module
 
     name = args.models[0]

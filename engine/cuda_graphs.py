@@ -10,13 +10,16 @@ import time
 import torch
 
 from engine.attention.flashinfer_backend import (
+    SKEWED_SPLITS,
     GraphCascadeAttention,
     GraphDecodeAttention,
     GraphPrefillAttention,
     no_split_decode_min_batch,
+    skewed_variant_sizes,
     whole_kv_pays,
     whole_kv_variant_sizes,
 )
+from engine.attention.triton_decode import split_buffers, triton_decode_supported
 from engine.models.llama import ForwardContext
 
 logger = logging.getLogger("engine")
@@ -35,6 +38,11 @@ def step_tune_enabled() -> bool:
     if mode not in ("0", "1"):
         raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
     return mode == "1"
+
+
+def twin_key(size: int, attn) -> tuple:
+    """The graph key of a decode twin: ("decode", size, "whole_kv") when it plans unsplit, else (..., "split")."""
+    return ("decode", size, "whole_kv" if attn.whole_kv else "split")
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -71,17 +79,29 @@ class GraphRunner:
         self.max_pages = pages = -(-max_model_len // bs)
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
-        # Unsplit twins of the split-KV tensor-core decode graphs, for steps without one dominant context.
+        # Twins of the tensor-core decode graphs with the other KV plan, chosen per step by whole_kv_pays: unsplit
+        # ones where the size's own graph splits, Triton split-KV ones where it plans unsplit (FlashInfer's graph
+        # planner cannot split there).
         first_unsplit = no_split_decode_min_batch(dev, runner.num_kv_heads)
-        self.whole_kv_attn = {
+        self.twin_attn = {
             b: GraphDecodeAttention(runner, bs, ws, b, pages, whole_kv=True)
             for b in whole_kv_variant_sizes(self.sizes, first_unsplit)
         }
+        skewed = skewed_variant_sizes(self.sizes, first_unsplit)
+        if skewed and triton_decode_supported(runner.head_dim, bs, dev):
+            # One set of partial-state buffers for all of them: one graph runs at a time.
+            buffers = split_buffers(
+                skewed[-1] * runner.num_heads * SKEWED_SPLITS, skewed[-1] * runner.num_kv_heads, runner.head_dim, dev
+            )
+            for b in skewed:
+                self.twin_attn[b] = GraphDecodeAttention(
+                    runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers)
+                )
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         self.prefill_attn = {
             t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages) for t in self.prefill_sizes
         }
-        # Keyed (kind, size), and ("decode", size, "whole_kv") for the unsplit twins.
+        # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
         self.num_plans = 0
@@ -178,7 +198,7 @@ class GraphRunner:
         pool = None
         shapes = [(("prefill", t), a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
         shapes += [(("decode", b), a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
-        shapes += [(("decode", b, "whole_kv"), a) for b, a in sorted(self.whole_kv_attn.items(), reverse=True)]
+        shapes += [(twin_key(b, a), a) for b, a in sorted(self.twin_attn.items(), reverse=True)]
         shapes += [(("cascade", b), a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
         for key, attn in shapes:
             kind, n = key[:2]
@@ -194,11 +214,12 @@ class GraphRunner:
         torch.cuda.synchronize(dev)
         self.pool_bytes = torch.cuda.memory_reserved(dev) - before
         logger.info(
-            "captured %d CUDA graphs (decode batch %s, also unsplit at %s; cascade batch %s; prefill tokens %s) in "
-            "%.1fs, %.0f MiB",
+            "captured %d CUDA graphs (decode batch %s, also unsplit at %s and Triton split-KV at %s; cascade batch %s; "
+            "prefill tokens %s) in %.1fs, %.0f MiB",
             len(self.graphs),
             ",".join(map(str, self.sizes)),
-            ",".join(map(str, self.whole_kv_attn)) or "-",
+            ",".join(str(b) for b, a in self.twin_attn.items() if a.whole_kv) or "-",
+            ",".join(str(b) for b, a in self.twin_attn.items() if not a.whole_kv) or "-",
             ",".join(map(str, self.cascade_sizes)) or "-",
             ",".join(map(str, self.prefill_sizes)) or "-",
             time.perf_counter() - start,
@@ -254,8 +275,9 @@ class GraphRunner:
         )
         kv_lens = [p + 1 for p in positions]  # each request's tokens, this step's included
         key, attn = (kind, bs), self.cascade_attn[bs] if kind == "cascade" else self.decode_attn[bs]
-        if kind == "decode" and bs in self.whole_kv_attn and whole_kv_pays(kv_lens):
-            key, attn = (kind, bs, "whole_kv"), self.whole_kv_attn[bs]
+        if kind == "decode" and bs in self.twin_attn and attn.whole_kv != whole_kv_pays(kv_lens):
+            attn = self.twin_attn[bs]
+            key = twin_key(bs, attn)
         if self.planned.get(key) != layout:
             tables = [r.block_table for r in reqs]
             dummy = self.runner.dummy_block

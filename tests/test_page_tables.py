@@ -50,13 +50,15 @@ def test_shape_key_ignores_page_ids_and_sees_every_length():
     assert key([[1, 2, 3], [4], [6]], [40, 9, 3], [8, 1, 1]) != base  # another row
 
 
-def test_whole_kv_graphs_only_below_the_unsplit_sizes_and_only_without_a_dominant_context(monkeypatch):
-    """Unsplit twins exist for the tensor-core decode sizes that split; a step takes one unless its longest request
-    holds more than WHOLE_KV_MAX_OVER_MEAN times the mean context."""
+def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monkeypatch):
+    """Unsplit twins exist for the tensor-core decode sizes that split, split-KV (Triton) twins for those that do
+    not; a step takes the unsplit graph unless its longest request holds more than WHOLE_KV_MAX_OVER_MEAN times the
+    mean context."""
     from engine.attention.flashinfer_backend import (
         TENSOR_CORE_DECODE_MIN_BATCH,
         WHOLE_KV_MAX_OVER_MEAN,
         no_split_decode_min_batch,
+        skewed_variant_sizes,
         whole_kv_pays,
         whole_kv_variant_sizes,
     )
@@ -64,6 +66,8 @@ def test_whole_kv_graphs_only_below_the_unsplit_sizes_and_only_without_a_dominan
     sizes = [1, 2, 4, 8, 16, 32, 48, 64, 80]
     assert whole_kv_variant_sizes(sizes, 33) == [b for b in sizes if TENSOR_CORE_DECODE_MIN_BATCH <= b < 33] == [16, 32]
     assert whole_kv_variant_sizes(sizes, 0) == []  # always split: no twins
+    assert skewed_variant_sizes(sizes, 33) == [48, 64, 80] and skewed_variant_sizes(sizes, 0) == []
+    assert skewed_variant_sizes(sizes, 8) == [16, 32, 48, 64, 80]  # tensor-core sizes only
     monkeypatch.setenv("NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH", "0")  # read before the device is asked
     assert no_split_decode_min_batch(None, 8) == 0
     assert whole_kv_pays([300] * 16) and whole_kv_pays([100, 120, 90, 110, 95, 105, 100])

@@ -46,6 +46,18 @@ def whole_kv_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
     return [b for b in sizes if first_unsplit > 0 and TENSOR_CORE_DECODE_MIN_BATCH <= b < first_unsplit]
 
 
+# From that size on, the split-KV twin is the Triton kernel of the small decode graphs (triton_decode.py), which
+# splits every request's pages into up to this many chunks per KV head whatever the batch size, so a long context
+# among short ones is read by many programs; with the chunks of the FlashInfer graph it could not be split at all.
+SKEWED_SPLITS = 16
+
+
+def skewed_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
+    """The captured decode sizes that also get a Triton split-KV graph for steps with one dominant context: the
+    unsplit tensor-core sizes (none when first_unsplit is 0, which always splits with FlashInfer)."""
+    return [b for b in sizes if 0 < first_unsplit <= b and b >= TENSOR_CORE_DECODE_MIN_BATCH]
+
+
 def whole_kv_pays(kv_lens: list[int]) -> bool:
     """Whether a decode step of these context lengths should take the unsplit graph (see WHOLE_KV_MAX_OVER_MEAN)."""
     return max(kv_lens) * len(kv_lens) <= WHOLE_KV_MAX_OVER_MEAN * sum(kv_lens)
@@ -342,20 +354,29 @@ class GraphDecodeAttention(GraphAttention):
 
     triton_attention = True  # small batches may attend with the split-KV Triton kernel (see __init__)
 
-    def __init__(self, runner, block_size, workspace, rows, max_pages_per_row, whole_kv: bool = False):
-        """whole_kv: plan each request's KV as one chunk (tensor-core sizes only) whatever the batch size."""
+    def __init__(
+        self, runner, block_size, workspace, rows, max_pages_per_row, whole_kv: bool | None = None, skewed=None
+    ):
+        """whole_kv: plan each request's KV as one chunk (True) or split it (False), tensor-core sizes only; None
+        decides by the batch size (no_split_decode_min_batch). skewed: (splits, split_buffers()) to attend with the
+        Triton split-KV kernel at this size, for steps with one dominant context."""
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
-        no_split = whole_kv or 0 < no_split_decode_min_batch(self.device, self.num_kv_heads) <= rows
-        self.split_args = {"disable_split_kv": True} if no_split and rows >= TENSOR_CORE_DECODE_MIN_BATCH else {}
+        if whole_kv is None:
+            whole_kv = 0 < no_split_decode_min_batch(self.device, self.num_kv_heads) <= rows
+        self.whole_kv = whole_kv and rows >= TENSOR_CORE_DECODE_MIN_BATCH and skewed is None
+        self.split_args = {"disable_split_kv": True} if self.whole_kv else {}
         # The smallest batches attend with one Triton kernel (split-KV with the merge inside) instead of FlashInfer's
         # decode + merge kernels (triton_decode.py); plan_rows() then fills its page-table buffers without planning.
         self.split_decode = None
-        small = rows <= triton_decode_max_rows()
+        small = rows <= triton_decode_max_rows() or skewed is not None
         if self.triton_attention and small and triton_decode_supported(self.head_dim, block_size, self.device):
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms)
+            splits, buffers = skewed or (None, None)
+            self.split_decode = SplitDecode(
+                rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms, splits, buffers
+            )
         # With it, the q/k norm + rope + K/V append happen inside the attention kernel too (one launch fewer per
         # layer); it then reads the step's int64 last-page lengths itself (last_len, set by the graph runner).
         self.fused_decode = self.split_decode is not None and self.fused_qkv and fused_decode_enabled()

@@ -208,19 +208,47 @@ def _build_kernel():
     return split_decode
 
 
+def split_buffers(partials: int, counters: int, head_dim: int, device) -> tuple:
+    """Partial states (output, max, sum) for `partials` (row, head, split) triples and zeroed arrival counters for
+    `counters` (row, KV head) pairs."""
+    return (
+        torch.empty(partials, head_dim, dtype=torch.float32, device=device),
+        torch.empty(partials, dtype=torch.float32, device=device),
+        torch.empty(partials, dtype=torch.float32, device=device),
+        torch.zeros(counters, dtype=torch.int32, device=device),
+    )
+
+
 class SplitDecode:
     """The kernel's fixed buffers for one captured batch size (partial states and arrival counters)."""
 
-    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, device, num_sms: int):
+    def __init__(
+        self,
+        rows: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device,
+        num_sms: int,
+        splits: int | None = None,
+        buffers: tuple | None = None,
+    ):
+        """splits: most splits per request (a power of two), by default about two programs per SM; buffers: from
+        split_buffers() for at least this many rows and splits, shared by kernels that never run at once."""
         self.rows, self.hq, self.hkv, self.d = rows, num_heads, num_kv_heads, head_dim
-        # About two programs per SM; a power of two so the merge can tile the splits.
-        want = max(1, min(MAX_SPLITS, 2 * num_sms // (rows * num_kv_heads)))
-        self.splits = 1 << (want.bit_length() - 1)
-        n = rows * num_heads * self.splits
-        self.part_o = torch.empty(n, head_dim, dtype=torch.float32, device=device)
-        self.part_m = torch.empty(n, dtype=torch.float32, device=device)
-        self.part_l = torch.empty(n, dtype=torch.float32, device=device)
-        self.counter = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
+        if splits is None:
+            # About two programs per SM; a power of two so the merge can tile the splits.
+            want = max(1, min(MAX_SPLITS, 2 * num_sms // (rows * num_kv_heads)))
+            splits = 1 << (want.bit_length() - 1)
+        if splits & (splits - 1) or not 1 <= splits <= MAX_SPLITS:
+            raise ValueError(f"splits={splits} must be a power of two from 1 to {MAX_SPLITS}")
+        self.splits = splits
+        n = rows * num_heads * splits
+        part_o, part_m, part_l, counter = buffers or split_buffers(n, rows * num_kv_heads, head_dim, device)
+        if part_m.numel() < n or counter.numel() < rows * num_kv_heads:
+            raise ValueError(f"shared buffers hold {part_m.numel()} partial states, {n} needed")
+        self.part_o, self.part_m, self.part_l = part_o[:n], part_m[:n], part_l[:n]
+        self.counter = counter[: rows * num_kv_heads]
         self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
         value = os.environ.get("NANOVLLM_ATTN_MIN_PAGES", str(MIN_PAGES_PER_SPLIT))
         if not value.isdigit() or int(value) < 1:

@@ -193,23 +193,29 @@ def test_prefill_graph_of_a_repeated_shape_keeps_its_plan_and_matches_hf(model_d
         llm.shutdown()
 
 
-def test_unsplit_and_split_decode_graphs_match_hf(model_dir):
-    """16 requests of similar length decode through the unsplit (whole-KV) graph, 16 with one long context among
-    short ones through the split-KV graph of the same size; both match HF."""
+@pytest.mark.parametrize("size", [16, 64])
+def test_unsplit_and_split_decode_graphs_match_hf(model_dir, size):
+    """`size` requests of similar length decode through the unsplit (whole-KV) graph, `size` with one long context
+    among short ones through the split-KV graph of the same size; both match HF. At 16 requests the split graph is
+    the size's own (FlashInfer) and the unsplit one its twin; at 64 the unsplit graph is its own and the twin
+    attends with the Triton split-KV kernel."""
     folder, hf = model_dir
-    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=16)
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=size)
     try:
         graphs = llm.runner.graphs
-        assert 16 in graphs.whole_kv_attn and graphs.whole_kv_attn[16].split_args == {"disable_split_kv": True}
-        assert graphs.decode_attn[16].split_args == {}
+        own, twin = graphs.decode_attn[size], graphs.twin_attn[size]
+        assert own.whole_kv == (size >= 64) and twin.whole_kv != own.whole_kv
+        assert (twin.split_decode is not None) == (size >= 64) and own.split_decode is None
+        whole_key = ("decode", size) if own.whole_kv else ("decode", size, "whole_kv")
+        split_key = ("decode", size, "split") if own.whole_kv else ("decode", size)
         batches = [
-            make_prompts([30 + 3 * i for i in range(16)], seed=11),
-            make_prompts([900] + [20 + i for i in range(15)], seed=12),
+            make_prompts([30 + 3 * i for i in range(size)], seed=11),
+            make_prompts([2000] + [20 + i for i in range(size - 1)], seed=12),
         ]
-        for batch, key in zip(batches, [("decode", 16, "whole_kv"), ("decode", 16)], strict=True):
+        for batch, key in zip(batches, [whole_key, split_key], strict=True):
             graphs.planned.clear()
             outs, rows = engine_logits(llm, batch, GREEDY)
-            assert key in graphs.planned and len([k for k in graphs.planned if k[:2] == ("decode", 16)]) == 1
+            assert key in graphs.planned and len([k for k in graphs.planned if k[:2] == ("decode", size)]) == 1
             check_against_hf(hf, batch, outs, rows)
     finally:
         llm.shutdown()
