@@ -52,11 +52,12 @@ def test_shape_key_ignores_page_ids_and_sees_every_length():
 
 def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monkeypatch):
     """Unsplit twins exist for the tensor-core decode sizes that split, split-KV (Triton) twins for those that do
-    not; a step takes the unsplit graph unless its longest request holds more than WHOLE_KV_MAX_OVER_MEAN times the
-    mean context."""
+    not; a step takes the unsplit graph unless its longest context is both more than WHOLE_KV_MAX_OVER_MEAN times the
+    mean and more than WHOLE_KV_MAX_SHARE of the step's KV tokens."""
     from engine.attention.flashinfer_backend import (
         TENSOR_CORE_DECODE_MIN_BATCH,
         WHOLE_KV_MAX_OVER_MEAN,
+        WHOLE_KV_MAX_SHARE,
         no_split_decode_min_batch,
         skewed_variant_sizes,
         whole_kv_pays,
@@ -75,3 +76,6 @@ def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monke
     edge = int(r * 1500 / (16 - r))  # the longest context 15 others of 100 tokens allow: at most r times the mean
     assert whole_kv_pays([edge] + [100] * 15) and not whole_kv_pays([edge + 1] + [100] * 15)
     assert not whole_kv_pays([8000] + [300] * 15)  # one long context among short ones
+    # In a large batch the share of the step's KV tokens allows more than WHOLE_KV_MAX_OVER_MEAN times the mean.
+    edge = int(WHOLE_KV_MAX_SHARE * 12700 / (1 - WHOLE_KV_MAX_SHARE))
+    assert edge > r * 100 and whole_kv_pays([edge] + [100] * 127) and not whole_kv_pays([edge + 1] + [100] * 127)

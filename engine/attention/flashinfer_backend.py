@@ -27,17 +27,21 @@ TENSOR_CORE_DECODE_MIN_BATCH = int(os.environ.get("NANOVLLM_TC_DECODE_MIN_BATCH"
 # no room left to split: its grid is fixed at max(rows, 2 x SMs / KV heads) work items per KV head (33 on an H100
 # with 8 KV heads), so from there on every request is one item whatever the split plan says, and splitting only
 # adds a merge kernel per layer. Measured on an H100 (`gpu_bench.py skewed_decode`, docs/benchmarks.md): at 64 and
-# 128 requests the split graph decoded no faster than the unsplit one even with one 16k-token context among
+# 128 requests FlashInfer's split graph decoded no faster than the unsplit one even with one 16k-token context among
 # 256-token ones (unsplit / split 1.00-1.07), and with similar contexts the unsplit graph is faster (decode step
 # 6.63 -> 6.47 ms on the throughput workload; +4.7% at 48 requests in `decode_ab`).
-# Below that, tensor-core decode graphs are captured twice, with and without split-KV, and a step takes the unsplit
-# one unless its longest request is more than WHOLE_KV_MAX_OVER_MEAN times the mean context. Why: with contexts of
-# similar length the unsplit graph decodes 4.3-5.2% faster at 16 and 32 requests (`decode_ab`), but without
-# split-KV each request's KV is read by one program per KV head, so one long context among short ones is read
-# serially while the rest of the GPU waits: 16 requests, one of 16k tokens, decode 2.9x faster split. Measured
-# (`skewed_decode`, docs/benchmarks.md), the two cross at about 2.5x the mean at 32 requests and between 2.5x and
-# 3.1x at 16.
+# Every tensor-core decode graph has a twin with the other KV plan: below that size an unsplit one, from there on
+# a split-KV one that attends with the Triton kernel of the small graphs (SKEWED_SPLITS). A step takes the unsplit
+# graph unless its longest context is more than WHOLE_KV_MAX_OVER_MEAN times the mean and more than
+# WHOLE_KV_MAX_SHARE of the step's KV tokens. Why: with contexts of similar length the unsplit graph decodes
+# 4.3-5.2% faster at 16 and 32 requests (`decode_ab`) and FlashInfer's unsplit kernel beats the Triton one at
+# 64-128 (by up to 13%), but without split-KV each request's KV is read by one program per KV head, so one long
+# context among short ones is read serially while the rest of the GPU waits: one 16k-token context among 256-token
+# ones decodes 2.9x faster split at 16 requests and 2.0x at 64 (`gpu_bench.py skewed_decode`, docs/benchmarks.md).
+# Measured there, the graphs cross between 2.5x and 3.1x the mean at 16 requests, at about 2.5x at 32 (where the
+# FlashInfer split graph can add one chunk only), and at a share of about 1/16 at 64 and 128.
 WHOLE_KV_MAX_OVER_MEAN = 2.5
+WHOLE_KV_MAX_SHARE = 1 / 16
 
 
 def whole_kv_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
@@ -60,7 +64,8 @@ def skewed_variant_sizes(sizes: list[int], first_unsplit: int) -> list[int]:
 
 def whole_kv_pays(kv_lens: list[int]) -> bool:
     """Whether a decode step of these context lengths should take the unsplit graph (see WHOLE_KV_MAX_OVER_MEAN)."""
-    return max(kv_lens) * len(kv_lens) <= WHOLE_KV_MAX_OVER_MEAN * sum(kv_lens)
+    longest, total = max(kv_lens), sum(kv_lens)
+    return longest * len(kv_lens) <= WHOLE_KV_MAX_OVER_MEAN * total or longest <= WHOLE_KV_MAX_SHARE * total
 
 
 def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
