@@ -97,6 +97,26 @@ def test_split_count_fills_the_gpu_with_a_power_of_two():
             assert splits == MAX_SPLITS or splits <= want < 2 * splits or (want == 0 and splits == 1)
 
 
+def test_split_kernels_of_several_sizes_share_one_set_of_partial_buffers():
+    """The skewed-batch twins (engine/cuda_graphs.py) give every size views of one buffer set sized for the largest;
+    a set too small or a split count the merge cannot tile is refused."""
+    from engine.attention.triton_decode import split_buffers
+
+    hq, hkv, d, splits = 16, 8, 64, 16
+    buffers = split_buffers(128 * hq * splits, 128 * hkv, d, "cpu")
+    small = SplitDecode(48, hq, hkv, d, "cpu", num_sms=132, splits=splits, buffers=buffers)
+    large = SplitDecode(128, hq, hkv, d, "cpu", num_sms=132, splits=splits, buffers=buffers)
+    assert small.splits == large.splits == splits  # not the default of about two programs per SM (1 here)
+    assert small.part_o.shape == (48 * hq * splits, d) and large.part_o.shape == (128 * hq * splits, d)
+    assert small.part_o.data_ptr() == large.part_o.data_ptr() == buffers[0].data_ptr()
+    assert small.counter.numel() == 48 * hkv and not large.counter.any()  # arrival counters start at zero
+    with pytest.raises(ValueError, match="hold 8192 partial states, 9216 needed"):
+        SplitDecode(144, hq, hkv, d, "cpu", num_sms=132, splits=4, buffers=split_buffers(8192, 1152, d, "cpu"))
+    for bad in (12, 64):
+        with pytest.raises(ValueError, match=f"splits={bad} must be a power of two from 1 to {MAX_SPLITS}"):
+            SplitDecode(48, hq, hkv, d, "cpu", num_sms=132, splits=bad)
+
+
 def test_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("NANOVLLM_GEMV", "yes")
     with pytest.raises(ValueError, match="NANOVLLM_GEMV='yes'"):
