@@ -14,6 +14,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py plan      # host time of planning that warm step, in a hot loop
     python benchmarks/gpu_profile.py prefillsplit   # that warm step's attention per split-KV chunk size
     python benchmarks/gpu_profile.py decodeattn   # decode attention kernel families at batch 64-256
+    python benchmarks/gpu_profile.py l2prefetch --slice-kib 96   # does a bulk L2 prefetch land in time?
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -768,6 +769,92 @@ def gemm_shapes(model: str) -> dict[str, tuple[int, int]]:
     }
 
 
+@functools.cache
+def _l2_probe_kernel():
+    import triton
+    import triton.language as tl
+
+    from engine.layers.kernels import L2_PREFETCH_ASM
+
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+    timer_asm = tl.constexpr("mov.u64 $0, %globaltimer;")
+
+    @triton.jit
+    def l2_probe(w_ptr, out_ptr, time_ptr, delay_ns, NBYTES: tl.constexpr, PREFETCH: tl.constexpr):
+        # Program pid: optionally ask L2 for its NBYTES slice (sm90 bulk prefetch, 16 KiB pieces), wait delay_ns,
+        # then load the slice into registers (32 KiB at a time, all issued before any is used) and time that.
+        pid = tl.program_id(0)
+        zero = pid * 0
+        base = w_ptr + pid.to(tl.int64) * (NBYTES // 2)
+        t0 = tl.inline_asm_elementwise(timer_asm, "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1)
+        if PREFETCH:
+            for off in tl.static_range(0, NBYTES, 16384):
+                tl.inline_asm_elementwise(
+                    prefetch_asm, "=r,l,r", [base + off // 2, zero + 16384], dtype=tl.int32, is_pure=False, pack=1
+                )
+        now = tl.inline_asm_elementwise(timer_asm, "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1)
+        while now - t0 < delay_ns:
+            now = tl.inline_asm_elementwise(timer_asm, "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1)
+        t1 = tl.inline_asm_elementwise(timer_asm, "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1)
+        r = tl.arange(0, 16)
+        c = tl.arange(0, 1024)
+        acc = tl.zeros([16, 1024], dtype=tl.float32)
+        for i in tl.static_range(NBYTES // 32768):
+            acc += tl.load(base + i * 16384 + r[:, None] * 1024 + c[None, :]).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        t2 = tl.inline_asm_elementwise(timer_asm, "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(time_ptr + pid * 2, t1 - t0)
+        tl.store(time_ptr + pid * 2 + 1, t2 - t1)
+
+    return l2_probe
+
+
+def bench_l2_prefetch(args) -> None:
+    """Does an sm90 bulk L2 prefetch put a weight slice in L2 in time? 128 programs (one per SM) each load a
+    --slice-kib slice into registers after waiting --delays µs, with and without prefetching it first; a fresh
+    part of a 1 GiB buffer each time, so nothing is in L2 from before. Prints the load time (µs, mean and slowest
+    program) per case."""
+    programs = 128
+    nbytes = args.slice_kib * 1024
+    buf = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    per_call = programs * nbytes // 2
+    out = torch.empty(programs, device="cuda", dtype=torch.float32)
+    times = torch.empty(programs, 2, device="cuda", dtype=torch.int64)
+    kernel = _l2_probe_kernel()
+    rows, slot = [], 0
+    for r in range(args.rounds):
+        for delay in args.delays:
+            for prefetch in (False, True):
+                offset = (slot % (buf.numel() // per_call)) * per_call
+                slot += 1
+                kernel[(programs,)](
+                    buf[offset:], out, times, int(delay * 1000), NBYTES=nbytes, PREFETCH=prefetch, num_warps=8
+                )
+                torch.cuda.synchronize()
+                t = times.double().cpu() / 1000.0
+                if r > 0:  # the first round compiles
+                    load = t[:, 1]
+                    rows.append(dict(delay_us=delay, prefetch=prefetch, load_mean_us=load.mean().item(),
+                                     load_slowest_us=load.max().item()))  # fmt: skip
+    merged: dict = {}
+    for row in rows:
+        merged.setdefault((row["delay_us"], row["prefetch"]), []).append(row)
+    table = [
+        {
+            "delay_us": d,
+            "prefetch": p,
+            "load_mean_us": min(x["load_mean_us"] for x in rs),
+            "load_slowest_us": min(x["load_slowest_us"] for x in rs),
+            "slice_MB_total": programs * nbytes / 1e6,
+        }
+        for (d, p), rs in merged.items()
+    ]
+    print_table(
+        f"L2 bulk prefetch probe: {programs} programs x {args.slice_kib} KiB (best of {args.rounds - 1})", table
+    )
+    write_result("gpu_profile_l2prefetch", {"slice_kib": args.slice_kib, "rows": table}, OUT)
+
+
 def bench_overlap(args) -> None:
     """Would two micro-batches on two CUDA streams overlap one's KV-bound attention with the other's GEMMs?
 
@@ -853,6 +940,7 @@ def main() -> None:
             "stepab",
             "prefillsplit",
             "decodeattn",
+            "l2prefetch",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -875,6 +963,8 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
     )
+    parser.add_argument("--slice-kib", type=int, default=96, help="l2prefetch: KiB per program")
+    parser.add_argument("--delays", nargs="+", type=float, default=[0, 2, 5, 10, 20], help="l2prefetch: µs")
     args = parser.parse_args()
     if args.contexts is None:
         args.contexts = {"prefillsplit": [1024, 4096, 8000], "decodeattn": [512, 1024]}.get(
@@ -884,7 +974,7 @@ def main() -> None:
         args.batches = [64, 128, 256] if args.which == "decodeattn" else [1]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
-    which.update(decodeattn=bench_decode_attention)
+    which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which[args.which](args)
 
