@@ -6,7 +6,9 @@ Why: the Triton megakernel of the fifteenth session (benchmarks/results/ab/s15_m
 plain loads of weight slices delay the barrier polls queued behind them and reach only ~25 GB/s per SM
 (docs/benchmarks.md, section 1). Here the copy engine streams each program's slices one phase or more ahead (11
 TMA copies per layer: 3D boxes [rows, 256-column chunks, 256]), so this measures what is left: the barriers and
-each phase's own latency. The norms and the residual are left out too, so its output is no model's.
+each phase's own latency. The norms and the residual are left out too, so its output is no model's. Three variants,
+timed in one run: the copies issued between a barrier's arrival and its wait, the next QKV slice copied a phase
+later, and the copies issued by a producer warp (`gemv_layers_ws`).
 
 Usage (GPU host, Triton >= 3.6 with Gluon, sm90): python benchmarks/gluon_mega_probe.py [--layers 28]
 (--layers 1 also checks layer 0's QKV projection against torch).
@@ -184,6 +186,127 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
                 tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], q_bar, q_s)
 
 
+@gluon.jit
+def _producer(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, pid, num_layers):
+    # One warp: streams each program's slices into shared memory in the order the phases use them, each copy as
+    # soon as the phase that last read its buffer has released it (the `empty` barriers).
+    row_q = pid * 32
+    row_o = pid * 8
+    row_g = pid * 24
+    qkv_bytes: gl.constexpr = 32 * 4 * 256 * 2
+    o_bytes: gl.constexpr = 8 * 8 * 256 * 2
+    box16: gl.constexpr = 8 * 4 * 256 * 2
+    for layer in range(num_layers):
+        ph = layer & 1
+        mbarrier.wait(empty.index(0), ph ^ 1)  # QKV of the last layer read (passes at once for layer 0)
+        mbarrier.expect(full.index(0), qkv_bytes)
+        tma.async_copy_global_to_shared(qkv_desc, [layer * NQKV + row_q, 0, 0], full.index(0), q_s)
+        mbarrier.wait(empty.index(2), 1)  # down of the last layer read
+        mbarrier.expect(full.index(2), o_bytes)
+        tma.async_copy_global_to_shared(o_desc, [layer * H + row_o, 0, 0], full.index(2), o_s)
+        mbarrier.wait(empty.index(1), ph ^ 1)  # gate/up of the last layer read
+        mbarrier.expect(full.index(1), 6 * box16)
+        g0 = layer * 2 * INTER + row_g
+        for j in gl.static_range(3):
+            tma.async_copy_global_to_shared(gu_desc, [g0 + j * 8, 0, 0], full.index(1), gu_s.index(j))
+            tma.async_copy_global_to_shared(gu_desc, [g0 + INTER + j * 8, 0, 0], full.index(1), gu_s.index(3 + j))
+        mbarrier.wait(empty.index(2), 0)  # this layer's o read
+        mbarrier.expect(full.index(2), 2 * 8 * 16 * 256)  # the whole box: TMA counts its zero-filled part too
+        tma.async_copy_global_to_shared(dn_desc, [layer * H + row_o, 0, 0], full.index(2), dn_s)
+
+
+@gluon.jit
+def _consumer(o_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
+              time_ptr, pid, num_layers):  # fmt: skip
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [8, 1, 1], [2, 1, 0])
+    xl: gl.constexpr = gl.SliceLayout(0, L3)
+    rl: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+    row_q = pid * 32
+    row_o = pid * 8
+    row_g = pid * 24
+    for layer in range(num_layers):
+        ph = layer & 1
+        base = 5 * layer * P
+        ts = time_ptr + (pid * num_layers + layer) * STAMPS
+        _stamp(ts, 0, pid)
+        if layer > 0:
+            _wait(bar_ptr, base)
+        _stamp(ts, 1, pid)
+        x = _vecs(down_ptr, 0, 4, xl)
+        _stamp(ts, 2, pid)
+        mbarrier.wait(full.index(0), ph)
+        _stamp(ts, 3, pid)
+        _store(qkv_ptr, row_q, _matvec(q_s, x, L3), 32, rl)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(0))
+        _stamp(ts, 4, pid)
+        _arrive(bar_ptr)
+        _wait(bar_ptr, base + P)
+        _stamp(ts, 5, pid)
+        _arrive(bar_ptr)  # in place of attention
+        _wait(bar_ptr, base + 2 * P)
+        _stamp(ts, 6, pid)
+        a = _vecs(attn_ptr, 0, 8, xl)
+        mbarrier.wait(full.index(2), 0)
+        _store(o_ptr, row_o, _matvec(o_s, a, L3), 8, rl)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(2))
+        _stamp(ts, 7, pid)
+        _arrive(bar_ptr)
+        _wait(bar_ptr, base + 3 * P)
+        _stamp(ts, 8, pid)
+        h = _vecs(o_ptr, 0, 4, xl)
+        mbarrier.wait(full.index(1), ph)
+        for j in gl.static_range(3):
+            g = _matvec(gu_s.index(j), h, L3)
+            u = _matvec(gu_s.index(3 + j), h, L3)
+            _store(act_ptr, row_g + j * 8, g / (1.0 + gl.exp(-g)) * u, 8, rl)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(1))
+        _stamp(ts, 9, pid)
+        _arrive(bar_ptr)
+        _wait(bar_ptr, base + 4 * P)
+        _stamp(ts, 10, pid)
+        # Down as one box [8, 16, 256] (chunks 12-15 past the weight's 12: zero-filled by TMA, masked here).
+        c = gl.arange(0, 16, layout=gl.SliceLayout(1, xl))
+        k = gl.arange(0, 256, layout=gl.SliceLayout(0, xl))
+        offs = gl.expand_dims(c, 1) * 256 + gl.expand_dims(k, 0)
+        xa = gl.load(act_ptr + offs, mask=offs < INTER, other=0.0, cache_modifier=".cg").to(gl.float32)
+        mbarrier.wait(full.index(2), 1)
+        _store(down_ptr, row_o, _matvec(dn_s, xa, L3), 8, rl)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(2))
+        _stamp(ts, 11, pid)
+        _arrive(bar_ptr)
+
+
+@gluon.jit
+def gemv_layers_ws(qkv_desc, o_desc, gu_desc, dn_desc, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
+                   time_ptr, num_layers):  # fmt: skip
+    # As gemv_layers, with the copies issued by a producer warp (gl.warp_specialize) so the warps that poll the
+    # grid barriers never issue them; down is one box [8, 16, 256] read past the weight's 12 chunks (zero-filled).
+    pid = gl.program_id(0)
+    dtype: gl.constexpr = qkv_desc.dtype
+    q_s = gl.allocate_shared_memory(dtype, [32, 4, 256], qkv_desc.layout)
+    gu_s = gl.allocate_shared_memory(dtype, [6, 8, 4, 256], gu_desc.layout)
+    dn_s = gl.allocate_shared_memory(dtype, [8, 16, 256], dn_desc.layout)
+    o_s = dn_s._reinterpret(dtype, [8, 8, 256], o_desc.layout)  # o and down share one buffer (64 KiB)
+    full = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(3):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize(
+        [
+            (_consumer, (o_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr,
+                         bar_ptr, time_ptr, pid, num_layers)),
+            (_producer, (qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, pid, num_layers)),
+        ],
+        [1],
+        [40],
+    )  # fmt: skip
+
+
 def main() -> None:
     """Build random Qwen3-0.6B-shaped weights, run the probe kernel in a CUDA graph, print µs per step and the
     spans per layer, write benchmarks/results/gluon_mega_probe.json."""
@@ -213,12 +336,16 @@ def main() -> None:
     bar = torch.zeros(1, device=dev, dtype=torch.int32)
     times = torch.zeros(p, n, STAMPS.value, device=dev, dtype=torch.int64)
     rows = []
-    for ahead in (True, False):
+    dn16 = TensorDescriptor.from_tensor(w_dn.view(n * h, 12, 256), [8, 16, 256], lay)
+    for variant in ("ahead", "later", "producer_warp"):
 
-        def step(ahead=ahead):
+        def step(variant=variant):
             bar.zero_()
             bufs[4].copy_(x)  # layer 0 reads its input where later layers read the down projection
-            gemv_layers[(p,)](*descs, x, *bufs, bar, times, n, AHEAD=ahead, num_warps=8)
+            if variant == "producer_warp":
+                gemv_layers_ws[(p,)](*descs[:3], dn16, *bufs, bar, times, n, num_warps=8)
+            else:
+                gemv_layers[(p,)](*descs, x, *bufs, bar, times, n, AHEAD=variant == "ahead", num_warps=8)
 
         step()
         torch.cuda.synchronize()
@@ -239,7 +366,7 @@ def main() -> None:
             end.record()
             end.synchronize()
             best = min(best, start.elapsed_time(end) * 1000 / args.reps)
-        rows.append(dict(qkv_ahead=ahead, layers=n, step_us=best, per_layer_us=best / n, layer0_qkv_rel_err=err))
+        rows.append(dict(variant=variant, layers=n, step_us=best, per_layer_us=best / n, layer0_qkv_rel_err=err))
         if n > 1:
             t = times.double().cpu() / 1000.0
             names = ["wait A", "x loads", "mbar wait qkv", "qkv compute", "arrive+TMA+wait B", "sync C",
@@ -248,7 +375,7 @@ def main() -> None:
                           fastest_us=(t[:, 1:, k + 1] - t[:, 1:, k]).min(0).values.mean().item())
                      for k, nm in enumerate(names)]  # fmt: skip
             spans.append(dict(span="layer", mean_us=(t[:, 2:, 1] - t[:, 1:-1, 1]).mean().item(), fastest_us=0.0))
-            print_table(f"spans per layer (qkv_ahead={ahead})", spans)
+            print_table(f"spans per layer ({variant})", spans)
     print_table("Gluon TMA megakernel probe (projections + barriers, no attention)", rows)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     write_result("gluon_mega_probe", {"rows": rows}, out)
