@@ -62,6 +62,16 @@ def aligned_starts(sizes: list[int], element_size: int, align_bytes: int = 16) -
     return starts
 
 
+def _stage(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    # One pinned buffer holding the tensors (each start aligned), and the host views of them in it.
+    sizes = [t.numel() for t in tensors]
+    starts = aligned_starts(sizes, tensors[0].element_size())
+    staged = torch.empty(starts[-1] + sizes[-1], dtype=tensors[0].dtype, pin_memory=True)
+    for start, n, t in zip(starts, sizes, tensors):
+        staged[start : start + n] = t.reshape(-1)
+    return staged, [staged[start : start + n].view(t.shape) for start, n, t in zip(starts, sizes, tensors)]
+
+
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Host tensors of one dtype on the device, through one pinned buffer and one copy (as they are on the CPU).
 
@@ -72,13 +82,20 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     """
     if device.type != "cuda":
         return tensors
-    sizes = [t.numel() for t in tensors]
-    starts = aligned_starts(sizes, tensors[0].element_size())
-    staged = torch.empty(starts[-1] + sizes[-1], dtype=tensors[0].dtype, pin_memory=True)
-    for start, n, t in zip(starts, sizes, tensors):
-        staged[start : start + n] = t.reshape(-1)
+    staged, views = _stage(tensors)
     on_device = staged.to(device, non_blocking=True)
-    return [on_device[start : start + n].view(t.shape) for start, n, t in zip(starts, sizes, tensors)]
+    return [on_device[v.storage_offset() : v.storage_offset() + v.numel()].view(v.shape) for v in views]
+
+
+def pin_host(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors of one dtype copied into one pinned buffer (views of it), for a CUDA device; as they are else.
+
+    Why: FlashInfer's eager plan() reads its offsets and lengths on the host and then copies them to the device;
+    from pageable memory that copy may wait for the work queued on the stream (see to_device), so the host could not
+    plan a large prefill step while the previous one runs."""
+    if device.type != "cuda":
+        return tensors
+    return _stage(tensors)[1]
 
 
 def kv_write_index(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, to_device
+from engine.attention.base import AttentionBackend, AttentionMetadata, pin_host, to_device
 from engine.attention.triton_decode import (
     SplitDecode,
     fused_decode_enabled,
@@ -292,18 +292,18 @@ class FlashInferBackend(_FlashInferAttention):
             self.unique_decode.plan(u_indptr, u_indices, u_last, head_dim=self.head_dim, **common)
             self.mode = "cascade"
         elif meta.is_decode:
+            indptr, last = pin_host([indptr, last], self.device)
             self.decode.plan(indptr, self.kv_indices, last, head_dim=self.head_dim, **common)
             self.mode = "decode"
         else:
+            # Pinned offsets and lengths, the lengths and maxima given: plan() then computes none of them on the
+            # host and queues its copies without waiting for the step still running.
+            kv_lens = torch.tensor(meta.kv_lens_cpu, dtype=torch.int32)
+            qo, indptr, last, kv_lens = pin_host([meta.cu_seqlens_q_cpu, indptr, last, kv_lens], self.device)
             self.prefill.plan(
-                meta.cu_seqlens_q_cpu,
-                indptr,
-                self.kv_indices,
-                last,
-                head_dim_qk=self.head_dim,
-                causal=True,
-                **common,
-            )
+                qo, indptr, self.kv_indices, last, head_dim_qk=self.head_dim, causal=True, seq_lens=kv_lens,
+                max_token_per_sequence=max(meta.q_lens_cpu), max_sequence_kv=max(meta.kv_lens_cpu), **common,
+            )  # fmt: skip
             self.mode = "prefill"
 
     def attend(self, q, kv_cache):
