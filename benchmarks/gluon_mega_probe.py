@@ -33,6 +33,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 # Qwen3-0.6B: hidden, QKV rows, q width, intermediate; 128 programs (one per SM of an H100, at most).
 H, NQKV, QD, INTER = gl.constexpr(1024), gl.constexpr(4096), gl.constexpr(2048), gl.constexpr(3072)
 P = gl.constexpr(128)
+# A program's rows of QKV, o/down and gate (and up); the bytes of its QKV and o boxes and of one [8, 4, 256] box.
+QKV_ROWS, O_ROWS, GU_ROWS = gl.constexpr(32), gl.constexpr(8), gl.constexpr(24)
+QKV_BYTES, O_BYTES, BOX16 = gl.constexpr(32 * 4 * 256 * 2), gl.constexpr(8 * 8 * 256 * 2), gl.constexpr(8 * 4 * 256 * 2)
 TIMER_ASM = gl.constexpr("mov.u64 $0, %globaltimer;")
 STAMPS = gl.constexpr(12)
 
@@ -82,6 +85,15 @@ def _store(ptr, row0, y, R: gl.constexpr, rl: gl.constexpr):
 
 
 @gluon.jit
+def _copy_gate_up(gu_desc, g0, bar, gu_s):
+    # A program's 24 gate rows and its 24 up rows (INTER rows further) as three [8, 4, 256] boxes each.
+    mbarrier.expect(bar, 6 * BOX16)
+    for j in gl.static_range(3):
+        tma.async_copy_global_to_shared(gu_desc, [g0 + j * 8, 0, 0], bar, gu_s.index(j))
+        tma.async_copy_global_to_shared(gu_desc, [g0 + INTER + j * 8, 0, 0], bar, gu_s.index(3 + j))
+
+
+@gluon.jit
 def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
                 time_ptr, num_layers, AHEAD: gl.constexpr):  # fmt: skip
     # Weights are TMA'd as 3D boxes [rows, chunks of 256 columns, 256]: a program's QKV slice in one box, its o
@@ -101,19 +113,13 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
     q_bar = bars.index(0)
     gu_bar = bars.index(1)
     od_bar = bars.index(2)
-    row_q = pid * 32
-    row_o = pid * 8
-    row_g = pid * 24
-    qkv_bytes: gl.constexpr = 32 * 4 * 256 * 2
-    o_bytes: gl.constexpr = 8 * 8 * 256 * 2
-    box16: gl.constexpr = 8 * 4 * 256 * 2
-    mbarrier.expect(q_bar, qkv_bytes)
+    row_q = pid * QKV_ROWS
+    row_o = pid * O_ROWS
+    row_g = pid * GU_ROWS
+    mbarrier.expect(q_bar, QKV_BYTES)
     tma.async_copy_global_to_shared(qkv_desc, [row_q, 0, 0], q_bar, q_s)
-    mbarrier.expect(gu_bar, 6 * box16)
-    for j in gl.static_range(3):
-        tma.async_copy_global_to_shared(gu_desc, [row_g + j * 8, 0, 0], gu_bar, gu_s.index(j))
-        tma.async_copy_global_to_shared(gu_desc, [INTER + row_g + j * 8, 0, 0], gu_bar, gu_s.index(3 + j))
-    mbarrier.expect(od_bar, o_bytes)
+    _copy_gate_up(gu_desc, row_g, gu_bar, gu_s)
+    mbarrier.expect(od_bar, O_BYTES)
     tma.async_copy_global_to_shared(o_desc, [row_o, 0, 0], od_bar, o_s)
     for layer in range(num_layers):
         ph = layer & 1
@@ -133,7 +139,7 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         _arrive(bar_ptr)
         if AHEAD:  # the QKV buffer is free: the next layer's slice streams in for a whole layer
             if layer + 1 < num_layers:
-                mbarrier.expect(q_bar, qkv_bytes)
+                mbarrier.expect(q_bar, QKV_BYTES)
                 tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], q_bar, q_s)
         _wait(bar_ptr, base + P)
         _stamp(ts, 5, pid)
@@ -147,7 +153,7 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         _store(o_ptr, row_o, _matvec(o_s, a, L3), 8, rl)
         _stamp(ts, 7, pid)
         _arrive(bar_ptr)
-        mbarrier.expect(od_bar, 3 * box16)
+        mbarrier.expect(od_bar, 3 * BOX16)
         for j in gl.static_range(3):  # down (its three column blocks) into the o buffer
             tma.async_copy_global_to_shared(dn_desc, [layer * H + row_o, j * 4, 0], od_bar, dn_s.index(j))
         _wait(bar_ptr, base + 3 * P)
@@ -162,11 +168,7 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         _stamp(ts, 9, pid)
         _arrive(bar_ptr)
         if layer + 1 < num_layers:
-            nxt = (layer + 1) * 2 * INTER
-            mbarrier.expect(gu_bar, 6 * box16)
-            for j in gl.static_range(3):
-                tma.async_copy_global_to_shared(gu_desc, [nxt + row_g + j * 8, 0, 0], gu_bar, gu_s.index(j))
-                tma.async_copy_global_to_shared(gu_desc, [nxt + INTER + row_g + j * 8, 0, 0], gu_bar, gu_s.index(3 + j))
+            _copy_gate_up(gu_desc, (layer + 1) * 2 * INTER + row_g, gu_bar, gu_s)
         _wait(bar_ptr, base + 4 * P)
         _stamp(ts, 10, pid)
         # ---- down ----
@@ -179,10 +181,10 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         # The next layer's first barrier: arrive now, refill the o buffer (and QKV's) while waiting there.
         _arrive(bar_ptr)
         if layer + 1 < num_layers:
-            mbarrier.expect(od_bar, o_bytes)
+            mbarrier.expect(od_bar, O_BYTES)
             tma.async_copy_global_to_shared(o_desc, [(layer + 1) * H + row_o, 0, 0], od_bar, o_s)
             if not AHEAD:
-                mbarrier.expect(q_bar, qkv_bytes)
+                mbarrier.expect(q_bar, QKV_BYTES)
                 tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], q_bar, q_s)
 
 
@@ -190,26 +192,19 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
 def _producer(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, pid, num_layers):
     # One warp: streams each program's slices into shared memory in the order the phases use them, each copy as
     # soon as the phase that last read its buffer has released it (the `empty` barriers).
-    row_q = pid * 32
-    row_o = pid * 8
-    row_g = pid * 24
-    qkv_bytes: gl.constexpr = 32 * 4 * 256 * 2
-    o_bytes: gl.constexpr = 8 * 8 * 256 * 2
-    box16: gl.constexpr = 8 * 4 * 256 * 2
+    row_q = pid * QKV_ROWS
+    row_o = pid * O_ROWS
+    row_g = pid * GU_ROWS
     for layer in range(num_layers):
         ph = layer & 1
         mbarrier.wait(empty.index(0), ph ^ 1)  # QKV of the last layer read (passes at once for layer 0)
-        mbarrier.expect(full.index(0), qkv_bytes)
+        mbarrier.expect(full.index(0), QKV_BYTES)
         tma.async_copy_global_to_shared(qkv_desc, [layer * NQKV + row_q, 0, 0], full.index(0), q_s)
         mbarrier.wait(empty.index(2), 1)  # down of the last layer read
-        mbarrier.expect(full.index(2), o_bytes)
+        mbarrier.expect(full.index(2), O_BYTES)
         tma.async_copy_global_to_shared(o_desc, [layer * H + row_o, 0, 0], full.index(2), o_s)
         mbarrier.wait(empty.index(1), ph ^ 1)  # gate/up of the last layer read
-        mbarrier.expect(full.index(1), 6 * box16)
-        g0 = layer * 2 * INTER + row_g
-        for j in gl.static_range(3):
-            tma.async_copy_global_to_shared(gu_desc, [g0 + j * 8, 0, 0], full.index(1), gu_s.index(j))
-            tma.async_copy_global_to_shared(gu_desc, [g0 + INTER + j * 8, 0, 0], full.index(1), gu_s.index(3 + j))
+        _copy_gate_up(gu_desc, layer * 2 * INTER + row_g, full.index(1), gu_s)
         mbarrier.wait(empty.index(2), 0)  # this layer's o read
         mbarrier.expect(full.index(2), 2 * 8 * 16 * 256)  # the whole box: TMA counts its zero-filled part too
         tma.async_copy_global_to_shared(dn_desc, [layer * H + row_o, 0, 0], full.index(2), dn_s)
@@ -221,9 +216,9 @@ def _consumer(o_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_pt
     L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [8, 1, 1], [2, 1, 0])
     xl: gl.constexpr = gl.SliceLayout(0, L3)
     rl: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-    row_q = pid * 32
-    row_o = pid * 8
-    row_g = pid * 24
+    row_q = pid * QKV_ROWS
+    row_o = pid * O_ROWS
+    row_g = pid * GU_ROWS
     for layer in range(num_layers):
         ph = layer & 1
         base = 5 * layer * P
