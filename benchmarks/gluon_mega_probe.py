@@ -94,36 +94,31 @@ def _copy_gate_up(gu_desc, g0, bar, gu_s):
 
 
 @gluon.jit
-def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
-                time_ptr, num_layers, AHEAD: gl.constexpr):  # fmt: skip
-    # Weights are TMA'd as 3D boxes [rows, chunks of 256 columns, 256]: a program's QKV slice in one box, its o
-    # slice in one, gate and up in three each, down in three (11 copies per layer).
+def _phase_done(WS: gl.constexpr, buffer_free, ts, k: gl.constexpr, pid, bar_ptr):
+    # A phase's stores are issued: with WS release the buffer it read to the producer, stamp point k, arrive.
+    if WS:
+        gl.thread_barrier()
+        mbarrier.arrive(buffer_free)
+    _stamp(ts, k, pid)
+    _arrive(bar_ptr)
+
+
+@gluon.jit
+def _layers(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr,
+            act_ptr, down_ptr, bar_ptr, time_ptr, pid, num_layers, WS: gl.constexpr, AHEAD: gl.constexpr):  # fmt: skip
+    # The phases of every layer. Without WS this code also issues the copies (between a barrier's arrival and its
+    # wait; AHEAD: the next QKV slice right after this one is read) and down comes as three boxes; with WS a
+    # producer warp issues them (this code releases each buffer on `empty`) and down is one zero-padded box.
     L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [8, 1, 1], [2, 1, 0])
     xl: gl.constexpr = gl.SliceLayout(0, L3)
     rl: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-    pid = gl.program_id(0)
-    dtype: gl.constexpr = qkv_desc.dtype
-    q_s = gl.allocate_shared_memory(dtype, [32, 4, 256], qkv_desc.layout)
-    gu_s = gl.allocate_shared_memory(dtype, [6, 8, 4, 256], gu_desc.layout)
-    dn_s = gl.allocate_shared_memory(dtype, [3, 8, 4, 256], dn_desc.layout)
-    o_s = dn_s._reinterpret(dtype, [8, 8, 256], o_desc.layout)  # o and down share one buffer (48 KiB)
-    bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(3):
-        mbarrier.init(bars.index(i), count=1)
-    q_bar = bars.index(0)
-    gu_bar = bars.index(1)
-    od_bar = bars.index(2)
     row_q = pid * QKV_ROWS
     row_o = pid * O_ROWS
     row_g = pid * GU_ROWS
-    mbarrier.expect(q_bar, QKV_BYTES)
-    tma.async_copy_global_to_shared(qkv_desc, [row_q, 0, 0], q_bar, q_s)
-    _copy_gate_up(gu_desc, row_g, gu_bar, gu_s)
-    mbarrier.expect(od_bar, O_BYTES)
-    tma.async_copy_global_to_shared(o_desc, [row_o, 0, 0], od_bar, o_s)
     for layer in range(num_layers):
         ph = layer & 1
         base = 5 * layer * P
+        more = layer + 1 < num_layers
         ts = time_ptr + (pid * num_layers + layer) * STAMPS
         _stamp(ts, 0, pid)
         if layer > 0:
@@ -132,15 +127,14 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         # ---- QKV ----
         x = _vecs(down_ptr, 0, 4, xl)  # (the driver puts the token's embedding there before layer 0)
         _stamp(ts, 2, pid)
-        mbarrier.wait(q_bar, ph)
+        mbarrier.wait(full.index(0), ph)
         _stamp(ts, 3, pid)
         _store(qkv_ptr, row_q, _matvec(q_s, x, L3), 32, rl)
-        _stamp(ts, 4, pid)
-        _arrive(bar_ptr)
-        if AHEAD:  # the QKV buffer is free: the next layer's slice streams in for a whole layer
-            if layer + 1 < num_layers:
-                mbarrier.expect(q_bar, QKV_BYTES)
-                tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], q_bar, q_s)
+        _phase_done(WS, empty.index(0), ts, 4, pid, bar_ptr)
+        if not WS and AHEAD:  # the QKV buffer is free: the next layer's slice streams in for a whole layer
+            if more:
+                mbarrier.expect(full.index(0), QKV_BYTES)
+                tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], full.index(0), q_s)
         _wait(bar_ptr, base + P)
         _stamp(ts, 5, pid)
         # ---- attention: left out (a barrier only) ----
@@ -149,43 +143,82 @@ def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_
         _stamp(ts, 6, pid)
         # ---- o ----
         a = _vecs(attn_ptr, 0, 8, xl)
-        mbarrier.wait(od_bar, 0)
+        mbarrier.wait(full.index(2), 0)
         _store(o_ptr, row_o, _matvec(o_s, a, L3), 8, rl)
-        _stamp(ts, 7, pid)
-        _arrive(bar_ptr)
-        mbarrier.expect(od_bar, 3 * BOX16)
-        for j in gl.static_range(3):  # down (its three column blocks) into the o buffer
-            tma.async_copy_global_to_shared(dn_desc, [layer * H + row_o, j * 4, 0], od_bar, dn_s.index(j))
+        _phase_done(WS, empty.index(2), ts, 7, pid, bar_ptr)
+        if not WS:
+            mbarrier.expect(full.index(2), 3 * BOX16)
+            for j in gl.static_range(3):  # down (its three column blocks) into the o buffer
+                tma.async_copy_global_to_shared(dn_desc, [layer * H + row_o, j * 4, 0], full.index(2), dn_s.index(j))
         _wait(bar_ptr, base + 3 * P)
         _stamp(ts, 8, pid)
         # ---- gate/up ----
         h = _vecs(o_ptr, 0, 4, xl)
-        mbarrier.wait(gu_bar, ph)
+        mbarrier.wait(full.index(1), ph)
         for j in gl.static_range(3):
             g = _matvec(gu_s.index(j), h, L3)
             u = _matvec(gu_s.index(3 + j), h, L3)
             _store(act_ptr, row_g + j * 8, g / (1.0 + gl.exp(-g)) * u, 8, rl)
-        _stamp(ts, 9, pid)
-        _arrive(bar_ptr)
-        if layer + 1 < num_layers:
-            _copy_gate_up(gu_desc, (layer + 1) * 2 * INTER + row_g, gu_bar, gu_s)
+        _phase_done(WS, empty.index(1), ts, 9, pid, bar_ptr)
+        if not WS:
+            if more:
+                _copy_gate_up(gu_desc, (layer + 1) * 2 * INTER + row_g, full.index(1), gu_s)
         _wait(bar_ptr, base + 4 * P)
         _stamp(ts, 10, pid)
         # ---- down ----
-        mbarrier.wait(od_bar, 1)
-        y = _matvec(dn_s.index(0), _vecs(act_ptr, 0, 4, xl), L3)
-        y += _matvec(dn_s.index(1), _vecs(act_ptr, 4, 4, xl), L3)
-        y += _matvec(dn_s.index(2), _vecs(act_ptr, 8, 4, xl), L3)
+        if WS:
+            # One box [8, 16, 256]: chunks 12-15, past the weight's 12, are zero-filled by TMA and masked here.
+            c = gl.arange(0, 16, layout=gl.SliceLayout(1, xl))
+            k = gl.arange(0, 256, layout=gl.SliceLayout(0, xl))
+            offs = gl.expand_dims(c, 1) * 256 + gl.expand_dims(k, 0)
+            xa = gl.load(act_ptr + offs, mask=offs < INTER, other=0.0, cache_modifier=".cg").to(gl.float32)
+            mbarrier.wait(full.index(2), 1)
+            y = _matvec(dn_s, xa, L3)
+        else:
+            mbarrier.wait(full.index(2), 1)
+            y = _matvec(dn_s.index(0), _vecs(act_ptr, 0, 4, xl), L3)
+            y += _matvec(dn_s.index(1), _vecs(act_ptr, 4, 4, xl), L3)
+            y += _matvec(dn_s.index(2), _vecs(act_ptr, 8, 4, xl), L3)
         _store(down_ptr, row_o, y, 8, rl)
-        _stamp(ts, 11, pid)
-        # The next layer's first barrier: arrive now, refill the o buffer (and QKV's) while waiting there.
-        _arrive(bar_ptr)
-        if layer + 1 < num_layers:
-            mbarrier.expect(od_bar, O_BYTES)
-            tma.async_copy_global_to_shared(o_desc, [(layer + 1) * H + row_o, 0, 0], od_bar, o_s)
-            if not AHEAD:
-                mbarrier.expect(q_bar, QKV_BYTES)
-                tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], q_bar, q_s)
+        # The next layer's first barrier: arrive now (without WS: refill the o buffer, and QKV's, while waiting).
+        _phase_done(WS, empty.index(2), ts, 11, pid, bar_ptr)
+        if not WS:
+            if more:
+                mbarrier.expect(full.index(2), O_BYTES)
+                tma.async_copy_global_to_shared(o_desc, [(layer + 1) * H + row_o, 0, 0], full.index(2), o_s)
+                if not AHEAD:
+                    mbarrier.expect(full.index(0), QKV_BYTES)
+                    tma.async_copy_global_to_shared(qkv_desc, [(layer + 1) * NQKV + row_q, 0, 0], full.index(0), q_s)
+
+
+@gluon.jit
+def _new_barriers(count: gl.constexpr):
+    bars = gl.allocate_shared_memory(gl.int64, [count, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(count):
+        mbarrier.init(bars.index(i), count=1)
+    return bars
+
+
+@gluon.jit
+def gemv_layers(qkv_desc, o_desc, gu_desc, dn_desc, x_ptr, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
+                time_ptr, num_layers, AHEAD: gl.constexpr):  # fmt: skip
+    # Weights are TMA'd as 3D boxes [rows, chunks of 256 columns, 256]: a program's QKV slice in one box, its o
+    # slice in one, gate and up in three each, down in three (11 copies per layer), issued by the warps that
+    # also compute and poll the barriers.
+    pid = gl.program_id(0)
+    dtype: gl.constexpr = qkv_desc.dtype
+    q_s = gl.allocate_shared_memory(dtype, [32, 4, 256], qkv_desc.layout)
+    gu_s = gl.allocate_shared_memory(dtype, [6, 8, 4, 256], gu_desc.layout)
+    dn_s = gl.allocate_shared_memory(dtype, [3, 8, 4, 256], dn_desc.layout)
+    o_s = dn_s._reinterpret(dtype, [8, 8, 256], o_desc.layout)  # o and down share one buffer (48 KiB)
+    full = _new_barriers(3)  # QKV, gate/up, o/down: their copies have landed
+    mbarrier.expect(full.index(0), QKV_BYTES)
+    tma.async_copy_global_to_shared(qkv_desc, [pid * QKV_ROWS, 0, 0], full.index(0), q_s)
+    _copy_gate_up(gu_desc, pid * GU_ROWS, full.index(1), gu_s)
+    mbarrier.expect(full.index(2), O_BYTES)
+    tma.async_copy_global_to_shared(o_desc, [pid * O_ROWS, 0, 0], full.index(2), o_s)
+    _layers(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, full, qkv_ptr, attn_ptr, o_ptr,
+            act_ptr, down_ptr, bar_ptr, time_ptr, pid, num_layers, False, AHEAD)  # fmt: skip
 
 
 @gluon.jit
@@ -211,68 +244,10 @@ def _producer(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, em
 
 
 @gluon.jit
-def _consumer(o_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr,
-              time_ptr, pid, num_layers):  # fmt: skip
-    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [8, 1, 1], [2, 1, 0])
-    xl: gl.constexpr = gl.SliceLayout(0, L3)
-    rl: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-    row_q = pid * QKV_ROWS
-    row_o = pid * O_ROWS
-    row_g = pid * GU_ROWS
-    for layer in range(num_layers):
-        ph = layer & 1
-        base = 5 * layer * P
-        ts = time_ptr + (pid * num_layers + layer) * STAMPS
-        _stamp(ts, 0, pid)
-        if layer > 0:
-            _wait(bar_ptr, base)
-        _stamp(ts, 1, pid)
-        x = _vecs(down_ptr, 0, 4, xl)
-        _stamp(ts, 2, pid)
-        mbarrier.wait(full.index(0), ph)
-        _stamp(ts, 3, pid)
-        _store(qkv_ptr, row_q, _matvec(q_s, x, L3), 32, rl)
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(0))
-        _stamp(ts, 4, pid)
-        _arrive(bar_ptr)
-        _wait(bar_ptr, base + P)
-        _stamp(ts, 5, pid)
-        _arrive(bar_ptr)  # in place of attention
-        _wait(bar_ptr, base + 2 * P)
-        _stamp(ts, 6, pid)
-        a = _vecs(attn_ptr, 0, 8, xl)
-        mbarrier.wait(full.index(2), 0)
-        _store(o_ptr, row_o, _matvec(o_s, a, L3), 8, rl)
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(2))
-        _stamp(ts, 7, pid)
-        _arrive(bar_ptr)
-        _wait(bar_ptr, base + 3 * P)
-        _stamp(ts, 8, pid)
-        h = _vecs(o_ptr, 0, 4, xl)
-        mbarrier.wait(full.index(1), ph)
-        for j in gl.static_range(3):
-            g = _matvec(gu_s.index(j), h, L3)
-            u = _matvec(gu_s.index(3 + j), h, L3)
-            _store(act_ptr, row_g + j * 8, g / (1.0 + gl.exp(-g)) * u, 8, rl)
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(1))
-        _stamp(ts, 9, pid)
-        _arrive(bar_ptr)
-        _wait(bar_ptr, base + 4 * P)
-        _stamp(ts, 10, pid)
-        # Down as one box [8, 16, 256] (chunks 12-15 past the weight's 12: zero-filled by TMA, masked here).
-        c = gl.arange(0, 16, layout=gl.SliceLayout(1, xl))
-        k = gl.arange(0, 256, layout=gl.SliceLayout(0, xl))
-        offs = gl.expand_dims(c, 1) * 256 + gl.expand_dims(k, 0)
-        xa = gl.load(act_ptr + offs, mask=offs < INTER, other=0.0, cache_modifier=".cg").to(gl.float32)
-        mbarrier.wait(full.index(2), 1)
-        _store(down_ptr, row_o, _matvec(dn_s, xa, L3), 8, rl)
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(2))
-        _stamp(ts, 11, pid)
-        _arrive(bar_ptr)
+def _consumer(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr,
+              act_ptr, down_ptr, bar_ptr, time_ptr, pid, num_layers):  # fmt: skip
+    _layers(qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr,
+            act_ptr, down_ptr, bar_ptr, time_ptr, pid, num_layers, True, False)  # fmt: skip
 
 
 @gluon.jit
@@ -286,16 +261,14 @@ def gemv_layers_ws(qkv_desc, o_desc, gu_desc, dn_desc, qkv_ptr, attn_ptr, o_ptr,
     gu_s = gl.allocate_shared_memory(dtype, [6, 8, 4, 256], gu_desc.layout)
     dn_s = gl.allocate_shared_memory(dtype, [8, 16, 256], dn_desc.layout)
     o_s = dn_s._reinterpret(dtype, [8, 8, 256], o_desc.layout)  # o and down share one buffer (64 KiB)
-    full = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(3):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    full = _new_barriers(3)
+    empty = _new_barriers(3)  # each buffer read: the producer may refill it
+    descs_and_buffers = (qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty)
     gl.warp_specialize(
         [
-            (_consumer, (o_desc, q_s, gu_s, dn_s, o_s, full, empty, qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr,
-                         bar_ptr, time_ptr, pid, num_layers)),
-            (_producer, (qkv_desc, o_desc, gu_desc, dn_desc, q_s, gu_s, dn_s, o_s, full, empty, pid, num_layers)),
+            (_consumer, descs_and_buffers + (qkv_ptr, attn_ptr, o_ptr, act_ptr, down_ptr, bar_ptr, time_ptr, pid,
+                                             num_layers)),
+            (_producer, descs_and_buffers + (pid, num_layers)),
         ],
         [1],
         [40],
@@ -307,6 +280,8 @@ def main() -> None:
     spans per layer, write benchmarks/results/gluon_mega_probe.json."""
     from common import print_table, write_result
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from engine.layers.linear import graph_time_us
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=28)
@@ -347,20 +322,7 @@ def main() -> None:
         # Check one layer against torch (layer 0's QKV from x: no norm in this probe).
         ref = (w_qkv[:nqkv].float() @ x.float()).to(dt)
         err = ((bufs[0].float() - ref.float()).norm() / ref.float().norm()).item() if n == 1 else None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(args.reps):
-                step()
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) * 1000 / args.reps)
+        best = graph_time_us(step, args.reps)  # µs per step: the steps back to back in one CUDA graph
         rows.append(dict(variant=variant, layers=n, step_us=best, per_layer_us=best / n, layer0_qkv_rel_err=err))
         if n > 1:
             t = times.double().cpu() / 1000.0
