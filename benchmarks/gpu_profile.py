@@ -15,6 +15,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py prefillsplit   # that warm step's attention per split-KV chunk size
     python benchmarks/gpu_profile.py decodeattn   # decode attention kernel families at batch 64-256
     python benchmarks/gpu_profile.py l2prefetch --slice-kib 96   # does a bulk L2 prefetch land in time?
+    python benchmarks/gpu_profile.py sharedprefill --steps 6   # shared_prefix's 64-request prefill step, per round
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -381,6 +382,67 @@ def profile_warm(args) -> None:
          "wall_us": [x * 1e6 for x in walls], "steps": steps, "rows": rows},
         OUT,
     )  # fmt: skip
+
+
+def profile_shared_prefill(args) -> None:
+    """The shared_prefix benchmark's prefill phase: 64 requests on a cached 4,096-token prefix, each with its own
+    64-token suffix, prefilled in one step. Rounds with fresh prefixes on one engine (cascade on, then off) show
+    what the benchmark's single round pays once per engine; then host time per call and a device trace."""
+    import time
+    from statistics import median
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    rng = random.Random(0)
+    targets = [
+        ("engine.scheduler", "Scheduler", "schedule"),
+        ("engine.scheduler", "Scheduler", "commit"),
+        ("engine.block_manager", "BlockManager", "find_cached_prefix"),
+        ("engine.model_runner", "ModelRunner", "launch"),
+        ("engine.model_runner", "ModelRunner", "collect"),
+        ("engine.llm_engine", "LLMEngine", "add_requests"),
+        ("engine.llm_engine", "LLMEngine", "_flush_deliveries"),
+        ("engine.llm_engine", "LLMEngine", "shared_prefix_blocks"),
+    ]
+    rows, calls_rows = [], []
+    for cascade in (True, False):
+        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
+        host = HostTimer(targets)
+        for r in range(args.steps):
+            prefix = [rng.randrange(10, 30000) for _ in range(4096)]
+            llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache
+            prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+            new_tokens = 2 if r % 2 else 1  # 2: the first decode step is launched before the prefill is collected
+            p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+            host.active = r == args.steps - 1
+            t = time.perf_counter()
+            outs = llm.generate(prompts, p)
+            wall = time.perf_counter() - t
+            host.active = False
+            first = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
+            rows.append(dict(cascade=cascade, round=r, new_tokens=new_tokens, prefill_phase_ms=first * 1e3,
+                             wall_ms=wall * 1e3, cached=outs[0].num_cached_tokens))  # fmt: skip
+            print(rows[-1], flush=True)
+        host.restore()
+        calls_rows += [dict(cascade=cascade, call=k, calls=len(v), total_us=sum(v), median_us=median(v) if v else 0.0)
+                       for k, v in host.totals.items()]  # fmt: skip
+        prefix = [rng.randrange(10, 30000) for _ in range(4096)]
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))
+        prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        llm.shutdown()
+        label = "cascade" if cascade else "no_cascade"
+        events, total = device_events(prof)
+        print_table(f"{label}: GPU kernels of the prefill step and the first decode step", kernel_rows(events, total))
+        print_table(f"{label}: device spans", profiled_steps(prof))
+        print_table(f"{label}: host (CPU) time (us)", host_rows(prof, 20))
+    print_table("prefill phase per round (ms): first token of the last request minus the first arrival", rows)
+    print_table("host time per call in the last round (us)", calls_rows)
+    write_result("gpu_profile_sharedprefill", {"model": args.model, "rounds": rows, "calls": calls_rows}, OUT)
 
 
 def bench_gemv(args) -> None:
@@ -941,6 +1003,7 @@ def main() -> None:
             "prefillsplit",
             "decodeattn",
             "l2prefetch",
+            "sharedprefill",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -976,6 +1039,7 @@ def main() -> None:
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
+    which.update(sharedprefill=profile_shared_prefill)
     which[args.which](args)
 
 
