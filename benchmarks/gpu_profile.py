@@ -388,6 +388,9 @@ def profile_shared_prefill(args) -> None:
     """The shared_prefix benchmark's prefill phase: 64 requests on a cached 4,096-token prefix, each with its own
     64-token suffix, prefilled in one step. Rounds with fresh prefixes on one engine (cascade on, then off) show
     what the benchmark's single round pays once per engine; then host time per call and a device trace."""
+    import cProfile
+    import gc
+    import pstats
     import time
     from statistics import median
 
@@ -408,9 +411,34 @@ def profile_shared_prefill(args) -> None:
         ("engine.llm_engine", "LLMEngine", "shared_prefix_blocks"),
     ]
     rows, calls_rows = [], []
+    gc_pauses: list[float] = []
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        """Time each collection (the engine's heap holds every request's token lists)."""
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_pauses.append((time.perf_counter() - gc_start[0]) * 1e3)
+
+    gc.callbacks.append(on_gc)
     for cascade in (True, False):
         llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
         host = HostTimer(targets)
+        # The engine thread's steps under cProfile in round 1, the first whose prefill is followed by a decode step.
+        step, cprof, profiling = llm.engine.step, cProfile.Profile(), [False]
+
+        def profiled_step(_step=step, _prof=cprof, _on=profiling):
+            """One engine step, profiled while _on[0]."""
+            if not _on[0]:
+                return _step()
+            _prof.enable()
+            try:
+                return _step()
+            finally:
+                _prof.disable()
+
+        llm.engine.step = profiled_step
         for r in range(args.steps):
             prefix = [rng.randrange(10, 30000) for _ in range(4096)]
             llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache
@@ -418,15 +446,19 @@ def profile_shared_prefill(args) -> None:
             new_tokens = 2 if r % 2 else 1  # 2: the first decode step is launched before the prefill is collected
             p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
             host.active = r == args.steps - 1
+            profiling[0] = r == 1
+            gc_pauses.clear()
             t = time.perf_counter()
             outs = llm.generate(prompts, p)
             wall = time.perf_counter() - t
-            host.active = False
+            host.active = profiling[0] = False
             first = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
             rows.append(dict(cascade=cascade, round=r, new_tokens=new_tokens, prefill_phase_ms=first * 1e3,
-                             wall_ms=wall * 1e3, cached=outs[0].num_cached_tokens))  # fmt: skip
+                             wall_ms=wall * 1e3, gc_ms=sum(gc_pauses), cached=outs[0].num_cached_tokens))  # fmt: skip
             print(rows[-1], flush=True)
         host.restore()
+        print(f"cascade={cascade}: the engine thread's steps in round 1 (cProfile, cumulative)")
+        pstats.Stats(cprof).sort_stats("cumulative").print_stats(30)
         calls_rows += [dict(cascade=cascade, call=k, calls=len(v), total_us=sum(v), median_us=median(v) if v else 0.0)
                        for k, v in host.totals.items()]  # fmt: skip
         prefix = [rng.randrange(10, 30000) for _ in range(4096)]
@@ -441,6 +473,7 @@ def profile_shared_prefill(args) -> None:
         print_table(f"{label}: device spans", profiled_steps(prof))
         print_table(f"{label}: host (CPU) time (us)", host_rows(prof, 20))
     print_table("prefill phase per round (ms): first token of the last request minus the first arrival", rows)
+    gc.callbacks.remove(on_gc)
     print_table("host time per call in the last round (us)", calls_rows)
     write_result("gpu_profile_sharedprefill", {"model": args.model, "rounds": rows, "calls": calls_rows}, OUT)
 

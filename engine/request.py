@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,14 @@ from engine.sampling_params import SamplingParams
 _ids = itertools.count()
 _serials = itertools.count()  # never reused, unlike request ids (a caller may reuse one after it finished)
 PLACEHOLDER = -1  # a generated token whose value is still on the device
+
+
+def token_bytes(tokens: list[int]) -> bytes:
+    """Token ids as 8 little-endian bytes each: what a prefix-cache block's hash covers and its content check
+    compares. Raises struct.error for an element that is not an integer of 64 bits."""
+    # struct over the list: 30 us for 4,096 tokens on the CI machine, against 57 us through np.fromiter and 65 us
+    # through array("q"); the bytes are the same.
+    return struct.pack(f"<{len(tokens)}q", *tokens)
 
 
 class RequestStatus(enum.Enum):
@@ -25,13 +34,21 @@ class RequestStatus(enum.Enum):
 class Request:
     """One generation request: prompt, outputs so far, KV blocks and the times of each transition."""
 
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        prompt_bytes: bytes | None = None,
+    ):
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.serial = next(_serials)
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        # token_bytes() of the prompt, packed once (validation already does; see leading_bytes).
+        self._prompt_bytes = prompt_bytes
         self.status = RequestStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -55,6 +72,15 @@ class Request:
         self.detok = None
         self.channel = None
         self.stream_deltas = True  # False: only the final output goes on the channel (generate())
+
+    def leading_bytes(self, n: int) -> bytes:
+        """token_bytes() of the first n tokens; the prompt's part is packed once per request."""
+        if self._prompt_bytes is None:
+            self._prompt_bytes = token_bytes(self.prompt_token_ids)
+        p = len(self.prompt_token_ids)
+        if n <= p:
+            return self._prompt_bytes[: 8 * n]
+        return self._prompt_bytes + token_bytes(self.all_token_ids[p:n])
 
     @property
     def num_tokens(self) -> int:

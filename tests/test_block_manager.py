@@ -7,7 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager, token_bytes
+import engine.block_manager as block_manager
+from engine.block_manager import BlockManager, hash_block, token_bytes
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -35,13 +36,40 @@ ops = st.lists(
 )
 
 
+def hashed_lookup(bm: BlockManager, req: Request) -> list[int]:
+    """The prefix lookup written plainly: hash every leading full block, stop at the first miss."""
+    bs, tokens = bm.block_size, req.all_token_ids
+    hits, parent = [], b""
+    for i in range((len(tokens) - 1) // bs):
+        chunk = token_bytes(tokens[i * bs : (i + 1) * bs])
+        h = hash_block(parent, chunk)
+        block_id = bm.hash_to_block.get(h)
+        if block_id is None or bm.blocks[block_id].token_ids != chunk:
+            break
+        hits.append(block_id)
+        parent = h
+    return hits
+
+
+class CheckedBlockManager(BlockManager):
+    """Every lookup (which may reuse the recent prefix's hashes) must equal the plain one."""
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """The engine's lookup, checked."""
+        expected = hashed_lookup(self, req) if self.enable_prefix_caching else []
+        hits = super().find_cached_prefix(req)
+        assert hits == expected, (req.all_token_ids, hits, expected)
+        return hits
+
+
 @given(
     ops=ops, num_blocks=st.integers(6, 30), budget=st.integers(1, 64), seed=st.integers(0, 2**16), caching=st.booleans()
 )
 @settings(max_examples=150, deadline=None)
 def test_random_add_step_abort_never_leaks_blocks(ops, num_blocks, budget, seed, caching):
     rng = random.Random(seed)
-    bm = BlockManager(num_blocks, block_size=4, enable_prefix_caching=caching)
+    # Lookups are also checked against the plain hashed lookup (CheckedBlockManager).
+    bm = CheckedBlockManager(num_blocks, block_size=4, enable_prefix_caching=caching)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget)
     live: list[Request] = []
     finished: list[Request] = []
@@ -117,3 +145,38 @@ def test_freed_cached_blocks_are_reused_least_recently_used_first():
     assert bm.num_free_blocks == 1
     c = Request([1, 2, 7], SamplingParams())
     assert bm.find_cached_prefix(c) != [] or bm.num_cached_free_blocks == 0
+
+
+def test_a_shared_prefix_is_hashed_once_per_burst(monkeypatch):
+    # Many requests over one cached document: the lookups reuse the cached prefix's hash chain (a byte compare)
+    # instead of hashing every block again; only blocks past the known prefix are hashed.
+    calls = []
+    monkeypatch.setattr(block_manager, "hash_block", lambda parent, data: calls.append(1) or hash_block(parent, data))
+    bm = BlockManager(64, block_size=4)
+    doc = list(range(100, 132))  # 8 blocks
+    a = Request(doc + [1], SamplingParams())
+    assert bm.allocate(a, len(doc) + 1)
+    a.num_computed_tokens = len(doc) + 1
+    bm.cache_full_blocks(a)
+    assert len(calls) == 8
+    calls.clear()
+    for q in range(5):
+        req = Request(doc + [q, q, q, q, q], SamplingParams())
+        assert bm.find_cached_prefix(req) == a.block_table[:8]
+    assert len(calls) == 5  # per lookup, only its first block past the document (a miss)
+    # A request that shares only part of the document reuses the hashes of the blocks it shares, and hashes
+    # from its first differing block on.
+    calls.clear()
+    partial = Request(doc[:12] + [7] * 20, SamplingParams())
+    assert bm.find_cached_prefix(partial) == a.block_table[:3]
+    assert len(calls) == 1
+    # An evicted middle block ends the chain there, with or without the reused hashes.
+    table = list(a.block_table)
+    bm.free(a)
+    victim = table[4]
+    bm.free_queue.move_to_end(victim, last=False)
+    filler = Request([9] * 3, SamplingParams())
+    assert bm.allocate(filler, 3)
+    assert bm.blocks[victim].hash is None
+    again = Request(doc + [5], SamplingParams())
+    assert bm.find_cached_prefix(again) == table[:4] == hashed_lookup(bm, again)

@@ -36,6 +36,10 @@ def test_token_ids_outside_the_vocabulary_are_named(qwen3_llm):
         qwen3_llm.generate([[5, 99999]], OK)
     with pytest.raises(ValueError, match=r"\[-1\]"):
         qwen3_llm.generate([[-1, 5]], OK)
+    with pytest.raises(TypeError, match=r"integers; got 6.0 of type float"):
+        qwen3_llm.generate([[5, 6.0]], OK)
+    with pytest.raises(TypeError, match=r"got '7' of type str"):
+        qwen3_llm.generate([[5, "7"]], OK)
     still_serves(qwen3_llm)
 
 

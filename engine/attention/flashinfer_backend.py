@@ -157,6 +157,14 @@ class StagedTables:
         return on_device
 
 
+def eager_prefill_backend() -> str:
+    """NANOVLLM_PREFILL_BACKEND: FlashInfer's kernel family for eager prefill steps ("auto": fa3 on sm90; "fa2")."""
+    value = os.environ.get("NANOVLLM_PREFILL_BACKEND", "auto")
+    if value not in ("auto", "fa2", "fa3"):
+        raise ValueError(f"NANOVLLM_PREFILL_BACKEND={value!r} is not one of 'auto', 'fa2', 'fa3'")
+    return value
+
+
 class _FlashInferAttention(AttentionBackend):
     """Shared shape facts and the per-layer KV append; subclasses set the page tables and how to attend."""
 
@@ -196,7 +204,9 @@ class _FlashInferAttention(AttentionBackend):
             return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 self.workspace, "HND", use_cuda_graph=True, backend="fa2", **graph_buffers
             )
-        return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
+        return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "HND", backend=eager_prefill_backend()
+        )
 
     def _decode_wrapper(self, indptr=None, indices=None, last=None, rows: int = 1):
         # CUDA cores below TENSOR_CORE_DECODE_MIN_BATCH, tensor cores from there (see the constant).
