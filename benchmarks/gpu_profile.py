@@ -16,6 +16,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py decodeattn   # decode attention kernel families at batch 64-256
     python benchmarks/gpu_profile.py l2prefetch --slice-kib 96   # does a bulk L2 prefetch land in time?
     python benchmarks/gpu_profile.py sharedprefill --steps 6   # shared_prefix's 64-request prefill step, per round
+    python benchmarks/gpu_profile.py prefillbackend   # FlashInfer paged prefill, fa2 vs fa3, per step shape
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -448,13 +449,20 @@ def profile_shared_prefill(args) -> None:
             host.active = r == args.steps - 1
             profiling[0] = r == 1
             gc_pauses.clear()
+            mem0 = torch.cuda.memory_stats()
             t = time.perf_counter()
             outs = llm.generate(prompts, p)
             wall = time.perf_counter() - t
+            mem1 = torch.cuda.memory_stats()
+            # cudaMalloc/cudaFree by the caching allocator (a free waits for the device: a hidden sync).
+            keys = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+            mem = {k: mem1.get(k, 0) - mem0.get(k, 0) for k in keys}
             host.active = profiling[0] = False
             first = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
             rows.append(dict(cascade=cascade, round=r, new_tokens=new_tokens, prefill_phase_ms=first * 1e3,
-                             wall_ms=wall * 1e3, gc_ms=sum(gc_pauses), cached=outs[0].num_cached_tokens))  # fmt: skip
+                             wall_ms=wall * 1e3, gc_ms=sum(gc_pauses), cached=outs[0].num_cached_tokens,
+                             mallocs=mem["num_device_alloc"], frees=mem["num_device_free"],
+                             retries=mem["num_alloc_retries"]))  # fmt: skip
             print(rows[-1], flush=True)
         host.restore()
         print(f"cascade={cascade}: the engine thread's steps in round 1 (cProfile, cumulative)")
@@ -476,6 +484,61 @@ def profile_shared_prefill(args) -> None:
     gc.callbacks.remove(on_gc)
     print_table("host time per call in the last round (us)", calls_rows)
     write_result("gpu_profile_sharedprefill", {"model": args.model, "rounds": rows, "calls": calls_rows}, OUT)
+
+
+# (requests, query tokens each, KV tokens each, whether the requests share their first KV pages): the shared_prefix
+# benchmark's suffix prefill, the same over distinct documents, short-prompt batches, and long prompts.
+PREFILL_SHAPES = (
+    (64, 64, 4160, True),
+    (64, 64, 4160, False),
+    (16, 100, 100, False),
+    (32, 127, 1024, False),
+    (8, 120, 2048, False),
+    (8, 512, 512, False),
+    (4, 1024, 1024, False),
+    (2, 2048, 6144, False),
+    (1, 4096, 4096, False),
+)
+
+
+def bench_prefill_backend(args) -> None:
+    """FlashInfer's paged prefill attention, fa2 against fa3 (the eager steps' "auto" on sm90), per step shape:
+    Qwen3-0.6B heads (16 query, 8 KV, head_dim 128), HND pages of 64 tokens, causal; each kernel timed in a CUDA
+    graph of 28 calls (one step's layers)."""
+    import flashinfer
+
+    from engine.layers.linear import graph_time_us
+
+    dev, dtype, page, hq, hkv, d = torch.device("cuda"), torch.bfloat16, 64, 16, 8, 128
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    rows = []
+    for n, q_len, kv_len, shared in PREFILL_SHAPES:
+        pages = -(-kv_len // page)
+        shared_pages = (kv_len - q_len) // page if shared else 0
+        own = pages - shared_pages
+        total_pages = shared_pages + n * own
+        cache = torch.randn(total_pages, 2, hkv, page, d, dtype=dtype, device=dev)
+        indices = torch.cat(
+            [torch.cat([torch.arange(shared_pages), shared_pages + i * own + torch.arange(own)]) for i in range(n)]
+        ).to(torch.int32)
+        indptr = torch.arange(n + 1, dtype=torch.int32) * pages
+        qo_indptr = torch.arange(n + 1, dtype=torch.int32) * q_len
+        last = torch.full((n,), kv_len - (pages - 1) * page, dtype=torch.int32)
+        q = torch.randn(n * q_len, hq, d, dtype=dtype, device=dev)
+        row = dict(requests=n, q_tokens=q_len, kv_tokens=kv_len, shared_prefix=shared)
+        outs = {}
+        for backend in ("fa2", "fa3"):
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND", backend=backend)
+            w.plan(qo_indptr, indptr, indices.to(dev), last, hq, hkv, d, page, causal=True, q_data_type=dtype,
+                   kv_data_type=dtype)  # fmt: skip
+            outs[backend] = w.run(q, cache)
+            row[f"{backend}_us"] = graph_time_us(functools.partial(w.run, q, cache), 28)
+        row["fa2_over_fa3"] = row["fa2_us"] / row["fa3_us"]
+        row["max_abs_diff"] = (outs["fa2"].float() - outs["fa3"].float()).abs().max().item()
+        rows.append(row)
+        print(row, flush=True)
+    print_table("paged prefill attention per call (us), fa2 vs fa3", rows)
+    write_result("gpu_profile_prefillbackend", {"rows": rows}, OUT)
 
 
 def bench_gemv(args) -> None:
@@ -1037,6 +1100,7 @@ def main() -> None:
             "decodeattn",
             "l2prefetch",
             "sharedprefill",
+            "prefillbackend",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -1072,7 +1136,7 @@ def main() -> None:
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
-    which.update(sharedprefill=profile_shared_prefill)
+    which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend)
     which[args.which](args)
 
 
