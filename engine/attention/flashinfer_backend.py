@@ -158,11 +158,27 @@ class StagedTables:
 
 
 def eager_prefill_backend() -> str:
-    """NANOVLLM_PREFILL_BACKEND: FlashInfer's kernel family for eager prefill steps ("auto": fa3 on sm90; "fa2")."""
+    """NANOVLLM_PREFILL_BACKEND: FlashInfer's kernel family for eager prefill steps: "auto" (FlashInfer's choice, fa3
+    on sm90, except fa2 where fa3's query tiles would be at most half full; see packed_prefill_pays), "fa2" or
+    "fa3" for every such step (A/B runs)."""
     value = os.environ.get("NANOVLLM_PREFILL_BACKEND", "auto")
     if value not in ("auto", "fa2", "fa3"):
         raise ValueError(f"NANOVLLM_PREFILL_BACKEND={value!r} is not one of 'auto', 'fa2', 'fa3'")
     return value
+
+
+def packed_prefill_pays(q_lens: list[int], head_dim: int) -> bool:
+    """Whether an eager prefill step runs FlashInfer's fa2 kernel rather than fa3 (sm90): when no request's query
+    tokens fill more than half of one of fa3's query tiles.
+
+    Why: fa3 gives each query head its own tiles of 128 query rows (192 at head_dim 64), so requests of a few dozen
+    new tokens over a long context (many questions on one document) leave most of each tile idle, while fa2 packs
+    a KV head's query heads into one tile. Measured on an H100 (docs/benchmarks.md, gpu_profile.py
+    prefillbackend): 64 requests of 64 tokens over 4,160 cached, fa2 1.22-1.32x faster; fuller tiles (120-4,096
+    tokens per request) fa3 1.2-2.6x faster."""
+    tile = 192 if head_dim == 64 else 128
+    # The longest request decides: a long chunk in the step (a prompt, with decode rows beside it) keeps fa3.
+    return 2 * max(q_lens) <= tile
 
 
 class _FlashInferAttention(AttentionBackend):
@@ -266,6 +282,15 @@ class FlashInferBackend(_FlashInferAttention):
     def __init__(self, runner, config, workspace: torch.Tensor | None = None):
         super().__init__(runner, config.block_size, workspace)
         self.prefill = self._prefill_wrapper()
+        # fa2 for steps whose fa3 tiles would be mostly idle (packed_prefill_pays); it shares the workspace, as only
+        # one wrapper is planned per step.
+        self.packed_prefill = None
+        if eager_prefill_backend() == "auto":
+            self.packed_prefill = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "HND", backend="fa2"
+            )
+        self.planned_prefill = self.prefill
+        self.prefill_steps = {"auto": 0, "fa2": 0}  # eager prefill steps per wrapper (tests, benchmarks)
         self.decode = self._decode_wrapper()
         # Cascade, written out rather than through MultiLevelCascadeAttentionWrapper: the shared level is one
         # "request" with all queries, so it needs split-KV (fixed_split_size) to fill the GPU; the unique
@@ -310,7 +335,10 @@ class FlashInferBackend(_FlashInferAttention):
             # host and queues its copies without waiting for the step still running.
             kv_lens = torch.tensor(meta.kv_lens_cpu, dtype=torch.int32)
             qo, indptr, last, kv_lens = pin_host([meta.cu_seqlens_q_cpu, indptr, last, kv_lens], self.device)
-            self.prefill.plan(
+            packed = self.packed_prefill is not None and packed_prefill_pays(meta.q_lens_cpu, self.head_dim)
+            self.planned_prefill = self.packed_prefill if packed else self.prefill
+            self.prefill_steps["fa2" if packed else "auto"] += 1
+            self.planned_prefill.plan(
                 qo, indptr, self.kv_indices, last, head_dim_qk=self.head_dim, causal=True, seq_lens=kv_lens,
                 max_token_per_sequence=max(meta.q_lens_cpu), max_sequence_kv=max(meta.kv_lens_cpu), **common,
             )  # fmt: skip
@@ -322,7 +350,7 @@ class FlashInferBackend(_FlashInferAttention):
             return self.decode.run(q, kv_cache)
         if self.mode == "cascade":
             return _cascade(self.flashinfer, self.unique_decode, self.shared_prefill, q, kv_cache)
-        return _prefill_run(self.prefill, q, kv_cache)
+        return _prefill_run(self.planned_prefill, q, kv_cache)
 
 
 def _prefill_run(wrapper, q: torch.Tensor, kv_cache: torch.Tensor, **kwargs):

@@ -154,6 +154,29 @@ def test_mixed_lengths_prefix_hits_and_graphs_match_hf(model_dir):
         llm.shutdown()
 
 
+def test_eager_prefill_kernel_choice_matches_hf(model_dir):
+    """Many short requests over a cached prefix prefill in one eager step on FlashInfer's fa2 kernel (fa3's query
+    tiles would be mostly idle), a long prompt on the default one; both match HF."""
+    folder, hf = model_dir
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=32)
+    try:
+        steps = llm.runner.backend.prefill_steps
+        prefix = make_prompts([256], seed=3)[0]
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache
+        prompts = [prefix + p for p in make_prompts([40] * 24, seed=4)]  # 24 x 40 new tokens: an eager step
+        fa2, auto = steps["fa2"], steps["auto"]
+        outs, rows = engine_logits(llm, prompts, GREEDY)
+        assert [o.num_cached_tokens for o in outs] == [256] * 24
+        assert steps["fa2"] == fa2 + 1 and steps["auto"] == auto
+        check_against_hf(hf, prompts, outs, rows)
+        long = make_prompts([700], seed=5)
+        outs, rows = engine_logits(llm, long, GREEDY)
+        assert steps["auto"] == auto + 1 and steps["fa2"] == fa2 + 1
+        check_against_hf(hf, long, outs, rows)
+    finally:
+        llm.shutdown()
+
+
 class CountedCalls:
     """Wraps a function and counts its calls."""
 
