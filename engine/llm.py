@@ -127,6 +127,8 @@ class LLM:
 
             runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
+        if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":
+            runner.warm_input_patch()
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self.attention_backend = backend_name
         kv_gib = runner.kv_cache_storage.nbytes / 2**30

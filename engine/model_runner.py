@@ -174,6 +174,14 @@ class ModelRunner:
         dst, src = to_device([torch.tensor(x, dtype=torch.long) for x in pending], self.device)
         input_ids.index_copy_(0, dst, prev[0].index_select(0, src))
 
+    def warm_input_patch(self) -> None:
+        """Run patch_inputs once on dummy tensors, so its kernels are loaded before the first request."""
+        # Why: otherwise they first run in the first step launched while a prefill is still on the device, and the
+        # first launch of a kernel (CUDA loads them lazily) may wait for the work in flight.
+        ids = torch.zeros(2, dtype=torch.long, device=self.device)
+        self.patch_inputs(ids, ([1], [0]), (torch.ones(1, dtype=torch.long, device=self.device),))
+        torch.cuda.synchronize(self.device)
+
     def inputs_sent(self) -> None:
         """Mark that this step's host-staged inputs (ours and FlashInfer's plan buffers) are enqueued."""
         if self._buffers is not None:
