@@ -159,8 +159,8 @@ class StagedTables:
 
 def eager_prefill_backend() -> str:
     """NANOVLLM_PREFILL_BACKEND: FlashInfer's kernel family for eager prefill steps: "auto" (FlashInfer's choice, fa3
-    on sm90, except fa2 where fa3's query tiles would be at most half full; see packed_prefill_pays), "fa2" or
-    "fa3" for every such step (A/B runs)."""
+    on sm90, except fa2 for steps of short requests; see packed_prefill_pays), "fa2" or "fa3" for every such step
+    (A/B runs)."""
     value = os.environ.get("NANOVLLM_PREFILL_BACKEND", "auto")
     if value not in ("auto", "fa2", "fa3"):
         raise ValueError(f"NANOVLLM_PREFILL_BACKEND={value!r} is not one of 'auto', 'fa2', 'fa3'")
