@@ -52,8 +52,9 @@ class EngineConfig(BaseModel):
         default=True,
         description="After start-up, move every object Python's garbage collector tracks to its permanent generation "
         "(gc.freeze, as vLLM does), so a full collection while serving scans only what serving made (on the CI "
-        "machine a 64-request batch met a 206 ms full collection without it; benchmarks/host_gc.py). shutdown() "
-        "unfreezes.",
+        "machine a 64-request batch met a 171-211 ms full collection without it; benchmarks/host_gc.py). It is "
+        "process-wide: objects made before LLM() that later become cyclic garbage wait for shutdown(), which "
+        "unfreezes; False leaves the collector alone.",
     )
     seed: int = 0
     load_format: Literal["auto", "dummy"] = Field(
