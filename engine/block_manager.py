@@ -79,7 +79,7 @@ class BlockManager:
         width = 8 * bs
         # The last token must be computed to produce logits, so it never comes from the cache.
         max_blocks = (req.num_tokens - 1) // bs
-        data = req.leading_bytes(max_blocks * bs)
+        data = req.span_bytes(0, max_blocks * bs)
         recent_data, recent_hashes = self._recent
         known = min(len(recent_hashes), max_blocks)
         # The recent prefix's hashes serve as far as its bytes match: byte compares instead of SHA-256 per block
@@ -166,16 +166,10 @@ class BlockManager:
             return
         width = 8 * bs
         first = req.num_hashed_blocks
-        # Within the prompt, slices of its bytes packed once; beyond it (generated tokens), only the new blocks.
-        in_prompt = num_full * bs <= req.num_prompt_tokens
-        base = 0 if in_prompt else first
-        if in_prompt:
-            data = req.leading_bytes(num_full * bs)
-        else:
-            data = token_bytes(req.all_token_ids[first * bs : num_full * bs])
+        data = req.span_bytes(first * bs, num_full * bs)  # the new blocks only
         parent = req.block_hashes[-1] if req.block_hashes else b""
         for i in range(first, num_full):
-            chunk = data[(i - base) * width : (i - base + 1) * width]
+            chunk = data[(i - first) * width : (i - first + 1) * width]
             h = hash_block(parent, chunk)
             block = self.blocks[req.block_table[i]]
             # A block with the same content may already be cached (computed twice in one step): keep that one.
@@ -186,8 +180,8 @@ class BlockManager:
             req.block_hashes.append(h)
             parent = h
         req.num_hashed_blocks = num_full
-        if in_prompt:
-            self._recent = (data, list(req.block_hashes))
+        if num_full * bs <= req.num_prompt_tokens:  # a prompt's prefix: its bytes are a slice, no packing
+            self._recent = (req.span_bytes(0, num_full * bs), list(req.block_hashes))
 
     def free(self, req: Request) -> None:
         """Return all of req's blocks; cached ones stay findable until their block is reused."""

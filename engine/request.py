@@ -47,7 +47,7 @@ class Request:
         self.params = params
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        # token_bytes() of the prompt, packed once (validation already does; see leading_bytes).
+        # token_bytes() of the prompt, packed once (validation already does; see span_bytes).
         self._prompt_bytes = prompt_bytes
         self.status = RequestStatus.WAITING
         self.block_table: list[int] = []
@@ -73,14 +73,14 @@ class Request:
         self.channel = None
         self.stream_deltas = True  # False: only the final output goes on the channel (generate())
 
-    def leading_bytes(self, n: int) -> bytes:
-        """token_bytes() of the first n tokens; the prompt's part is packed once per request."""
+    def span_bytes(self, start: int, end: int) -> bytes:
+        """token_bytes() of tokens [start, end): within the prompt a slice of its bytes, packed once per request;
+        past it (generated tokens, rarely looked up) packed on demand."""
+        if end > len(self.prompt_token_ids):
+            return token_bytes(self.all_token_ids[start:end])
         if self._prompt_bytes is None:
             self._prompt_bytes = token_bytes(self.prompt_token_ids)
-        p = len(self.prompt_token_ids)
-        if n <= p:
-            return self._prompt_bytes[: 8 * n]
-        return self._prompt_bytes + token_bytes(self.all_token_ids[p:n])
+        return self._prompt_bytes[8 * start : 8 * end]
 
     @property
     def num_tokens(self) -> int:
