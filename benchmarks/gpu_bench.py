@@ -472,6 +472,19 @@ def bench_cascade_crossover(args) -> None:
     write_result("cascade_crossover", {"new_tokens": args.new_tokens, "rows": rows}, OUT)
 
 
+def cold_without_large_graphs(llm, rng, params) -> float:
+    """TTFT of a fresh 4,096-token prompt with the large prefill graphs set aside (the step runs eagerly)."""
+    from engine.cuda_graphs import PREFILL_TOKEN_SIZES
+
+    graphs = llm.runner.graphs
+    saved = graphs.prefill_sizes
+    graphs.prefill_sizes = [t for t in saved if t <= PREFILL_TOKEN_SIZES[-1]]
+    try:
+        return llm.generate([[rng.randrange(10, 30000) for _ in range(4096)]], params)[0].time_to_first_token
+    finally:
+        graphs.prefill_sizes = saved
+
+
 def bench_prefix_cache(args) -> None:
     """prefix_cache.json: TTFT of a 4,096-token prompt cold, then warm with a new 32-token question."""
     name = "Qwen3-0.6B"
@@ -479,15 +492,21 @@ def bench_prefix_cache(args) -> None:
     rng = random.Random(0)
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    pairs = []
+    pairs, eager_colds = [], []
+    graphs = llm.runner.graphs
+    large = graphs.large_prefill_sizes if graphs is not None else []
     # Round 0 loads every kernel variant (full and partial prefill); the other rounds are measured with fresh
     # documents. Medians of --rounds (default 10): both TTFTs vary from round to round (the cold one by up to a
     # third between runs), so three rounds did not settle a 0.3 ms change.
-    for _ in range(1 + args.ttft_rounds):
+    for r in range(1 + args.ttft_rounds):
+        if large and r % 2:
+            eager_colds.append(cold_without_large_graphs(llm, rng, p))  # the same process's eager path, A/B
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
         cold = llm.generate([doc], p)[0]
         warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
         pairs.append((cold.time_to_first_token, warm.time_to_first_token, warm.num_cached_tokens))
+        if large and not r % 2:
+            eager_colds.append(cold_without_large_graphs(llm, rng, p))
         print(
             f"cold: queue {cold.scheduled_time - cold.arrival_time:.4f}s prefill "
             f"{cold.first_token_time - cold.scheduled_time:.4f}s; warm: queue "
@@ -499,9 +518,16 @@ def bench_prefix_cache(args) -> None:
     cold_s = statistics.median(c for c, _, _ in measured)
     warm_s = statistics.median(w for _, w, _ in measured)
     row = dict(cold_ttft_s=cold_s, warm_ttft_s=warm_s, ratio=warm_s / cold_s, warm_cached_tokens=measured[0][2])
+    if large:
+        # The cold step eagerly, as without large prefill graphs (alternating with the measured rounds).
+        row["cold_eager_ttft_s"] = statistics.median(eager_colds[1:])
+        row["large_prefill_graphs"] = large
     print_table(f"prefix cache: TTFT for a 4096-token prompt, cold vs same prefix + 32 tokens (medians of "
                 f"{len(measured)} rounds)", [row])  # fmt: skip
     row["rounds"] = [dict(cold_ttft_s=c, warm_ttft_s=w) for c, w, _ in measured]
+    if large:
+        row["large_prefill_timing"] = graphs.large_prefill_timing
+        row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
 
 

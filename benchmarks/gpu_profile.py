@@ -308,7 +308,8 @@ class HostTimer:
 
 
 def profile_warm(args) -> None:
-    """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new): kernels, device span and wall."""
+    """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new), or with --request cold the cold
+    one (4,096 new tokens): host time per call, kernels, device span and wall."""
     import time
     from statistics import median
 
@@ -325,7 +326,8 @@ def profile_warm(args) -> None:
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
         return doc, doc + [rng.randrange(10, 30000) for _ in range(32)]
 
-    ttfts, walls, queued = [], [], []
+    ttfts, walls, queued, others = [], [], [], []
+    timed_cold = args.request == "cold"
     host = HostTimer(
         [
             ("engine.scheduler", "Scheduler", "schedule"),
@@ -342,45 +344,82 @@ def profile_warm(args) -> None:
             ("engine.sampler", "Sampler", "sample"),
             ("engine.model_runner", "ModelRunner", "inputs_sent"),
             ("engine.llm_engine", "LLMEngine", "_flush_deliveries"),
+            # the cold request's eager step
+            ("engine.model_runner", "ModelRunner", "build_metadata"),
+            ("engine.model_runner", "ModelRunner", "forward_hidden"),
+            ("engine.attention.flashinfer_backend", "FlashInferBackend", "plan"),
         ]
     )
     for _ in range(args.steps):
         doc, warm = pair()
-        llm.generate([doc], p)
+        first = [doc] if timed_cold else [warm]
+        if not timed_cold:
+            others.append(llm.generate([doc], p)[0].time_to_first_token)
         host.active = True
         t = time.perf_counter()
-        out = llm.generate([warm], p)[0]
+        out = llm.generate(first, p)[0]
         walls.append(time.perf_counter() - t)
         host.active = False
+        if timed_cold:
+            others.append(llm.generate([warm], p)[0].time_to_first_token)
         ttfts.append(out.time_to_first_token)
         queued.append(out.scheduled_time - out.arrival_time)
     host.restore()
     n = args.steps
     calls = {**host.totals, "arrival -> scheduled": [q * 1e6 for q in queued]}
     print_table(
-        f"host time of the warm requests ({n} rounds; per call: median and max)",
+        f"host time of the {args.request} requests ({n} rounds; per call: median and max)",
         [dict(call=k, calls=len(v) / n, us_per_request=sum(v) / n, median_us=median(v) if v else 0.0,
               max_us=max(v, default=0.0)) for k, v in calls.items()],
     )  # fmt: skip
+    if args.cprofile:
+        # Where the host time of one such request goes (cProfile inflates it: read it for where, not how much).
+        import cProfile
+        import pstats
+
+        doc, warm = pair()
+        if not timed_cold:
+            llm.generate([doc], p)
+        step, cprof = llm.engine.step, cProfile.Profile()
+
+        def profiled_step(_step=step, _prof=cprof):
+            """One engine step under cProfile."""
+            _prof.enable()
+            try:
+                return _step()
+            finally:
+                _prof.disable()
+
+        llm.engine.step = profiled_step
+        llm.generate([doc] if timed_cold else [warm], p)
+        llm.engine.step = step
+        print(f"the engine thread's steps of one {args.request} request (cProfile)")
+        pstats.Stats(cprof).sort_stats("tottime").print_stats(40)
+        pstats.Stats(cprof).sort_stats("cumulative").print_stats(30)
     doc, warm = pair()
-    llm.generate([doc], p)
+    if not timed_cold:
+        llm.generate([doc], p)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate([warm], p)
+        llm.generate([doc] if timed_cold else [warm], p)
     llm.shutdown()
-    steps = profiled_steps(prof, keep_as="warm_trace.json")
+    steps = profiled_steps(prof, keep_as=f"{args.request}_trace.json")
     events, total = device_events(prof)
     rows = kernel_rows(events, total)
-    print_table(f"{args.model}: GPU kernels of the warm step (4,096 cached + 32 new tokens)", rows)
+    what = "cold step (4,096 new tokens)" if timed_cold else "warm step (4,096 cached + 32 new tokens)"
+    print_table(f"{args.model}: GPU kernels of the {what}", rows)
     print_table("device spans (a step ends with its token copy)", steps)
     print_table("host (CPU) time (us)", host_rows(prof, 25))
-    ttfts.sort()
-    walls.sort()
-    print(f"kernel time {total:.0f} us; warm TTFT median {ttfts[len(ttfts) // 2] * 1e6:.0f} us, "
-          f"generate() wall median {walls[len(walls) // 2] * 1e6:.0f} us over {len(ttfts)} rounds")  # fmt: skip
+    other = "warm" if timed_cold else "cold"
+    print(
+        f"kernel time {total:.0f} us; {args.request} TTFT median {median(ttfts) * 1e6:.0f} us, generate() wall "
+        f"median {median(walls) * 1e6:.0f} us, {other} TTFT median {median(others) * 1e6:.0f} us over {n} rounds"
+    )
+    host_us = {k: dict(median_us=median(v), max_us=max(v), calls=len(v)) for k, v in calls.items() if v}
     write_result(
-        "gpu_profile_warm",
-        {"model": args.model, "kernel_us": total, "ttft_us": [x * 1e6 for x in ttfts],
-         "wall_us": [x * 1e6 for x in walls], "steps": steps, "rows": rows},
+        "gpu_profile_warm" if not timed_cold else "gpu_profile_cold",
+        {"model": args.model, "request": args.request, "kernel_us": total, "ttft_us": [x * 1e6 for x in ttfts],
+         f"{other}_ttft_us": [x * 1e6 for x in others], "wall_us": [x * 1e6 for x in walls], "host_us": host_us,
+         "steps": steps, "rows": rows},
         OUT,
     )  # fmt: skip
 
@@ -1109,6 +1148,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
+    parser.add_argument("--request", choices=["warm", "cold"], default="warm", help="warm: which request to time")
+    parser.add_argument("--cprofile", action="store_true", help="warm: also cProfile the engine steps of one request")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
     parser.add_argument("--few-rows", nargs="+", type=int, default=[4, 16, 32], help="fewrows: row counts")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")

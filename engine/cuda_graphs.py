@@ -1,5 +1,6 @@
-"""CUDA graphs for small steps: decode per batch size, cascade decode per batch size, and prefill/mixed steps per
-token count. FlashInfer wrappers read fixed buffers; plan() refills them outside the graph."""
+"""CUDA graphs: decode per batch size, cascade decode per batch size, and prefill/mixed steps per token count (up
+to 4,096 tokens where that pays on this host). FlashInfer wrappers read fixed buffers; plan() refills them outside
+the graph."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from engine.attention.flashinfer_backend import (
@@ -14,6 +16,7 @@ from engine.attention.flashinfer_backend import (
     GraphCascadeAttention,
     GraphDecodeAttention,
     GraphPrefillAttention,
+    eager_prefill_backend,
     no_split_decode_min_batch,
     skewed_variant_sizes,
     whole_kv_pays,
@@ -25,6 +28,11 @@ from engine.models.llama import ForwardContext
 logger = logging.getLogger("engine")
 
 PREFILL_TOKEN_SIZES = (16, 32, 64, 128, 256, 512)
+# Larger prefill/mixed steps (a new document, a long prompt) as graphs too, attending with FlashInfer's default
+# kernel (fa3 on sm90). Why: an eager step launches ~12 kernels per layer from Python, and where that takes longer
+# than the device needs, the step waits for the host: a 4,096-token step of Qwen3-0.6B has 11.6 ms of kernels and
+# took 15-25 ms eagerly on an H100 host (docs/benchmarks.md, section 4). Sizes 1.5x apart bound the padding.
+LARGE_PREFILL_TOKEN_SIZES = (768, 1024, 1536, 2048, 3072, 4096)
 PREFILL_GRAPH_REQUESTS = 16  # requests a prefill/mixed graph holds (plus one padding row)
 STEP_TUNE_CONTEXT = 384  # tokens of context in the decode step that refine_row_plan times (a short chat turn)
 
@@ -38,6 +46,22 @@ def step_tune_enabled() -> bool:
     if mode not in ("0", "1"):
         raise ValueError(f"NANOVLLM_STEP_TUNE={mode!r} must be 0 or 1")
     return mode == "1"
+
+
+def large_prefill_graphs_mode() -> str:
+    """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default) keeps the graphs of LARGE_PREFILL_TOKEN_SIZES that replay
+    faster than this host launches the same step eagerly, "1" keeps them all, "0" captures none."""
+    mode = os.environ.get("NANOVLLM_LARGE_PREFILL_GRAPHS", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"NANOVLLM_LARGE_PREFILL_GRAPHS={mode!r} must be 'auto', '0' or '1'")
+    return mode
+
+
+def large_prefill_sizes(max_num_batched_tokens: int) -> list[int]:
+    """The large prefill graph sizes captured under this step budget (none when NANOVLLM_LARGE_PREFILL_GRAPHS=0)."""
+    if large_prefill_graphs_mode() == "0":
+        return []
+    return [t for t in LARGE_PREFILL_TOKEN_SIZES if t <= max_num_batched_tokens]
 
 
 def twin_key(size: int, attn) -> tuple:
@@ -65,7 +89,8 @@ class GraphRunner:
         self.cascade_sizes = (
             [s for s in self.sizes if s >= config.cascade_min_requests] if config.enable_cascade_attention else []
         )
-        self.prefill_sizes = list(PREFILL_TOKEN_SIZES)
+        self.large_prefill_sizes = large_prefill_sizes(config.max_num_batched_tokens)
+        self.prefill_sizes = list(PREFILL_TOKEN_SIZES) + self.large_prefill_sizes
         self.prefill_rows = min(config.max_num_seqs, PREFILL_GRAPH_REQUESTS) + 1
         width = max([self.max_bs, self.prefill_rows, *self.prefill_sizes])
         dev = runner.device
@@ -98,14 +123,21 @@ class GraphRunner:
                     runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers)
                 )
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
+        large_backend = eager_prefill_backend()  # "auto": FlashInfer's choice, fa3 on sm90
         self.prefill_attn = {
-            t: GraphPrefillAttention(runner, bs, ws, self.prefill_rows, t, pages) for t in self.prefill_sizes
+            t: GraphPrefillAttention(
+                runner, bs, ws, self.prefill_rows, t, pages, large_backend if t > PREFILL_TOKEN_SIZES[-1] else "fa2"
+            )
+            for t in self.prefill_sizes
         }
+        # Set by capture() in "auto" mode: the eager launch time and each large graph's replay time it compared.
+        self.large_prefill_timing: dict | None = None
         # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
         self.num_plans = 0
         self.replays: dict[str, int] = {"decode": 0, "cascade": 0, "prefill": 0}  # steps served per graph kind
+        self.prefill_replays: dict[int, int] = {}  # prefill/mixed steps served per captured token count
         self.pool_bytes = 0
 
     # ---- capture ----
@@ -213,6 +245,8 @@ class GraphRunner:
             self.graphs[key] = (graph, out)
         torch.cuda.synchronize(dev)
         self.pool_bytes = torch.cuda.memory_reserved(dev) - before
+        if self.large_prefill_sizes and large_prefill_graphs_mode() == "auto":
+            self.keep_paying_large_prefill()
         logger.info(
             "captured %d CUDA graphs (decode batch %s, also unsplit at %s and Triton split-KV at %s; cascade batch %s; "
             "prefill tokens %s) in %.1fs, %.0f MiB",
@@ -224,6 +258,42 @@ class GraphRunner:
             ",".join(map(str, self.prefill_sizes)) or "-",
             time.perf_counter() - start,
             self.pool_bytes / 2**20,
+        )
+
+    def keep_paying_large_prefill(self) -> None:
+        """Keep the large prefill graphs that replay faster than this host launches one such step eagerly (the
+        model's kernels from Python: about the same host time at any size), and drop the others, which would only
+        pad the step. On a host with fast launches or for a large model, the eager step is bound by the device."""
+        from engine.layers.linear import replay_us
+
+        dev, small = self.runner.device, self.large_prefill_sizes[0]
+        attn = self.prefill_attn[small]
+        launches = []
+        for _ in range(3):
+            self._plan_padding("prefill", attn)
+            torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            self._forward("prefill", attn, small)
+            launches.append((time.perf_counter() - start) * 1e3)
+            torch.cuda.synchronize(dev)
+        eager_ms = min(launches)
+        replay_ms = {}
+        for t in self.large_prefill_sizes:
+            self._plan_padding("prefill", self.prefill_attn[t])
+            replay_ms[t] = replay_us(self.graphs[("prefill", t)][0]) / 1e3
+        kept = [t for t in self.large_prefill_sizes if replay_ms[t] < eager_ms]
+        for t in self.large_prefill_sizes:
+            self.prefill_attn[t].planned_shape = None  # planned for padding above: the next step plans afresh
+            if t not in kept:
+                del self.graphs[("prefill", t)], self.prefill_attn[t]
+        self.prefill_sizes = [t for t in self.prefill_sizes if t <= PREFILL_TOKEN_SIZES[-1] or t in kept]
+        self.large_prefill_sizes = kept
+        self.large_prefill_timing = dict(eager_launch_ms=eager_ms, replay_ms=replay_ms, kept=kept)
+        logger.info(
+            "large prefill graphs: an eager step takes %.1f ms to launch here; graphs replay in %s ms: kept %s",
+            eager_ms,
+            ", ".join(f"{t} tokens {ms:.1f}" for t, ms in replay_ms.items()),
+            ",".join(map(str, kept)) or "none",
         )
 
     # ---- replay ----
@@ -304,16 +374,17 @@ class GraphRunner:
         attn = self.prefill_attn[t]
         offset, samples = 0, []
         for i, s in enumerate(scheduled):
-            end = offset + s.num_new_tokens
-            h[IDS, offset:end] = s.req.all_token_ids[s.start : s.start + s.num_new_tokens]
-            h[ROPE_POS, offset:end] = h[APPEND_POS, offset:end] = range(s.start, s.start + s.num_new_tokens)
+            end, stop = offset + s.num_new_tokens, s.start + s.num_new_tokens
+            # From the prompt's packed bytes and an arange: a list or range into numpy costs ~0.1 ms per 4k tokens.
+            h[IDS, offset:end] = np.frombuffer(s.req.span_bytes(s.start, stop), dtype="<i8")
+            h[ROPE_POS, offset:end] = h[APPEND_POS, offset:end] = np.arange(s.start, stop)
             h[BATCH_IDX, offset:end] = i
             offset = end
             if s.samples:
                 samples.append(end - 1)
         pad = t - offset
         h[IDS, offset:t] = 0
-        h[ROPE_POS, offset:t] = h[APPEND_POS, offset:t] = range(pad)
+        h[ROPE_POS, offset:t] = h[APPEND_POS, offset:t] = np.arange(pad)
         h[BATCH_IDX, offset:t] = attn.rows - 1  # the padding row: causal over dummy pages
         h[SAMPLE_ROWS, : attn.rows] = 0
         h[SAMPLE_ROWS, : len(samples)] = samples
@@ -323,4 +394,5 @@ class GraphRunner:
             [s.start + s.num_new_tokens for s in scheduled],
             self.runner.dummy_block,
         )
+        self.prefill_replays[t] = self.prefill_replays.get(t, 0) + 1
         return self._replay(("prefill", t), len(samples), pending, prev)

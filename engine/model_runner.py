@@ -296,6 +296,7 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_free_memory(self, config, max_model_len: int) -> int:
         """Bytes left for the KV cache after a warm-up at the largest step shape, under gpu_memory_utilization."""
+        from engine.cuda_graphs import large_prefill_sizes
         from engine.request import Request
         from engine.sampling_params import SamplingParams
         from engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -325,9 +326,12 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(dev)
         used = total - free
         # CUDA graphs keep their own pool (activations at the largest shape), FlashInfer's buffers and one logits
-        # buffer for the largest batch.
+        # buffer for the largest batch; the largest prefill graph's activations are its share of the warm-up's.
         logits_bytes = max(config.max_num_seqs, 17) * self.vocab_size * torch.finfo(self.dtype).bits // 8
-        graph_reserve = 0 if config.enforce_eager else 256 * 2**20 + logits_bytes
+        warmup_kv = num_seqs * blocks_per_seq * self.kv_bytes_per_block(bs)
+        largest = max(large_prefill_sizes(config.max_num_batched_tokens), default=0)
+        prefill_graph = max(0, peak - current - warmup_kv) * largest // total_tokens
+        graph_reserve = 0 if config.enforce_eager else 256 * 2**20 + logits_bytes + prefill_graph
         return int(total * config.gpu_memory_utilization - used - (peak - current) - graph_reserve)
 
     def release(self) -> None:

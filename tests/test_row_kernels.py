@@ -9,7 +9,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, fused_decode_enabled, triton_decode_max_rows
-from engine.cuda_graphs import step_tune_enabled
+from engine.cuda_graphs import LARGE_PREFILL_TOKEN_SIZES, PREFILL_TOKEN_SIZES, large_prefill_sizes, step_tune_enabled
 from engine.layers.gemv import (
     MAX_TILES,
     ROLES,
@@ -146,6 +146,23 @@ def test_switches_reject_bad_values(monkeypatch):
             SplitDecode(1, 16, 8, 128, "cpu", num_sms=132)
     monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", "8")
     assert SplitDecode(1, 16, 8, 128, "cpu", num_sms=132).min_pages == 8
+
+
+def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeypatch):
+    monkeypatch.delenv("NANOVLLM_LARGE_PREFILL_GRAPHS", raising=False)
+    assert large_prefill_sizes(8192) == list(LARGE_PREFILL_TOKEN_SIZES)  # "auto": all captured, then measured
+    assert large_prefill_sizes(2048) == [768, 1024, 1536, 2048]  # never above the step's token budget
+    assert large_prefill_sizes(512) == []
+    # Consecutive sizes at most 1.5x apart, from the small graphs' largest on: a step pads by at most half.
+    sizes = [PREFILL_TOKEN_SIZES[-1], *LARGE_PREFILL_TOKEN_SIZES]
+    assert all(b <= 1.5 * a for a, b in zip(sizes, sizes[1:]))
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "1")
+    assert large_prefill_sizes(4096) == list(LARGE_PREFILL_TOKEN_SIZES)
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "0")
+    assert large_prefill_sizes(8192) == []
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_LARGE_PREFILL_GRAPHS='yes' must be 'auto', '0' or '1'"):
+        large_prefill_sizes(8192)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (1024, 3072), (12288, 4096), (1536, 576)])

@@ -215,10 +215,10 @@ class _FlashInferAttention(AttentionBackend):
             kv_data_type=self.dtype,
         )
 
-    def _prefill_wrapper(self, **graph_buffers):
+    def _prefill_wrapper(self, graph_backend: str = "fa2", **graph_buffers):
         if graph_buffers:
             return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self.workspace, "HND", use_cuda_graph=True, backend="fa2", **graph_buffers
+                self.workspace, "HND", use_cuda_graph=True, backend=graph_backend, **graph_buffers
             )
         return self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "HND", backend=eager_prefill_backend()
@@ -512,12 +512,14 @@ class GraphCascadeAttention(GraphDecodeAttention):
 
 class GraphPrefillAttention(GraphAttention):
     """Prefill or mixed steps of up to `tokens` query tokens and rows - 1 requests; the last row takes the
-    padding tokens (causal over dummy pages), unused rows have no query tokens."""
+    padding tokens (causal over dummy pages), unused rows have no query tokens. `backend`: FlashInfer's kernel
+    family ("fa2", or "auto" for fa3 on sm90, which large steps want: docs/benchmarks.md, section 4)."""
 
-    def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row):
+    def __init__(self, runner, block_size, workspace, rows, tokens, max_pages_per_row, backend: str = "fa2"):
         super().__init__(runner, block_size, workspace, rows, tokens, max_pages_per_row)
         self.qo_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=self.device)
         self.prefill = self._prefill_wrapper(
+            backend,
             qo_indptr_buf=self.qo_indptr,
             paged_kv_indptr_buf=self.kv_indptr,
             paged_kv_indices_buf=self.kv_indices,

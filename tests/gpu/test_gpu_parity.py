@@ -154,10 +154,11 @@ def test_mixed_lengths_prefix_hits_and_graphs_match_hf(model_dir):
         llm.shutdown()
 
 
-def test_eager_prefill_kernel_choice_matches_hf(model_dir):
+def test_eager_prefill_kernel_choice_matches_hf(model_dir, monkeypatch):
     """Many short requests over a cached prefix prefill in one eager step on FlashInfer's fa2 kernel (fa3's query
     tiles would be mostly idle), a long prompt on the default one; both match HF."""
     folder, hf = model_dir
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "0")  # the 700-token prompt runs eagerly
     llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=32)
     try:
         steps = llm.runner.backend.prefill_steps
@@ -173,6 +174,34 @@ def test_eager_prefill_kernel_choice_matches_hf(model_dir):
         outs, rows = engine_logits(llm, long, GREEDY)
         assert steps["auto"] == auto + 1 and steps["fa2"] == fa2 + 1
         check_against_hf(hf, long, outs, rows)
+    finally:
+        llm.shutdown()
+
+
+def test_large_prefill_graphs_match_hf(model_dir, monkeypatch):
+    """Steps of 513-4,096 tokens replay the large prefill graphs (fa3 attention on sm90, padded to the next
+    captured size): one long prompt, two prompts in one step, and a long continuation of a cached prefix (its
+    queries start past the cached pages); all match HF."""
+    folder, hf = model_dir
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "1")  # every large size, whatever this host measures
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=32)
+    try:
+        graphs = llm.runner.graphs
+        assert graphs.large_prefill_sizes == [768, 1024, 1536, 2048, 3072, 4096]
+        prefix = make_prompts([640], seed=21)[0]
+        cases = [  # (prompts, the graph size of their first step, cached tokens of the first prompt)
+            (make_prompts([700], seed=20), 768, 0),
+            (make_prompts([300, 900], seed=22), 1536, 0),
+            ([prefix], 768, 0),  # 640 new tokens; its 10 whole pages enter the cache
+            ([prefix + make_prompts([1900], seed=23)[0]], 2048, 640),  # 1,900 new tokens after 640 cached
+            (make_prompts([3500], seed=24), 4096, 0),
+        ]
+        for prompts, size, cached in cases:
+            before = graphs.prefill_replays.get(size, 0)
+            outs, rows = engine_logits(llm, prompts, GREEDY)
+            assert graphs.prefill_replays.get(size, 0) == before + 1, (size, graphs.prefill_replays)
+            assert outs[0].num_cached_tokens == cached
+            check_against_hf(hf, prompts, outs, rows)
     finally:
         llm.shutdown()
 
