@@ -526,7 +526,8 @@ def bench_prefix_cache(args) -> None:
                 f"{len(measured)} rounds)", [row])  # fmt: skip
     row["rounds"] = [dict(cold_ttft_s=c, warm_ttft_s=w) for c, w, _ in measured]
     if large:
-        row["large_prefill_timing"] = graphs.large_prefill_timing
+        row["large_prefill_replay_ms"] = graphs.large_replay_ms
+        row["eager_launch_ms"] = graphs.eager_launch_ms  # the latest eager prefill launch (the A/B rounds')
         row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
 

@@ -130,8 +130,10 @@ class GraphRunner:
             )
             for t in self.prefill_sizes
         }
-        # Set by capture() in "auto" mode: the eager launch time and each large graph's replay time it compared.
-        self.large_prefill_timing: dict | None = None
+        # "auto" mode: each large graph's replay time (capture() measures it) and the host time of launching an
+        # eager step (capture() measures a first one, then note_eager_launch). Without them ("1"): always replay.
+        self.large_replay_ms: dict[int, float] = {}
+        self.eager_launch_ms = float("inf")
         # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
@@ -246,7 +248,7 @@ class GraphRunner:
         torch.cuda.synchronize(dev)
         self.pool_bytes = torch.cuda.memory_reserved(dev) - before
         if self.large_prefill_sizes and large_prefill_graphs_mode() == "auto":
-            self.keep_paying_large_prefill()
+            self.time_large_prefill()
         logger.info(
             "captured %d CUDA graphs (decode batch %s, also unsplit at %s and Triton split-KV at %s; cascade batch %s; "
             "prefill tokens %s) in %.1fs, %.0f MiB",
@@ -260,10 +262,9 @@ class GraphRunner:
             self.pool_bytes / 2**20,
         )
 
-    def keep_paying_large_prefill(self) -> None:
-        """Keep the large prefill graphs that replay faster than this host launches one such step eagerly (the
-        model's kernels from Python: about the same host time at any size), and drop the others, which would only
-        pad the step. On a host with fast launches or for a large model, the eager step is bound by the device."""
+    def time_large_prefill(self) -> None:
+        """Time each large prefill graph's replay, and one eager launch of the model from this thread as the first
+        estimate of eager_launch_ms (launches of real eager steps replace it: see prefill_size)."""
         from engine.layers.linear import replay_us
 
         dev, small = self.runner.device, self.large_prefill_sizes[0]
@@ -276,25 +277,21 @@ class GraphRunner:
             self._forward("prefill", attn, small)
             launches.append((time.perf_counter() - start) * 1e3)
             torch.cuda.synchronize(dev)
-        eager_ms = min(launches)
-        replay_ms = {}
+        self.eager_launch_ms = min(launches)
         for t in self.large_prefill_sizes:
             self._plan_padding("prefill", self.prefill_attn[t])
-            replay_ms[t] = replay_us(self.graphs[("prefill", t)][0]) / 1e3
-        kept = [t for t in self.large_prefill_sizes if replay_ms[t] < eager_ms]
-        for t in self.large_prefill_sizes:
+            self.large_replay_ms[t] = replay_us(self.graphs[("prefill", t)][0]) / 1e3
             self.prefill_attn[t].planned_shape = None  # planned for padding above: the next step plans afresh
-            if t not in kept:
-                del self.graphs[("prefill", t)], self.prefill_attn[t]
-        self.prefill_sizes = [t for t in self.prefill_sizes if t <= PREFILL_TOKEN_SIZES[-1] or t in kept]
-        self.large_prefill_sizes = kept
-        self.large_prefill_timing = dict(eager_launch_ms=eager_ms, replay_ms=replay_ms, kept=kept)
         logger.info(
-            "large prefill graphs: an eager step takes %.1f ms to launch here; graphs replay in %s ms: kept %s",
-            eager_ms,
-            ", ".join(f"{t} tokens {ms:.1f}" for t, ms in replay_ms.items()),
-            ",".join(map(str, kept)) or "none",
+            "large prefill graphs replay in %s ms; an eager step took %.1f ms to launch at start-up (each such graph "
+            "serves while it replays faster than eager steps launch)",
+            ", ".join(f"{t} tokens {ms:.1f}" for t, ms in self.large_replay_ms.items()),
+            self.eager_launch_ms,
         )
+
+    def note_eager_launch(self, ms: float) -> None:
+        """Record the host time of an eager prefill step's launch (the latest one stands: the host's speed drifts)."""
+        self.eager_launch_ms = ms
 
     # ---- replay ----
 
@@ -307,10 +304,15 @@ class GraphRunner:
         return bool(self.cascade_sizes) and num_reqs <= self.cascade_sizes[-1]
 
     def prefill_size(self, num_tokens: int, num_reqs: int) -> int | None:
-        """The captured token count for a prefill/mixed step, or None when it runs eagerly."""
+        """The captured token count for a prefill/mixed step, or None when it runs eagerly: also when it needs a
+        large graph that replays slower than this host has lately launched an eager step (the step would then be
+        bound by the device, and the graph only adds padding)."""
         if num_reqs >= self.prefill_rows:
             return None
-        return next((t for t in self.prefill_sizes if t >= num_tokens), None)
+        t = next((t for t in self.prefill_sizes if t >= num_tokens), None)
+        if t is not None and self.large_replay_ms.get(t, 0.0) >= self.eager_launch_ms:
+            return None
+        return t
 
     def _replay(self, key: tuple, n: int, pending, prev) -> torch.Tensor:
         self.static.copy_(self.host, non_blocking=True)  # a few KiB: one copy, whatever the shape

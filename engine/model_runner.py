@@ -227,10 +227,13 @@ class ModelRunner:
             logits = graphs.prefill(out.scheduled, prefill_tokens, pending, prev)
         else:
             kind = "eager_cascade" if shared_prefix_blocks else "eager_decode" if decode_only else "eager_prefill"
+            eager_start = time.perf_counter()
             input_ids, meta, sample_rows = self.build_metadata(out)
             self.patch_inputs(input_ids, pending, prev)
             meta.shared_prefix_blocks = shared_prefix_blocks
             hidden = self.forward_hidden(input_ids, meta)
+            if graphs is not None and kind == "eager_prefill":
+                graphs.note_eager_launch((time.perf_counter() - eager_start) * 1e3)
             if not reqs:
                 return None
             (rows,) = to_device([torch.tensor(sample_rows, dtype=torch.long)], self.device)

@@ -165,6 +165,29 @@ def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeyp
         large_prefill_sizes(8192)
 
 
+def test_a_large_prefill_graph_serves_only_while_it_replays_faster_than_eager_steps_launch():
+    from types import SimpleNamespace
+
+    from engine.cuda_graphs import GraphRunner
+
+    graphs = SimpleNamespace(
+        prefill_rows=17, prefill_sizes=[16, 512, 768, 4096], large_replay_ms={768: 2.5, 4096: 11.6}, eager_launch_ms=7.0
+    )
+
+    def size(tokens: int, reqs: int = 1):
+        return GraphRunner.prefill_size(graphs, tokens, reqs)
+
+    assert size(10) == 16 and size(512) == 512 and size(700) == 768
+    assert size(3000) is None  # its graph replays in 11.6 ms, eager steps launch in 7: eager, unpadded
+    assert size(5000) is None and size(100, reqs=17) is None  # larger than every graph; more requests than rows
+    GraphRunner.note_eager_launch(graphs, 15.0)  # the host got slower: the 4,096-token graph pays now
+    assert size(3000) == 4096
+    GraphRunner.note_eager_launch(graphs, 2.0)
+    assert size(3000) is None and size(700) is None and size(300) == 512
+    graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
+    assert size(3000) == 4096
+
+
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (1024, 3072), (12288, 4096), (1536, 576)])
 def test_few_row_configs_divide_the_weight(n, k):
     configs = rows_configs_for(n, k)
