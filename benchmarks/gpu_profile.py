@@ -307,6 +307,23 @@ class HostTimer:
             setattr(cls, name, original)
 
 
+def profile_engine_steps(llm, prof, on: list[bool]) -> None:
+    """Run the engine's steps under the cProfile profiler `prof` while on[0] is true."""
+    step = llm.engine.step
+
+    def profiled_step():
+        """One engine step, profiled while on[0]."""
+        if not on[0]:
+            return step()
+        prof.enable()
+        try:
+            return step()
+        finally:
+            prof.disable()
+
+    llm.engine.step = profiled_step
+
+
 def profile_warm(args) -> None:
     """The prefix_cache benchmark's warm request (4,096 cached tokens + 32 new), or with --request cold the cold
     one (4,096 new tokens): host time per call, kernels, device span and wall."""
@@ -380,19 +397,10 @@ def profile_warm(args) -> None:
         doc, warm = pair()
         if not timed_cold:
             llm.generate([doc], p)
-        step, cprof = llm.engine.step, cProfile.Profile()
-
-        def profiled_step(_step=step, _prof=cprof):
-            """One engine step under cProfile."""
-            _prof.enable()
-            try:
-                return _step()
-            finally:
-                _prof.disable()
-
-        llm.engine.step = profiled_step
+        cprof, profiling = cProfile.Profile(), [True]
+        profile_engine_steps(llm, cprof, profiling)
         llm.generate([doc] if timed_cold else [warm], p)
-        llm.engine.step = step
+        profiling[0] = False
         print(f"the engine thread's steps of one {args.request} request (cProfile)")
         pstats.Stats(cprof).sort_stats("tottime").print_stats(40)
         pstats.Stats(cprof).sort_stats("cumulative").print_stats(30)
@@ -466,19 +474,8 @@ def profile_shared_prefill(args) -> None:
         llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
         host = HostTimer(targets)
         # The engine thread's steps under cProfile in round 1, the first whose prefill is followed by a decode step.
-        step, cprof, profiling = llm.engine.step, cProfile.Profile(), [False]
-
-        def profiled_step(_step=step, _prof=cprof, _on=profiling):
-            """One engine step, profiled while _on[0]."""
-            if not _on[0]:
-                return _step()
-            _prof.enable()
-            try:
-                return _step()
-            finally:
-                _prof.disable()
-
-        llm.engine.step = profiled_step
+        cprof, profiling = cProfile.Profile(), [False]
+        profile_engine_steps(llm, cprof, profiling)
         for r in range(args.steps):
             prefix = [rng.randrange(10, 30000) for _ in range(4096)]
             llm.generate([prefix + [5]], SamplingParams(max_tokens=1))  # the prefix enters the cache
