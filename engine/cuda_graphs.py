@@ -64,6 +64,15 @@ def large_prefill_sizes(max_num_batched_tokens: int) -> list[int]:
     return [t for t in LARGE_PREFILL_TOKEN_SIZES if t <= max_num_batched_tokens]
 
 
+def input_block(width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The per-step int64 input rows (IDS ... SAMPLE_ROWS) for graphs of up to `width` tokens or requests: the
+    device block the graphs read, its pinned host twin and a numpy view of that. Padding state: last-page length 1."""
+    static = torch.zeros(6, width, dtype=torch.long, device=device)
+    host = torch.zeros(6, width, dtype=torch.long).pin_memory()
+    static[LAST_LEN].fill_(1)
+    return static, host, host.numpy()
+
+
 def twin_key(size: int, attn) -> tuple:
     """The graph key of a decode twin: ("decode", size, "whole_kv") when it plans unsplit, else (..., "split")."""
     return ("decode", size, "whole_kv" if attn.whole_kv else "split")
@@ -92,12 +101,12 @@ class GraphRunner:
         self.large_prefill_sizes = large_prefill_sizes(config.max_num_batched_tokens)
         self.prefill_sizes = list(PREFILL_TOKEN_SIZES) + self.large_prefill_sizes
         self.prefill_rows = min(config.max_num_seqs, PREFILL_GRAPH_REQUESTS) + 1
-        width = max([self.max_bs, self.prefill_rows, *self.prefill_sizes])
+        width = max([self.max_bs, self.prefill_rows, *PREFILL_TOKEN_SIZES])
         dev = runner.device
-        self.static = torch.zeros(6, width, dtype=torch.long, device=dev)
-        self.host = torch.zeros(6, width, dtype=torch.long).pin_memory()
-        self.host_np = self.host.numpy()
-        self.static[LAST_LEN].fill_(1)
+        self.static, self.host, self.host_np = input_block(width, dev)
+        # The large prefill graphs read a block of their own: every replay copies its whole block, and decode steps
+        # should copy a few KiB, not the 192 KiB a 4,096-token block takes.
+        self.large_inputs = input_block(max(self.large_prefill_sizes), dev) if self.large_prefill_sizes else None
         self.logits = torch.empty(
             max(self.max_bs, self.prefill_rows), runner.vocab_size, dtype=runner.dtype, device=dev
         )
@@ -157,7 +166,7 @@ class GraphRunner:
         # Inside the graph: int64 -> int32 copies of the append coordinates (and last-page lengths for decode, which
         # change every step while the page lists do not; the fused decode kernel needs none), then the model and
         # the lm_head.
-        s = self.static
+        s = self._inputs(kind, n)[0]
         if attn.fused_decode:
             attn.last_len = s[LAST_LEN, :n]  # its kernel reads the int64 rows itself and appends by the page table
         else:
@@ -314,9 +323,16 @@ class GraphRunner:
             return None
         return t
 
+    def _inputs(self, kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The input block a graph of this kind and size reads (input_block)."""
+        if kind == "prefill" and n > PREFILL_TOKEN_SIZES[-1]:
+            return self.large_inputs
+        return self.static, self.host, self.host_np
+
     def _replay(self, key: tuple, n: int, pending, prev) -> torch.Tensor:
-        self.static.copy_(self.host, non_blocking=True)  # a few KiB: one copy, whatever the shape
-        self.runner.patch_inputs(self.static[IDS], pending, prev)
+        static, host, _ = self._inputs(*key[:2])
+        static.copy_(host, non_blocking=True)  # one copy, whatever the shape
+        self.runner.patch_inputs(static[IDS], pending, prev)
         self.runner.inputs_sent()
         graph, logits = self.graphs[key]
         graph.replay()
@@ -372,7 +388,7 @@ class GraphRunner:
     def prefill(self, scheduled: list, t: int, pending=None, prev=None) -> torch.Tensor:
         """Logits [num sampling requests, vocab] for a prefill/mixed step, padded to the captured token count t
         (from prefill_size)."""
-        h = self.host_np
+        h = self._inputs("prefill", t)[2]
         attn = self.prefill_attn[t]
         offset, samples = 0, []
         for i, s in enumerate(scheduled):
