@@ -186,6 +186,10 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_faster_than_eager_st
     assert size(3000) is None and size(700) is None and size(300) == 512
     graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
     assert size(3000) == 4096
+    # Large prefill graphs read an input block of their own; every other graph the small one (a few KiB per copy).
+    graphs.static, graphs.host, graphs.host_np, graphs.large_inputs = "static", "host", "np", ("big",) * 3
+    blocks = {key: GraphRunner._inputs(graphs, *key)[0] for key in [("prefill", 512), ("prefill", 768), ("decode", 64)]}
+    assert blocks == {("prefill", 512): "static", ("prefill", 768): "big", ("decode", 64): "static"}
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (1024, 3072), (12288, 4096), (1536, 576)])
