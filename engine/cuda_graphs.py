@@ -49,8 +49,9 @@ def step_tune_enabled() -> bool:
 
 
 def large_prefill_graphs_mode() -> str:
-    """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default) keeps the graphs of LARGE_PREFILL_TOKEN_SIZES that replay
-    faster than this host launches the same step eagerly, "1" keeps them all, "0" captures none."""
+    """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default): a graph of LARGE_PREFILL_TOKEN_SIZES serves a step while it
+    replays faster than this host's latest eager prefill launch (GraphRunner.prefill_size); "1": always; "0": none
+    is captured."""
     mode = os.environ.get("NANOVLLM_LARGE_PREFILL_GRAPHS", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"NANOVLLM_LARGE_PREFILL_GRAPHS={mode!r} must be 'auto', '0' or '1'")
