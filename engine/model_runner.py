@@ -323,6 +323,7 @@ class ModelRunner:
         self.sampler.request_generators.clear()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
+        warmup_kv = self.kv_cache_storage.nbytes  # part of the peak, not an activation
         self.kv_cache, self.kv_cache_storage = [], None
         torch.cuda.empty_cache()
         current = torch.cuda.memory_allocated(dev)
@@ -331,7 +332,6 @@ class ModelRunner:
         # CUDA graphs keep their own pool (activations at the largest shape), FlashInfer's buffers and one logits
         # buffer for the largest batch; the largest prefill graph's activations are its share of the warm-up's.
         logits_bytes = max(config.max_num_seqs, 17) * self.vocab_size * torch.finfo(self.dtype).bits // 8
-        warmup_kv = num_seqs * blocks_per_seq * self.kv_bytes_per_block(bs)
         largest = max(large_prefill_sizes(config.max_num_batched_tokens), default=0)
         prefill_graph = max(0, peak - current - warmup_kv) * largest // total_tokens
         graph_reserve = 0 if config.enforce_eager else 256 * 2**20 + logits_bytes + prefill_graph
