@@ -492,7 +492,7 @@ def bench_prefix_cache(args) -> None:
     rng = random.Random(0)
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    pairs, eager_colds = [], []
+    pairs, eager_colds, cold_paths = [], [], []
     graphs = llm.runner.graphs
     large = graphs.large_prefill_sizes if graphs is not None else []
     # Round 0 loads every kernel variant (full and partial prefill); the other rounds are measured with fresh
@@ -502,7 +502,10 @@ def bench_prefix_cache(args) -> None:
         if large and r % 2:
             eager_colds.append(cold_without_large_graphs(llm, rng, p))  # the same process's eager path, A/B
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
+        before = sum(graphs.prefill_replays.get(t, 0) for t in large) if large else 0
         cold = llm.generate([doc], p)[0]
+        if large:  # whether the rule (GraphRunner.prefill_size) gave this cold step a graph
+            cold_paths.append("graph" if sum(graphs.prefill_replays.get(t, 0) for t in large) > before else "eager")
         warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
         pairs.append((cold.time_to_first_token, warm.time_to_first_token, warm.num_cached_tokens))
         if large and not r % 2:
@@ -528,6 +531,8 @@ def bench_prefix_cache(args) -> None:
     if large:
         row["large_prefill_replay_ms"] = graphs.large_replay_ms
         row["eager_launch_ms"] = graphs.eager_launch_ms  # the latest eager prefill launch (the A/B rounds')
+        row["eager_lag_ms"] = graphs.eager_lag_ms  # what the latest timed one kept the device beyond launch/kernels
+        row["cold_paths"] = cold_paths[1:]  # graph or eager, per measured cold round
         row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
 

@@ -50,7 +50,7 @@ def step_tune_enabled() -> bool:
 
 def large_prefill_graphs_mode() -> str:
     """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default): a graph of LARGE_PREFILL_TOKEN_SIZES serves a step while it
-    replays faster than this host's latest eager prefill launch (GraphRunner.prefill_size); "1": always; "0": none
+    replays faster than the step would run eagerly on this host (GraphRunner.prefill_size); "1": always; "0": none
     is captured."""
     mode = os.environ.get("NANOVLLM_LARGE_PREFILL_GRAPHS", "auto")
     if mode not in ("auto", "0", "1"):
@@ -140,10 +140,13 @@ class GraphRunner:
             )
             for t in self.prefill_sizes
         }
-        # "auto" mode: each large graph's replay time (capture() measures it) and the host time of launching an
-        # eager step (capture() measures a first one, then note_eager_launch). Without them ("1"): always replay.
+        # "auto" mode: each large graph's replay time (capture() measures it), the host time of launching an
+        # eager step (capture() measures a first one, then note_eager_launch) and how much longer than both an
+        # eager step of this range kept the device (eager_lag_ms). Without them ("1"): always replay.
         self.large_replay_ms: dict[int, float] = {}
         self.eager_launch_ms = float("inf")
+        self.eager_lag_ms = 0.0
+        self._eager_timed: tuple | None = None  # (start event, end event, launch ms, tokens) until the step ends
         # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
@@ -294,14 +297,54 @@ class GraphRunner:
             self.prefill_attn[t].planned_shape = None  # planned for padding above: the next step plans afresh
         logger.info(
             "large prefill graphs replay in %s ms; an eager step took %.1f ms to launch at start-up (each such graph "
-            "serves while it replays faster than eager steps launch)",
+            "serves while it replays no slower than the step would take eagerly: the longer of its launch and its "
+            "kernels, plus the lag eager steps show)",
             ", ".join(f"{t} tokens {ms:.1f}" for t, ms in self.large_replay_ms.items()),
             self.eager_launch_ms,
         )
 
-    def note_eager_launch(self, ms: float) -> None:
-        """Record the host time of an eager prefill step's launch (the latest one stands: the host's speed drifts)."""
+    def start_eager_timing(self, num_tokens: int, num_reqs: int) -> tuple | None:
+        """Before an eager prefill step is launched: (start event, recorded now, end event, tokens) when a large
+        graph could have served the step, for note_eager_launch to time its device span; otherwise None."""
+        if not self.times_eager(num_tokens, num_reqs):
+            return None
+        timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), num_tokens)
+        timed[0].record()
+        return timed
+
+    def note_eager_launch(self, ms: float, timed: tuple | None = None) -> None:
+        """After an eager prefill step is launched: record the host time its launch took (the latest one stands:
+        the host's speed drifts) and, with start_eager_timing's `timed`, mark its end to read its device span."""
         self.eager_launch_ms = ms
+        if timed is not None:
+            timed[1].record()
+            self._eager_timed = (*timed[:2], ms, timed[2])
+
+    def times_eager(self, num_tokens: int, num_reqs: int) -> bool:
+        """Whether an eager prefill step of this shape is one a large graph could have served, so that its device
+        span is worth timing (prefill_size compares it with the graph's replay)."""
+        return bool(self.large_replay_ms) and num_reqs < self.prefill_rows and num_tokens <= max(self.large_replay_ms)
+
+    def kernel_ms(self, num_tokens: int) -> float:
+        """The device time of a prefill step's kernels at this token count: the large graphs' replay times,
+        linearly interpolated (zero tokens take zero time)."""
+        lo_t, lo_ms = 0, 0.0
+        for t, ms in sorted(self.large_replay_ms.items()):
+            if num_tokens <= t:
+                return lo_ms + (ms - lo_ms) * (num_tokens - lo_t) / (t - lo_t)
+            lo_t, lo_ms = t, ms
+        return lo_ms * num_tokens / lo_t if lo_t else 0.0
+
+    def _settle_eager_lag(self) -> None:
+        # Read the last timed eager step once the device is past it (a query, never a wait): how much longer than
+        # its launch or its kernels it kept the device. Where the host launches about as fast as the device runs,
+        # each hiccup of the host idles the device, so the step takes longer than either (docs/benchmarks.md).
+        if self._eager_timed is None or not self._eager_timed[1].query():
+            return
+        start, end, launch_ms, tokens = self._eager_timed
+        self._eager_timed = None
+        span = start.elapsed_time(end)
+        self.eager_lag_ms = max(0.0, span - max(launch_ms, self.kernel_ms(tokens)))
 
     # ---- replay ----
 
@@ -315,14 +358,17 @@ class GraphRunner:
 
     def prefill_size(self, num_tokens: int, num_reqs: int) -> int | None:
         """The captured token count for a prefill/mixed step, or None when it runs eagerly: also when it needs a
-        large graph that replays slower than this host has lately launched an eager step (the step would then be
-        bound by the device, and the graph only adds padding)."""
+        large graph that replays slower than the step would take eagerly. An eager step takes as long as the
+        longer of its launch (this host's latest) and its kernels (kernel_ms, unpadded), plus the lag the latest
+        timed eager step showed; the graph takes its replay, padding included."""
         if num_reqs >= self.prefill_rows:
             return None
         t = next((t for t in self.prefill_sizes if t >= num_tokens), None)
-        if t is not None and self.large_replay_ms.get(t, 0.0) >= self.eager_launch_ms:
-            return None
-        return t
+        if t is None or t not in self.large_replay_ms:
+            return t
+        self._settle_eager_lag()
+        eager_ms = max(self.eager_launch_ms, self.kernel_ms(num_tokens)) + self.eager_lag_ms
+        return t if self.large_replay_ms[t] <= eager_ms else None
 
     def _inputs(self, kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """The input block a graph of this kind and size reads (input_block)."""

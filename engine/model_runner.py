@@ -228,12 +228,15 @@ class ModelRunner:
         else:
             kind = "eager_cascade" if shared_prefix_blocks else "eager_decode" if decode_only else "eager_prefill"
             eager_start = time.perf_counter()
+            timed = None
+            if graphs is not None and kind == "eager_prefill":
+                timed = graphs.start_eager_timing(out.num_tokens, len(out.scheduled))
             input_ids, meta, sample_rows = self.build_metadata(out)
             self.patch_inputs(input_ids, pending, prev)
             meta.shared_prefix_blocks = shared_prefix_blocks
             hidden = self.forward_hidden(input_ids, meta)
             if graphs is not None and kind == "eager_prefill":
-                graphs.note_eager_launch((time.perf_counter() - eager_start) * 1e3)
+                graphs.note_eager_launch((time.perf_counter() - eager_start) * 1e3, timed)
             if not reqs:
                 return None
             (rows,) = to_device([torch.tensor(sample_rows, dtype=torch.long)], self.device)

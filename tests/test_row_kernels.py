@@ -165,30 +165,59 @@ def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeyp
         large_prefill_sizes(8192)
 
 
-def test_a_large_prefill_graph_serves_only_while_it_replays_faster_than_eager_steps_launch():
-    from types import SimpleNamespace
-
+def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_eager_step():
     from engine.cuda_graphs import GraphRunner
 
-    graphs = SimpleNamespace(
-        prefill_rows=17, prefill_sizes=[16, 512, 768, 4096], large_replay_ms={768: 2.5, 4096: 11.6}, eager_launch_ms=7.0
-    )
+    class Event:  # a CUDA event pair's stand-in: `span` ms apart, reached by the device once `done`
+        def __init__(self, span: float = 0.0):
+            self.span, self.done, self.recorded = span, False, 0
+
+        def record(self) -> None:
+            self.recorded += 1
+
+        def query(self) -> bool:
+            return self.done
+
+        def elapsed_time(self, end) -> float:
+            return self.span
+
+    graphs = GraphRunner.__new__(GraphRunner)  # only the fields the rule reads
+    graphs.prefill_rows, graphs.prefill_sizes = 17, [16, 512, 768, 4096]
+    graphs.large_replay_ms, graphs.eager_launch_ms = {768: 2.5, 4096: 11.6}, 7.0
+    graphs.eager_lag_ms, graphs._eager_timed = 0.0, None
 
     def size(tokens: int, reqs: int = 1):
-        return GraphRunner.prefill_size(graphs, tokens, reqs)
+        return graphs.prefill_size(tokens, reqs)
 
+    # Kernel time between the captured sizes is interpolated from their replays (zero tokens: zero time).
+    assert graphs.kernel_ms(4096) == 11.6 and graphs.kernel_ms(384) == 1.25
+    assert abs(graphs.kernel_ms(2432) - (2.5 + 11.6) / 2) < 1e-9
     assert size(10) == 16 and size(512) == 512 and size(700) == 768
-    assert size(3000) is None  # its graph replays in 11.6 ms, eager steps launch in 7: eager, unpadded
+    # 3,000 tokens: the graph replays 4,096 in 11.6 ms; eagerly, launch 7 ms, kernels ~8.6: eager, unpadded.
+    assert size(3000) is None
+    assert size(4096) == 4096  # no padding: the eager step's kernels alone take as long as the replay
     assert size(5000) is None and size(100, reqs=17) is None  # larger than every graph; more requests than rows
-    GraphRunner.note_eager_launch(graphs, 15.0)  # the host got slower: the 4,096-token graph pays now
+    graphs.note_eager_launch(15.0)  # the host got slower: the 4,096-token graph pays now
     assert size(3000) == 4096
-    GraphRunner.note_eager_launch(graphs, 2.0)
+    graphs.note_eager_launch(2.0)
     assert size(3000) is None and size(700) is None and size(300) == 512
+    # A timed eager step of 4,000 tokens: launched in 10 ms, its kernels ~11.3 ms, yet it kept the device 13 ms
+    # (the host's hiccups idle the device). Until the device is past it nothing changes; then the lag counts.
+    assert graphs.times_eager(4000, 1) and not graphs.times_eager(5000, 1) and not graphs.times_eager(4000, 17)
+    start, end = Event(13.0), Event()
+    graphs.note_eager_launch(10.0, (start, end, 4000))
+    assert end.recorded == 1 and graphs.eager_launch_ms == 10.0 and size(4000) is None and graphs.eager_lag_ms == 0.0
+    end.done = True
+    assert size(4000) == 4096 and abs(graphs.eager_lag_ms - (13.0 - graphs.kernel_ms(4000))) < 1e-9
+    assert graphs._eager_timed is None  # read once
+    graphs.note_eager_launch(1.0, (Event(0.5), Event(), 3000))  # shorter than either (it overlapped a step): 0
+    graphs._eager_timed[1].done = True
+    assert size(4000) is None and graphs.eager_lag_ms == 0.0
     graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
-    assert size(3000) == 4096
+    assert size(3000) == 4096 and not graphs.times_eager(3000, 1)
     # Large prefill graphs read an input block of their own; every other graph the small one (a few KiB per copy).
     graphs.static, graphs.host, graphs.host_np, graphs.large_inputs = "static", "host", "np", ("big",) * 3
-    blocks = {key: GraphRunner._inputs(graphs, *key)[0] for key in [("prefill", 512), ("prefill", 768), ("decode", 64)]}
+    blocks = {key: graphs._inputs(*key)[0] for key in [("prefill", 512), ("prefill", 768), ("decode", 64)]}
     assert blocks == {("prefill", 512): "static", ("prefill", 768): "big", ("decode", 64): "static"}
 
 

@@ -206,6 +206,34 @@ def test_large_prefill_graphs_match_hf(model_dir, monkeypatch):
         llm.shutdown()
 
 
+def test_eager_prefill_step_is_timed_for_the_large_graph_rule(model_dir, monkeypatch):
+    """In "auto" mode an eager prefill step that a large graph could have served is timed on the device, and the
+    next step's choice reads its span (once it has ended): how much longer than its launch and its kernels it
+    kept the device. Its logits match HF."""
+    folder, hf = model_dir
+    monkeypatch.setenv("NANOVLLM_LARGE_PREFILL_GRAPHS", "auto")
+    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=32)
+    try:
+        graphs = llm.runner.graphs
+        assert sorted(graphs.large_replay_ms) == graphs.large_prefill_sizes
+        assert all(ms > 0 for ms in graphs.large_replay_ms.values())
+        graphs.eager_launch_ms = 0.0  # as if this host launched instantly: the 700-token step runs eagerly
+        prompts = make_prompts([700], seed=25)
+        before = graphs.prefill_replays.get(768, 0)
+        outs, rows = engine_logits(llm, prompts, GREEDY)
+        assert graphs.prefill_replays.get(768, 0) == before
+        start, end, launch_ms, tokens = graphs._eager_timed
+        assert tokens == 700 and launch_ms == graphs.eager_launch_ms > 0
+        span = start.elapsed_time(end)  # the step was collected: its end event has been reached
+        assert span > 0
+        graphs.prefill_size(700, 1)
+        assert graphs._eager_timed is None
+        assert graphs.eager_lag_ms == max(0.0, span - max(launch_ms, graphs.kernel_ms(700)))
+        check_against_hf(hf, prompts, outs, rows)
+    finally:
+        llm.shutdown()
+
+
 class CountedCalls:
     """Wraps a function and counts its calls."""
 
