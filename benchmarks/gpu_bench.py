@@ -8,6 +8,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py prefix_cache
     python benchmarks/gpu_bench.py cascade_crossover --new-tokens 64
     python benchmarks/gpu_bench.py skewed_decode --new-tokens 64
+    python benchmarks/gpu_bench.py cold_prefill --ttft-rounds 5
 Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 """
 
@@ -537,6 +538,54 @@ def bench_prefix_cache(args) -> None:
     write_result("prefix_cache", row, OUT)
 
 
+def bench_cold_prefill(args) -> None:
+    """cold_prefill.json: TTFT of fresh prompts of several lengths three ways, alternating in one engine: the large
+    prefill graph rule's own choice (GraphRunner.prefill_size), every step eager, every step on its graph."""
+    folder = model_folder("Qwen3-0.6B", ROOT)
+    rng = random.Random(0)
+    llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
+    graphs = llm.runner.graphs
+    if graphs is None or not graphs.large_replay_ms:
+        raise SystemExit("cold_prefill needs CUDA graphs with NANOVLLM_LARGE_PREFILL_GRAPHS=auto")
+    p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
+
+    def ttft(n: int, how: str) -> tuple[float, str]:
+        before = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms)
+        saved = graphs.prefill_sizes, graphs.eager_launch_ms
+        if how == "eager":
+            graphs.prefill_sizes = small
+        elif how == "graph":
+            graphs.eager_launch_ms = float("inf")  # every large graph "pays"; only eager steps reset it
+        try:
+            out = llm.generate([[rng.randrange(10, 30000) for _ in range(n)]], p)[0]
+        finally:
+            graphs.prefill_sizes = saved[0]
+            if how == "graph":
+                graphs.eager_launch_ms = saved[1]
+        took = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms) > before
+        return out.time_to_first_token, "graph" if took else "eager"
+
+    rows = []
+    for n in args.prompt_lens:
+        ttft(n, "rule")  # loads this shape's kernels
+        runs = {how: [] for how in ("rule", "eager", "graph")}
+        for _ in range(args.ttft_rounds):
+            for how in runs:
+                runs[how].append(ttft(n, how))
+        row = {"prompt_tokens": n, "graph_tokens": next(t for t in graphs.prefill_sizes if t >= n)}
+        for how, got in runs.items():
+            row[f"{how}_ttft_ms"] = statistics.median(t for t, _ in got) * 1e3
+        row["rule_picked_graph"] = sum(path == "graph" for _, path in runs["rule"])
+        row["rounds"] = args.ttft_rounds
+        rows.append(row)
+    state = dict(replay_ms=graphs.large_replay_ms, eager_launch_ms=graphs.eager_launch_ms, lag_ms=graphs.eager_lag_ms)
+    free_engine(llm)
+    print_table(f"cold prefill TTFT (ms, medians of {args.ttft_rounds} rounds): the rule, eager, graph", rows)
+    print(state)
+    write_result("cold_prefill", {"rows": rows, **state}, OUT)
+
+
 def main() -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -550,6 +599,7 @@ def main() -> None:
             "prefix_cache",
             "cascade_crossover",
             "skewed_decode",
+            "cold_prefill",
         ],
     )
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
@@ -573,7 +623,9 @@ def main() -> None:
     parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
     parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
     parser.add_argument("--rounds", type=int, default=6, help="decode_ab, skewed_decode: timed runs each")
-    parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache: measured cold/warm pairs")
+    parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache, cold_prefill: measured rounds")
+    lens = [900, 2100, 3000, 3500, 4096]
+    parser.add_argument("--prompt-lens", nargs="+", type=int, default=lens, help="cold_prefill: prompt tokens")
     parser.add_argument("--ab-kv-blocks", type=int, default=256, help="decode_ab: KV cache blocks per engine")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
@@ -592,6 +644,7 @@ def main() -> None:
         "prefix_cache": bench_prefix_cache,
         "cascade_crossover": bench_cascade_crossover,
         "skewed_decode": bench_skewed_decode,
+        "cold_prefill": bench_cold_prefill,
     }[args.which](args)
 
 
