@@ -50,8 +50,8 @@ def step_tune_enabled() -> bool:
 
 def large_prefill_graphs_mode() -> str:
     """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default): a graph of LARGE_PREFILL_TOKEN_SIZES serves a step while it
-    replays faster than the step would run eagerly on this host (GraphRunner.prefill_size); "1": always; "0": none
-    is captured."""
+    replays no slower than the step would run eagerly on this host (GraphRunner.prefill_size); "1": always; "0":
+    none is captured."""
     mode = os.environ.get("NANOVLLM_LARGE_PREFILL_GRAPHS", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"NANOVLLM_LARGE_PREFILL_GRAPHS={mode!r} must be 'auto', '0' or '1'")
@@ -304,8 +304,8 @@ class GraphRunner:
         )
 
     def start_eager_timing(self, num_tokens: int, num_reqs: int) -> tuple | None:
-        """Before an eager prefill step is launched: (start event, recorded now, end event, tokens) when a large
-        graph could have served the step, for note_eager_launch to time its device span; otherwise None."""
+        """Before an eager prefill step is launched: (start event, end event, tokens), the start recorded now, when
+        a large graph could have served the step, for note_eager_launch to time its device span; otherwise None."""
         if not self.times_eager(num_tokens, num_reqs):
             return None
         timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), num_tokens)
