@@ -540,8 +540,10 @@ def bench_prefix_cache(args) -> None:
 
 def bench_cold_prefill(args) -> None:
     """cold_prefill.json: TTFT of fresh prompts of several lengths three ways, alternating in one engine: the large
-    prefill graph rule's own choice (GraphRunner.prefill_size), every step eager, every step on its graph."""
-    folder = model_folder("Qwen3-0.6B", ROOT)
+    prefill graph rule's own choice (GraphRunner.prefill_size), every step eager, every step on its graph. The
+    model is the first of --models."""
+    name = args.models[0]
+    folder = model_folder(name, ROOT)
     rng = random.Random(0)
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=16, **ENGINE_KW)
     graphs = llm.runner.graphs
@@ -581,9 +583,9 @@ def bench_cold_prefill(args) -> None:
         rows.append(row)
     state = dict(replay_ms=graphs.large_replay_ms, eager_launch_ms=graphs.eager_launch_ms, lag_ms=graphs.eager_lag_ms)
     free_engine(llm)
-    print_table(f"cold prefill TTFT (ms, medians of {args.ttft_rounds} rounds): the rule, eager, graph", rows)
+    print_table(f"{name} cold prefill TTFT (ms, medians of {args.ttft_rounds} rounds): the rule, eager, graph", rows)
     print(state)
-    write_result("cold_prefill", {"rows": rows, **state}, OUT)
+    write_result("cold_prefill", {"model": name, "rows": rows, **state}, OUT)
 
 
 def main() -> None:
