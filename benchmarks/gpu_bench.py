@@ -532,7 +532,7 @@ def bench_prefix_cache(args) -> None:
     if large:
         row["large_prefill_replay_ms"] = graphs.large_replay_ms
         row["eager_launch_ms"] = graphs.eager_launch_ms  # the latest eager prefill launch (the A/B rounds')
-        row["eager_lag_ms"] = graphs.eager_lag_ms  # what the latest timed one kept the device beyond launch/kernels
+        row["eager_excess"] = graphs.eager_excess  # how many times its launch/kernels the latest timed one took
         row["cold_paths"] = cold_paths[1:]  # graph or eager, per measured cold round
         row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
@@ -552,7 +552,7 @@ def bench_cold_prefill(args) -> None:
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
 
-    def ttft(n: int, how: str) -> tuple[float, str]:
+    def ttft(n: int, how: str) -> tuple[float, str, float, float]:
         before = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms)
         saved = graphs.prefill_sizes, graphs.eager_launch_ms
         if how == "eager":
@@ -566,7 +566,8 @@ def bench_cold_prefill(args) -> None:
             if how == "graph":
                 graphs.eager_launch_ms = saved[1]
         took = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms) > before
-        return out.time_to_first_token, "graph" if took else "eager"
+        # The rule's inputs when it chose (read after it: only the next choice settles this step's own timing).
+        return out.time_to_first_token, "graph" if took else "eager", graphs.eager_launch_ms, graphs.eager_excess
 
     rows = []
     for n in args.prompt_lens:
@@ -577,11 +578,12 @@ def bench_cold_prefill(args) -> None:
                 runs[how].append(ttft(n, how))
         row = {"prompt_tokens": n, "graph_tokens": next(t for t in graphs.prefill_sizes if t >= n)}
         for how, got in runs.items():
-            row[f"{how}_ttft_ms"] = statistics.median(t for t, _ in got) * 1e3
-        row["rule_picked_graph"] = sum(path == "graph" for _, path in runs["rule"])
+            row[f"{how}_ttft_ms"] = statistics.median(r[0] for r in got) * 1e3
+        row["rule_picked_graph"] = sum(path == "graph" for _, path, _, _ in runs["rule"])
+        row["rule_rounds"] = [dict(ttft_ms=t * 1e3, path=pa, launch_ms=la, excess=ex) for t, pa, la, ex in runs["rule"]]
         row["rounds"] = args.ttft_rounds
         rows.append(row)
-    state = dict(replay_ms=graphs.large_replay_ms, eager_launch_ms=graphs.eager_launch_ms, lag_ms=graphs.eager_lag_ms)
+    state = dict(replay_ms=graphs.large_replay_ms, eager_launch_ms=graphs.eager_launch_ms, excess=graphs.eager_excess)
     free_engine(llm)
     print_table(f"{name} cold prefill TTFT (ms, medians of {args.ttft_rounds} rounds): the rule, eager, graph", rows)
     print(state)

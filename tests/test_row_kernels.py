@@ -184,7 +184,7 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs = GraphRunner.__new__(GraphRunner)  # only the fields the rule reads
     graphs.prefill_rows, graphs.prefill_sizes = 17, [16, 512, 768, 4096]
     graphs.large_replay_ms, graphs.eager_launch_ms = {768: 2.5, 4096: 11.6}, 7.0
-    graphs.eager_lag_ms, graphs._eager_timed = 0.0, None
+    graphs.eager_excess, graphs._eager_timed = 1.0, None
 
     def size(tokens: int, reqs: int = 1):
         return graphs.prefill_size(tokens, reqs)
@@ -202,17 +202,20 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs.note_eager_launch(2.0)
     assert size(3000) is None and size(700) is None and size(300) == 512
     # A timed eager step of 4,000 tokens: launched in 10 ms, its kernels ~11.3 ms, yet it kept the device 13 ms
-    # (the host's hiccups idle the device). Until the device is past it nothing changes; then the lag counts.
+    # (the host's hiccups idle the device). Until the device is past it nothing changes; then the excess counts.
     assert graphs.times_eager(4000, 1) and not graphs.times_eager(5000, 1) and not graphs.times_eager(4000, 17)
     start, end = Event(13.0), Event()
     graphs.note_eager_launch(10.0, (start, end, 4000))
-    assert end.recorded == 1 and graphs.eager_launch_ms == 10.0 and size(4000) is None and graphs.eager_lag_ms == 0.0
+    assert end.recorded == 1 and graphs.eager_launch_ms == 10.0 and size(4000) is None and graphs.eager_excess == 1.0
     end.done = True
-    assert size(4000) == 4096 and abs(graphs.eager_lag_ms - (13.0 - graphs.kernel_ms(4000))) < 1e-9
+    assert size(4000) == 4096 and abs(graphs.eager_excess - 13.0 / graphs.kernel_ms(4000)) < 1e-9
+    # The excess scales the estimate: 2,400 tokens eagerly max(launch 10, kernels ~7.0) x 1.15 = 11.5 ms, against
+    # 4,096's 11.6 ms replay: eager.
+    assert size(2400) is None
     assert graphs._eager_timed is None  # read once
     graphs.note_eager_launch(1.0, (Event(0.5), Event(), 3000))  # shorter than either (it overlapped a step): 0
     graphs._eager_timed[1].done = True
-    assert size(4000) is None and graphs.eager_lag_ms == 0.0
+    assert size(4000) is None and graphs.eager_excess == 1.0
     graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
     assert size(3000) == 4096 and not graphs.times_eager(3000, 1)
     # Large prefill graphs read an input block of their own; every other graph the small one (a few KiB per copy).
