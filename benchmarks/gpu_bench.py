@@ -533,6 +533,7 @@ def bench_prefix_cache(args) -> None:
         row["large_prefill_replay_ms"] = graphs.large_replay_ms
         row["eager_launch_ms"] = graphs.eager_launch_ms  # the latest eager prefill launch (the A/B rounds')
         row["eager_excess"] = graphs.eager_excess  # how many times its launch/kernels the latest timed one took
+        row["device_pace"] = graphs.device_pace  # how many times its start-up replay the latest graph step took
         row["cold_paths"] = cold_paths[1:]  # graph or eager, per measured cold round
         row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
@@ -552,7 +553,7 @@ def bench_cold_prefill(args) -> None:
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
 
-    def ttft(n: int, how: str) -> tuple[float, str, float, float]:
+    def ttft(n: int, how: str) -> tuple[float, str, float, float, float]:
         before = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms)
         saved = graphs.prefill_sizes, graphs.eager_launch_ms
         if how == "eager":
@@ -567,7 +568,13 @@ def bench_cold_prefill(args) -> None:
                 graphs.eager_launch_ms = saved[1]
         took = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms) > before
         # The rule's inputs when it chose (read after it: only the next choice settles this step's own timing).
-        return out.time_to_first_token, "graph" if took else "eager", graphs.eager_launch_ms, graphs.eager_excess
+        return (
+            out.time_to_first_token,
+            "graph" if took else "eager",
+            graphs.eager_launch_ms,
+            graphs.eager_excess,
+            graphs.device_pace,
+        )
 
     rows = []
     for n in args.prompt_lens:
@@ -579,11 +586,13 @@ def bench_cold_prefill(args) -> None:
         row = {"prompt_tokens": n, "graph_tokens": next(t for t in graphs.prefill_sizes if t >= n)}
         for how, got in runs.items():
             row[f"{how}_ttft_ms"] = statistics.median(r[0] for r in got) * 1e3
-        row["rule_picked_graph"] = sum(path == "graph" for _, path, _, _ in runs["rule"])
-        row["rule_rounds"] = [dict(ttft_ms=t * 1e3, path=pa, launch_ms=la, excess=ex) for t, pa, la, ex in runs["rule"]]
+        row["rule_picked_graph"] = sum(r[1] == "graph" for r in runs["rule"])
+        keys = ("ttft_ms", "path", "launch_ms", "excess", "pace")
+        row["rule_rounds"] = [dict(zip(keys, (r[0] * 1e3, *r[1:]), strict=True)) for r in runs["rule"]]
         row["rounds"] = args.ttft_rounds
         rows.append(row)
     state = dict(replay_ms=graphs.large_replay_ms, eager_launch_ms=graphs.eager_launch_ms, excess=graphs.eager_excess)
+    state["pace"] = graphs.device_pace
     free_engine(llm)
     print_table(f"{name} cold prefill TTFT (ms, medians of {args.ttft_rounds} rounds): the rule, eager, graph", rows)
     print(state)

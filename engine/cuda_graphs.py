@@ -141,12 +141,16 @@ class GraphRunner:
             for t in self.prefill_sizes
         }
         # "auto" mode: each large graph's replay time (capture() measures it), the host time of launching an
-        # eager step (capture() measures a first one, then note_eager_launch) and how many times longer than both
-        # an eager step of this range kept the device (eager_excess). Without them ("1"): always replay.
+        # eager step (capture() measures a first one, then note_eager_launch), how many times its start-up replay
+        # the latest large graph step took on the device (device_pace: clocks drop under sustained load) and how
+        # many times longer than both its launch and its kernels at that pace the latest eager step of this range
+        # kept the device (eager_excess). Without them ("1"): always replay.
         self.large_replay_ms: dict[int, float] = {}
         self.eager_launch_ms = float("inf")
+        self.device_pace = 1.0
         self.eager_excess = 1.0
         self._eager_timed: tuple | None = None  # (start event, end event, launch ms, tokens) until the step ends
+        self._graph_timed: tuple | None = None  # (start event, end event, graph tokens) until the step ends
         # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.planned: dict[tuple, tuple] = {}  # page layout of each graph's last plan()
@@ -298,7 +302,7 @@ class GraphRunner:
         logger.info(
             "large prefill graphs replay in %s ms; an eager step took %.1f ms to launch at start-up (each such graph "
             "serves while it replays no slower than the step would take eagerly: the longer of its launch and its "
-            "kernels, times the excess eager steps show)",
+            "kernels, times the excess eager steps show, both at the pace graph steps show)",
             ", ".join(f"{t} tokens {ms:.1f}" for t, ms in self.large_replay_ms.items()),
             self.eager_launch_ms,
         )
@@ -335,17 +339,29 @@ class GraphRunner:
             lo_t, lo_ms = t, ms
         return lo_ms * num_tokens / lo_t if lo_t else 0.0
 
-    def _settle_eager_excess(self) -> None:
-        # Read the last timed eager step once the device is past it (a query, never a wait): how many times longer
-        # than its launch or its kernels it kept the device. Where the host launches about as fast as the device
-        # runs, each hiccup of the host idles the device; on a large model eager kernels at an odd token count run
-        # longer than the replays suggest. Both make the step take longer than either bound (docs/benchmarks.md).
-        if self._eager_timed is None or not self._eager_timed[1].query():
-            return
-        start, end, launch_ms, tokens = self._eager_timed
-        self._eager_timed = None
-        span = start.elapsed_time(end)
-        self.eager_excess = max(1.0, span / max(launch_ms, self.kernel_ms(tokens), 1e-3))
+    def graph_timing(self, t: int) -> tuple | None:
+        """For a step on the large prefill graph of t tokens: (start event, end event, t) for _replay to record
+        around the replay, so that the next choice reads how fast the device runs it now; otherwise None."""
+        if t not in self.large_replay_ms:
+            return None
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), t
+
+    def _settle_timings(self) -> None:
+        # Read the last timed graph and eager steps once the device is past them (a query, never a wait). A graph
+        # step gives the device's pace against its start-up replay: under sustained load its clocks drop (a
+        # 4,096-token Qwen3-8B step took ~10% longer than at start-up, docs/benchmarks.md, section 8), which
+        # slows graph and eager kernels alike. An eager step gives its excess over the longer of its launch and
+        # its kernels at that pace: where the host launches about as fast as the device runs, each hiccup of the
+        # host idles the device.
+        if self._graph_timed is not None and self._graph_timed[1].query():
+            start, end, t = self._graph_timed
+            self._graph_timed = None
+            self.device_pace = max(0.5, start.elapsed_time(end) / self.large_replay_ms[t])
+        if self._eager_timed is not None and self._eager_timed[1].query():
+            start, end, launch_ms, tokens = self._eager_timed
+            self._eager_timed = None
+            bound = max(launch_ms, self.device_pace * self.kernel_ms(tokens), 1e-3)
+            self.eager_excess = max(1.0, start.elapsed_time(end) / bound)
 
     # ---- replay ----
 
@@ -361,15 +377,17 @@ class GraphRunner:
         """The captured token count for a prefill/mixed step, or None when it runs eagerly: also when it needs a
         large graph that replays slower than the step would take eagerly. An eager step takes as long as the
         longer of its launch (this host's latest) and its kernels (kernel_ms, unpadded), times the excess the
-        latest timed eager step showed; the graph takes its replay, padding included."""
+        latest timed eager step showed; the graph takes its replay, padding included; kernels and replay at the
+        pace the latest graph step showed."""
         if num_reqs >= self.prefill_rows:
             return None
         t = next((t for t in self.prefill_sizes if t >= num_tokens), None)
         if t is None or t not in self.large_replay_ms:
             return t
-        self._settle_eager_excess()
-        eager_ms = max(self.eager_launch_ms, self.kernel_ms(num_tokens)) * self.eager_excess
-        return t if self.large_replay_ms[t] <= eager_ms else None
+        self._settle_timings()
+        pace = self.device_pace
+        eager_ms = max(self.eager_launch_ms, pace * self.kernel_ms(num_tokens)) * self.eager_excess
+        return t if pace * self.large_replay_ms[t] <= eager_ms else None
 
     def _inputs(self, kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """The input block a graph of this kind and size reads (input_block)."""
@@ -377,13 +395,18 @@ class GraphRunner:
             return self.large_inputs
         return self.static, self.host, self.host_np
 
-    def _replay(self, key: tuple, n: int, pending, prev) -> torch.Tensor:
+    def _replay(self, key: tuple, n: int, pending, prev, timed: tuple | None = None) -> torch.Tensor:
         static, host, _ = self._inputs(*key[:2])
         static.copy_(host, non_blocking=True)  # one copy, whatever the shape
         self.runner.patch_inputs(static[IDS], pending, prev)
         self.runner.inputs_sent()
         graph, logits = self.graphs[key]
+        if timed is not None:
+            timed[0].record()
         graph.replay()
+        if timed is not None:
+            timed[1].record()
+            self._graph_timed = timed
         self.replays[key[0]] += 1
         return logits[:n]
 
@@ -461,4 +484,4 @@ class GraphRunner:
             self.runner.dummy_block,
         )
         self.prefill_replays[t] = self.prefill_replays.get(t, 0) + 1
-        return self._replay(("prefill", t), len(samples), pending, prev)
+        return self._replay(("prefill", t), len(samples), pending, prev, self.graph_timing(t))

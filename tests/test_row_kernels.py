@@ -184,7 +184,7 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs = GraphRunner.__new__(GraphRunner)  # only the fields the rule reads
     graphs.prefill_rows, graphs.prefill_sizes = 17, [16, 512, 768, 4096]
     graphs.large_replay_ms, graphs.eager_launch_ms = {768: 2.5, 4096: 11.6}, 7.0
-    graphs.eager_excess, graphs._eager_timed = 1.0, None
+    graphs.eager_excess, graphs.device_pace, graphs._eager_timed, graphs._graph_timed = 1.0, 1.0, None, None
 
     def size(tokens: int, reqs: int = 1):
         return graphs.prefill_size(tokens, reqs)
@@ -218,6 +218,24 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     assert size(4000) is None and graphs.eager_excess == 1.0
     graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
     assert size(3000) == 4096 and not graphs.times_eager(3000, 1)
+    # The device's pace: a Qwen3-8B-like engine whose 4,096-token graph replayed in 92.4 ms at start-up, and
+    # 3,072 in 67.9. A 3,072-token graph step then took 74.2 ms (clocks drop under load: pace 1.093), and an eager
+    # 3,000-token step 79.5 ms, launched in 28. At that pace its kernels take ~72.5 ms: an excess of 1.097. A
+    # 3,500-token step then stays eager, ~85.4 x 1.097 = 93.7 ms against the 4,096 graph's ~101: without the
+    # pace the excess would read 79.5 / 66.3 = 1.199 and the estimate 93.7 against a replay of 92.4, the graph.
+    graphs.prefill_sizes, graphs.large_replay_ms = [16, 512, 3072, 4096], {3072: 67.9, 4096: 92.4}
+    graphs.eager_excess = 1.0
+    graphs._graph_timed = (Event(74.2), Event(), 3072)
+    graphs._graph_timed[1].done = True
+    graphs.note_eager_launch(28.0, (Event(79.5), Event(), 3000))
+    graphs._eager_timed[1].done = True
+    assert size(3500) is None
+    assert abs(graphs.device_pace - 74.2 / 67.9) < 1e-9 and graphs._graph_timed is None
+    assert abs(graphs.eager_excess - 79.5 / (graphs.device_pace * graphs.kernel_ms(3000))) < 1e-9
+    graphs.device_pace = 1.0
+    graphs.eager_excess = 79.5 / graphs.kernel_ms(3000)
+    assert size(3500) == 4096  # what the rule without the pace chose, against 88-90 ms eagerly (section 8)
+    assert graphs.graph_timing(512) is None  # small graphs are not timed
     # Large prefill graphs read an input block of their own; every other graph the small one (a few KiB per copy).
     graphs.static, graphs.host, graphs.host_np, graphs.large_inputs = "static", "host", "np", ("big",) * 3
     blocks = {key: graphs._inputs(*key)[0] for key in [("prefill", 512), ("prefill", 768), ("decode", 64)]}

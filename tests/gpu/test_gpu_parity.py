@@ -228,8 +228,16 @@ def test_eager_prefill_step_is_timed_for_the_large_graph_rule(model_dir, monkeyp
         assert span > 0
         graphs.prefill_size(700, 1)
         assert graphs._eager_timed is None
-        assert graphs.eager_excess == max(1.0, span / max(launch_ms, graphs.kernel_ms(700)))
+        bound = max(launch_ms, graphs.device_pace * graphs.kernel_ms(700))
+        assert graphs.eager_excess == max(1.0, span / bound)
+        # A step on a large graph is timed too: its span against the start-up replay is the device's pace.
+        outs2, rows2 = engine_logits(llm, make_prompts([1000], seed=26), GREEDY)
+        start, end, t = graphs._graph_timed
+        assert t == 1024 and graphs.prefill_replays[1024] >= 1
+        graphs.prefill_size(700, 1)
+        assert graphs.device_pace == max(0.5, start.elapsed_time(end) / graphs.large_replay_ms[1024]) > 0.5
         check_against_hf(hf, prompts, outs, rows)
+        check_against_hf(hf, make_prompts([1000], seed=26), outs2, rows2)
     finally:
         llm.shutdown()
 
