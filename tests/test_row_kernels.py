@@ -166,6 +166,10 @@ def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeyp
 
 
 def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_eager_step():
+    from types import SimpleNamespace
+
+    import torch
+
     from engine.cuda_graphs import GraphRunner
 
     class Event:  # a CUDA event pair's stand-in: `span` ms apart, reached by the device once `done`
@@ -236,6 +240,20 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs.eager_excess = 79.5 / graphs.kernel_ms(3000)
     assert size(3500) == 4096  # what the rule without the pace chose, against 88-90 ms eagerly (section 8)
     assert graphs.graph_timing(512) is None  # small graphs are not timed
+    # A timed replay records its start right before the graph and its end right after; the next choice reads them.
+    calls = []
+    start, end = Event(), Event()
+    start.record = lambda: calls.append("start")
+    end.record = lambda: calls.append("end")
+    graphs.graphs = {("prefill", 4096): (SimpleNamespace(replay=lambda: calls.append("replay")), torch.zeros(3, 5))}
+    graphs.static, graphs.host = torch.zeros(6, 8, dtype=torch.long), torch.ones(6, 8, dtype=torch.long)
+    graphs.host_np, graphs.large_inputs = None, (graphs.static, graphs.host, None)
+    graphs.replays = {"prefill": 0}
+    graphs.runner = SimpleNamespace(patch_inputs=lambda *a: calls.append("patch"), inputs_sent=lambda: None)
+    logits = graphs._replay(("prefill", 4096), 2, None, None, (start, end, 4096))
+    assert calls == ["patch", "start", "replay", "end"] and logits.shape == (2, 5)
+    assert graphs._graph_timed == (start, end, 4096) and graphs.replays["prefill"] == 1
+    assert bool((graphs.static == 1).all())  # the input block went to the device copy first
     # Large prefill graphs read an input block of their own; every other graph the small one (a few KiB per copy).
     graphs.static, graphs.host, graphs.host_np, graphs.large_inputs = "static", "host", "np", ("big",) * 3
     blocks = {key: graphs._inputs(*key)[0] for key in [("prefill", 512), ("prefill", 768), ("decode", 64)]}
