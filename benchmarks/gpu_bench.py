@@ -473,6 +473,11 @@ def bench_cascade_crossover(args) -> None:
     write_result("cascade_crossover", {"new_tokens": args.new_tokens, "rows": rows}, OUT)
 
 
+def large_graph_steps(graphs) -> int:
+    """How many steps the large prefill graphs have served so far (all sizes)."""
+    return sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_prefill_sizes)
+
+
 def cold_without_large_graphs(llm, rng, params) -> float:
     """TTFT of a fresh 4,096-token prompt with the large prefill graphs set aside (the step runs eagerly)."""
     from engine.cuda_graphs import PREFILL_TOKEN_SIZES
@@ -503,10 +508,10 @@ def bench_prefix_cache(args) -> None:
         if large and r % 2:
             eager_colds.append(cold_without_large_graphs(llm, rng, p))  # the same process's eager path, A/B
         doc = [rng.randrange(10, 30000) for _ in range(4096)]
-        before = sum(graphs.prefill_replays.get(t, 0) for t in large) if large else 0
+        before = large_graph_steps(graphs) if large else 0
         cold = llm.generate([doc], p)[0]
         if large:  # whether the rule (GraphRunner.prefill_size) gave this cold step a graph
-            cold_paths.append("graph" if sum(graphs.prefill_replays.get(t, 0) for t in large) > before else "eager")
+            cold_paths.append("graph" if large_graph_steps(graphs) > before else "eager")
         warm = llm.generate([doc + [rng.randrange(10, 30000) for _ in range(32)]], p)[0]
         pairs.append((cold.time_to_first_token, warm.time_to_first_token, warm.num_cached_tokens))
         if large and not r % 2:
@@ -554,7 +559,7 @@ def bench_cold_prefill(args) -> None:
     small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
 
     def ttft(n: int, how: str) -> tuple[float, str, float, float, float]:
-        before = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms)
+        before = large_graph_steps(graphs)
         saved = graphs.prefill_sizes, graphs.eager_launch_ms
         if how == "eager":
             graphs.prefill_sizes = small
@@ -566,7 +571,7 @@ def bench_cold_prefill(args) -> None:
             graphs.prefill_sizes = saved[0]
             if how == "graph":
                 graphs.eager_launch_ms = saved[1]
-        took = sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_replay_ms) > before
+        took = large_graph_steps(graphs) > before
         # The rule's inputs when it chose (read after it: only the next choice settles this step's own timing).
         return (
             out.time_to_first_token,

@@ -74,6 +74,11 @@ def input_block(width: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     return static, host, host.numpy()
 
 
+def _event_pair() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    # Start and end of a step on the device, read later with query() and elapsed_time(), never a wait.
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
 def twin_key(size: int, attn) -> tuple:
     """The graph key of a decode twin: ("decode", size, "whole_kv") when it plans unsplit, else (..., "split")."""
     return ("decode", size, "whole_kv" if attn.whole_kv else "split")
@@ -312,7 +317,7 @@ class GraphRunner:
         a large graph could have served the step, for note_eager_launch to time its device span; otherwise None."""
         if not self.times_eager(num_tokens, num_reqs):
             return None
-        timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), num_tokens)
+        timed = (*_event_pair(), num_tokens)
         timed[0].record()
         return timed
 
@@ -344,7 +349,7 @@ class GraphRunner:
         around the replay, so that the next choice reads how fast the device runs it now; otherwise None."""
         if t not in self.large_replay_ms:
             return None
-        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), t
+        return (*_event_pair(), t)
 
     def _settle_timings(self) -> None:
         # Read the last timed graph and eager steps once the device is past them (a query, never a wait). A graph
