@@ -536,9 +536,12 @@ def bench_prefix_cache(args) -> None:
     row["rounds"] = [dict(cold_ttft_s=c, warm_ttft_s=w) for c, w, _ in measured]
     if large:
         row["large_prefill_replay_ms"] = graphs.large_replay_ms
-        row["eager_launch_ms"] = graphs.eager_launch_ms  # the latest eager prefill launch (the A/B rounds')
-        row["eager_excess"] = graphs.eager_excess  # how many times its launch/kernels the latest timed one took
-        row["device_pace"] = graphs.device_pace  # how many times its start-up replay the latest graph step took
+        # The rule's inputs (GraphRunner.prefill_size), each the median of the latest three: eager prefill launches
+        # (the A/B rounds'), how many times its launch/kernels a timed eager step took, how many times its
+        # start-up replay a graph step took.
+        row["eager_launch_ms"] = graphs.eager_launch_ms
+        row["eager_excess"] = graphs.eager_excess
+        row["device_pace"] = graphs.device_pace
         row["cold_paths"] = cold_paths[1:]  # graph or eager, per measured cold round
         row["cold_eager_rounds_s"] = eager_colds[1:]
     write_result("prefix_cache", row, OUT)
@@ -558,7 +561,7 @@ def bench_cold_prefill(args) -> None:
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
 
-    def ttft(n: int, how: str) -> tuple[float, str, float, float, float]:
+    def ttft(n: int, how: str) -> tuple[float, str, float, float, float, list[float]]:
         before = large_graph_steps(graphs)
         saved = graphs.prefill_sizes, graphs.eager_launch_ms
         if how == "eager":
@@ -579,6 +582,7 @@ def bench_cold_prefill(args) -> None:
             graphs.eager_launch_ms,
             graphs.eager_excess,
             graphs.device_pace,
+            list(graphs._launches),  # the launches whose median the rule read
         )
 
     rows = []
@@ -592,7 +596,7 @@ def bench_cold_prefill(args) -> None:
         for how, got in runs.items():
             row[f"{how}_ttft_ms"] = statistics.median(r[0] for r in got) * 1e3
         row["rule_picked_graph"] = sum(r[1] == "graph" for r in runs["rule"])
-        keys = ("ttft_ms", "path", "launch_ms", "excess", "pace")
+        keys = ("ttft_ms", "path", "launch_ms", "excess", "pace", "recent_launches_ms")
         row["rule_rounds"] = [dict(zip(keys, (r[0] * 1e3, *r[1:]), strict=True)) for r in runs["rule"]]
         row["rounds"] = args.ttft_rounds
         rows.append(row)

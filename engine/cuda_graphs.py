@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ PREFILL_TOKEN_SIZES = (16, 32, 64, 128, 256, 512)
 # than the device needs, the step waits for the host: a 4,096-token step of Qwen3-0.6B has 11.6 ms of kernels and
 # took 15-25 ms eagerly on an H100 host (docs/benchmarks.md, section 4). Sizes 1.5x apart bound the padding.
 LARGE_PREFILL_TOKEN_SIZES = (768, 1024, 1536, 2048, 3072, 4096)
+RULE_WINDOW = 3  # timings of each kind the large-graph rule takes the median of (see _recent_median)
 PREFILL_GRAPH_REQUESTS = 16  # requests a prefill/mixed graph holds (plus one padding row)
 STEP_TUNE_CONTEXT = 384  # tokens of context in the decode step that refine_row_plan times (a short chat turn)
 
@@ -72,6 +75,14 @@ def input_block(width: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     host = torch.zeros(6, width, dtype=torch.long).pin_memory()
     static[LAST_LEN].fill_(1)
     return static, host, host.numpy()
+
+
+def _recent_median(history: deque, value: float) -> float:
+    """Append a timing to its history (the latest RULE_WINDOW of one kind) and return their median."""
+    # One hiccup of the host (a 79 ms launch among 19-21 ms ones, docs/benchmarks.md, section 8) must not flip
+    # the next choice; a lasting change does, from its second step on.
+    history.append(value)
+    return statistics.median(history)
 
 
 def _event_pair() -> tuple[torch.cuda.Event, torch.cuda.Event]:
@@ -147,13 +158,17 @@ class GraphRunner:
         }
         # "auto" mode: each large graph's replay time (capture() measures it), the host time of launching an
         # eager step (capture() measures a first one, then note_eager_launch), how many times its start-up replay
-        # the latest large graph step took on the device (device_pace: clocks drop under sustained load) and how
-        # many times longer than both its launch and its kernels at that pace the latest eager step of this range
-        # kept the device (eager_excess). Without them ("1"): always replay.
+        # a large graph step takes on the device (device_pace: clocks drop under sustained load) and how many
+        # times longer than both its launch and its kernels at that pace an eager step of this range keeps the
+        # device (eager_excess); the last three are medians of the latest RULE_WINDOW steps' timings. Without
+        # them ("1"): always replay.
         self.large_replay_ms: dict[int, float] = {}
         self.eager_launch_ms = float("inf")
         self.device_pace = 1.0
         self.eager_excess = 1.0
+        self._launches: deque[float] = deque(maxlen=RULE_WINDOW)
+        self._paces: deque[float] = deque(maxlen=RULE_WINDOW)
+        self._excesses: deque[float] = deque(maxlen=RULE_WINDOW)
         self._eager_timed: tuple | None = None  # (start event, end event, launch ms, tokens) until the step ends
         self._graph_timed: tuple | None = None  # (start event, end event, graph tokens) until the step ends
         # Keyed (kind, size), and ("decode", size, "whole_kv" | "split") for the twins.
@@ -286,7 +301,8 @@ class GraphRunner:
 
     def time_large_prefill(self) -> None:
         """Time each large prefill graph's replay, and one eager launch of the model from this thread as the first
-        estimate of eager_launch_ms (launches of real eager steps replace it: see prefill_size)."""
+        estimate of eager_launch_ms (it counts as one of the launches whose median the rule reads: see
+        prefill_size)."""
         from engine.layers.linear import replay_us
 
         dev, small = self.runner.device, self.large_prefill_sizes[0]
@@ -299,7 +315,7 @@ class GraphRunner:
             self._forward("prefill", attn, small)
             launches.append((time.perf_counter() - start) * 1e3)
             torch.cuda.synchronize(dev)
-        self.eager_launch_ms = min(launches)
+        self.eager_launch_ms = _recent_median(self._launches, min(launches))
         for t in self.large_prefill_sizes:
             self._plan_padding("prefill", self.prefill_attn[t])
             self.large_replay_ms[t] = replay_us(self.graphs[("prefill", t)][0]) / 1e3
@@ -322,9 +338,10 @@ class GraphRunner:
         return timed
 
     def note_eager_launch(self, ms: float, timed: tuple | None = None) -> None:
-        """After an eager prefill step is launched: record the host time its launch took (the latest one stands:
-        the host's speed drifts) and, with start_eager_timing's `timed`, mark its end to read its device span."""
-        self.eager_launch_ms = ms
+        """After an eager prefill step is launched: record the host time its launch took (the rule reads the
+        median of the latest ones: the host's speed drifts) and, with start_eager_timing's `timed`, mark its end to
+        read its device span."""
+        self.eager_launch_ms = _recent_median(self._launches, ms)
         if timed is not None:
             timed[1].record()
             self._eager_timed = (*timed[:2], ms, timed[2])
@@ -361,12 +378,12 @@ class GraphRunner:
         if self._graph_timed is not None and self._graph_timed[1].query():
             start, end, t = self._graph_timed
             self._graph_timed = None
-            self.device_pace = max(0.5, start.elapsed_time(end) / self.large_replay_ms[t])
+            self.device_pace = _recent_median(self._paces, max(0.5, start.elapsed_time(end) / self.large_replay_ms[t]))
         if self._eager_timed is not None and self._eager_timed[1].query():
             start, end, launch_ms, tokens = self._eager_timed
             self._eager_timed = None
             bound = max(launch_ms, self.device_pace * self.kernel_ms(tokens), 1e-3)
-            self.eager_excess = max(1.0, start.elapsed_time(end) / bound)
+            self.eager_excess = _recent_median(self._excesses, max(1.0, start.elapsed_time(end) / bound))
 
     # ---- replay ----
 
@@ -381,9 +398,9 @@ class GraphRunner:
     def prefill_size(self, num_tokens: int, num_reqs: int) -> int | None:
         """The captured token count for a prefill/mixed step, or None when it runs eagerly: also when it needs a
         large graph that replays slower than the step would take eagerly. An eager step takes as long as the
-        longer of its launch (this host's latest) and its kernels (kernel_ms, unpadded), times the excess the
-        latest timed eager step showed; the graph takes its replay, padding included; kernels and replay at the
-        pace the latest graph step showed."""
+        longer of its launch (on this host, lately) and its kernels (kernel_ms, unpadded), times the excess timed
+        eager steps showed; the graph takes its replay, padding included; kernels and replay at the pace graph
+        steps showed (each of the three: the median of the latest RULE_WINDOW timings)."""
         if num_reqs >= self.prefill_rows:
             return None
         t = next((t for t in self.prefill_sizes if t >= num_tokens), None)

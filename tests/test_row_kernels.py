@@ -166,11 +166,12 @@ def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeyp
 
 
 def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_eager_step():
+    from collections import deque
     from types import SimpleNamespace
 
     import torch
 
-    from engine.cuda_graphs import GraphRunner
+    from engine.cuda_graphs import RULE_WINDOW, GraphRunner
 
     class Event:  # a CUDA event pair's stand-in: `span` ms apart, reached by the device once `done`
         def __init__(self, span: float = 0.0):
@@ -189,6 +190,9 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs.prefill_rows, graphs.prefill_sizes = 17, [16, 512, 768, 4096]
     graphs.large_replay_ms, graphs.eager_launch_ms = {768: 2.5, 4096: 11.6}, 7.0
     graphs.eager_excess, graphs.device_pace, graphs._eager_timed, graphs._graph_timed = 1.0, 1.0, None, None
+    # The rule reads the median of the latest three timings of each kind; the start-up launch counts as one.
+    assert RULE_WINDOW == 3
+    graphs._launches, graphs._paces, graphs._excesses = deque([7.0], maxlen=3), deque(maxlen=3), deque(maxlen=3)
 
     def size(tokens: int, reqs: int = 1):
         return graphs.prefill_size(tokens, reqs)
@@ -201,25 +205,34 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     assert size(3000) is None
     assert size(4096) == 4096  # no padding: the eager step's kernels alone take as long as the replay
     assert size(5000) is None and size(100, reqs=17) is None  # larger than every graph; more requests than rows
+    graphs.note_eager_launch(15.0)  # one slow launch: the median of 7 and 15 is 11 ms, still under the replay
+    assert graphs.eager_launch_ms == 11.0 and size(3000) is None
     graphs.note_eager_launch(15.0)  # the host got slower: the 4,096-token graph pays now
-    assert size(3000) == 4096
+    assert graphs.eager_launch_ms == 15.0 and size(3000) == 4096
+    graphs.note_eager_launch(2.0)  # one fast launch among 15s changes nothing
+    assert graphs.eager_launch_ms == 15.0 and size(3000) == 4096
     graphs.note_eager_launch(2.0)
-    assert size(3000) is None and size(700) is None and size(300) == 512
-    # A timed eager step of 4,000 tokens: launched in 10 ms, its kernels ~11.3 ms, yet it kept the device 13 ms
-    # (the host's hiccups idle the device). Until the device is past it nothing changes; then the excess counts.
+    assert graphs.eager_launch_ms == 2.0 and size(3000) is None and size(700) is None and size(300) == 512
+    # A timed eager step of 4,000 tokens: launched in 10 ms (the median stays 2), its kernels ~11.3 ms, yet it
+    # kept the device 13 ms (the host's hiccups idle the device). Until the device is past it nothing changes;
+    # then the excess counts.
     assert graphs.times_eager(4000, 1) and not graphs.times_eager(5000, 1) and not graphs.times_eager(4000, 17)
     start, end = Event(13.0), Event()
     graphs.note_eager_launch(10.0, (start, end, 4000))
-    assert end.recorded == 1 and graphs.eager_launch_ms == 10.0 and size(4000) is None and graphs.eager_excess == 1.0
+    assert end.recorded == 1 and graphs.eager_launch_ms == 2.0 and size(4000) is None and graphs.eager_excess == 1.0
     end.done = True
     assert size(4000) == 4096 and abs(graphs.eager_excess - 13.0 / graphs.kernel_ms(4000)) < 1e-9
-    # The excess scales the estimate: 2,400 tokens eagerly max(launch 10, kernels ~7.0) x 1.15 = 11.5 ms, against
-    # 4,096's 11.6 ms replay: eager.
-    assert size(2400) is None
+    # The excess scales the estimate: 2,400 tokens eagerly max(launch 2, kernels ~7.0) x 1.15 = 8.1 ms, against
+    # 4,096's 11.6 ms replay: eager; 3,900 tokens: ~11.1 x 1.15 = 12.7 ms, the graph.
+    assert size(2400) is None and size(3900) == 4096
     assert graphs._eager_timed is None  # read once
-    graphs.note_eager_launch(1.0, (Event(0.5), Event(), 3000))  # shorter than either (it overlapped a step): 0
-    graphs._eager_timed[1].done = True
-    assert size(4000) is None and graphs.eager_excess == 1.0
+    for _ in range(2):  # steps shorter than either bound (they overlapped another step): an excess of 1
+        graphs.note_eager_launch(1.0, (Event(0.5), Event(), 3000))
+        graphs._eager_timed[1].done = True
+        graphs.prefill_size(4000, 1)
+        assert graphs._excesses[-1] == 1.0
+    assert list(graphs._excesses) == [13.0 / graphs.kernel_ms(4000), 1.0, 1.0]
+    assert graphs.eager_excess == 1.0 and size(3900) is None
     graphs.large_replay_ms = {}  # NANOVLLM_LARGE_PREFILL_GRAPHS=1: nothing timed, every graph serves
     assert size(3000) == 4096 and not graphs.times_eager(3000, 1)
     # The device's pace: a Qwen3-8B-like engine whose 4,096-token graph replayed in 92.4 ms at start-up, and
@@ -229,6 +242,7 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     # pace the excess would read 79.5 / 66.3 = 1.199 and the estimate 93.7 against a replay of 92.4, the graph.
     graphs.prefill_sizes, graphs.large_replay_ms = [16, 512, 3072, 4096], {3072: 67.9, 4096: 92.4}
     graphs.eager_excess = 1.0
+    graphs._excesses.clear()
     graphs._graph_timed = (Event(74.2), Event(), 3072)
     graphs._graph_timed[1].done = True
     graphs.note_eager_launch(28.0, (Event(79.5), Event(), 3000))
