@@ -160,8 +160,8 @@ class GraphRunner:
         # eager step (capture() measures a first one, then note_eager_launch), how many times its start-up replay
         # a large graph step takes on the device (device_pace: clocks drop under sustained load) and how many
         # times longer than both its launch and its kernels at that pace an eager step of this range keeps the
-        # device (eager_excess); the last three are medians of the latest RULE_WINDOW steps' timings. Without
-        # them ("1"): always replay.
+        # device (eager_excess); launch, pace and excess are each the median of their latest RULE_WINDOW
+        # timings. Without them ("1"): always replay.
         self.large_replay_ms: dict[int, float] = {}
         self.eager_launch_ms = float("inf")
         self.device_pace = 1.0
