@@ -15,6 +15,7 @@ Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -485,17 +486,27 @@ def large_graph_steps(graphs) -> int:
     return sum(graphs.prefill_replays.get(t, 0) for t in graphs.large_prefill_sizes)
 
 
+@contextlib.contextmanager
+def large_graph_path(graphs, how: str):
+    """Within it, a prefill step that a large prefill graph could serve goes as `how` says: "rule" (the engine's
+    GraphRunner.prefill_size chooses), "eager" (the large graphs set aside) or "graph" (every large graph pays)."""
+    saved = graphs.prefill_sizes, graphs.eager_launch_ms
+    if how == "eager":
+        graphs.prefill_sizes = [t for t in saved[0] if t not in graphs.large_prefill_sizes]
+    elif how == "graph":
+        graphs.eager_launch_ms = float("inf")  # only eager steps reset it, and none runs here
+    try:
+        yield
+    finally:
+        graphs.prefill_sizes = saved[0]
+        if how == "graph":
+            graphs.eager_launch_ms = saved[1]
+
+
 def cold_without_large_graphs(llm, rng, params) -> float:
     """TTFT of a fresh 4,096-token prompt with the large prefill graphs set aside (the step runs eagerly)."""
-    from engine.cuda_graphs import PREFILL_TOKEN_SIZES
-
-    graphs = llm.runner.graphs
-    saved = graphs.prefill_sizes
-    graphs.prefill_sizes = [t for t in saved if t <= PREFILL_TOKEN_SIZES[-1]]
-    try:
+    with large_graph_path(llm.runner.graphs, "eager"):
         return llm.generate([[rng.randrange(10, 30000) for _ in range(4096)]], params)[0].time_to_first_token
-    finally:
-        graphs.prefill_sizes = saved
 
 
 def bench_prefix_cache(args) -> None:
@@ -566,21 +577,11 @@ def bench_cold_prefill(args) -> None:
     if graphs is None or not graphs.large_replay_ms:
         raise SystemExit("cold_prefill needs CUDA graphs with NANOVLLM_LARGE_PREFILL_GRAPHS=auto")
     p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    small = [t for t in graphs.prefill_sizes if t not in graphs.large_replay_ms]
 
     def ttft(n: int, how: str) -> tuple[float, str, float, float, float, list[float]]:
         before = large_graph_steps(graphs)
-        saved = graphs.prefill_sizes, graphs.eager_launch_ms
-        if how == "eager":
-            graphs.prefill_sizes = small
-        elif how == "graph":
-            graphs.eager_launch_ms = float("inf")  # every large graph "pays"; only eager steps reset it
-        try:
+        with large_graph_path(graphs, how):
             out = llm.generate([[rng.randrange(10, 30000) for _ in range(n)]], p)[0]
-        finally:
-            graphs.prefill_sizes = saved[0]
-            if how == "graph":
-                graphs.eager_launch_ms = saved[1]
         took = large_graph_steps(graphs) > before
         # The rule's inputs when it chose (read after it: only the next choice settles this step's own timing).
         return (
