@@ -17,6 +17,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py l2prefetch --slice-kib 96   # does a bulk L2 prefetch land in time?
     python benchmarks/gpu_profile.py sharedprefill --steps 6   # shared_prefix's 64-request prefill step, per round
     python benchmarks/gpu_profile.py prefillbackend   # FlashInfer paged prefill, fa2 vs fa3, per step shape
+    python benchmarks/gpu_profile.py holistic   # FlashInfer's persistent BatchAttention vs prefill/decode kernels
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -874,6 +875,80 @@ def bench_prefill_split(args) -> None:
     write_result("gpu_profile_prefillsplit", {"model": args.model, "rows": rows}, OUT)
 
 
+# (requests, query tokens each, KV tokens each, whether the requests share their first KV pages): the prefix-cache
+# warm step, a batch-1 decode step, shared_prefix's decode steps without cascade and its suffix prefill, short prompts.
+HOLISTIC_SHAPES = (
+    (1, 32, 4128, False),
+    (1, 1, 384, False),
+    (64, 1, 4288, True),
+    (64, 64, 4160, True),
+    (16, 100, 100, False),
+)
+
+
+def bench_holistic(args) -> None:
+    """FlashInfer's persistent BatchAttention (split-KV work and its merge in one launch) against the kernels the
+    engine runs for the same step shape: fa2 paged prefill (split-KV plus a merge kernel) and, for one-token rows,
+    paged decode on CUDA or tensor cores. Qwen3-0.6B heads, HND pages of 64 tokens, causal; each variant planned
+    once and timed in a CUDA graph over 28 distinct KV caches (one step's layers, so KV comes from memory, not L2).
+    BatchAttention is not among the GPU kit's precompiled kernels: its first plan() compiles it (minutes)."""
+    import flashinfer
+
+    from engine.layers.linear import graph_time_us
+
+    dev, dtype, page, hq, hkv, d, layers = torch.device("cuda"), torch.bfloat16, 64, 16, 8, 128, 28
+    rows = []
+
+    def workspace() -> torch.Tensor:  # one per wrapper: every plan is made before any variant runs
+        return torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+
+    for n, q_len, kv_len, shared in HOLISTIC_SHAPES:
+        pages = -(-kv_len // page)
+        shared_pages = (kv_len - q_len) // page if shared else 0
+        own = pages - shared_pages
+        total_pages = shared_pages + n * own
+        caches = [torch.randn(total_pages, 2, hkv, page, d, dtype=dtype, device=dev) for _ in range(layers)]
+        indices = torch.cat(
+            [torch.cat([torch.arange(shared_pages), shared_pages + i * own + torch.arange(own)]) for i in range(n)]
+        ).to(torch.int32)
+        indptr = torch.arange(n + 1, dtype=torch.int32) * pages
+        qo_indptr = torch.arange(n + 1, dtype=torch.int32) * q_len
+        last = torch.full((n,), kv_len - (pages - 1) * page, dtype=torch.int32)
+        kv_lens = torch.full((n,), kv_len, dtype=torch.int32)
+        q = torch.randn(n * q_len, hq, d, dtype=dtype, device=dev)
+        out = torch.empty_like(q)
+        fa2 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND", backend="fa2")
+        fa2.plan(qo_indptr, indptr, indices.to(dev), last, hq, hkv, d, page, causal=True, q_data_type=dtype,
+                 kv_data_type=dtype)  # fmt: skip
+        variants = {"fa2 prefill + merge": fa2}
+        if q_len == 1:
+            for cores in (False, True):
+                dw = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND", use_tensor_cores=cores)
+                dw.plan(indptr, indices.to(dev), last, hq, hkv, d, page, q_data_type=dtype, kv_data_type=dtype)
+                name = "decode, tensor cores" if cores else "decode, CUDA cores"
+                variants[name] = dw
+        holistic = flashinfer.BatchAttention(kv_layout="HND")
+        holistic.plan(qo_indptr.to(dev), indptr.to(dev), indices.to(dev), kv_lens.to(dev), hq, hkv, d, d, page,
+                      causal=True, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+        variants["holistic (BatchAttention)"] = holistic
+        reference = None
+        kv_bytes = (shared_pages + n * own) * page * hkv * d * 2 * 2
+        for name, wrapper in variants.items():
+            wrapper.run(q, caches[0], out=out)
+            got = out.float().clone()
+            reference = got if reference is None else reference
+            us = graph_time_us(functools.partial(run_layers, wrapper, q, caches, out), 2) / layers
+            row = dict(requests=n, q_tokens=q_len, kv_tokens=kv_len, shared=shared, variant=name, us=us)
+            row["kv_tb_s"] = kv_bytes / us / 1e6
+            row["max_abs_diff"] = (got - reference).abs().max().item()
+            rows.append(row)
+            print(row, flush=True)
+        del caches
+        torch.cuda.empty_cache()
+    print_table("attention per layer (us), FlashInfer kernel families per step shape", rows)
+    write_result("gpu_profile_holistic", {"rows": rows}, OUT)
+
+
 def run_layers(wrapper, q: torch.Tensor, caches: list[torch.Tensor], out: torch.Tensor) -> None:
     """One planned attention wrapper over each KV cache in turn."""
     for cache in caches:
@@ -1137,6 +1212,7 @@ def main() -> None:
             "l2prefetch",
             "sharedprefill",
             "prefillbackend",
+            "holistic",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -1174,7 +1250,7 @@ def main() -> None:
     which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
-    which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend)
+    which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend, holistic=bench_holistic)
     which[args.which](args)
 
 
