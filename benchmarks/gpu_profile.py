@@ -899,7 +899,8 @@ def bench_holistic(args) -> None:
     dev, dtype, page, hq, hkv, d, layers = torch.device("cuda"), torch.bfloat16, 64, 16, 8, 128, 28
     rows = []
 
-    def workspace() -> torch.Tensor:  # one per wrapper: every plan is made before any variant runs
+    def workspace() -> torch.Tensor:
+        """A float workspace of its own for each wrapper: every plan is made before any variant runs."""
         return torch.empty(256 << 20, dtype=torch.uint8, device=dev)
 
     for n, q_len, kv_len, shared in HOLISTIC_SHAPES:
