@@ -523,6 +523,23 @@ def profile_shared_prefill(args) -> None:
     write_result("gpu_profile_sharedprefill", {"model": args.model, "rounds": rows, "calls": calls_rows}, OUT)
 
 
+def paged_batch(
+    n: int, q_len: int, kv_len: int, shared: bool, page: int
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Page tables of n requests of q_len new tokens over kv_len KV tokens each, sharing their leading full pages
+    when shared: (pages allocated, page indices, page indptr, query indptr, last page lengths), on the host."""
+    pages = -(-kv_len // page)
+    shared_pages = (kv_len - q_len) // page if shared else 0
+    own = pages - shared_pages
+    indices = torch.cat(
+        [torch.cat([torch.arange(shared_pages), shared_pages + i * own + torch.arange(own)]) for i in range(n)]
+    ).to(torch.int32)
+    indptr = torch.arange(n + 1, dtype=torch.int32) * pages
+    qo_indptr = torch.arange(n + 1, dtype=torch.int32) * q_len
+    last = torch.full((n,), kv_len - (pages - 1) * page, dtype=torch.int32)
+    return shared_pages + n * own, indices, indptr, qo_indptr, last
+
+
 # (requests, query tokens each, KV tokens each, whether the requests share their first KV pages): the shared_prefix
 # benchmark's suffix prefill, the same over distinct documents, short-prompt batches, and long prompts.
 PREFILL_SHAPES = (
@@ -550,17 +567,8 @@ def bench_prefill_backend(args) -> None:
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     rows = []
     for n, q_len, kv_len, shared in PREFILL_SHAPES:
-        pages = -(-kv_len // page)
-        shared_pages = (kv_len - q_len) // page if shared else 0
-        own = pages - shared_pages
-        total_pages = shared_pages + n * own
+        total_pages, indices, indptr, qo_indptr, last = paged_batch(n, q_len, kv_len, shared, page)
         cache = torch.randn(total_pages, 2, hkv, page, d, dtype=dtype, device=dev)
-        indices = torch.cat(
-            [torch.cat([torch.arange(shared_pages), shared_pages + i * own + torch.arange(own)]) for i in range(n)]
-        ).to(torch.int32)
-        indptr = torch.arange(n + 1, dtype=torch.int32) * pages
-        qo_indptr = torch.arange(n + 1, dtype=torch.int32) * q_len
-        last = torch.full((n,), kv_len - (pages - 1) * page, dtype=torch.int32)
         q = torch.randn(n * q_len, hq, d, dtype=dtype, device=dev)
         row = dict(requests=n, q_tokens=q_len, kv_tokens=kv_len, shared_prefix=shared)
         outs = {}
@@ -891,7 +899,7 @@ def bench_holistic(args) -> None:
     engine runs for the same step shape: fa2 paged prefill (split-KV plus a merge kernel) and, for one-token rows,
     paged decode on CUDA or tensor cores. Qwen3-0.6B heads, HND pages of 64 tokens, causal; each variant planned
     once and timed in a CUDA graph over 28 distinct KV caches (one step's layers, so KV comes from memory, not L2).
-    BatchAttention is not among the GPU kit's precompiled kernels: its first plan() compiles it (minutes)."""
+    BatchAttention is not among the GPU kit's precompiled kernels: its first plan() compiles it (~20 s there)."""
     import flashinfer
 
     from engine.layers.linear import graph_time_us
@@ -904,17 +912,8 @@ def bench_holistic(args) -> None:
         return torch.empty(256 << 20, dtype=torch.uint8, device=dev)
 
     for n, q_len, kv_len, shared in HOLISTIC_SHAPES:
-        pages = -(-kv_len // page)
-        shared_pages = (kv_len - q_len) // page if shared else 0
-        own = pages - shared_pages
-        total_pages = shared_pages + n * own
+        total_pages, indices, indptr, qo_indptr, last = paged_batch(n, q_len, kv_len, shared, page)
         caches = [torch.randn(total_pages, 2, hkv, page, d, dtype=dtype, device=dev) for _ in range(layers)]
-        indices = torch.cat(
-            [torch.cat([torch.arange(shared_pages), shared_pages + i * own + torch.arange(own)]) for i in range(n)]
-        ).to(torch.int32)
-        indptr = torch.arange(n + 1, dtype=torch.int32) * pages
-        qo_indptr = torch.arange(n + 1, dtype=torch.int32) * q_len
-        last = torch.full((n,), kv_len - (pages - 1) * page, dtype=torch.int32)
         kv_lens = torch.full((n,), kv_len, dtype=torch.int32)
         q = torch.randn(n * q_len, hq, d, dtype=dtype, device=dev)
         out = torch.empty_like(q)
@@ -933,7 +932,7 @@ def bench_holistic(args) -> None:
                       causal=True, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
         variants["holistic (BatchAttention)"] = holistic
         reference = None
-        kv_bytes = (shared_pages + n * own) * page * hkv * d * 2 * 2
+        kv_bytes = total_pages * page * hkv * d * 2 * 2  # distinct KV bytes: shared pages count once
         for name, wrapper in variants.items():
             wrapper.run(q, caches[0], out=out)
             got = out.float().clone()
