@@ -181,7 +181,8 @@ class BlockManager:
             parent = h
         req.num_hashed_blocks = num_full
         if num_full * bs <= req.num_prompt_tokens:  # a prompt's prefix: its bytes are a slice, no packing
-            self._recent = (req.span_bytes(0, num_full * bs), list(req.block_hashes))
+            leading = data if first == 0 else req.span_bytes(0, num_full * bs)  # a fresh prompt's: the same bytes
+            self._recent = (leading, list(req.block_hashes))
 
     def free(self, req: Request) -> None:
         """Return all of req's blocks; cached ones stay findable until their block is reused."""

@@ -227,16 +227,16 @@ class ModelRunner:
             logits = graphs.prefill(out.scheduled, prefill_tokens, pending, prev)
         else:
             kind = "eager_cascade" if shared_prefix_blocks else "eager_decode" if decode_only else "eager_prefill"
+            # The large-graph rule times eager prefill launches (and some steps on the device): GraphRunner.
+            rule = graphs if graphs is not None and kind == "eager_prefill" else None
             eager_start = time.perf_counter()
-            timed = None
-            if graphs is not None and kind == "eager_prefill":
-                timed = graphs.start_eager_timing(out.num_tokens, len(out.scheduled))
+            timed = rule.start_eager_timing(out.num_tokens, len(out.scheduled)) if rule is not None else None
             input_ids, meta, sample_rows = self.build_metadata(out)
             self.patch_inputs(input_ids, pending, prev)
             meta.shared_prefix_blocks = shared_prefix_blocks
             hidden = self.forward_hidden(input_ids, meta)
-            if graphs is not None and kind == "eager_prefill":
-                graphs.note_eager_launch((time.perf_counter() - eager_start) * 1e3, timed)
+            if rule is not None:
+                rule.note_eager_launch((time.perf_counter() - eager_start) * 1e3, timed)
             if not reqs:
                 return None
             (rows,) = to_device([torch.tensor(sample_rows, dtype=torch.long)], self.device)
