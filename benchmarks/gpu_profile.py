@@ -7,6 +7,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py gemm --rows 1 64 256   # the same GEMMs per row count, layout, cuBLAS vs Lt
     python benchmarks/gpu_profile.py rowgemv --model Qwen3-8B   # one-row fused Triton GEMV configs vs cuBLAS
     python benchmarks/gpu_profile.py fewrows --few-rows 4 16 32   # few-row fused Triton GEMM configs vs cuBLAS
+    python benchmarks/gpu_profile.py fewrows --few-rows 64 256    # the same kernel with wide row tiles (probe)
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -687,7 +688,15 @@ def bench_fewrows(args) -> None:
     os.environ["NANOVLLM_GEMV_MAX_ROWS"] = "1"  # the engine's own few-row tuning is what this measures
 
     from engine import LLM
-    from engine.layers.gemv import ROLES, ROWS_CONFIGS, SWEEP_ROWS_CONFIGS, _time_role, rows_configs_for
+    from engine.layers.gemv import (
+        MAX_ROWS,
+        ROLES,
+        ROWS_CONFIGS,
+        SWEEP_ROWS_CONFIGS,
+        SWEEP_WIDE_ROWS_CONFIGS,
+        _time_role,
+        rows_configs_for,
+    )
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1)
@@ -695,9 +704,11 @@ def bench_fewrows(args) -> None:
     rows = []
     for role in ROLES:
         mods, w, n = role_weights(layers, role)
-        candidates = rows_configs_for(n, w.shape[1], ROWS_CONFIGS + SWEEP_ROWS_CONFIGS)
         for m in args.few_rows:
-            base, times = _time_role(mods, candidates, m)
+            # Past the engine's MAX_ROWS only the wide shapes: the few-row ones keep whole K steps of 256 columns
+            # for every token row in shared memory.
+            sweep = ROWS_CONFIGS + SWEEP_ROWS_CONFIGS if m <= MAX_ROWS else SWEEP_WIDE_ROWS_CONFIGS
+            base, times = _time_role(mods, rows_configs_for(n, w.shape[1], sweep), m)
             for cfg, us in sorted(times.items(), key=lambda kv: kv[1])[:6]:
                 rows.append(
                     dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,

@@ -227,14 +227,23 @@ SWEEP_ROWS_CONFIGS = tuple(
         (64, 128, 4, 4, 1), (32, 512, 8, 2, 1),
     )
 )  # fmt: skip
+# Shapes for tiles of 64-256 token rows (decode batches of the throughput and shared-prefix workloads, where cuBLAS
+# runs o and down at 0.7-1.0 TB/s): measured by `gpu_profile.py fewrows --few-rows 64 128 256`, not used by the
+# engine. The accumulator is [rows/program, token rows] in registers, so wide tiles take fewer rows per program.
+SWEEP_WIDE_ROWS_CONFIGS = (
+    (64, 64, 4, 3, 1), (64, 128, 8, 2, 1), (64, 64, 8, 4, 1), (32, 128, 4, 2, 1), (32, 64, 4, 4, 1),
+    (128, 64, 8, 3, 1), (64, 128, 4, 2, 2), (32, 128, 4, 2, 2), (64, 64, 4, 3, 2), (64, 128, 8, 2, 4),
+    (32, 64, 4, 3, 4), (16, 128, 4, 3, 1), (32, 128, 8, 3, 4),
+)  # fmt: skip
 # Each of a program's threads asks for one weight row's K range (sm90 bulk L2 prefetch); a row may be asked for
 # by more than one thread, which costs nothing.
 L2_PREFETCH_ROWS_ASM = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;"
 
 
 def rows_tile(m: int) -> int:
-    """The padded token-row tile for m rows (16 or 32)."""
-    return 16 if m <= 16 else 32
+    """The padded token-row tile for m rows: 16, or the next power of two (32 up to MAX_ROWS; wider tiles only in
+    `gpu_profile.py fewrows`, which measures whether they would pay)."""
+    return 16 if m <= 16 else 1 << (m - 1).bit_length()
 
 
 @functools.cache
