@@ -78,6 +78,7 @@ def test_few_row_steps_take_the_row_path(qwen3_path, monkeypatch):
     assert all(plan is plans[16] for _, plan in seen_default)
     assert not seen
     assert rows_tile(2) == rows_tile(16) == 16 and rows_tile(17) == rows_tile(32) == 32
+    assert rows_tile(33) == rows_tile(64) == 64 and rows_tile(200) == 256  # the profile's wide tiles
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 3072), (12288, 4096), (1536, 576), (96, 576), (3, 128)])

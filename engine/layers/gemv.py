@@ -228,8 +228,9 @@ SWEEP_ROWS_CONFIGS = tuple(
     )
 )  # fmt: skip
 # Shapes for tiles of 64-256 token rows (decode batches of the throughput and shared-prefix workloads, where cuBLAS
-# runs o and down at 0.7-1.0 TB/s): measured by `gpu_profile.py fewrows --few-rows 64 128 256`, not used by the
-# engine. The accumulator is [rows/program, token rows] in registers, so wide tiles take fewer rows per program.
+# runs o and down at 0.7-1.0 TB/s), for `gpu_profile.py fewrows --few-rows 64 256`. Not used by the engine: on an
+# H100 every role was 1.26-10x slower than the unfused cuBLAS path at 64 and 256 rows (docs/benchmarks.md). The
+# accumulator is [rows/program, token rows] in registers, so wide tiles take fewer rows per program.
 SWEEP_WIDE_ROWS_CONFIGS = (
     (64, 64, 4, 3, 1), (64, 128, 8, 2, 1), (64, 64, 8, 4, 1), (32, 128, 4, 2, 1), (32, 64, 4, 4, 1),
     (128, 64, 8, 3, 1), (64, 128, 4, 2, 2), (32, 128, 4, 2, 2), (64, 64, 4, 3, 2), (64, 128, 8, 2, 4),
