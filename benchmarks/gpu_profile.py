@@ -88,10 +88,12 @@ def profile_kernels(args) -> None:
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     rng = random.Random(0)
     if args.cascade:
-        # The shared-prefix workload: 64 requests, a cached 4096-token prefix, 64 own tokens each.
-        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=True)
+        # The shared-prefix workload: 64 requests, a cached 4096-token prefix, --suffix own tokens each (64 as in
+        # the benchmark; 192 gives the own KV lengths of its decode steps halfway through, 64 + 128 generated).
+        cascade = args.cascade_attention == "on"
+        llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=cascade)
         prefix = [rng.randrange(10, 30000) for _ in range(4096)]
-        prompts = [prefix + [rng.randrange(10, 30000) for _ in range(64)] for _ in range(64)]
+        prompts = [prefix + [rng.randrange(10, 30000) for _ in range(args.suffix)] for _ in range(64)]
         llm.generate([prefix + [5]], SamplingParams(max_tokens=1))
     else:
         llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=max(8, args.batch))
@@ -114,7 +116,9 @@ def profile_kernels(args) -> None:
         )
         for e in events[:25]
     ]
-    what = "64 requests, cascade, shared prefix 4096" if args.cascade else f"batch {args.batch}, prompt {args.prompt}"
+    what = f"batch {args.batch}, prompt {args.prompt}"
+    if args.cascade:
+        what = f"64 requests, cascade {args.cascade_attention}, shared prefix 4096, own tokens {args.suffix}"
     print_table(f"{args.model}: GPU kernel time per decode step ({args.steps} steps, {what})", rows)
     print(f"total GPU kernel time per step: {total / args.steps:.0f} us")
     print_table("critical path: how far each kernel moves the step's end (overlapping launches count once)", critical)
@@ -1229,6 +1233,10 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen3-0.6B")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="kernels: the shared-prefix workload with cascade")
+    parser.add_argument(
+        "--cascade-attention", choices=["on", "off"], default="on", help="kernels --cascade: off = the baseline"
+    )
+    parser.add_argument("--suffix", type=int, default=64, help="kernels --cascade: own prompt tokens per request")
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
