@@ -224,10 +224,9 @@ class _FlashInferAttention(AttentionBackend):
             self.workspace, "HND", backend=eager_prefill_backend()
         )
 
-    def _decode_wrapper(self, indptr=None, indices=None, last=None, rows: int = 1, tensor_cores: bool | None = None):
+    def _decode_wrapper(self, indptr=None, indices=None, last=None, rows: int = 1):
         # CUDA cores below TENSOR_CORE_DECODE_MIN_BATCH, tensor cores from there (see the constant).
-        if tensor_cores is None:
-            tensor_cores = rows >= TENSOR_CORE_DECODE_MIN_BATCH
+        tensor_cores = rows >= TENSOR_CORE_DECODE_MIN_BATCH
         graph = {}
         if indptr is not None:
             graph = dict(
@@ -474,9 +473,6 @@ class GraphCascadeAttention(GraphDecodeAttention):
 
     def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, max_pages_per_row)
-        if os.environ.get("NANOVLLM_CASCADE_UNIQUE_TC", "1") == "0":  # A/B probe: the unique level on CUDA cores
-            self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows, tensor_cores=False)
-            self.whole_kv, self.split_args = False, {}
         dev = self.device
         self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
         self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
