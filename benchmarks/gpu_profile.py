@@ -970,13 +970,21 @@ def run_layers(wrapper, q: torch.Tensor, caches: list[torch.Tensor], out: torch.
         wrapper.run(q, cache, out=out)
 
 
+def run_split(split, q: torch.Tensor, caches: list[torch.Tensor], tables: list[torch.Tensor]) -> None:
+    """The engine's split-KV Triton decode over each KV cache in turn."""
+    for cache in caches:
+        split(q, cache, *tables)
+
+
 def bench_decode_attention(args) -> None:
     """FlashInfer's decode attention per kernel family at throughput batch sizes: CUDA-core decode, tensor-core
     (the prefill kernel) on FlashAttention-2 with and without split-KV, and on FlashAttention-3, each planned once
-    and timed in a CUDA graph over --layers distinct KV caches (Qwen3-0.6B heads, 64-token pages, HND). Prints
-    microseconds per layer and the KV read rate."""
+    and timed in a CUDA graph over --layers distinct KV caches (Qwen3-0.6B heads, 64-token pages, HND); with
+    --triton-splits also the engine's split-KV Triton kernel (triton_decode.py) at those splits. Prints microseconds
+    per layer and the KV read rate."""
     import flashinfer
 
+    from engine.attention.triton_decode import SplitDecode
     from engine.layers.linear import graph_time_us
 
     heads, kv_heads, dim, page = 16, 8, 128, 64
@@ -1032,6 +1040,14 @@ def bench_decode_attention(args) -> None:
                         over_first=us / base,
                     )
                 )
+            # The engine's own split-KV Triton kernel (merge inside), at each of --triton-splits.
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            tables = [t.to(dev) for t in (indptr, indices, last)]
+            for splits in args.triton_splits:
+                split = SplitDecode(batch, heads, kv_heads, dim, dev, sms, splits)
+                us = graph_time_us(functools.partial(run_split, split, q, caches, tables), 4) / len(caches)
+                rows.append(dict(batch=batch, context=context, variant=f"triton split-KV, {splits} splits", us=us,
+                                 tb_s=kv_bytes / us / 1e6, over_first=us / base))  # fmt: skip
             del caches
             torch.cuda.empty_cache()
     print_table("decode attention per layer (us; KV read rate TB/s)", rows)
@@ -1253,6 +1269,9 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", type=int, default=[0, 3, 4, 6, 8, 12, 17], help="prefillsplit: pages")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="stepab (1), decodeattn (64 128 256)")
     parser.add_argument("--layers", type=int, default=4, help="decodeattn: distinct KV caches cycled")
+    parser.add_argument(
+        "--triton-splits", nargs="*", type=int, default=[], help="decodeattn: also the engine's Triton kernel"
+    )
     parser.add_argument(
         "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
     )
