@@ -79,3 +79,14 @@ def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monke
     # In a large batch the share of the step's KV tokens allows more than WHOLE_KV_MAX_OVER_MEAN times the mean.
     edge = int(WHOLE_KV_MAX_SHARE * 12700 / (1 - WHOLE_KV_MAX_SHARE))
     assert edge > r * 100 and whole_kv_pays([edge] + [100] * 127) and not whole_kv_pays([edge + 1] + [100] * 127)
+
+
+def test_cascade_own_kernel_knob_names_the_bad_value(monkeypatch):
+    from engine.attention.flashinfer_backend import cascade_own_kernel
+
+    assert cascade_own_kernel() == "triton"
+    monkeypatch.setenv("NANOVLLM_CASCADE_OWN_KERNEL", "flashinfer")
+    assert cascade_own_kernel() == "flashinfer"
+    monkeypatch.setenv("NANOVLLM_CASCADE_OWN_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="'cuda' is not one of"):
+        cascade_own_kernel()

@@ -78,6 +78,15 @@ def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count // num_kv_heads
 
 
+def cascade_own_kernel() -> str:
+    """NANOVLLM_CASCADE_OWN_KERNEL: the kernel of cascade graphs' own-pages level: "triton" (the split-KV Triton
+    kernel) or "flashinfer" (its decode kernel, A/B runs)."""
+    value = os.environ.get("NANOVLLM_CASCADE_OWN_KERNEL", "triton")
+    if value not in ("triton", "flashinfer"):
+        raise ValueError(f"NANOVLLM_CASCADE_OWN_KERNEL={value!r} is not one of 'triton', 'flashinfer'")
+    return value
+
+
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
 
 
@@ -469,11 +478,16 @@ class GraphCascadeAttention(GraphDecodeAttention):
     (after the shared ones; the append positions are relative to them), a one-request non-causal prefill
     over the shared blocks serves every query, and the two states merge."""
 
-    triton_attention = False  # its unique level runs FlashInfer's decode, whose state the merge takes
+    triton_attention = False  # the small-batch rule of the base class does not apply; see cascade_own_kernel()
 
     def __init__(self, runner, block_size, workspace, rows, max_pages_per_row):
         super().__init__(runner, block_size, workspace, rows, max_pages_per_row)
         dev = self.device
+        if cascade_own_kernel() == "triton" and triton_decode_supported(self.head_dim, block_size, dev):
+            # Each request's own pages by the split-KV Triton kernel, which also returns the state the merge takes;
+            # plan_rows() then fills its page tables without FlashInfer's planner.
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, dev, sms)
         self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
         self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
         self.s_indices = torch.zeros(max_pages_per_row, dtype=torch.int32, device=dev)
@@ -507,7 +521,12 @@ class GraphCascadeAttention(GraphDecodeAttention):
 
     def attend(self, q, kv_cache):
         """Own pages by decode, shared pages once, merged."""
-        return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
+        if self.split_decode is None:
+            return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
+        out, lse = self.split_decode.with_lse(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last)
+        out_shared, lse_shared = _prefill_run(self.shared, q, kv_cache, return_lse=True)
+        self.flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
+        return out
 
 
 class GraphPrefillAttention(GraphAttention):

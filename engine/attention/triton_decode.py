@@ -81,6 +81,7 @@ def _build_kernel():
         part_l_ptr,
         counter_ptr,
         out_ptr,
+        lse_ptr,
         scale_log2,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -94,6 +95,7 @@ def _build_kernel():
         ONE_SPLIT_PAGES: tl.constexpr,
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
+        LSE: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -179,6 +181,8 @@ def _build_kernel():
                 # One split holds the whole context: its state is the answer, no partial store or merge.
                 o = acc / l_sum[:, None]
                 tl.store(out_ptr + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                if LSE:  # base-2 log-sum-exp of the scaled scores, as FlashInfer's states carry it
+                    tl.store(lse_ptr + heads, m + tl.log2(l_sum), mask=live)
             else:
                 part = heads * S + split
                 tl.store(part_o_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
@@ -200,9 +204,13 @@ def _build_kernel():
                             other=0.0,
                             cache_modifier=".cg",
                         )
-                        w = tl.exp2(ms - tl.max(ms, axis=0))  # unused splits have m = -inf: weight 0
-                        o = tl.sum(w[:, None] * os_, axis=0) / tl.sum(w * ls, axis=0)
+                        m_all = tl.max(ms, axis=0)
+                        w = tl.exp2(ms - m_all)  # unused splits have m = -inf: weight 0
+                        l_all = tl.sum(w * ls, axis=0)
+                        o = tl.sum(w[:, None] * os_, axis=0) / l_all
                         tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
+                        if LSE:
+                            tl.store(lse_ptr + h, m_all + tl.log2(l_all))
                     tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
 
     return split_decode
@@ -262,6 +270,14 @@ class SplitDecode:
         self._launch(q, 0, None, None, 0.0, None, None, kv_cache, kv_indptr, kv_indices, kv_last, out)
         return out
 
+    def with_lse(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> tuple[torch.Tensor, torch.Tensor]:
+        """As calling it, also returning each row and head's base-2 log-sum-exp [rows, Hq] (float32), the state
+        FlashInfer's merge_state_in_place takes (cascade attention merges it with the shared level's)."""
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        self._launch(q, 0, None, None, 0.0, None, None, kv_cache, kv_indptr, kv_indices, kv_last, out, lse)
+        return out, lse
+
     def fused(
         self, qkv, q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions, kv_cache, kv_indptr, kv_indices, kv_last
     ):
@@ -277,7 +293,9 @@ class SplitDecode:
         )  # fmt: skip
         return out
 
-    def _launch(self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out):
+    def _launch(
+        self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out, lse=None
+    ):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
@@ -299,6 +317,7 @@ class SplitDecode:
             self.part_l,
             self.counter,
             out,
+            lse if lse is not None else self.part_l,
             self.scale_log2,
             HQ=self.hq,
             HKV=self.hkv,
@@ -312,6 +331,7 @@ class SplitDecode:
             ONE_SPLIT_PAGES=self.one_split_pages,
             FUSED=fused,
             NORM=norm,
+            LSE=lse is not None,
             num_warps=4,
             **launch,
         )

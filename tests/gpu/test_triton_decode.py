@@ -48,16 +48,25 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split):
     kernel = SplitDecode(len(lens), hq, hkv, d, "cuda", sms)
     kernel.min_pages = min_pages
     kernel.one_split_pages = one_split
-    for _ in range(2):  # the second launch checks that the arrival counters were reset
-        out = kernel(q, cache, indptr, indices, last)
+    # The second launch checks that the arrival counters were reset; it also returns the log-sum-exp (cascade).
+    for launch in range(2):
+        if launch == 0:
+            out, lse = kernel(q, cache, indptr, indices, last), None
+        else:
+            out, lse = kernel.with_lse(q, cache, indptr, indices, last)
         for b, n in enumerate(lens):
             pages = indices[indptr[b] : indptr[b + 1]].long()
             k = cache[pages, 0].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n].float()
             v = cache[pages, 1].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n].float()
             qb = q[b].float().view(hkv, hq // hkv, d)
-            ref = (torch.softmax(qb @ k.transpose(1, 2) / math.sqrt(d), -1) @ v).reshape(hq, d)
+            scores = qb @ k.transpose(1, 2) / math.sqrt(d)
+            ref = (torch.softmax(scores, -1) @ v).reshape(hq, d)
             err = ((out[b].float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, f"row {b} ({n} tokens): relative error {err:.2e}"
+            if lse is not None:  # base 2, as FlashInfer's merge_state_in_place takes it
+                ref_lse = (torch.logsumexp(scores, -1) / math.log(2)).reshape(hq)
+                worst = (lse[b] - ref_lse).abs().max().item()
+                assert worst < 1e-2, f"row {b} ({n} tokens): log-sum-exp off by {worst:.2e}"
     assert not kernel.counter.any()
 
 
