@@ -455,6 +455,9 @@ class GraphDecodeAttention(GraphAttention):
         """From the packed QKV projection: the fused decode kernel where it serves, else as the base class."""
         if not self.fused_decode:
             return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
+        return self._fused(qkv, attn, rope_positions, kv_cache)
+
+    def _fused(self, qkv, attn, rope_positions, kv_cache, states: bool = False):
         return self.split_decode.fused(
             qkv,
             *attn.qk_norm_args(),
@@ -464,6 +467,7 @@ class GraphDecodeAttention(GraphAttention):
             self.kv_indptr,
             self.kv_indices,
             self.last_len,
+            states=states,
         )
 
     def attend(self, q, kv_cache):
@@ -488,6 +492,9 @@ class GraphCascadeAttention(GraphDecodeAttention):
             # plan_rows() then fills its page tables without FlashInfer's planner.
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             self.split_decode = SplitDecode(rows, self.num_heads, self.num_kv_heads, self.head_dim, dev, sms)
+            # It can also take the q/k norm, rope and K/V append (one launch fewer per layer), handing the rotated q
+            # to the shared level.
+            self.fused_decode = self.fused_qkv and fused_decode_enabled()
         self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
         self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
         self.s_indices = torch.zeros(max_pages_per_row, dtype=torch.int32, device=dev)
@@ -519,11 +526,22 @@ class GraphCascadeAttention(GraphDecodeAttention):
             **self._common(),
         )
 
+    def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
+        """From the packed QKV projection: with the fused Triton kernel, the own level (norms, rope and append
+        included), then the shared level with its rotated q; else as the base class."""
+        if not self.fused_decode:
+            return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
+        out, lse, q = self._fused(qkv, attn, rope_positions, kv_cache, states=True)
+        return self._merge_shared(out, lse, q, kv_cache)
+
     def attend(self, q, kv_cache):
         """Own pages by decode, shared pages once, merged."""
         if self.split_decode is None:
             return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
         out, lse = self.split_decode.with_lse(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last)
+        return self._merge_shared(out, lse, q, kv_cache)
+
+    def _merge_shared(self, out, lse, q, kv_cache):
         out_shared, lse_shared = _prefill_run(self.shared, q, kv_cache, return_lse=True)
         self.flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
         return out

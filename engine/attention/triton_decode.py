@@ -82,6 +82,7 @@ def _build_kernel():
         counter_ptr,
         out_ptr,
         lse_ptr,
+        q_out_ptr,
         scale_log2,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -96,6 +97,7 @@ def _build_kernel():
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
         LSE: tl.constexpr,
+        STORE_Q: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -146,6 +148,9 @@ def _build_kernel():
                 sin = tl.load(cos_sin_ptr + pos * D + D // 2 + d % (D // 2))
                 sin = tl.where(d < D // 2, -sin, sin)  # first half: x1 cos - x2 sin; second: x2 cos + x1 sin
                 q = (xq * cos[None, :] + xq_p * sin[None, :]).to(cache_ptr.dtype.element_ty)
+                if STORE_Q:  # cascade: the shared level attends with the same normed, rotated q
+                    if split == 0:
+                        tl.store(q_out_ptr + heads[:, None] * D + d[None, :], q, mask=live[:, None])
                 k_new = (xk * cos + xk_p * sin).to(cache_ptr.dtype.element_ty)
                 v_new = tl.load(row + (HQ + HKV + kvh) * D + d)
                 if split == active - 1:
@@ -279,22 +284,50 @@ class SplitDecode:
         return out, lse
 
     def fused(
-        self, qkv, q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions, kv_cache, kv_indptr, kv_indices, kv_last
+        self,
+        qkv,
+        q_norm_weight,
+        k_norm_weight,
+        eps,
+        cos_sin,
+        rope_positions,
+        kv_cache,
+        kv_indptr,
+        kv_indices,
+        kv_last,
+        states: bool = False,
     ):
         """Attention of each row's step token given its QKV projection [rows, (Hq + 2 Hkv) * D]: q/k norm (when
         weights are given) and NeoX rope by rope_positions, the K/V append at the last slot of each row's pages
-        (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D]."""
+        (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D],
+        or with states (cascade) (that, its base-2 log-sum-exp [rows, Hq], the normed and rotated q [rows, Hq, D])."""
         if qkv.stride(1) != 1:
             raise ValueError(f"the QKV projection must have contiguous rows (strides {qkv.stride()})")
         out = torch.empty(self.rows, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
+        lse = torch.empty(self.rows, self.hq, dtype=torch.float32, device=qkv.device) if states else None
+        q = torch.empty_like(out) if states else None
         self._launch(
             qkv, qkv.stride(0), q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions,
-            kv_cache, kv_indptr, kv_indices, kv_last, out,
+            kv_cache, kv_indptr, kv_indices, kv_last, out, lse, q,
         )  # fmt: skip
-        return out
+        return (out, lse, q) if states else out
 
     def _launch(
-        self, q, q_stride, q_w, k_w, eps, cos_sin, rope_pos, kv_cache, kv_indptr, kv_indices, kv_last, out, lse=None
+        self,
+        q,
+        q_stride,
+        q_w,
+        k_w,
+        eps,
+        cos_sin,
+        rope_pos,
+        kv_cache,
+        kv_indptr,
+        kv_indices,
+        kv_last,
+        out,
+        lse=None,
+        q_out=None,
     ):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
@@ -318,6 +351,7 @@ class SplitDecode:
             self.counter,
             out,
             lse if lse is not None else self.part_l,
+            q_out if q_out is not None else out,
             self.scale_log2,
             HQ=self.hq,
             HKV=self.hkv,
@@ -332,6 +366,7 @@ class SplitDecode:
             FUSED=fused,
             NORM=norm,
             LSE=lse is not None,
+            STORE_Q=q_out is not None,
             num_warps=4,
             **launch,
         )

@@ -106,12 +106,18 @@ def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm,
         qkv, hq, hkv, qw, kw, 1e-6, cos_sin, positions, torch.arange(rows, device="cuda", dtype=torch.int32),
         positions.to(torch.int32), indptr, indices, ref_cache,
     )  # fmt: skip
-    ref = kernel(q, ref_cache, indptr, indices, last)
+    ref, ref_lse = kernel.with_lse(q, ref_cache, indptr, indices, last)
     before = cache.clone()
-    for _ in range(2):  # the second launch checks that the arrival counters were reset
-        out = kernel.fused(qkv, qw, kw, 1e-6, cos_sin, positions, cache, indptr, indices, last.long())
+    # The second launch checks that the arrival counters were reset; it also returns the states cascade merges.
+    for launch in range(2):
+        args = (qkv, qw, kw, 1e-6, cos_sin, positions, cache, indptr, indices, last.long())
+        out, lse, q_out = kernel.fused(*args, states=True) if launch else (kernel.fused(*args), None, None)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 1e-2, f"relative error {err:.2e} against the separate kernels"
+        if launch:  # the normed, rotated q the shared level attends with, and the log-sum-exp
+            q_err = ((q_out.float() - q.float()).norm() / q.float().norm()).item()
+            assert q_err < 1e-2, f"rotated q: relative error {q_err:.2e}"
+            assert (lse - ref_lse).abs().max().item() < 5e-2
     assert not kernel.counter.any()
     # K (computed: within rounding of the other kernel's) and V (copied: exact) at each row's new slot only.
     changed = (cache != before).any(dim=-1)  # [pages, 2, Hkv, BS]
