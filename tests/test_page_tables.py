@@ -84,6 +84,7 @@ def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monke
 def test_cascade_own_kernel_knob_names_the_bad_value(monkeypatch):
     from engine.attention.flashinfer_backend import cascade_own_kernel
 
+    monkeypatch.delenv("NANOVLLM_CASCADE_OWN_KERNEL", raising=False)
     assert cascade_own_kernel() == "triton"
     monkeypatch.setenv("NANOVLLM_CASCADE_OWN_KERNEL", "flashinfer")
     assert cascade_own_kernel() == "flashinfer"
