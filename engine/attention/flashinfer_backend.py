@@ -372,6 +372,11 @@ def _prefill_run(wrapper, q: torch.Tensor, kv_cache: torch.Tensor, **kwargs):
 def _cascade(flashinfer, unique_decode, shared_prefill, q, kv_cache):
     # Each request's own pages, then the shared prefix read once for all queries; merge the two softmax states.
     out, lse = unique_decode.run(q, kv_cache, return_lse=True)
+    return _merge_shared(flashinfer, shared_prefill, out, lse, q, kv_cache)
+
+
+def _merge_shared(flashinfer, shared_prefill, out, lse, q, kv_cache):
+    # The shared level for q, merged into the own level's state (out, base-2 lse) in place.
     out_shared, lse_shared = _prefill_run(shared_prefill, q, kv_cache, return_lse=True)
     flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
     return out
@@ -532,19 +537,14 @@ class GraphCascadeAttention(GraphDecodeAttention):
         if not self.fused_decode:
             return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
         out, lse, q = self._fused(qkv, attn, rope_positions, kv_cache, states=True)
-        return self._merge_shared(out, lse, q, kv_cache)
+        return _merge_shared(self.flashinfer, self.shared, out, lse, q, kv_cache)
 
     def attend(self, q, kv_cache):
         """Own pages by decode, shared pages once, merged."""
         if self.split_decode is None:
             return _cascade(self.flashinfer, self.decode, self.shared, q, kv_cache)
         out, lse = self.split_decode.with_lse(q, kv_cache, self.kv_indptr, self.kv_indices, self.kv_last)
-        return self._merge_shared(out, lse, q, kv_cache)
-
-    def _merge_shared(self, out, lse, q, kv_cache):
-        out_shared, lse_shared = _prefill_run(self.shared, q, kv_cache, return_lse=True)
-        self.flashinfer.merge_state_in_place(out, lse, out_shared, lse_shared)
-        return out
+        return _merge_shared(self.flashinfer, self.shared, out, lse, q, kv_cache)
 
 
 class GraphPrefillAttention(GraphAttention):
