@@ -349,7 +349,7 @@ def bench_shared_prefix(args) -> None:
             max_model_len=8192,
             max_num_seqs=max(8, n),
             enable_cascade_attention=cascade,
-            cascade_min_requests=args.cascade_min_requests,
+            **({"cascade_min_requests": args.cascade_min_requests} if args.cascade_min_requests else {}),
             **ENGINE_KW,
         )
         prof = profile_engine_thread(llm) if args.profile and cascade else None
@@ -456,7 +456,8 @@ def bench_cascade_crossover(args) -> None:
     folder = model_folder("Qwen3-0.6B", ROOT)
     rng = random.Random(0)
     llm = LLM(folder, load_format="dummy", max_model_len=8192, max_num_seqs=64, enable_cascade_attention=True,
-              cascade_min_requests=2, cascade_min_prefix_tokens=16, **ENGINE_KW)  # fmt: skip
+              cascade_min_requests=2, cascade_min_prefix_tokens=16, cascade_min_shared_tokens=1,
+              **ENGINE_KW)  # fmt: skip
     configs = {"cascade": llm.engine.config}
     configs["no_cascade"] = configs["cascade"].model_copy(update={"enable_cascade_attention": False})
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -646,7 +647,7 @@ def main() -> None:
     parser.add_argument("--shared-first", choices=("cascade", "no_cascade"), default="cascade", help="shared_prefix")
     parser.add_argument("--requests", nargs="+", type=int, default=[4, 8, 16, 32, 64], help="cascade_crossover")
     parser.add_argument("--prefixes", nargs="+", type=int, default=[128, 256, 1024, 4096], help="cascade_crossover")
-    parser.add_argument("--cascade-min-requests", type=int, default=8)
+    parser.add_argument("--cascade-min-requests", type=int, help="shared_prefix (default: the engine's)")
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 64, 128], help="skewed_decode: requests")
     parser.add_argument(
         "--long-lens", nargs="+", type=int, default=[1024, 4096, 16384], help="skewed_decode: the long context"

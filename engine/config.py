@@ -35,18 +35,19 @@ class EngineConfig(BaseModel):
     enable_cascade_attention: bool = Field(
         default=True,
         description="Cascade attention for decode batches sharing a cached prefix (FlashInfer only), used when at "
-        "least cascade_min_requests share cascade_min_prefix_tokens, or share a prefix whose length times the number "
-        "of requests reaches cascade_min_shared_tokens. On an H100 (docs/benchmarks.md) it pays for 4k-token prefixes "
-        "from 8 requests (1.08x; 1.85x at 64), 2k from 32 (1.09x), 1k at 64 (1.04x), and costs up to 18% below that.",
+        "least cascade_min_requests share at least cascade_min_prefix_tokens, and that prefix's length times the "
+        "number of requests reaches cascade_min_shared_tokens. On an H100 (docs/benchmarks.md, section 5) it pays "
+        "for 1k-token prefixes from 16 requests (1.04x; 1.15x at 64), 2k from 8 (1.15x), 4k from 4 (1.10x; 2.04x at "
+        "64), and costs up to 16% below that.",
     )
-    cascade_min_requests: int = Field(default=8, ge=2, description="Fewest decoding requests for cascade.")
+    cascade_min_requests: int = Field(default=4, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(
-        default=4096, ge=1, description="A shared prefix this long pays from cascade_min_requests (measured, above)."
+        default=1024, ge=1, description="Fewest shared prefix tokens for cascade (measured, above)."
     )
     cascade_min_shared_tokens: int = Field(
-        default=65536,
+        default=16384,
         ge=1,
-        description="Shorter prefixes pay when requests x shared tokens reaches this (measured, above).",
+        description="Fewest requests x shared prefix tokens for cascade (measured, above).",
     )
     freeze_gc: bool = Field(
         default=True,

@@ -311,8 +311,9 @@ class LLMEngine:
         # Keep at least one own block per request (the one this step writes into).
         shared = min(self._shared_cache[1], min(len(t) for t in tables) - 1)
         tokens = shared * cfg.block_size
-        # Measured on an H100: the longer the prefix, the fewer requests it takes to pay (docs/benchmarks.md).
-        enough = tokens >= cfg.cascade_min_prefix_tokens or tokens * len(tables) >= cfg.cascade_min_shared_tokens
+        # Measured on an H100 (docs/benchmarks.md, section 5): the longer the prefix, the fewer requests it takes to
+        # pay, but below ~1k tokens it lost at every request count.
+        enough = tokens >= cfg.cascade_min_prefix_tokens and tokens * len(tables) >= cfg.cascade_min_shared_tokens
         return shared if shared and enough else 0
 
     def _record(self, req: Request, token_id: int, logprobs, now: float) -> None:

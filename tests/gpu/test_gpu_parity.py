@@ -357,7 +357,8 @@ def test_cascade_on_and_off_agree_and_match_hf(model_dir):
             max_model_len=2048,
             max_num_seqs=16,
             enable_cascade_attention=cascade,
-            cascade_min_prefix_tokens=256,  # the default (4096) is above this test's 512-token prefix
+            cascade_min_shared_tokens=1,  # the defaults want 1,024 shared tokens and 16,384 tokens x requests
+            cascade_min_prefix_tokens=256,
             enforce_eager=eager,
         )
         try:
