@@ -129,3 +129,61 @@ def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm,
     k_err = ((cache[:, 0].float() - ref_cache[:, 0].float()).norm() / ref_cache[:, 0].float().norm()).item()
     assert k_err < 1e-3
     assert torch.equal(cache[:, 1], ref_cache[:, 1])
+
+
+@pytest.mark.parametrize(
+    "own_lens,shared_pages,hq,hkv,d,bs,splits,norm",
+    [
+        ([130] * 64, 64, 16, 8, 128, 64, None, True),  # the shared-prefix benchmark: 64 rows, 4,096 shared tokens
+        ([65, 3, 200, 1], 7, 16, 8, 128, 64, 4, True),  # split own pages merged by the last arrival; an empty chunk
+        ([20] * 80, 3, 4, 2, 64, 16, 1, False),  # 160 query rows: two row tiles; most chunks empty
+        ([9, 17], 0, 16, 8, 128, 64, 2, True),  # nothing shared: the own level's output unchanged
+        ([300, 17], 5, 9, 3, 64, 64, 2, False),  # SmolLM2: a group of 3
+    ],
+)
+def test_shared_chunks_merge_into_the_fused_kernel(own_lens, shared_pages, hq, hkv, d, bs, splits, norm):
+    """Cascade's shared level as SharedChunks, merged inside the fused own-level kernel: the own level's state
+    (fused kernel with states) merged in torch with attention over the shared pages by its rotated q."""
+    from engine.attention.triton_decode import SharedChunks
+
+    g = torch.Generator(device="cuda").manual_seed(len(own_lens) + shared_pages)
+    rows = len(own_lens)
+    own_total = sum(-(-n // bs) for n in own_lens)
+    cache, indptr, indices, last = paged(own_lens, hkv, d, bs, pages_total=own_total + shared_pages + 8, g=g)
+    used = set(indices.tolist())
+    shared = [p for p in torch.randperm(cache.shape[0], generator=g, device="cuda").tolist() if p not in used]
+    shared = shared[:shared_pages]
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, device="cuda", generator=g).to(torch.bfloat16)
+    qw = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(torch.bfloat16) if norm else None
+    kw = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(torch.bfloat16) if norm else None
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos_sin = torch.outer(torch.arange(16384, dtype=torch.float32), inv)
+    cos_sin = torch.cat([cos_sin.cos(), cos_sin.sin()], -1).cuda()
+    positions = torch.tensor([shared_pages * bs + n - 1 for n in own_lens], device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    args = (qkv, qw, kw, 1e-6, cos_sin, positions)
+    ref_cache = cache.clone()
+    own, own_lse, q = SplitDecode(rows, hq, hkv, d, "cuda", sms, splits).fused(
+        *args, ref_cache, indptr, indices, last.long(), states=True
+    )
+    pages = torch.tensor(shared, dtype=torch.long, device="cuda")
+    k = cache[pages, 0].permute(1, 0, 2, 3).reshape(hkv, -1, d).float()
+    v = cache[pages, 1].permute(1, 0, 2, 3).reshape(hkv, -1, d).float()
+    scores = q.float().view(rows, hkv, hq // hkv, d) @ k.transpose(1, 2)[None] / math.sqrt(d)
+    lse = (torch.logsumexp(scores, -1) / math.log(2)).reshape(rows, hq)
+    out_shared = (torch.softmax(scores, -1) @ v[None]).reshape(rows, hq, d)
+    top = torch.maximum(own_lse, lse)
+    w_own, w_shared = torch.exp2(own_lse - top)[..., None], torch.exp2(lse - top)[..., None]
+    ref = (own.float() * w_own + out_shared.nan_to_num() * w_shared) / (w_own + w_shared)
+
+    chunks = SharedChunks(rows, hq, hkv, d, 128, "cuda", 16)
+    kernel = SplitDecode(rows, hq, hkv, d, "cuda", sms, splits)
+    for step in range(2):  # the second step sends no pages (the same as the first's) and finds the counters reset
+        chunks.set_pages(shared)
+        chunks(qkv, qw, 1e-6, cos_sin, positions, cache)
+        out = kernel.fused(*args, cache, indptr, indices, last.long(), shared=chunks.states())
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"step {step}: relative error {err:.2e}"
+        if step == 0:
+            assert torch.equal(cache, ref_cache)  # the same K/V appended, nothing else written
+    assert not kernel.counter.any()
