@@ -517,7 +517,8 @@ class GraphCascadeAttention(GraphDecodeAttention):
         self.shared_chunks = None
         if self.fused_decode and cascade_shared_kernel() == "triton":
             hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-            self.shared_chunks = SharedChunks(rows, hq, hkv, d, max_pages_per_row, dev, SHARED_SPLITS)
+            chunks = int(os.environ.get("NANOVLLM_CASCADE_SHARED_CHUNKS", str(SHARED_SPLITS)))  # A/B knob
+            self.shared_chunks = SharedChunks(rows, hq, hkv, d, max_pages_per_row, dev, chunks)
             return
         self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
         self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)

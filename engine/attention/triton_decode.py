@@ -376,7 +376,8 @@ class SharedChunks:
     def __call__(self, qkv, q_norm_weight, eps, cos_sin, rope_positions, kv_cache) -> None:
         """Attend each row's normed, rotated q (from the QKV projection) over every chunk of the shared pages."""
         group = self.hq // self.hkv
-        block_r = max(16, min(128, 1 << (self.rows * group - 1).bit_length()))
+        most = int(os.environ.get("NANOVLLM_CASCADE_SHARED_ROWS", "128"))  # A/B knob: query rows per program
+        block_r = max(16, min(most, 1 << (self.rows * group - 1).bit_length()))
         launch = launch_options(qkv.device)
         grid = (self.hkv, self.chunks, -(-self.rows * group // block_r))
         _build_shared_kernel()[grid](
