@@ -11,7 +11,6 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata, pin_host, to_device
 from engine.attention.triton_decode import (
-    SharedChunks,
     SplitDecode,
     fused_decode_enabled,
     triton_decode_max_rows,
@@ -85,16 +84,6 @@ def cascade_own_kernel() -> str:
     value = os.environ.get("NANOVLLM_CASCADE_OWN_KERNEL", "triton")
     if value not in ("triton", "flashinfer"):
         raise ValueError(f"NANOVLLM_CASCADE_OWN_KERNEL={value!r} is not one of 'triton', 'flashinfer'")
-    return value
-
-
-def cascade_shared_kernel() -> str:
-    """NANOVLLM_CASCADE_SHARED_KERNEL: the kernel of cascade graphs' shared level where the own level runs on the
-    fused Triton kernel: "triton" (SharedChunks, merged inside the own level's kernel) or "flashinfer" (its prefill
-    kernel and merges, A/B runs)."""
-    value = os.environ.get("NANOVLLM_CASCADE_SHARED_KERNEL", "triton")
-    if value not in ("triton", "flashinfer"):
-        raise ValueError(f"NANOVLLM_CASCADE_SHARED_KERNEL={value!r} is not one of 'triton', 'flashinfer'")
     return value
 
 
@@ -473,7 +462,7 @@ class GraphDecodeAttention(GraphAttention):
             return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
         return self._fused(qkv, attn, rope_positions, kv_cache)
 
-    def _fused(self, qkv, attn, rope_positions, kv_cache, states: bool = False, shared=None):
+    def _fused(self, qkv, attn, rope_positions, kv_cache, states: bool = False):
         return self.split_decode.fused(
             qkv,
             *attn.qk_norm_args(),
@@ -484,7 +473,6 @@ class GraphDecodeAttention(GraphAttention):
             self.kv_indices,
             self.last_len,
             states=states,
-            shared=shared,
         )
 
     def attend(self, q, kv_cache):
@@ -496,8 +484,8 @@ class GraphDecodeAttention(GraphAttention):
 
 class GraphCascadeAttention(GraphDecodeAttention):
     """Cascade decode for one captured batch size: the inherited page tables hold each request's own blocks
-    (after the shared ones; the append positions are relative to them), the shared blocks are read once for every
-    query (SharedChunks, or a one-request non-causal FlashInfer prefill), and the states merge."""
+    (after the shared ones; the append positions are relative to them), a one-request non-causal prefill
+    over the shared blocks serves every query, and the two states merge."""
 
     triton_attention = False  # the small-batch rule of the base class does not apply; see cascade_own_kernel()
 
@@ -512,14 +500,6 @@ class GraphCascadeAttention(GraphDecodeAttention):
             # It can also take the q/k norm, rope and K/V append (one launch fewer per layer), handing the rotated q
             # to the shared level.
             self.fused_decode = self.fused_qkv and fused_decode_enabled()
-        # With that fused kernel, the shared level too can be Triton's: one kernel whose chunk states the own
-        # level's kernel merges, in place of FlashInfer's prefill and two merges (SharedChunks).
-        self.shared_chunks = None
-        if self.fused_decode and cascade_shared_kernel() == "triton":
-            hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-            chunks = int(os.environ.get("NANOVLLM_CASCADE_SHARED_CHUNKS", str(SHARED_SPLITS)))  # A/B knob
-            self.shared_chunks = SharedChunks(rows, hq, hkv, d, max_pages_per_row, dev, chunks)
-            return
         self.s_qo_indptr = torch.tensor([0, rows], dtype=torch.int32, device=dev)
         self.s_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
         self.s_indices = torch.zeros(max_pages_per_row, dtype=torch.int32, device=dev)
@@ -537,9 +517,6 @@ class GraphCascadeAttention(GraphDecodeAttention):
         own = [t[shared_blocks:] for t in tables]
         own_lens = [n - shared_blocks * bs for n in kv_lens]
         self.plan_rows(own, own_lens, dummy_block)
-        if self.shared_chunks is not None:
-            self.shared_chunks.set_pages(tables[0][:shared_blocks] if shared_blocks else [])
-            return
         shared_pages = max(shared_blocks, 1)
         pages = tables[0][:shared_blocks] if shared_blocks else [dummy_block]
         last = bs if shared_blocks else 1
@@ -555,15 +532,10 @@ class GraphCascadeAttention(GraphDecodeAttention):
         )
 
     def forward_qkv(self, qkv, attn, rope_positions, kv_cache):
-        """From the packed QKV projection: with the fused Triton kernel, the shared level's chunks (SharedChunks)
-        and then the own level (norms, rope and append included), which merges them; with FlashInfer's shared level,
-        the own level first, then the shared level with its rotated q, merged; else as the base class."""
+        """From the packed QKV projection: with the fused Triton kernel, the own level (norms, rope and append
+        included), then the shared level with its rotated q; else as the base class."""
         if not self.fused_decode:
             return super().forward_qkv(qkv, attn, rope_positions, kv_cache)
-        if self.shared_chunks is not None:
-            q_w, _, eps = attn.qk_norm_args()
-            self.shared_chunks(qkv, q_w, eps, attn.rotary.cos_sin_cache, rope_positions, kv_cache)
-            return self._fused(qkv, attn, rope_positions, kv_cache, shared=self.shared_chunks.states())
         out, lse, q = self._fused(qkv, attn, rope_positions, kv_cache, states=True)
         return _merge_shared(self.flashinfer, self.shared, out, lse, q, kv_cache)
 

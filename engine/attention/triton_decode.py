@@ -87,8 +87,6 @@ def _build_kernel():
         out_ptr,
         lse_ptr,
         q_out_ptr,
-        sh_o_ptr,
-        sh_lse_ptr,
         scale_log2,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -104,7 +102,6 @@ def _build_kernel():
         NORM: tl.constexpr,
         LSE: tl.constexpr,
         STORE_Q: tl.constexpr,
-        SHARED: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -190,19 +187,7 @@ def _build_kernel():
                 acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
                 m = m_new
             if active == 1:
-                # One split holds the whole context: its state is the answer, no partial store or merge (but the
-                # shared prefix's chunks of a cascade step, when given).
-                if SHARED > 0:
-                    for c in tl.static_range(SHARED):
-                        s_lse = tl.load(sh_lse_ptr + heads * SHARED + c, mask=live, other=float("-inf"))
-                        s_o = tl.load(sh_o_ptr + (heads * SHARED + c)[:, None] * D + d[None, :], mask=live[:, None])
-                        m_new = tl.maximum(m, s_lse)
-                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
-                        alpha = tl.exp2(m - m_safe)
-                        w = tl.exp2(s_lse - m_safe)
-                        l_sum = l_sum * alpha + w
-                        acc = acc * alpha[:, None] + w[:, None] * s_o.to(tl.float32)
-                        m = m_new
+                # One split holds the whole context: its state is the answer, no partial store or merge.
                 o = acc / l_sum[:, None]
                 tl.store(out_ptr + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=live[:, None])
                 if LSE:  # base-2 log-sum-exp of the scaled scores, as FlashInfer's states carry it
@@ -229,163 +214,15 @@ def _build_kernel():
                             cache_modifier=".cg",
                         )
                         m_all = tl.max(ms, axis=0)
-                        if SHARED > 0:
-                            chunks = tl.arange(0, SHARED)
-                            s_lse = tl.load(sh_lse_ptr + h * SHARED + chunks)
-                            s_o = tl.load(sh_o_ptr + (h * SHARED + chunks)[:, None] * D + d[None, :])
-                            m_all = tl.maximum(m_all, tl.max(s_lse, axis=0))
                         w = tl.exp2(ms - m_all)  # unused splits have m = -inf: weight 0
                         l_all = tl.sum(w * ls, axis=0)
-                        o = tl.sum(w[:, None] * os_, axis=0)
-                        if SHARED > 0:
-                            w_s = tl.exp2(s_lse - m_all)  # empty chunks have lse = -inf: weight 0
-                            l_all += tl.sum(w_s, axis=0)
-                            o += tl.sum(w_s[:, None] * s_o.to(tl.float32), axis=0)
-                        o = o / l_all
+                        o = tl.sum(w[:, None] * os_, axis=0) / l_all
                         tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty))
                         if LSE:
                             tl.store(lse_ptr + h, m_all + tl.log2(l_all))
                     tl.store(counter_ptr + b * HKV + kvh, 0)  # ready for the next layer's launch
 
     return split_decode
-
-
-@functools.cache
-def _build_shared_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def shared_chunks(
-        qkv_ptr,
-        q_stride,
-        q_w_ptr,
-        eps,
-        cos_sin_ptr,
-        rope_pos_ptr,
-        cache_ptr,
-        pages_ptr,
-        rows,
-        sh_o_ptr,
-        sh_lse_ptr,
-        scale_log2,
-        HQ: tl.constexpr,
-        G: tl.constexpr,
-        D: tl.constexpr,
-        BS: tl.constexpr,
-        HKV: tl.constexpr,
-        C: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        NORM: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        kvh = tl.program_id(0)
-        c = tl.program_id(1)
-        tile = tl.program_id(2)
-        # pages_ptr[0] is the number of shared pages, their ids follow; set before the step's graph starts.
-        n = tl.load(pages_ptr)
-        per = tl.cdiv(n, C)
-        first = c * per
-        stop = tl.minimum(first + per, n)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # the QKV projection is written by the kernel before
-        # Query rows (request, head of this KV head's group), each normed and rotated as the own level does.
-        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-        b = r // G
-        live = b < rows
-        d = tl.arange(0, D)
-        t = tl.arange(0, BS)
-        partner = (d + D // 2) % D
-        heads = b * HQ + kvh * G + r % G
-        row = qkv_ptr + b.to(tl.int64)[:, None] * q_stride + ((kvh * G + r % G) * D)[:, None]
-        xq = tl.load(row + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        xq_p = tl.load(row + partner[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        if NORM:
-            rq = tl.rsqrt(tl.sum(xq * xq, 1) / D + eps)[:, None]
-            xq = xq * rq * tl.load(q_w_ptr + d).to(tl.float32)[None, :]
-            xq_p = xq_p * rq * tl.load(q_w_ptr + partner).to(tl.float32)[None, :]
-        pos = tl.load(rope_pos_ptr + b, mask=live, other=0).to(tl.int64)[:, None]
-        cos = tl.load(cos_sin_ptr + pos * D + (d % (D // 2))[None, :])
-        sin = tl.load(cos_sin_ptr + pos * D + D // 2 + (d % (D // 2))[None, :])
-        sin = tl.where(d[None, :] < D // 2, -sin, sin)
-        q = (xq * cos + xq_p * sin).to(cache_ptr.dtype.element_ty)
-        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        for p in range(first, stop):
-            # Shared pages are whole: every slot holds a token of the prefix.
-            page = tl.load(pages_ptr + 1 + p).to(tl.int64)
-            k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
-            k = tl.load(k_rows)
-            v = tl.load(k_rows + HKV * BS * D)
-            scores = tl.dot(q, tl.trans(k)) * scale_log2
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp2(m - m_new)
-            probs = tl.exp2(scores - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(probs, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
-            m = m_new
-        # Each chunk's state as (normalised output, base-2 log-sum-exp); an empty chunk has lse = -inf, output 0.
-        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        part = heads * C + c
-        tl.store(sh_lse_ptr + part, m + tl.log2(l_sum), mask=live)
-        tl.store(sh_o_ptr + part[:, None] * D + d[None, :], o.to(sh_o_ptr.dtype.element_ty), mask=live[:, None])
-
-    return shared_chunks
-
-
-class SharedChunks:
-    """Cascade's shared level as chunks of the shared pages, each attended by all the step's queries at once.
-
-    Why: FlashInfer's shared level is a prefill kernel, a merge of its splits and a merge with the own level: three
-    launches per layer (12.9 + 9.0 us of the shared-prefix benchmark's 53.8 us of attention per layer on an H100,
-    docs/benchmarks.md). Here one kernel reads each chunk once for every request and stores one state per chunk;
-    the split-KV kernel of the own pages folds those states into its own before it stores the output."""
-
-    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_pages: int, device, chunks):
-        """chunks: the shared pages are split into this many (a power of two); max_pages: most shared pages."""
-        if chunks & (chunks - 1) or chunks < 1:
-            raise ValueError(f"chunks={chunks} must be a power of two")
-        self.rows, self.hq, self.hkv, self.d, self.chunks = rows, num_heads, num_kv_heads, head_dim, chunks
-        n = rows * num_heads * chunks
-        self.out = torch.empty(n, head_dim, dtype=torch.bfloat16, device=device)
-        self.lse = torch.empty(n, dtype=torch.float32, device=device)
-        self.pages = torch.zeros(max_pages + 1, dtype=torch.int32, device=device)  # [count, page ids...]
-        self._host = torch.zeros(max_pages + 1, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
-        self._sent: list[int] | None = None
-        self.scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
-
-    def set_pages(self, pages: list[int]) -> None:
-        """The step's shared pages (whole ones), copied to the device when they differ from the last step's (the
-        same requests keep the same prefix); the pinned buffer is rewritten only after the step that read it has
-        consumed its inputs, as StagedTables is."""
-        if pages == self._sent:
-            return
-        if len(pages) + 1 > self._host.numel():
-            raise ValueError(f"{len(pages)} shared pages, room for {self._host.numel() - 1}")
-        self._host[0] = len(pages)
-        self._host[1 : len(pages) + 1] = torch.tensor(pages, dtype=torch.int32)
-        self.pages[: len(pages) + 1].copy_(self._host[: len(pages) + 1], non_blocking=True)
-        self._sent = list(pages)
-
-    def states(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(outputs, base-2 log-sum-exps, chunks) as SplitDecode.fused takes them."""
-        return self.out, self.lse, self.chunks
-
-    def __call__(self, qkv, q_norm_weight, eps, cos_sin, rope_positions, kv_cache) -> None:
-        """Attend each row's normed, rotated q (from the QKV projection) over every chunk of the shared pages."""
-        group = self.hq // self.hkv
-        most = int(os.environ.get("NANOVLLM_CASCADE_SHARED_ROWS", "128"))  # A/B knob: query rows per program
-        block_r = max(16, min(most, 1 << (self.rows * group - 1).bit_length()))
-        launch = launch_options(qkv.device)
-        grid = (self.hkv, self.chunks, -(-self.rows * group // block_r))
-        _build_shared_kernel()[grid](
-            qkv, qkv.stride(0), q_norm_weight if q_norm_weight is not None else qkv, eps, cos_sin, rope_positions,
-            kv_cache, self.pages, self.rows, self.out, self.lse, self.scale_log2,
-            HQ=self.hq, G=group, D=self.d, BS=kv_cache.shape[3], HKV=self.hkv, C=self.chunks, BLOCK_R=block_r,
-            NORM=q_norm_weight is not None, PDL=bool(launch), num_warps=8 if block_r >= 128 else 4, **launch,
-        )  # fmt: skip
 
 
 def split_buffers(partials: int, counters: int, head_dim: int, device) -> tuple:
@@ -463,13 +300,11 @@ class SplitDecode:
         kv_indices,
         kv_last,
         states: bool = False,
-        shared: tuple | None = None,
     ):
         """Attention of each row's step token given its QKV projection [rows, (Hq + 2 Hkv) * D]: q/k norm (when
         weights are given) and NeoX rope by rope_positions, the K/V append at the last slot of each row's pages
         (kv_last tokens in its last page, the new one included), and attention, in one launch; returns [rows, Hq, D],
-        or with states (cascade) (that, its base-2 log-sum-exp [rows, Hq], the normed and rotated q [rows, Hq, D]);
-        shared: SharedChunks.states() of a cascade step, merged into each row's output."""
+        or with states (cascade) (that, its base-2 log-sum-exp [rows, Hq], the normed and rotated q [rows, Hq, D])."""
         if qkv.stride(1) != 1:
             raise ValueError(f"the QKV projection must have contiguous rows (strides {qkv.stride()})")
         out = torch.empty(self.rows, self.hq, self.d, dtype=qkv.dtype, device=qkv.device)
@@ -477,7 +312,7 @@ class SplitDecode:
         q = torch.empty_like(out) if states else None
         self._launch(
             qkv, qkv.stride(0), q_norm_weight, k_norm_weight, eps, cos_sin, rope_positions,
-            kv_cache, kv_indptr, kv_indices, kv_last, out, lse, q, shared,
+            kv_cache, kv_indptr, kv_indices, kv_last, out, lse, q,
         )  # fmt: skip
         return (out, lse, q) if states else out
 
@@ -497,7 +332,6 @@ class SplitDecode:
         out,
         lse=None,
         q_out=None,
-        shared=None,
     ):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
@@ -522,8 +356,6 @@ class SplitDecode:
             out,
             lse if lse is not None else self.part_l,
             q_out if q_out is not None else out,
-            shared[0] if shared else out,
-            shared[1] if shared else self.part_l,
             self.scale_log2,
             HQ=self.hq,
             HKV=self.hkv,
@@ -539,7 +371,6 @@ class SplitDecode:
             NORM=norm,
             LSE=lse is not None,
             STORE_Q=q_out is not None,
-            SHARED=shared[2] if shared else 0,
             num_warps=4,
             **launch,
         )
