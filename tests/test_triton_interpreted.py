@@ -1,0 +1,67 @@
+"""The split-KV Triton decode kernel on the CPU, through Triton's interpreter (TRITON_INTERPRET=1), in float32.
+
+Why: the kernel serves every small decode graph and cascade's own pages on the GPU, but its split rules, the merge
+of the last program to arrive, the fused q/k norm + rope + append and the cascade states are logic that the
+interpreter runs here, so CI catches a wrong index or merge before a GPU does. The interpreter's dot on bfloat16
+tiles is wrong (docs/benchmarks.md, twenty-third session), so these run in float32; the GPU tests cover bf16.
+Each runs in a fresh process: Triton reads TRITON_INTERPRET when it is first imported (its own library functions
+are jitted then), so the variable must be set before anything in the process imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _interpreter_runs_it() -> bool:
+    # Triton 3.6's interpreter (the one torch 2.11 brings on the GPU host) fails on the kernel's page loop, whose
+    # bounds are loaded values; 3.8's (`make setup` installs it) runs it.
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(x) for x in version.split(".")[:2]) >= (3, 8)
+
+
+pytestmark = pytest.mark.skipif(not _interpreter_runs_it(), reason="needs Triton 3.8 or later (make setup)")
+
+# (fewest pages per split, most pages in one split): the engine's default, splits only, up to 2 pages in one split
+SPLIT_RULES = [(1, 2), (1, 0), (2, 0)]
+
+
+def run_interpreted(call: str, cases: list[tuple]) -> None:
+    """call(*case, min_pages, one_split, device="cpu", dtype=torch.float32) for each case, in a fresh process."""
+    code = (
+        "import torch\nimport triton_checks\n"
+        f"for case in {cases!r}:\n"
+        f"    triton_checks.{call}(*case, device='cpu', dtype=torch.float32)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    here = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
+def test_split_decode_matches_torch_interpreted(min_pages, one_split):
+    cases = [
+        ([40], 4, 2, 32, 16),  # three pages
+        ([1, 17, 100], 4, 2, 32, 16),  # one token, a page and one, many pages
+        ([50, 9], 6, 2, 16, 16),  # a group of 3 padded to a 16-row tile
+    ]
+    run_interpreted("check_split_decode", [(*c, min_pages, one_split) for c in cases])
+
+
+@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
+def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split):
+    cases = [
+        ([33, 16], 4, 2, 32, 16, True),  # the new token opens a page; it fills the last slot of one
+        ([1, 70], 4, 2, 32, 16, False),  # a first token; many pages, no q/k norm
+    ]
+    run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split) for c in cases])

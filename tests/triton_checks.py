@@ -1,0 +1,111 @@
+"""Checks of the split-KV Triton decode kernel against torch, for any device and dtype: the GPU tests run them in
+bf16 on CUDA, and tests/test_triton_interpreted.py in float32 on the CPU through Triton's interpreter."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.attention.triton_decode import SplitDecode
+
+
+def paged(lens, hkv, d, bs, pages_total, g, device="cuda", dtype=torch.bfloat16):
+    """A random HND cache and a shuffled page table holding sequences of the given lengths."""
+    cache = torch.randn(pages_total, 2, hkv, bs, d, device=device, generator=g).to(dtype)
+    free = torch.randperm(pages_total, device=device, generator=g).tolist()
+    indptr, indices, last = [0], [], []
+    for n in lens:
+        pages = -(-n // bs)
+        indices += free[:pages]
+        free = free[pages:]
+        indptr.append(indptr[-1] + pages)
+        last.append(n - (pages - 1) * bs)
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return cache, as_i32(indptr), as_i32(indices), as_i32(last)
+
+
+def num_sms(device) -> int:
+    """The multiprocessor count the kernel sizes its splits by (an H100's on the CPU)."""
+    return torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
+
+
+def check_split_decode(lens, hq, hkv, d, bs, min_pages, one_split, device="cuda", dtype=torch.bfloat16):
+    """The kernel's output, and its base-2 log-sum-exp (cascade's state), against attention in torch."""
+    g = torch.Generator(device=device).manual_seed(sum(lens))
+    pages_total = sum(-(-n // bs) for n in lens) + 8
+    cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total, g, device, dtype)
+    q = torch.randn(len(lens), hq, d, device=device, generator=g).to(dtype)
+    kernel = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device))
+    kernel.min_pages = min_pages
+    kernel.one_split_pages = one_split
+    # The second launch checks that the arrival counters were reset; it also returns the log-sum-exp (cascade).
+    for launch in range(2):
+        if launch == 0:
+            out, lse = kernel(q, cache, indptr, indices, last), None
+        else:
+            out, lse = kernel.with_lse(q, cache, indptr, indices, last)
+        for b, n in enumerate(lens):
+            pages = indices[indptr[b] : indptr[b + 1]].long()
+            k = cache[pages, 0].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n].float()
+            v = cache[pages, 1].permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n].float()
+            qb = q[b].float().view(hkv, hq // hkv, d)
+            scores = qb @ k.transpose(1, 2) / math.sqrt(d)
+            ref = (torch.softmax(scores, -1) @ v).reshape(hq, d)
+            err = ((out[b].float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"row {b} ({n} tokens): relative error {err:.2e}"
+            if lse is not None:  # base 2, as FlashInfer's merge_state_in_place takes it
+                ref_lse = (torch.logsumexp(scores, -1) / math.log(2)).reshape(hq)
+                worst = (lse[b] - ref_lse).abs().max().item()
+                assert worst < 1e-2, f"row {b} ({n} tokens): log-sum-exp off by {worst:.2e}"
+    assert not kernel.counter.any()
+
+
+def check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, device="cuda", dtype=torch.bfloat16):
+    """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
+    kernel followed by the attention kernel, and nothing written but each row's new slot."""
+    from engine.layers.fused_qkv import qk_norm_rope_append
+
+    g = torch.Generator(device=device).manual_seed(len(lens) + sum(lens))
+    pages_total = sum(-(-n // bs) for n in lens) + 8
+    cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total, g, device, dtype)
+    rows = len(lens)
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, device=device, generator=g).to(dtype)
+    qw = (1 + 0.3 * torch.randn(d, device=device, generator=g)).to(dtype) if norm else None
+    kw = (1 + 0.3 * torch.randn(d, device=device, generator=g)).to(dtype) if norm else None
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(8192, dtype=torch.float32), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
+    positions = torch.tensor([n - 1 for n in lens], device=device)  # int64, as the graph's input rows are
+    kernel = SplitDecode(rows, hq, hkv, d, device, num_sms(device))
+    kernel.min_pages = min_pages
+    kernel.one_split_pages = one_split
+
+    ref_cache = cache.clone()
+    q = qk_norm_rope_append(
+        qkv, hq, hkv, qw, kw, 1e-6, cos_sin, positions, torch.arange(rows, device=device, dtype=torch.int32),
+        positions.to(torch.int32), indptr, indices, ref_cache,
+    )  # fmt: skip
+    ref, ref_lse = kernel.with_lse(q, ref_cache, indptr, indices, last)
+    before = cache.clone()
+    # The second launch checks that the arrival counters were reset; it also returns the states cascade merges.
+    for launch in range(2):
+        args = (qkv, qw, kw, 1e-6, cos_sin, positions, cache, indptr, indices, last.long())
+        out, lse, q_out = kernel.fused(*args, states=True) if launch else (kernel.fused(*args), None, None)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 1e-2, f"relative error {err:.2e} against the separate kernels"
+        if launch:  # the normed, rotated q the shared level attends with, and the log-sum-exp
+            q_err = ((q_out.float() - q.float()).norm() / q.float().norm()).item()
+            assert q_err < 1e-2, f"rotated q: relative error {q_err:.2e}"
+            assert (lse - ref_lse).abs().max().item() < 5e-2
+    assert not kernel.counter.any()
+    # K (computed: within rounding of the other kernel's) and V (copied: exact) at each row's new slot only.
+    changed = (cache != before).any(dim=-1)  # [pages, 2, Hkv, BS]
+    expected = torch.zeros_like(changed)
+    for b, n in enumerate(lens):
+        page = indices[indptr[b] + (n - 1) // bs]
+        expected[page, :, :, (n - 1) % bs] = True
+    assert torch.equal(changed | expected, expected), "the kernel wrote outside the rows' new slots"
+    k_err = ((cache[:, 0].float() - ref_cache[:, 0].float()).norm() / ref_cache[:, 0].float().norm()).item()
+    assert k_err < 1e-3
+    assert torch.equal(cache[:, 1], ref_cache[:, 1])
