@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of the environment variable name (default when unset), which must be one of choices: the engine's
+    A/B switches, read where the code they switch is built."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
 
 
 class EngineConfig(BaseModel):

@@ -16,6 +16,7 @@ from engine.attention.triton_decode import (
     triton_decode_max_rows,
     triton_decode_supported,
 )
+from engine.config import env_choice
 from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -81,10 +82,7 @@ def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
 def cascade_own_kernel() -> str:
     """NANOVLLM_CASCADE_OWN_KERNEL: the kernel of cascade graphs' own-pages level: "triton" (the split-KV Triton
     kernel) or "flashinfer" (its decode kernel, A/B runs)."""
-    value = os.environ.get("NANOVLLM_CASCADE_OWN_KERNEL", "triton")
-    if value not in ("triton", "flashinfer"):
-        raise ValueError(f"NANOVLLM_CASCADE_OWN_KERNEL={value!r} is not one of 'triton', 'flashinfer'")
-    return value
+    return env_choice("NANOVLLM_CASCADE_OWN_KERNEL", "triton", ("triton", "flashinfer"))
 
 
 SHARED_SPLITS = 16  # KV chunks the shared cascade level is split into, so its single query group fills the SMs
@@ -170,10 +168,7 @@ def eager_prefill_backend() -> str:
     """NANOVLLM_PREFILL_BACKEND: FlashInfer's kernel family for eager prefill steps: "auto" (FlashInfer's choice, fa3
     on sm90, except fa2 for steps of short requests; see packed_prefill_pays), "fa2" or "fa3" for every such step
     (A/B runs)."""
-    value = os.environ.get("NANOVLLM_PREFILL_BACKEND", "auto")
-    if value not in ("auto", "fa2", "fa3"):
-        raise ValueError(f"NANOVLLM_PREFILL_BACKEND={value!r} is not one of 'auto', 'fa2', 'fa3'")
-    return value
+    return env_choice("NANOVLLM_PREFILL_BACKEND", "auto", ("auto", "fa2", "fa3"))
 
 
 def packed_prefill_pays(q_lens: list[int], head_dim: int) -> bool:

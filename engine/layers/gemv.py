@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine.config import env_choice
 from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, triton_available
 from engine.layers.linear import cycle_time_us
 
@@ -65,10 +66,7 @@ STEP_TRIES = 3
 
 def gemv_mode() -> str:
     """NANOVLLM_GEMV: "0" (off), "force" (Triton for every role) or "auto" (by start-up timing, the default)."""
-    mode = os.environ.get("NANOVLLM_GEMV", "auto")
-    if mode not in ("0", "force", "auto"):
-        raise ValueError(f"NANOVLLM_GEMV={mode!r} is not one of '0', 'force', 'auto'")
-    return mode
+    return env_choice("NANOVLLM_GEMV", "auto", ("0", "force", "auto"))
 
 
 def gemv_max_rows() -> int:

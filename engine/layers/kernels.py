@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from engine.config import env_choice
+
 # One thread of the program asks the copy engine to pull [ptr, ptr + size) into L2 (sm90 bulk prefetch); the
 # output register only satisfies Triton's inline-asm form.
 L2_PREFETCH_ASM = (
@@ -29,10 +31,7 @@ def triton_available() -> bool:
 def pdl_mode() -> str:
     """NANOVLLM_PDL: "1" (programmatic dependent launch with L2 weight prefetch, the default), "wait" (launch
     without the prefetch) or "0" (plain launches)."""
-    mode = os.environ.get("NANOVLLM_PDL", "1")
-    if mode not in ("0", "wait", "1"):
-        raise ValueError(f"NANOVLLM_PDL={mode!r} is not one of '0', 'wait', '1'")
-    return mode
+    return env_choice("NANOVLLM_PDL", "1", ("0", "wait", "1"))
 
 
 @functools.cache
