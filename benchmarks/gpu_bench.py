@@ -226,37 +226,42 @@ def bench_decode_ab(args) -> None:
         del os.environ[args.ab_env]
     else:
         os.environ[args.ab_env] = caller
-    rng = random.Random(0)
-    batch = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(args.batch)]
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    rates: dict[str, list[float]] = {value: [] for value, _ in engines}
-    for _, llm in engines:
-        llm.generate(batch, p)  # warm-up
-    for r in range(args.rounds):
-        for value, llm in engines if r % 2 == 0 else engines[::-1]:
-            outs = llm.generate(batch, p)
-            first = max(o.first_token_time for o in outs)
-            rates[value].append(args.batch * (args.new_tokens - 1) / (max(o.finish_time for o in outs) - first))
+    rows = []
+    for requests in args.ab_batches or [args.batch]:
+        for prompt_len in args.ab_prompts:
+            rng = random.Random(0)
+            batch = [[rng.randrange(10, 30000) for _ in range(prompt_len)] for _ in range(requests)]
+            rates: dict[str, list[float]] = {value: [] for value, _ in engines}
+            for _, llm in engines:
+                llm.generate(batch, p)  # warm-up
+            for r in range(args.rounds):
+                for value, llm in engines if r % 2 == 0 else engines[::-1]:
+                    outs = llm.generate(batch, p)
+                    first = max(o.first_token_time for o in outs)
+                    rates[value].append(requests * (args.new_tokens - 1) / (max(o.finish_time for o in outs) - first))
+            base = sorted(rates[args.ab_values[0]])[args.rounds // 2]
+            for value, runs in rates.items():
+                median = sorted(runs)[len(runs) // 2]
+                rows.append(
+                    dict(
+                        requests=requests,
+                        prompt=prompt_len,
+                        env=f"{args.ab_env}={value}",
+                        median_tok_s=median,
+                        min_tok_s=min(runs),
+                        max_tok_s=max(runs),
+                        over_first=median / base,
+                        rounds=[round(x, 1) for x in runs],
+                    )
+                )
+            print(rows[-len(engines) :], flush=True)
     for _, llm in engines:
         free_engine(llm)
-    base = sorted(rates[args.ab_values[0]])[len(rates[args.ab_values[0]]) // 2]
-    rows = []
-    for value, runs in rates.items():
-        median = sorted(runs)[len(runs) // 2]
-        rows.append(
-            dict(
-                env=f"{args.ab_env}={value}",
-                median_tok_s=median,
-                min_tok_s=min(runs),
-                max_tok_s=max(runs),
-                over_first=median / base,
-                rounds=[round(x, 1) for x in runs],
-            )
-        )
-    print_table(f"{name}: decode A/B, batch {args.batch}, prompt 128, {args.new_tokens} new tokens", rows)
-    write_result(
-        f"decode_ab_batch{args.batch}", {"model": name, "batch": args.batch, "env": args.ab_env, "rows": rows}, OUT
-    )
+    print_table(f"{name}: decode A/B, {args.new_tokens} new tokens", rows)
+    name_batch = "_".join(map(str, args.ab_batches)) if args.ab_batches else args.batch
+    result = {"model": name, "batches": args.ab_batches or [args.batch], "prompts": args.ab_prompts}
+    write_result(f"decode_ab_batch{name_batch}", {**result, "env": args.ab_env, "rows": rows}, OUT)
 
 
 def throughput_workload(n: int, max_new_tokens: int | None = None):
@@ -401,6 +406,16 @@ def decode_rate(outs) -> float:
     return sum(len(o.token_ids) - 1 for o in outs) / (last - first)
 
 
+def engine_takes(llm, lens: list[int]) -> str:
+    """Which decode graph the engine takes for a step of these contexts: "unsplit" or "split" (its twin)."""
+    graphs = llm.runner.graphs
+    size = next(s for s in graphs.sizes if s >= len(lens))
+    attn = graphs.decode_attn[size]
+    if size in graphs.twin_attn and graphs._takes_twin(attn, lens):
+        attn = graphs.twin_attn[size]
+    return "unsplit" if attn.whole_kv else "split"
+
+
 def bench_skewed_decode(args) -> None:
     """skewed_decode.json: decode tok/s of batches whose first request has a long context among short ones, through
     the unsplit and the split-KV decode graph of the same engine (and through the engine's own choice), in turn.
@@ -414,8 +429,9 @@ def bench_skewed_decode(args) -> None:
     folder = model_folder(name, ROOT)
     max_len = max(args.long_lens) + args.new_tokens + 64
     llm = LLM(folder, load_format="dummy", max_model_len=max_len, max_num_seqs=max(args.batches), **ENGINE_KW)
-    rule = graphs_module.whole_kv_pays
+    rule, short_rule = graphs_module.whole_kv_pays, graphs_module.short_decode_pays
     variants = {"unsplit": lambda lens: True, "split": lambda lens: False, "engine": rule}
+    never = lambda lens, limit: False  # noqa: E731  (the forced columns take no short-context Triton twin)
     rng = random.Random(0)
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = []
@@ -432,8 +448,9 @@ def bench_skewed_decode(args) -> None:
                 for r in range(args.rounds):
                     for v in order if r % 2 == 0 else order[::-1]:
                         graphs_module.whole_kv_pays = variants[v]
+                        graphs_module.short_decode_pays = short_rule if v == "engine" else never
                         rates[v].append(decode_rate(llm.generate(prompts, p)))
-                graphs_module.whole_kv_pays = rule
+                graphs_module.whole_kv_pays, graphs_module.short_decode_pays = rule, short_rule
                 mid = args.new_tokens // 2  # the share halfway through the measured steps
                 lens = [n + mid for n in [long_len] + [args.short_len] * (batch - 1)]
                 med = {v: statistics.median(x) for v, x in rates.items()}
@@ -441,10 +458,10 @@ def bench_skewed_decode(args) -> None:
                                  long_share=lens[0] / sum(lens), long_over_mean=lens[0] * batch / sum(lens),
                                  unsplit_tok_s=med["unsplit"], split_tok_s=med["split"],
                                  engine_tok_s=med["engine"], unsplit_over_split=med["unsplit"] / med["split"],
-                                 engine_takes="unsplit" if rule(lens) else "split"))  # fmt: skip
+                                 engine_takes=engine_takes(llm, lens)))  # fmt: skip
                 print(rows[-1], flush=True)
     finally:
-        graphs_module.whole_kv_pays = rule
+        graphs_module.whole_kv_pays, graphs_module.short_decode_pays = rule, short_rule
         free_engine(llm)
     print_table(f"{name}: skewed decode, one long context among short ones, {args.new_tokens} new tokens", rows)
     write_result("skewed_decode", {"model": name, "new_tokens": args.new_tokens, "rows": rows}, OUT)
@@ -659,13 +676,16 @@ def main() -> None:
     parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache, cold_prefill: measured rounds")
     lens = [900, 2100, 3000, 3500, 4096]
     parser.add_argument("--prompt-lens", nargs="+", type=int, default=lens, help="cold_prefill: prompt tokens")
+    parser.add_argument("--ab-prompts", nargs="+", type=int, default=[128], help="decode_ab: prompt tokens")
+    parser.add_argument("--ab-batches", nargs="+", type=int, help="decode_ab: requests (default: --batch)")
     parser.add_argument("--ab-kv-blocks", type=int, default=256, help="decode_ab: KV cache blocks per engine")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the engine thread (decode, throughput, shared_prefix)"
     )
     args = parser.parse_args()
-    if args.batch > args.max_num_seqs:
-        parser.error(f"--batch {args.batch} needs --max-num-seqs of at least {args.batch} (it is {args.max_num_seqs})")
+    most = max(args.ab_batches or [args.batch])
+    if most > args.max_num_seqs:
+        parser.error(f"batches of {most} requests need --max-num-seqs of at least {most} (it is {args.max_num_seqs})")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's start-up choices
     if args.block_size:
         ENGINE_KW["block_size"] = args.block_size

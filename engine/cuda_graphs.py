@@ -20,6 +20,8 @@ from engine.attention.flashinfer_backend import (
     GraphPrefillAttention,
     eager_prefill_backend,
     no_split_decode_min_batch,
+    short_decode_limits,
+    short_decode_pays,
     skewed_variant_sizes,
     whole_kv_pays,
     whole_kv_variant_sizes,
@@ -139,6 +141,7 @@ class GraphRunner:
             for b in whole_kv_variant_sizes(self.sizes, first_unsplit)
         }
         skewed = skewed_variant_sizes(self.sizes, first_unsplit)
+        self.short_decode = short_decode_limits()
         if skewed and triton_decode_supported(runner.head_dim, bs, dev):
             # One set of partial-state buffers for all of them: one graph runs at a time.
             buffers = split_buffers(
@@ -456,7 +459,7 @@ class GraphRunner:
         )
         kv_lens = [p + 1 for p in positions]  # each request's tokens, this step's included
         key, attn = (kind, bs), self.cascade_attn[bs] if kind == "cascade" else self.decode_attn[bs]
-        if kind == "decode" and bs in self.twin_attn and attn.whole_kv != whole_kv_pays(kv_lens):
+        if kind == "decode" and bs in self.twin_attn and self._takes_twin(attn, kv_lens):
             attn = self.twin_attn[bs]
             key = twin_key(bs, attn)
         if self.planned.get(key) != layout:
@@ -469,6 +472,13 @@ class GraphRunner:
             self.planned[key] = layout
             self.num_plans += 1
         return self._replay(key, len(reqs), pending, prev)
+
+    def _takes_twin(self, attn, kv_lens: list[int]) -> bool:
+        # The other KV plan when the contexts' spread asks for it (whole_kv_pays); a Triton twin also takes steps of
+        # short contexts (short_decode_pays).
+        if attn.whole_kv != whole_kv_pays(kv_lens):
+            return True
+        return attn.whole_kv and short_decode_pays(kv_lens, self.short_decode)
 
     def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
         """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""

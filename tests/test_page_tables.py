@@ -81,6 +81,34 @@ def test_decode_twins_by_size_and_whole_kv_only_without_a_dominant_context(monke
     assert edge > r * 100 and whole_kv_pays([edge] + [100] * 127) and not whole_kv_pays([edge + 1] + [100] * 127)
 
 
+def test_short_decode_rule_takes_the_triton_twin_by_mean_context(monkeypatch):
+    """Steps of at most the row limit whose mean context is at most the token limit take the Triton twin, whatever
+    their spread; 0 tokens turns it off, and a bad setting is named."""
+    from engine.attention.flashinfer_backend import (
+        SHORT_DECODE_MAX_ROWS,
+        SHORT_DECODE_TOKENS,
+        short_decode_limits,
+        short_decode_pays,
+    )
+
+    for name in ("NANOVLLM_SHORT_DECODE_TOKENS", "NANOVLLM_SHORT_DECODE_MAX_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    assert short_decode_limits() == (SHORT_DECODE_TOKENS, SHORT_DECODE_MAX_ROWS)
+    assert short_decode_pays([300] * 64, (300, 64)) and not short_decode_pays([301] + [300] * 63, (300, 64))
+    assert short_decode_pays([8000] + [30] * 63, (200, 64))  # the mean (155) decides, not the longest
+    assert not short_decode_pays([100] * 65, (200, 64))  # too many requests
+    assert not short_decode_pays([100] * 64, (0, 64))
+    monkeypatch.setenv("NANOVLLM_SHORT_DECODE_TOKENS", "0")
+    monkeypatch.setenv("NANOVLLM_SHORT_DECODE_MAX_ROWS", "256")
+    assert short_decode_limits() == (0, 256)
+    monkeypatch.setenv("NANOVLLM_SHORT_DECODE_MAX_ROWS", "-1")
+    with pytest.raises(ValueError, match="NANOVLLM_SHORT_DECODE_MAX_ROWS='-1'"):
+        short_decode_limits()
+    monkeypatch.setenv("NANOVLLM_SHORT_DECODE_TOKENS", "short")
+    with pytest.raises(ValueError, match="NANOVLLM_SHORT_DECODE_TOKENS='short'"):
+        short_decode_limits()
+
+
 def test_cascade_own_kernel_knob_names_the_bad_value(monkeypatch):
     from engine.attention.flashinfer_backend import cascade_own_kernel
 

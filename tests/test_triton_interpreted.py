@@ -31,12 +31,13 @@ def _interpreter_runs_it() -> bool:
 
 pytestmark = pytest.mark.skipif(not _interpreter_runs_it(), reason="needs Triton 3.8 or later (make setup)")
 
-# (fewest pages per split, most pages in one split): the engine's default, splits only, up to 2 pages in one split
-SPLIT_RULES = [(1, 2), (1, 0), (2, 0)]
+# (fewest pages per split, most pages in one split, no split shorter than the mean context): the engine's default,
+# splits only, up to 2 pages in one split, and the large batches' Triton twins
+SPLIT_RULES = [(1, 2, False), (1, 0, False), (2, 0, False), (1, 2, True)]
 
 
 def run_interpreted(call: str, cases: list[tuple]) -> None:
-    """call(*case, min_pages, one_split, device="cpu", dtype=torch.float32) for each case, in a fresh process."""
+    """call(*case, device="cpu", dtype=torch.float32) for each case, in a fresh process."""
     code = (
         "import torch\nimport triton_checks\n"
         f"for case in {cases!r}:\n"
@@ -48,20 +49,20 @@ def run_interpreted(call: str, cases: list[tuple]) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
-def test_split_decode_matches_torch_interpreted(min_pages, one_split):
+@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
+def test_split_decode_matches_torch_interpreted(min_pages, one_split, mean_chunk):
     cases = [
         ([40], 4, 2, 32, 16),  # three pages
         ([1, 17, 100], 4, 2, 32, 16),  # one token, a page and one, many pages
         ([50, 9], 6, 2, 16, 16),  # a group of 3 padded to a 16-row tile
     ]
-    run_interpreted("check_split_decode", [(*c, min_pages, one_split) for c in cases])
+    run_interpreted("check_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])
 
 
-@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
-def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split):
+@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
+def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split, mean_chunk):
     cases = [
         ([33, 16], 4, 2, 32, 16, True),  # the new token opens a page; it fills the last slot of one
         ([1, 70], 4, 2, 32, 16, False),  # a first token; many pages, no q/k norm
     ]
-    run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split) for c in cases])
+    run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])

@@ -30,13 +30,16 @@ def num_sms(device) -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
 
 
-def check_split_decode(lens, hq, hkv, d, bs, min_pages, one_split, device="cuda", dtype=torch.bfloat16):
-    """The kernel's output, and its base-2 log-sum-exp (cascade's state), against attention in torch."""
+def check_split_decode(
+    lens, hq, hkv, d, bs, min_pages, one_split, mean_chunk=False, device="cuda", dtype=torch.bfloat16
+):
+    """The kernel's output, and its base-2 log-sum-exp (cascade's state), against attention in torch; mean_chunk:
+    no split shorter than the batch's mean context."""
     g = torch.Generator(device=device).manual_seed(sum(lens))
     pages_total = sum(-(-n // bs) for n in lens) + 8
     cache, indptr, indices, last = paged(lens, hkv, d, bs, pages_total, g, device, dtype)
     q = torch.randn(len(lens), hq, d, device=device, generator=g).to(dtype)
-    kernel = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device))
+    kernel = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device), mean_chunk=mean_chunk)
     kernel.min_pages = min_pages
     kernel.one_split_pages = one_split
     # The second launch checks that the arrival counters were reset; it also returns the log-sum-exp (cascade).
@@ -61,7 +64,9 @@ def check_split_decode(lens, hq, hkv, d, bs, min_pages, one_split, device="cuda"
     assert not kernel.counter.any()
 
 
-def check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, device="cuda", dtype=torch.bfloat16):
+def check_fused_split_decode(
+    lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk=False, device="cuda", dtype=torch.bfloat16
+):
     """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
     kernel followed by the attention kernel, and nothing written but each row's new slot."""
     from engine.layers.fused_qkv import qk_norm_rope_append
@@ -77,7 +82,7 @@ def check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, d
     freqs = torch.outer(torch.arange(8192, dtype=torch.float32), inv)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
     positions = torch.tensor([n - 1 for n in lens], device=device)  # int64, as the graph's input rows are
-    kernel = SplitDecode(rows, hq, hkv, d, device, num_sms(device))
+    kernel = SplitDecode(rows, hq, hkv, d, device, num_sms(device), mean_chunk=mean_chunk)
     kernel.min_pages = min_pages
     kernel.one_split_pages = one_split
 

@@ -69,6 +69,37 @@ def whole_kv_pays(kv_lens: list[int]) -> bool:
     return longest * len(kv_lens) <= WHOLE_KV_MAX_OVER_MEAN * total or longest <= WHOLE_KV_MAX_SHARE * total
 
 
+# Those Triton twins also serve steps of at most SHORT_DECODE_MAX_ROWS requests whose contexts are short on average,
+# whatever their spread: there one program per request and KV head (no split up to the mean context, SplitDecode's
+# mean_chunk) reads the KV faster than FlashInfer's unsplit tensor-core kernel (docs/benchmarks.md, section 6).
+# NANOVLLM_SHORT_DECODE_TOKENS and NANOVLLM_SHORT_DECODE_MAX_ROWS override the limits (A/B runs; tokens 0: never,
+# and the twins split every context into up to SKEWED_SPLITS chunks).
+SHORT_DECODE_TOKENS = 1024
+SHORT_DECODE_MAX_ROWS = 128
+
+
+def _whole_number(name: str, default: int, what: str) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r} must be a whole number of {what}")
+    return int(value)
+
+
+def short_decode_limits() -> tuple[int, int]:
+    """(mean context in tokens, most requests) up to which a decode step of an unsplit tensor-core size takes its
+    Triton twin: NANOVLLM_SHORT_DECODE_TOKENS (default SHORT_DECODE_TOKENS; 0 = never) and
+    NANOVLLM_SHORT_DECODE_MAX_ROWS (default SHORT_DECODE_MAX_ROWS)."""
+    tokens = _whole_number("NANOVLLM_SHORT_DECODE_TOKENS", SHORT_DECODE_TOKENS, "tokens (0 = off)")
+    return tokens, _whole_number("NANOVLLM_SHORT_DECODE_MAX_ROWS", SHORT_DECODE_MAX_ROWS, "requests")
+
+
+def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:
+    """Whether a decode step of these context lengths is short enough on average, and small enough, for the Triton
+    twin of an unsplit tensor-core graph: limits as short_decode_limits() gives them."""
+    tokens, rows = limits
+    return 0 < tokens and len(kv_lens) <= rows and sum(kv_lens) <= tokens * len(kv_lens)
+
+
 def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
     """The decode batch size from which tensor-core graphs plan without split-KV: NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH
     (A/B knob, read when a graph is built; 0 = always split), by default where FlashInfer's graph-mode planner can
@@ -427,8 +458,9 @@ class GraphDecodeAttention(GraphAttention):
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             splits, buffers = skewed or (None, None)
             self.split_decode = SplitDecode(
-                rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms, splits, buffers
-            )
+                rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms, splits, buffers,
+                mean_chunk=skewed is not None and short_decode_limits()[0] > 0,
+            )  # fmt: skip
         # With it, the q/k norm + rope + K/V append happen inside the attention kernel too (one launch fewer per
         # layer); it then reads the step's int64 last-page lengths itself (last_len, set by the graph runner).
         self.fused_decode = self.split_decode is not None and self.fused_qkv and fused_decode_enabled()

@@ -97,6 +97,7 @@ def _build_kernel():
         S: tl.constexpr,
         PDL: tl.constexpr,
         MIN_PAGES: tl.constexpr,
+        MEAN_CHUNK: tl.constexpr,
         ONE_SPLIT_PAGES: tl.constexpr,
         FUSED: tl.constexpr,
         NORM: tl.constexpr,
@@ -110,6 +111,11 @@ def _build_kernel():
         start = tl.load(indptr_ptr + b)
         num_pages = tl.load(indptr_ptr + b + 1) - start
         per_split = tl.maximum(tl.cdiv(num_pages, S), MIN_PAGES)
+        if MEAN_CHUNK:
+            # Splits of at least the batch's mean context (indptr[rows] pages over rows): contexts up to the mean
+            # take one program per KV head and no merge, a long one still up to S (see SplitDecode).
+            rows = tl.num_programs(0)
+            per_split = tl.maximum(per_split, tl.cdiv(tl.load(indptr_ptr + rows), rows))
         if num_pages <= ONE_SPLIT_PAGES:
             per_split = tl.maximum(num_pages, 1)  # one program per head: no partial states, no merge
         active = tl.cdiv(num_pages, per_split)
@@ -249,9 +255,12 @@ class SplitDecode:
         num_sms: int,
         splits: int | None = None,
         buffers: tuple | None = None,
+        mean_chunk: bool = False,
     ):
         """splits: most splits per request (a power of two), by default about two programs per SM; buffers: from
-        split_buffers() for at least this many rows and splits, shared by kernels that never run at once."""
+        split_buffers() for at least this many rows and splits, shared by kernels that never run at once;
+        mean_chunk: no split shorter than the batch's mean context (large batches, where each request's KV
+        already has one program per KV head and splitting short contexts only adds partial states and merges)."""
         self.rows, self.hq, self.hkv, self.d = rows, num_heads, num_kv_heads, head_dim
         if splits is None:
             # About two programs per SM; a power of two so the merge can tile the splits.
@@ -272,6 +281,7 @@ class SplitDecode:
             raise ValueError(f"NANOVLLM_ATTN_MIN_PAGES={value!r} must be a whole number of pages, at least 1")
         self.min_pages = int(value)
         self.one_split_pages = ONE_SPLIT_PAGES
+        self.mean_chunk = mean_chunk
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -366,6 +376,7 @@ class SplitDecode:
             S=self.splits,
             PDL=bool(launch),
             MIN_PAGES=self.min_pages,
+            MEAN_CHUNK=self.mean_chunk,
             ONE_SPLIT_PAGES=self.one_split_pages,
             FUSED=fused,
             NORM=norm,

@@ -291,9 +291,10 @@ def test_unsplit_and_split_decode_graphs_match_hf(model_dir, size):
     """`size` requests of similar length decode through the unsplit (whole-KV) graph, `size` with one long context
     among short ones through the split-KV graph of the same size; both match HF. At 16 requests the split graph is
     the size's own (FlashInfer) and the unsplit one its twin; at 64 the unsplit graph is its own and the twin
-    attends with the Triton split-KV kernel."""
+    attends with the Triton split-KV kernel, which also takes steps whose mean context is short
+    (short_decode_pays), with no split shorter than that mean."""
     folder, hf = model_dir
-    llm = LLM(folder, num_kvcache_blocks=2048, max_model_len=4096, max_num_seqs=size)
+    llm = LLM(folder, num_kvcache_blocks=3072, max_model_len=4096, max_num_seqs=size)
     try:
         graphs = llm.runner.graphs
         own, twin = graphs.decode_attn[size], graphs.twin_attn[size]
@@ -301,11 +302,17 @@ def test_unsplit_and_split_decode_graphs_match_hf(model_dir, size):
         assert (twin.split_decode is not None) == (size >= 64) and own.split_decode is None
         whole_key = ("decode", size) if own.whole_kv else ("decode", size, "whole_kv")
         split_key = ("decode", size, "split") if own.whole_kv else ("decode", size)
-        batches = [
-            make_prompts([30 + 3 * i for i in range(size)], seed=11),
-            make_prompts([2000] + [20 + i for i in range(size - 1)], seed=12),
+        limit, most = graphs.short_decode
+        assert 250 <= limit <= 2000 and most >= size  # the batches below sit either side of it
+        if size >= 64:
+            assert twin.split_decode.mean_chunk
+        cases = [
+            # similar and short (mean ~125 tokens): unsplit at 16, the Triton twin at 64
+            (make_prompts([30 + 3 * i for i in range(size)], seed=11), split_key if own.whole_kv else whole_key),
+            (make_prompts([limit + 3 * i for i in range(size)], seed=13), whole_key),  # similar, mean above the limit
+            (make_prompts([2000] + [20 + i for i in range(size - 1)], seed=12), split_key),  # one long among short
         ]
-        for batch, key in zip(batches, [whole_key, split_key], strict=True):
+        for batch, key in cases:
             graphs.planned.clear()
             outs, rows = engine_logits(llm, batch, GREEDY)
             assert key in graphs.planned and len([k for k in graphs.planned if k[:2] == ("decode", size)]) == 1

@@ -11,8 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from triton_checks import check_fused_split_decode, check_split_decode  # noqa: E402
 
-# (fewest pages per split, most pages in one split): the engine's default, splits only, up to 8 pages in one split
-SPLIT_RULES = [(1, 2), (1, 0), (8, 0)]
+# (fewest pages per split, most pages in one split, no split shorter than the mean context): the engine's default,
+# splits only, up to 8 pages in one split, and the large batches' Triton twins
+SPLIT_RULES = [(1, 2, False), (1, 0, False), (8, 0, False), (1, 2, True)]
 
 
 @pytest.mark.parametrize(
@@ -25,9 +26,9 @@ SPLIT_RULES = [(1, 2), (1, 0), (8, 0)]
         ([300], 9, 3, 64, 64),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
-def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split):
-    check_split_decode(lens, hq, hkv, d, bs, min_pages, one_split)
+@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
+def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split, mean_chunk):
+    check_split_decode(lens, hq, hkv, d, bs, min_pages, one_split, mean_chunk)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,6 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split):
         ([300, 17], 9, 3, 64, 64, False),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-@pytest.mark.parametrize("min_pages,one_split", SPLIT_RULES)
-def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages, one_split):
-    check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split)
+@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
+def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk):
+    check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk)
