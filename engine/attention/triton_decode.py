@@ -11,6 +11,9 @@ It serves the decode graphs of up to 8 requests: measured on an H100 (docs/bench
 NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 switches it off).
 In those graphs it also takes the step's QKV projection and does the q/k RMSNorm, rope and K/V append itself
 (SplitDecode.fused): a decode step then takes 0.94-0.98 of its time at batch 1, 4 and 8 (H100, docs/benchmarks.md).
+The decode graphs of 48 requests and more have a twin that attends with it (flashinfer_backend.py), for steps with
+one dominant context and steps of up to 128 requests with short contexts; there no split is shorter than the step's
+mean context (mean_chunk), so most requests take one program per KV head and no merge.
 Cascade graphs use it for each request's own pages, where it also returns the base-2 log-sum-exp that FlashInfer's
 merge takes and the rotated q for the shared level: at 64 requests with ~200 own tokens it reads them faster than
 FlashInfer's tensor-core decode (22.7 against 29.1 us per layer timed alone, H100), and the cascade decode phase of
