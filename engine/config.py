@@ -17,6 +17,15 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_whole_number(name: str, default: int, what: str) -> int:
+    """The value of the environment variable name (default when unset) as a whole number (not negative) of `what`,
+    which the error names: the engine's numeric A/B switches."""
+    value = os.environ.get(name, str(default))
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r} must be a whole number of {what}")
+    return int(value)
+
+
 class EngineConfig(BaseModel):
     """Settings of one engine; unknown keys are rejected so nothing is silently dropped."""
 

@@ -16,7 +16,7 @@ from engine.attention.triton_decode import (
     triton_decode_max_rows,
     triton_decode_supported,
 )
-from engine.config import env_choice
+from engine.config import env_choice, env_whole_number
 from engine.layers.fused_qkv import fused_qkv_available, qk_norm_rope_append
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -78,19 +78,12 @@ SHORT_DECODE_TOKENS = 1024
 SHORT_DECODE_MAX_ROWS = 128
 
 
-def _whole_number(name: str, default: int, what: str) -> int:
-    value = os.environ.get(name, str(default))
-    if not value.isdigit():
-        raise ValueError(f"{name}={value!r} must be a whole number of {what}")
-    return int(value)
-
-
 def short_decode_limits() -> tuple[int, int]:
     """(mean context in tokens, most requests) up to which a decode step of an unsplit tensor-core size takes its
     Triton twin: NANOVLLM_SHORT_DECODE_TOKENS (default SHORT_DECODE_TOKENS; 0 = never) and
     NANOVLLM_SHORT_DECODE_MAX_ROWS (default SHORT_DECODE_MAX_ROWS)."""
-    tokens = _whole_number("NANOVLLM_SHORT_DECODE_TOKENS", SHORT_DECODE_TOKENS, "tokens (0 = off)")
-    return tokens, _whole_number("NANOVLLM_SHORT_DECODE_MAX_ROWS", SHORT_DECODE_MAX_ROWS, "requests")
+    tokens = env_whole_number("NANOVLLM_SHORT_DECODE_TOKENS", SHORT_DECODE_TOKENS, "tokens (0 = off)")
+    return tokens, env_whole_number("NANOVLLM_SHORT_DECODE_MAX_ROWS", SHORT_DECODE_MAX_ROWS, "requests")
 
 
 def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:

@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from engine.config import env_whole_number
 from engine.layers.kernels import launch_options, triton_available
 
 MAX_SPLITS = 32
@@ -43,10 +44,7 @@ ONE_SPLIT_PAGES = 2
 
 def triton_decode_max_rows() -> int:
     """The largest decode batch served by this kernel (NANOVLLM_TRITON_DECODE_MAX_ROWS, default 8)."""
-    value = os.environ.get("NANOVLLM_TRITON_DECODE_MAX_ROWS", "8")
-    if not value.isdigit():
-        raise ValueError(f"NANOVLLM_TRITON_DECODE_MAX_ROWS={value!r} must be a whole number of requests (0 = off)")
-    return int(value)
+    return env_whole_number("NANOVLLM_TRITON_DECODE_MAX_ROWS", 8, "requests (0 = off)")
 
 
 def fused_decode_enabled() -> bool:
