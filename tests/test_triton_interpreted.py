@@ -66,3 +66,7 @@ def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_
         ([1, 70], 4, 2, 32, 16, False),  # a first token; many pages, no q/k norm
     ]
     run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])
+
+
+def test_mean_chunk_splits_only_contexts_above_the_mean_interpreted():
+    run_interpreted("check_mean_chunk_splits", [()])

@@ -114,3 +114,24 @@ def check_fused_split_decode(
     k_err = ((cache[:, 0].float() - ref_cache[:, 0].float()).norm() / ref_cache[:, 0].float().norm()).item()
     assert k_err < 1e-3
     assert torch.equal(cache[:, 1], ref_cache[:, 1])
+
+
+def check_mean_chunk_splits(device="cuda", dtype=torch.bfloat16):
+    """With mean_chunk, contexts up to the batch's mean take one program per KV head (no partial states) and a long
+    one still splits; without it the short ones split too. Partial maxima start as NaN to show which were written."""
+    lens, hq, hkv, d, bs = [40, 40, 40, 300], 4, 2, 32, 16  # 3, 3, 3 and 19 pages: a mean of 7
+    g = torch.Generator(device=device).manual_seed(7)
+    cache, indptr, indices, last = paged(lens, hkv, d, bs, 40, g, device, dtype)
+    q = torch.randn(len(lens), hq, d, device=device, generator=g).to(dtype)
+    written = {}
+    for mean_chunk in (False, True):
+        kernel = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device), mean_chunk=mean_chunk)
+        assert kernel.splits >= 4  # enough for the short contexts to split without mean_chunk
+        kernel.part_m.fill_(float("nan"))
+        ref = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device))(q, cache, indptr, indices, last)
+        out = kernel(q, cache, indptr, indices, last)
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+        per_row = (~kernel.part_m.isnan()).view(len(lens), -1).sum(1).tolist()
+        written[mean_chunk] = per_row
+    assert all(n > 0 for n in written[False]), written  # every row split
+    assert written[True][:3] == [0, 0, 0] and written[True][3] > 0, written  # only the long row split

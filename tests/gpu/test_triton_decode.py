@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from triton_checks import check_fused_split_decode, check_split_decode  # noqa: E402
+from triton_checks import check_fused_split_decode, check_mean_chunk_splits, check_split_decode  # noqa: E402
 
 # (fewest pages per split, most pages in one split, no split shorter than the mean context): the engine's default,
 # splits only, up to 8 pages in one split, and the large batches' Triton twins
@@ -44,3 +44,7 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split, 
 @pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
 def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk):
     check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk)
+
+
+def test_mean_chunk_splits_only_contexts_above_the_mean():
+    check_mean_chunk_splits()
