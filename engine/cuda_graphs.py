@@ -147,9 +147,10 @@ class GraphRunner:
             buffers = split_buffers(
                 skewed[-1] * runner.num_heads * SKEWED_SPLITS, skewed[-1] * runner.num_kv_heads, runner.head_dim, dev
             )
+            mean_chunk = self.short_decode[0] > 0  # 0: the twins as they were, every context split
             for b in skewed:
                 self.twin_attn[b] = GraphDecodeAttention(
-                    runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers)
+                    runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers, mean_chunk)
                 )
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         large_backend = eager_prefill_backend()  # "auto": FlashInfer's choice, fa3 on sm90
@@ -474,11 +475,11 @@ class GraphRunner:
         return self._replay(key, len(reqs), pending, prev)
 
     def _takes_twin(self, attn, kv_lens: list[int]) -> bool:
-        # The other KV plan when the contexts' spread asks for it (whole_kv_pays); a Triton twin also takes steps of
-        # short contexts (short_decode_pays).
-        if attn.whole_kv != whole_kv_pays(kv_lens):
+        # A Triton twin takes steps of short contexts (short_decode_pays); any twin takes the other KV plan when the
+        # contexts' spread asks for it (whole_kv_pays).
+        if attn.whole_kv and short_decode_pays(kv_lens, self.short_decode):
             return True
-        return attn.whole_kv and short_decode_pays(kv_lens, self.short_decode)
+        return attn.whole_kv != whole_kv_pays(kv_lens)
 
     def decode(self, reqs: list, pending=None, prev=None) -> torch.Tensor:
         """Logits [n, vocab] for one decode step of reqs, by graph replay; no per-step tensor building."""

@@ -434,8 +434,8 @@ class GraphDecodeAttention(GraphAttention):
         self, runner, block_size, workspace, rows, max_pages_per_row, whole_kv: bool | None = None, skewed=None
     ):
         """whole_kv: plan each request's KV as one chunk (True) or split it (False), tensor-core sizes only; None
-        decides by the batch size (no_split_decode_min_batch). skewed: (splits, split_buffers()) to attend with the
-        Triton split-KV kernel at this size, for steps with one dominant context."""
+        decides by the batch size (no_split_decode_min_batch). skewed: (splits, split_buffers(), mean_chunk) to attend
+        with the Triton split-KV kernel at this size (the twin for steps with one dominant context or short ones)."""
         super().__init__(runner, block_size, workspace, rows, rows, max_pages_per_row)
         self.batch_indices.copy_(torch.arange(rows, dtype=torch.int32))
         self.decode = self._decode_wrapper(self.kv_indptr, self.kv_indices, self.kv_last, rows)
@@ -449,11 +449,10 @@ class GraphDecodeAttention(GraphAttention):
         small = rows <= triton_decode_max_rows() or skewed is not None
         if self.triton_attention and small and triton_decode_supported(self.head_dim, block_size, self.device):
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            splits, buffers = skewed or (None, None)
+            splits, buffers, mean_chunk = skewed or (None, None, False)
             self.split_decode = SplitDecode(
-                rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms, splits, buffers,
-                mean_chunk=skewed is not None and short_decode_limits()[0] > 0,
-            )  # fmt: skip
+                rows, self.num_heads, self.num_kv_heads, self.head_dim, self.device, sms, splits, buffers, mean_chunk
+            )
         # With it, the q/k norm + rope + K/V append happen inside the attention kernel too (one launch fewer per
         # layer); it then reads the step's int64 last-page lengths itself (last_len, set by the graph runner).
         self.fused_decode = self.split_decode is not None and self.fused_qkv and fused_decode_enabled()
