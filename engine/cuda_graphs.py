@@ -22,6 +22,7 @@ from engine.attention.flashinfer_backend import (
     no_split_decode_min_batch,
     short_decode_limits,
     short_decode_pays,
+    short_limits_at,
     skewed_variant_sizes,
     whole_kv_pays,
     whole_kv_variant_sizes,
@@ -142,16 +143,19 @@ class GraphRunner:
         }
         skewed = skewed_variant_sizes(self.sizes, first_unsplit)
         self.short_decode = short_decode_limits()
+        self.short_limits: dict[int, tuple[int, int]] = {}  # per Triton twin size (short_limits_at)
         if skewed and triton_decode_supported(runner.head_dim, bs, dev):
             # One set of partial-state buffers for all of them: one graph runs at a time.
             buffers = split_buffers(
                 skewed[-1] * runner.num_heads * SKEWED_SPLITS, skewed[-1] * runner.num_kv_heads, runner.head_dim, dev
             )
             mean_chunk = self.short_decode[0] > 0  # 0: the twins as they were, every context split
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for b in skewed:
                 self.twin_attn[b] = GraphDecodeAttention(
                     runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers, mean_chunk)
                 )
+                self.short_limits[b] = short_limits_at(b, runner.num_kv_heads, sms, self.short_decode)
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         large_backend = eager_prefill_backend()  # "auto": FlashInfer's choice, fa3 on sm90
         self.prefill_attn = {
@@ -477,7 +481,7 @@ class GraphRunner:
     def _takes_twin(self, attn, kv_lens: list[int]) -> bool:
         # A Triton twin takes steps of short contexts (short_decode_pays); any twin takes the other KV plan when the
         # contexts' spread asks for it (whole_kv_pays).
-        if attn.whole_kv and short_decode_pays(kv_lens, self.short_decode):
+        if attn.whole_kv and short_decode_pays(kv_lens, self.short_limits.get(attn.rows, self.short_decode)):
             return True
         return attn.whole_kv != whole_kv_pays(kv_lens)
 

@@ -109,6 +109,33 @@ def test_short_decode_rule_takes_the_triton_twin_by_mean_context(monkeypatch):
         short_decode_limits()
 
 
+def test_short_rule_keeps_only_short_steps_where_the_twin_just_overfills_a_wave():
+    """Where one program per request and KV head just overfills the SMs' first wave, the Triton twin keeps only the
+    shortest steps: with 8 KV heads on 132 SMs that is the 96-request graph (768 programs; 80 make 640, 112 make 896),
+    where it measured slower than FlashInfer's graph above a mean of 384 tokens. The band moves with SMs and heads."""
+    from engine.attention.flashinfer_backend import (
+        TWIN_PROGRAMS_PER_SM,
+        WAVE_SHORT_DECODE_TOKENS,
+        short_decode_pays,
+        short_limits_at,
+    )
+    from engine.cuda_graphs import capture_sizes
+
+    limits = (1024, 128)
+    cut = [b for b in capture_sizes(256) if b >= 48 and short_limits_at(b, 8, 132, limits) != limits]
+    assert cut == [96]
+    assert short_limits_at(96, 8, 132, limits) == (WAVE_SHORT_DECODE_TOKENS, 128)
+    at96 = short_limits_at(96, 8, 132, limits)
+    assert short_decode_pays([256] * 90, at96) and not short_decode_pays([600] * 90, at96)
+    assert short_decode_pays([600] * 90, short_limits_at(80, 8, 132, limits))
+    # One program past what fits at once tips it; a lower limit stays; off (0 tokens) stays off.
+    full = TWIN_PROGRAMS_PER_SM * 100
+    assert short_limits_at(full // 4, 4, 100, limits) == limits
+    assert short_limits_at(full // 4 + 1, 4, 100, limits)[0] == WAVE_SHORT_DECODE_TOKENS
+    assert short_limits_at(96, 8, 132, (200, 128)) == (200, 128)
+    assert short_limits_at(96, 8, 132, (0, 128)) == (0, 128)
+
+
 def test_cascade_own_kernel_knob_names_the_bad_value(monkeypatch):
     from engine.attention.flashinfer_backend import cascade_own_kernel
 

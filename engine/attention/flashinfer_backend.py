@@ -93,6 +93,29 @@ def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:
     return 0 < tokens and len(kv_lens) <= rows and sum(kv_lens) <= tokens * len(kv_lens)
 
 
+# Under the mean split a step of similar contexts gives the Triton twin one program per request and KV head, and its
+# kernel fits five at once on an SM (sm90, head_dim 128). Just past that a second, mostly idle wave follows:
+# attention alone took 1.24-1.43x as long at 84-96 requests as at 80, where FlashInfer's unsplit kernel took
+# 1.03-1.16x (H200, 8 KV heads, 132 SMs, contexts of 640 and 896 tokens: benchmarks/split_grid_probe.py), and the
+# 96-request twin decoded 2.7-7.8% slower than FlashInfer's graph at mean contexts of 385-1,024 tokens while it won
+# by 2.4% at 129-384 (`gpu_bench.py decode_ab`, docs/benchmarks.md section 6). Two programs per mean context did not
+# help there (6.7-7.5% slower than FlashInfer's graph). So where a size's programs fill between TWIN_PROGRAMS_PER_SM
+# and TWIN_WAVE_SLACK times that per SM, the short rule keeps the twin only up to WAVE_SHORT_DECODE_TOKENS.
+TWIN_PROGRAMS_PER_SM = 5
+TWIN_WAVE_SLACK = 1.3
+WAVE_SHORT_DECODE_TOKENS = 384
+
+
+def short_limits_at(rows: int, num_kv_heads: int, num_sms: int, limits: tuple[int, int]) -> tuple[int, int]:
+    """The short-decode limits (short_decode_limits()) for the Triton twin of a `rows`-request graph: the token limit
+    cut to WAVE_SHORT_DECODE_TOKENS where one program per request and KV head just overfills the SMs' first wave."""
+    tokens, most = limits
+    full = TWIN_PROGRAMS_PER_SM * num_sms
+    if full < rows * num_kv_heads <= TWIN_WAVE_SLACK * full:
+        tokens = min(tokens, WAVE_SHORT_DECODE_TOKENS)
+    return tokens, most
+
+
 def no_split_decode_min_batch(device: torch.device, num_kv_heads: int) -> int:
     """The decode batch size from which tensor-core graphs plan without split-KV: NANOVLLM_NO_SPLIT_DECODE_MIN_BATCH
     (A/B knob, read when a graph is built; 0 = always split), by default where FlashInfer's graph-mode planner can

@@ -302,7 +302,7 @@ def test_unsplit_and_split_decode_graphs_match_hf(model_dir, size):
         assert (twin.split_decode is not None) == (size >= 64) and own.split_decode is None
         whole_key = ("decode", size) if own.whole_kv else ("decode", size, "whole_kv")
         split_key = ("decode", size, "split") if own.whole_kv else ("decode", size)
-        limit, most = graphs.short_decode
+        limit, most = graphs.short_limits.get(size, graphs.short_decode)
         assert 250 <= limit <= 2000 and most >= size  # the batches below sit either side of it
         if size >= 64:
             assert twin.split_decode.mean_chunk
