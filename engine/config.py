@@ -57,7 +57,8 @@ class EngineConfig(BaseModel):
         "least cascade_min_requests share at least cascade_min_prefix_tokens, and that prefix's length times the "
         "number of requests reaches cascade_min_shared_tokens. On an H100 (docs/benchmarks.md, section 5) it pays "
         "for 1k-token prefixes from 16 requests (1.04x; 1.15x at 64), 2k from 8 (1.15x), 4k from 4 (1.10x; 2.04x at "
-        "64), and costs up to 16% below that; on an H200, 4k from 3 requests (1.13x) and 6k from 2 (1.08x).",
+        "64), and costs up to 16% below that; on an H200, 4k from 3 requests (1.13x; 1.03x end to end), 3k from 4 "
+        "(1.07x), 2k from 6 (1.14x; 1.09x end to end), while 2 requests sharing 6k tied end to end.",
     )
     cascade_min_requests: int = Field(default=3, ge=2, description="Fewest decoding requests for cascade.")
     cascade_min_prefix_tokens: int = Field(

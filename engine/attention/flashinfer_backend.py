@@ -95,7 +95,7 @@ def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:
 
 # Under the mean split a step of similar contexts gives the Triton twin one program per request and KV head, and its
 # kernel fits five at once on an SM (sm90, head_dim 128). Just past that a second, mostly idle wave follows:
-# attention alone took 1.24-1.43x as long at 84-96 requests as at 80, where FlashInfer's unsplit kernel took
+# attention alone took 1.21-1.43x as long at 84-96 requests as at 80, where FlashInfer's unsplit kernel took
 # 1.03-1.16x (H200, 8 KV heads, 132 SMs, contexts of 640 and 896 tokens: benchmarks/split_grid_probe.py), and the
 # 96-request twin decoded 2.7-7.8% slower than FlashInfer's graph at mean contexts of 385-1,024 tokens while it won
 # by 2.4% at 129-384 (`gpu_bench.py decode_ab`, docs/benchmarks.md section 6). Two programs per mean context did not
