@@ -480,8 +480,9 @@ class GraphRunner:
 
     def _takes_twin(self, attn, kv_lens: list[int]) -> bool:
         # A Triton twin takes steps of short contexts (short_decode_pays); any twin takes the other KV plan when the
-        # contexts' spread asks for it (whole_kv_pays).
-        if attn.whole_kv and short_decode_pays(kv_lens, self.short_limits.get(attn.rows, self.short_decode)):
+        # contexts' spread asks for it (whole_kv_pays). An unsplit size with a twin is a Triton twin's size, so it
+        # has its limits in short_limits.
+        if attn.whole_kv and short_decode_pays(kv_lens, self.short_limits[attn.rows]):
             return True
         return attn.whole_kv != whole_kv_pays(kv_lens)
 
