@@ -15,6 +15,7 @@ import torch
 
 from engine.attention.flashinfer_backend import (
     SKEWED_SPLITS,
+    TWIN_PROGRAMS_PER_SM,
     GraphCascadeAttention,
     GraphDecodeAttention,
     GraphPrefillAttention,
@@ -292,6 +293,7 @@ class GraphRunner:
             self.graphs[key] = (graph, out)
         torch.cuda.synchronize(dev)
         self.pool_bytes = torch.cuda.memory_reserved(dev) - before
+        self._wave_limits()
         if self.large_prefill_sizes and large_prefill_graphs_mode() == "auto":
             self.time_large_prefill()
         logger.info(
@@ -306,6 +308,17 @@ class GraphRunner:
             time.perf_counter() - start,
             self.pool_bytes / 2**20,
         )
+
+    def _wave_limits(self) -> None:
+        """Each Triton twin's short-decode limits from the programs per SM of its kernel as captured (the driver's
+        count; TWIN_PROGRAMS_PER_SM where it cannot say), so the wave rule follows the kernel's registers and shared
+        memory (head_dim, fused q/k) instead of the one shape it was measured on."""
+        sms = torch.cuda.get_device_properties(self.runner.device).multi_processor_count
+        for b in self.short_limits:
+            per_sm = self.twin_attn[b].split_decode.resident_per_sm() or TWIN_PROGRAMS_PER_SM
+            self.short_limits[b] = short_limits_at(b, self.runner.num_kv_heads, sms, self.short_decode, per_sm)
+            logger.debug("Triton twin of %d requests: %d programs per SM, short limits %s", b, per_sm,
+                         self.short_limits[b])  # fmt: skip
 
     def time_large_prefill(self) -> None:
         """Time each large prefill graph's replay, and one eager launch of the model from this thread as the first

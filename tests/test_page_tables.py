@@ -134,6 +134,20 @@ def test_short_rule_keeps_only_short_steps_where_the_twin_just_overfills_a_wave(
     assert short_limits_at(full // 4 + 1, 4, 100, limits)[0] == WAVE_SHORT_DECODE_TOKENS
     assert short_limits_at(96, 8, 132, (200, 128)) == (200, 128)
     assert short_limits_at(96, 8, 132, (0, 128)) == (0, 128)
+    # A kernel that fits 8 programs per SM (the driver's count for head_dim 64) moves the band to 144 and 160.
+    assert [b for b in capture_sizes(256) if b >= 48 and short_limits_at(b, 8, 132, limits, 8) != limits] == [144, 160]
+
+
+def test_resident_programs_is_none_without_a_driver_or_a_kernel():
+    """Without the CUDA driver (CI) or a launched kernel the count is unknown, and the graph runner falls back to
+    the measured TWIN_PROGRAMS_PER_SM."""
+    from types import SimpleNamespace
+
+    from engine.layers.kernels import resident_programs
+
+    launched = SimpleNamespace(function=0, metadata=SimpleNamespace(num_warps=4, shared=0))
+    assert resident_programs(launched) is None  # no libcuda here; on a GPU a null function is an error, also None
+    assert resident_programs(object()) is None
 
 
 def test_cascade_own_kernel_knob_names_the_bad_value(monkeypatch):

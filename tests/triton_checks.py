@@ -135,3 +135,21 @@ def check_mean_chunk_splits(device="cuda", dtype=torch.bfloat16):
         written[mean_chunk] = per_row
     assert all(n > 0 for n in written[False]), written  # every row split
     assert written[True][:3] == [0, 0, 0] and written[True][3] > 0, written  # only the long row split
+
+
+def check_resident_programs(hq, hkv, d, device="cuda", dtype=torch.bfloat16):
+    """The driver's count of the split-KV kernel's programs resident on one SM, as launched, is what its registers
+    (65,536 per SM, allocated per warp in units of 256), shared memory (1 KiB reserved per program) and threads
+    allow: so resident_per_sm queries the kernel actually launched, with its real block size and shared memory."""
+    lens, bs = [300, 70], 64
+    g = torch.Generator(device=device).manual_seed(3)
+    cache, indptr, indices, last = paged(lens, hkv, d, bs, 12, g, device, dtype)
+    kernel = SplitDecode(len(lens), hq, hkv, d, device, num_sms(device))
+    assert kernel.resident_per_sm() is None  # nothing launched yet
+    kernel(torch.randn(len(lens), hq, d, device=device, generator=g).to(dtype), cache, indptr, indices, last)
+    c, props = kernel.compiled, torch.cuda.get_device_properties(device)
+    warps = c.metadata.num_warps
+    by_regs = 65536 // (-(-c.n_regs * 32 // 256) * 256) // warps
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    by_shared = props.shared_memory_per_multiprocessor // (c.metadata.shared + 1024)
+    assert kernel.resident_per_sm() == min(by_regs, by_threads, by_shared), (c.n_regs, c.metadata.shared, warps)

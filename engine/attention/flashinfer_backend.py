@@ -99,18 +99,23 @@ def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:
 # 1.03-1.16x (H200, 8 KV heads, 132 SMs, contexts of 640 and 896 tokens: benchmarks/split_grid_probe.py), and the
 # 96-request twin decoded 2.7-7.8% slower than FlashInfer's graph at mean contexts of 385-1,024 tokens while it won
 # by 2.4% at 129-384 (`gpu_bench.py decode_ab`, docs/benchmarks.md section 6). Two programs per mean context did not
-# help there (6.7-7.5% slower than FlashInfer's graph). So where a size's programs fill between TWIN_PROGRAMS_PER_SM
-# and TWIN_WAVE_SLACK times that per SM, the short rule keeps the twin only up to WAVE_SHORT_DECODE_TOKENS.
+# help there (6.7-7.5% slower than FlashInfer's graph). So where a size's programs fill between the kernel's resident
+# programs per SM and TWIN_WAVE_SLACK times that, the short rule keeps the twin only up to WAVE_SHORT_DECODE_TOKENS.
+# The graph runner asks the driver how many programs of the twin's compiled kernel an SM holds
+# (SplitDecode.resident_per_sm); TWIN_PROGRAMS_PER_SM is the count measured above, used where it cannot say.
 TWIN_PROGRAMS_PER_SM = 5
 TWIN_WAVE_SLACK = 1.3
 WAVE_SHORT_DECODE_TOKENS = 384
 
 
-def short_limits_at(rows: int, num_kv_heads: int, num_sms: int, limits: tuple[int, int]) -> tuple[int, int]:
-    """The short-decode limits (short_decode_limits()) for the Triton twin of a `rows`-request graph: the token limit
-    cut to WAVE_SHORT_DECODE_TOKENS where one program per request and KV head just overfills the SMs' first wave."""
+def short_limits_at(
+    rows: int, num_kv_heads: int, num_sms: int, limits: tuple[int, int], per_sm: int = TWIN_PROGRAMS_PER_SM
+) -> tuple[int, int]:
+    """The short-decode limits (short_decode_limits()) for the Triton twin of a `rows`-request graph whose kernel fits
+    per_sm programs on an SM: the token limit cut to WAVE_SHORT_DECODE_TOKENS where one program per request and KV
+    head just overfills the SMs' first wave."""
     tokens, most = limits
-    full = TWIN_PROGRAMS_PER_SM * num_sms
+    full = per_sm * num_sms
     if full < rows * num_kv_heads <= TWIN_WAVE_SLACK * full:
         tokens = min(tokens, WAVE_SHORT_DECODE_TOKENS)
     return tokens, most

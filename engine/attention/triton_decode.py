@@ -29,7 +29,7 @@ import os
 import torch
 
 from engine.config import env_whole_number
-from engine.layers.kernels import launch_options, triton_available
+from engine.layers.kernels import launch_options, resident_programs, triton_available
 
 MAX_SPLITS = 32
 # Fewest pages a split reads: 2 measured +4% and -1% in two A/Bs (H100, docs/benchmarks.md), not a clear gain.
@@ -283,6 +283,12 @@ class SplitDecode:
         self.min_pages = int(value)
         self.one_split_pages = ONE_SPLIT_PAGES
         self.mean_chunk = mean_chunk
+        self.compiled = None  # the kernel of the last launch (resident_per_sm)
+
+    def resident_per_sm(self) -> int | None:
+        """Programs of the kernel as last launched that one SM holds at once (None before a launch, or where the
+        driver cannot say): where rows x KV heads passes that many per SM, a second wave starts."""
+        return resident_programs(self.compiled) if self.compiled is not None else None
 
     def __call__(self, q, kv_cache, kv_indptr, kv_indices, kv_last) -> torch.Tensor:
         """Attention of q [rows, Hq, D] over the paged HND cache [pages, 2, Hkv, BS, D] given by the page table."""
@@ -348,7 +354,7 @@ class SplitDecode:
         fused, norm = cos_sin is not None, q_w is not None
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
         unused = q  # pointer arguments a constexpr branch never reads
-        _build_kernel()[(self.rows, self.hkv, self.splits)](
+        self.compiled = _build_kernel()[(self.rows, self.hkv, self.splits)](
             q,
             q_stride,
             q_w if norm else unused,

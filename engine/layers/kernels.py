@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import os
@@ -60,3 +61,20 @@ def l2_prefetch_enabled(device: torch.device | str) -> bool:
 def launch_options(device: torch.device | str) -> dict:
     """Extra Triton launch options for an engine kernel: launch_pdl where PDL is on (every such kernel waits)."""
     return {"launch_pdl": True} if pdl_enabled(device) else {}
+
+
+def resident_programs(compiled) -> int | None:
+    """How many programs of a launched Triton kernel (what `kernel[grid](...)` returns) one SM holds at once, as the
+    CUDA driver's occupancy query answers for its registers, shared memory and threads; None where it cannot say."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int()
+        err = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(count),
+            ctypes.c_void_p(compiled.function),
+            ctypes.c_int(compiled.metadata.num_warps * 32),
+            ctypes.c_size_t(compiled.metadata.shared),
+        )
+    except (OSError, AttributeError, TypeError):
+        return None
+    return count.value if err == 0 and count.value > 0 else None

@@ -9,7 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from triton_checks import check_fused_split_decode, check_mean_chunk_splits, check_split_decode  # noqa: E402
+from triton_checks import (  # noqa: E402
+    check_fused_split_decode,
+    check_mean_chunk_splits,
+    check_resident_programs,
+    check_split_decode,
+)
 
 # (fewest pages per split, most pages in one split, no split shorter than the mean context): the engine's default,
 # splits only, up to 8 pages in one split, and the large batches' Triton twins
@@ -48,3 +53,8 @@ def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm,
 
 def test_mean_chunk_splits_only_contexts_above_the_mean():
     check_mean_chunk_splits()
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 8, 64)])  # Qwen3-0.6B's heads, Llama-1B's
+def test_resident_programs_follow_registers_and_shared_memory(hq, hkv, d):
+    check_resident_programs(hq, hkv, d)
