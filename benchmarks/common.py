@@ -27,6 +27,27 @@ def qwen3_config(name: str):
     )  # fmt: skip
 
 
+def llama_config(name: str):
+    """Real Llama shapes (from the published configs; rope without Llama 3's long-context scaling, which changes
+    no kernel's shape)."""
+    from transformers import LlamaConfig
+
+    shapes = {
+        "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=64),
+    }[name]  # fmt: skip
+    return LlamaConfig(
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001, architectures=["LlamaForCausalLM"],
+        **shapes,
+    )  # fmt: skip
+
+
+def model_config(name: str):
+    """The config of a benchmark model by name: Qwen3-0.6B, Qwen3-8B or Llama-3.2-1B (head_dim 64)."""
+    return llama_config(name) if name.startswith("Llama") else qwen3_config(name)
+
+
 def model_folder(name: str, root: Path) -> Path:
     """A folder with the config and a stand-in tokenizer; weights come from load_format='dummy'."""
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -34,7 +55,7 @@ def model_folder(name: str, root: Path) -> Path:
 
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    qwen3_config(name).save_pretrained(folder)
+    model_config(name).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
