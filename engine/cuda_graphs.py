@@ -25,6 +25,7 @@ from engine.attention.flashinfer_backend import (
     short_decode_pays,
     short_limits_at,
     skewed_variant_sizes,
+    wave_short_tokens,
     whole_kv_pays,
     whole_kv_variant_sizes,
 )
@@ -144,6 +145,7 @@ class GraphRunner:
         }
         skewed = skewed_variant_sizes(self.sizes, first_unsplit)
         self.short_decode = short_decode_limits()
+        self.wave_tokens = wave_short_tokens()
         self.short_limits: dict[int, tuple[int, int]] = {}  # per Triton twin size (short_limits_at)
         if skewed and triton_decode_supported(runner.head_dim, bs, dev):
             # One set of partial-state buffers for all of them: one graph runs at a time.
@@ -156,7 +158,9 @@ class GraphRunner:
                 self.twin_attn[b] = GraphDecodeAttention(
                     runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers, mean_chunk)
                 )
-                self.short_limits[b] = short_limits_at(b, runner.num_kv_heads, sms, self.short_decode)
+                self.short_limits[b] = short_limits_at(
+                    b, runner.num_kv_heads, sms, self.short_decode, wave_tokens=self.wave_tokens
+                )
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         large_backend = eager_prefill_backend()  # "auto": FlashInfer's choice, fa3 on sm90
         self.prefill_attn = {
@@ -316,7 +320,9 @@ class GraphRunner:
         sms = torch.cuda.get_device_properties(self.runner.device).multi_processor_count
         for b in self.short_limits:
             per_sm = self.twin_attn[b].split_decode.resident_per_sm() or TWIN_PROGRAMS_PER_SM
-            self.short_limits[b] = short_limits_at(b, self.runner.num_kv_heads, sms, self.short_decode, per_sm)
+            self.short_limits[b] = short_limits_at(
+                b, self.runner.num_kv_heads, sms, self.short_decode, per_sm, self.wave_tokens
+            )
             logger.debug("Triton twin of %d requests: %d programs per SM, short limits %s", b, per_sm,
                          self.short_limits[b])  # fmt: skip
 

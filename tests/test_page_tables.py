@@ -138,6 +138,21 @@ def test_short_rule_keeps_only_short_steps_where_the_twin_just_overfills_a_wave(
     assert [b for b in capture_sizes(256) if b >= 48 and short_limits_at(b, 8, 132, limits, 8) != limits] == [144, 160]
 
 
+def test_wave_cut_has_its_own_knob(monkeypatch):
+    """NANOVLLM_WAVE_SHORT_DECODE_TOKENS sets the cut at wave sizes (an A/B there needs it: the general token limit
+    cannot lift it); a bad value names the variable."""
+    from engine.attention.flashinfer_backend import WAVE_SHORT_DECODE_TOKENS, short_limits_at, wave_short_tokens
+
+    monkeypatch.delenv("NANOVLLM_WAVE_SHORT_DECODE_TOKENS", raising=False)
+    assert wave_short_tokens() == WAVE_SHORT_DECODE_TOKENS
+    monkeypatch.setenv("NANOVLLM_WAVE_SHORT_DECODE_TOKENS", "100000")
+    lifted = short_limits_at(96, 8, 132, (1024, 128), wave_tokens=wave_short_tokens())
+    assert lifted == (1024, 128) and short_limits_at(96, 8, 132, (1024, 128))[0] == WAVE_SHORT_DECODE_TOKENS
+    monkeypatch.setenv("NANOVLLM_WAVE_SHORT_DECODE_TOKENS", "lots")
+    with pytest.raises(ValueError, match="NANOVLLM_WAVE_SHORT_DECODE_TOKENS='lots'"):
+        wave_short_tokens()
+
+
 def test_resident_programs_is_none_without_a_driver_or_a_kernel():
     """Without the CUDA driver (CI) or a launched kernel the count is unknown, and the graph runner falls back to
     the measured TWIN_PROGRAMS_PER_SM."""

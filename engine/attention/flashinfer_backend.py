@@ -103,21 +103,34 @@ def short_decode_pays(kv_lens: list[int], limits: tuple[int, int]) -> bool:
 # programs per SM and TWIN_WAVE_SLACK times that, the short rule keeps the twin only up to WAVE_SHORT_DECODE_TOKENS.
 # The graph runner asks the driver how many programs of the twin's compiled kernel an SM holds
 # (SplitDecode.resident_per_sm); TWIN_PROGRAMS_PER_SM is the count measured above, used where it cannot say.
+# NANOVLLM_WAVE_SHORT_DECODE_TOKENS overrides the cut (A/B runs at a cut size: NANOVLLM_SHORT_DECODE_TOKENS alone
+# cannot lift it, since the smaller limit wins).
 TWIN_PROGRAMS_PER_SM = 5
 TWIN_WAVE_SLACK = 1.3
 WAVE_SHORT_DECODE_TOKENS = 384
 
 
+def wave_short_tokens() -> int:
+    """The short-decode token limit at sizes whose twin just overfills a wave: NANOVLLM_WAVE_SHORT_DECODE_TOKENS
+    (default WAVE_SHORT_DECODE_TOKENS)."""
+    return env_whole_number("NANOVLLM_WAVE_SHORT_DECODE_TOKENS", WAVE_SHORT_DECODE_TOKENS, "tokens")
+
+
 def short_limits_at(
-    rows: int, num_kv_heads: int, num_sms: int, limits: tuple[int, int], per_sm: int = TWIN_PROGRAMS_PER_SM
+    rows: int,
+    num_kv_heads: int,
+    num_sms: int,
+    limits: tuple[int, int],
+    per_sm: int = TWIN_PROGRAMS_PER_SM,
+    wave_tokens: int = WAVE_SHORT_DECODE_TOKENS,
 ) -> tuple[int, int]:
     """The short-decode limits (short_decode_limits()) for the Triton twin of a `rows`-request graph whose kernel fits
-    per_sm programs on an SM: the token limit cut to WAVE_SHORT_DECODE_TOKENS where one program per request and KV
-    head just overfills the SMs' first wave."""
+    per_sm programs on an SM: the token limit cut to wave_tokens (wave_short_tokens()) where one program per request
+    and KV head just overfills the SMs' first wave."""
     tokens, most = limits
     full = per_sm * num_sms
     if full < rows * num_kv_heads <= TWIN_WAVE_SLACK * full:
-        tokens = min(tokens, WAVE_SHORT_DECODE_TOKENS)
+        tokens = min(tokens, wave_tokens)
     return tokens, most
 
 
