@@ -153,14 +153,12 @@ class GraphRunner:
                 skewed[-1] * runner.num_heads * SKEWED_SPLITS, skewed[-1] * runner.num_kv_heads, runner.head_dim, dev
             )
             mean_chunk = self.short_decode[0] > 0  # 0: the twins as they were, every context split
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for b in skewed:
                 self.twin_attn[b] = GraphDecodeAttention(
                     runner, bs, ws, b, pages, whole_kv=False, skewed=(SKEWED_SPLITS, buffers, mean_chunk)
                 )
-                self.short_limits[b] = short_limits_at(
-                    b, runner.num_kv_heads, sms, self.short_decode, wave_tokens=self.wave_tokens
-                )
+                self.short_limits[b] = self.short_decode
+            self._wave_limits()  # nothing launched yet: the measured count, until capture asks the driver
         self.cascade_attn = {b: GraphCascadeAttention(runner, bs, ws, b, pages) for b in self.cascade_sizes}
         large_backend = eager_prefill_backend()  # "auto": FlashInfer's choice, fa3 on sm90
         self.prefill_attn = {
