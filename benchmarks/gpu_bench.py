@@ -57,11 +57,15 @@ def copy_bandwidth() -> float:
     return 2 * n / sorted(times)[len(times) // 2]
 
 
-def weight_bytes(cfg) -> int:
-    """Bytes of bf16 weights read per decode step (embedding gather excluded, lm_head included)."""
+def weight_bytes(cfg, quantization: str = "none") -> int:
+    """Bytes of weights read per decode step (embedding gather excluded, lm_head included): bf16, or with
+    quantization "fp8" the layers' projections at one byte per weight plus one fp32 scale per output row."""
     h, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     per_layer = h * (nq + 2 * nkv) * hd + nq * hd * h + 3 * h * i
+    if quantization == "fp8":
+        rows = (nq + 2 * nkv) * hd + h + 2 * i + h
+        return L * (per_layer + 4 * rows) + 2 * v * h
     return 2 * (L * per_layer + v * h)
 
 
@@ -151,10 +155,11 @@ def bench_decode(args) -> None:
     """decode.json: batch-1 decode tok/s of the engine, HF generate() and the weight-streaming floor."""
     bw = copy_bandwidth()
     rows = []
-    for name in args.models:
+    for name, quant in [(m, q) for m in args.models for q in args.quantization]:
         cfg = qwen3_config(name)
         folder = model_folder(name, ROOT)
-        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs, **ENGINE_KW)
+        kw = {**ENGINE_KW, **({"quantization": quant} if quant != "none" else {})}
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs, **kw)
         prof = profile_engine_thread(llm) if args.profile else None
         rng = random.Random(0)
         batch = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(args.batch)]
@@ -180,16 +185,17 @@ def bench_decode(args) -> None:
         print_step_timing(llm, name)
         free_engine(llm)
         hf = float("nan")
-        if not args.skip_hf and args.batch == 1:
+        if not args.skip_hf and args.batch == 1 and quant == "none":
             try:
                 hf = hf_decode_tok_s(cfg, 128, args.new_tokens)
             except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the engine numbers
                 print(f"HF baseline failed: {type(exc).__name__}: {str(exc)[:300]}")
-        step_bytes = weight_bytes(cfg) + args.batch * kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)
+        step_bytes = weight_bytes(cfg, quant) + args.batch * kv_bytes_per_token(cfg) * (128 + args.new_tokens // 2)
         floor = args.batch * bw / step_bytes
         rows.append(
             dict(
                 model=name,
+                weights="bf16" if quant == "none" else quant,
                 batch=args.batch,
                 engine_tok_s=engine_decode,
                 engine_e2e_tok_s=engine_e2e,
@@ -200,8 +206,9 @@ def bench_decode(args) -> None:
             )
         )
         print_table(f"decode, batch {args.batch}, prompt 128", rows)
+    suffix = "" if args.quantization == ["none"] else "_" + "_".join(args.quantization)
     write_result(
-        "decode" if args.batch == 1 else f"decode_batch{args.batch}",
+        ("decode" if args.batch == 1 else f"decode_batch{args.batch}") + suffix,
         {"copy_bandwidth_bytes_s": bw, "prompt_len": 128, "new_tokens": args.new_tokens, "rows": rows},
         OUT,
     )
@@ -658,6 +665,10 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, default=16384)
     parser.add_argument("--block-size", type=int, help="tokens per KV cache block (default: the engine's)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--quantization", nargs="+", choices=("none", "fp8"), default=["none"],
+        help="engine weights (decode: one engine per value, in turn; others: one value)",
+    )  # fmt: skip
     parser.add_argument("--shared-requests", type=int, default=64, help="shared_prefix: concurrent requests")
     parser.add_argument("--prefix-tokens", type=int, default=4096, help="shared_prefix: shared prefix length")
     parser.add_argument("--shared-warmup", type=int, choices=(0, 1), default=1, help="shared_prefix: warm-up run")
@@ -689,6 +700,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's start-up choices
     if args.block_size:
         ENGINE_KW["block_size"] = args.block_size
+    if args.which != "decode":
+        if len(args.quantization) > 1:
+            parser.error(f"--quantization takes one value for {args.which} (several only for decode)")
+        if args.quantization[0] != "none":
+            ENGINE_KW["quantization"] = args.quantization[0]
     {
         "decode": bench_decode,
         "decode_ab": bench_decode_ab,

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
@@ -63,6 +64,10 @@ class LLM:
         self.config = config = make_config(engine_kwargs)
         self.device = torch.device(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device.type)
+        if config.quantization == "fp8":
+            reason = fp8_unsupported_reason(self.device, self.dtype)
+            if reason:
+                raise ValueError(f"{reason}; use quantization=None")
         src = resolve_model(model)
         self.model_name = src.name
         with parse_gguf_once(src):  # the three GGUF reads (config, tokenizer, weights) share one parse
@@ -110,6 +115,8 @@ class LLM:
             else:
                 net.load_weights(self._cast(iter_weights(src, hf_config)))
             net.eval()
+        if config.quantization == "fp8":
+            quantize_model_fp8(net)
         if self.device.type == "cpu":
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
@@ -143,7 +150,7 @@ class LLM:
             "room for %d requests of max_model_len %d",
             self.model_name,
             self.device,
-            str(self.dtype).removeprefix("torch."),
+            str(self.dtype).removeprefix("torch.") + (", FP8 weights" if config.quantization == "fp8" else ""),
             backend_name,
             num_blocks,
             config.block_size,

@@ -48,6 +48,15 @@ GEMV_CONFIGS = (
     (4, 2048, 8, False),
     (8, 512, 4, True),
 )
+# More for FP8 weights (engine/layers/fp8.py): a byte of weight per element, so the same bytes in flight take twice
+# the K per loop step or twice the rows.
+FP8_GEMV_CONFIGS = (
+    (4, 2048, 8, True),
+    (8, 1024, 4, True),
+    (8, 2048, 8, True),
+    (16, 512, 4, True),
+    (16, 1024, 8, True),
+)
 # Only for a K none of the above divides (SmolLM2's 576): short tiles cost more loop steps.
 SMALL_K_CONFIGS = ((8, 64, 4, False), (16, 64, 4, False))
 # More shapes for `gpu_profile.py rowgemv`, which measures what belongs in GEMV_CONFIGS.
@@ -79,10 +88,15 @@ def gemv_max_rows() -> int:
 
 
 def gemv_supported(weight: torch.Tensor) -> bool:
-    """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 weight."""
+    """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 (or FP8) weight."""
     if not triton_available():
         return False
-    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def gemv_configs(weight: torch.Tensor) -> tuple[tuple[int, int, int, bool], ...]:
+    """The one-row configurations the start-up timing tries for this weight (more for FP8 weights)."""
+    return GEMV_CONFIGS + (FP8_GEMV_CONFIGS if weight.element_size() == 1 else ())
 
 
 def configs_for(n: int, k: int, configs=GEMV_CONFIGS) -> list[tuple[int, int, int, bool]]:
@@ -128,6 +142,7 @@ def _build_kernel():
         norm_w_ptr,
         w_ptr,
         bias_ptr,
+        scale_ptr,
         y_ptr,
         res_out_ptr,
         N,
@@ -139,6 +154,7 @@ def _build_kernel():
         RESIDUAL: tl.constexpr,
         SILU: tl.constexpr,
         BIAS: tl.constexpr,
+        SCALE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVICT_FIRST: tl.constexpr,
@@ -189,12 +205,17 @@ def _build_kernel():
                     w_up = tl.load(w_rows + N * stride_w + k0)
                 acc_up += w_up.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
+        if SCALE:  # FP8 weights: one scale per output row (engine/layers/fp8.py)
+            y *= tl.load(scale_ptr + rows)
         if BIAS:
             y += tl.load(bias_ptr + rows).to(tl.float32)
         if SILU:
             # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up computed in fp32.
             gate = y.to(dtype).to(tl.float32)
-            up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+            up = tl.sum(acc_up, axis=1)
+            if SCALE:
+                up *= tl.load(scale_ptr + N + rows)
+            up = up.to(dtype).to(tl.float32)
             y = gate * tl.sigmoid(gate) * up
         tl.store(y_ptr + rows, y.to(dtype))
 
@@ -260,6 +281,7 @@ def _build_rows_kernel():
         norm_w_ptr,
         w_ptr,
         bias_ptr,
+        scale_ptr,
         y_ptr,
         res_out_ptr,
         part_ptr,
@@ -274,6 +296,7 @@ def _build_rows_kernel():
         RESIDUAL: tl.constexpr,
         SILU: tl.constexpr,
         BIAS: tl.constexpr,
+        SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -281,6 +304,7 @@ def _build_rows_kernel():
         STAGES: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
+        W_BYTES: tl.constexpr,
     ):
         # Program (pid, split) computes acc[n, m] = W[n, k] x[m, k]^T over its K range for the output rows
         # pid * BLOCK_N.. (the weight fills the MMA's long side, the few token rows its short one). RMSNorm is
@@ -293,7 +317,7 @@ def _build_rows_kernel():
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         if PDL:  # each weight row's K range of this program is prefetched on its own (row-major weights)
             w_rows = w_ptr + n.to(tl.int64) * stride_wn + k_first
-            pdl_prologue(w_rows, N * stride_wn, k_len * 2, prefetch_asm, SILU, PREFETCH)
+            pdl_prologue(w_rows, N * stride_wn, k_len * W_BYTES, prefetch_asm, SILU, PREFETCH)
         dtype = y_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         live = m < M
@@ -316,10 +340,12 @@ def _build_rows_kernel():
                     h = h.to(tl.float32)
                 sq += tl.sum(h * h, axis=1)
                 xv = (h * tl.load(norm_w_ptr + k0 + cols).to(tl.float32)[None, :]).to(dtype)
-            w = tl.load(w_tile + k0 * stride_wk)
+            # FP8 weights are widened to the activation dtype for the MMA (a no-op for bf16/fp16 weights).
+            w = tl.load(w_tile + k0 * stride_wk).to(dtype)
             acc = tl.dot(w, tl.trans(xv), acc)
             if SILU:
-                acc_up = tl.dot(tl.load(w_tile + N * stride_wn + k0 * stride_wk), tl.trans(xv), acc_up)
+                w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk).to(dtype)
+                acc_up = tl.dot(w_up, tl.trans(xv), acc_up)
         last = True
         if SPLIT_K > 1:
             # Each split stores its partial sums (and its rows' partial x^2); the last of the tile's splits to
@@ -347,6 +373,10 @@ def _build_rows_kernel():
                         sq += tl.load(sq_base + s * BLOCK_M + m, cache_modifier=".cg")
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
         if last:
+            if SCALE:
+                acc = acc * tl.load(scale_ptr + n)[:, None]
+                if SILU:
+                    acc_up = acc_up * tl.load(scale_ptr + N + n)[:, None]
             if NORM:
                 rstd = tl.rsqrt(sq / K + eps)
                 acc = acc * rstd[None, :]
@@ -376,7 +406,7 @@ def rows_configs_for(n: int, k: int, configs=ROWS_CONFIGS) -> list[tuple[int, in
     return [c for c in configs if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and n // c[0] <= MAX_TILES]
 
 
-def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
+def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None):
     block_n, block_k, warps, stages, split_k = cfg
     m, k = x.shape
     n = weight.shape[0] // 2 if silu else weight.shape[0]
@@ -396,6 +426,7 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         norm.weight if norm is not None else x,
         weight,
         bias if bias is not None else x,
+        scale if scale is not None else x,
         y,
         res_out,
         part,
@@ -410,6 +441,7 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         RESIDUAL=residual is not None,
         SILU=silu,
         BIAS=bias is not None,
+        SCALE=scale is not None,
         BLOCK_M=tile_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -417,13 +449,14 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         STAGES=stages,
         PDL=bool(launch),
         PREFETCH=prefetch and _prefetch_fits(weight, row_bytes),
+        W_BYTES=weight.element_size(),
         num_warps=warps,
         **launch,
     )
     return y, res_out
 
 
-def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
+def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None):
     block_n, block_k, warps, evict_first = cfg
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     k = weight.shape[1]
@@ -438,6 +471,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         norm.weight if norm is not None else x,
         weight,
         bias if bias is not None else x,
+        scale if scale is not None else x,
         y,
         res_out,
         n,
@@ -449,6 +483,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False):
         RESIDUAL=residual is not None,
         SILU=silu,
         BIAS=bias is not None,
+        SCALE=scale is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVICT_FIRST=evict_first,
@@ -483,7 +518,7 @@ def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
     the layer itself when cfg is None."""
     if cfg is None:
         return linear(x)
-    return _launcher(x)(x, linear.weight, cfg, bias=linear.bias)[0]
+    return _launcher(x)(x, linear.weight, cfg, bias=linear.bias, scale=linear.weight_scale)[0]
 
 
 def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
@@ -494,7 +529,9 @@ def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
     modules run one after another."""
     if cfg is not None:
         silu = act is not None
-        y, res_out = _launcher(x)(x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu)
+        y, res_out = _launcher(x)(
+            x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu, scale=linear.weight_scale
+        )
         return y, (x if residual is None else res_out)
     if residual is None:
         residual, h = x, norm(x)
@@ -525,7 +562,9 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
     """(unfused us, {config: Triton us}) per call for one role at `rows` token rows, cycling through the given
     layers' modules."""
     w0 = mods[0][1].weight
-    x = torch.randn(rows, w0.shape[1], device=w0.device, dtype=w0.dtype)
+    # Activations are in the model dtype, which an FP8 weight's layer records (engine/layers/fp8.py).
+    dtype = getattr(mods[0][1], "act_dtype", w0.dtype)
+    x = torch.randn(rows, w0.shape[1], device=w0.device, dtype=dtype)
     residual = torch.randn_like(x) if mods[0][0] is not None else None
     base = cycle_time_us([_unfused_call(x, residual, *m) for m in mods])
     # The GEMV reads row-major weights; the few-row kernel takes the weight as it is.
@@ -535,9 +574,12 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
     times = {}
     for cfg in candidates:
         calls = [
-            functools.partial(_launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None)
+            functools.partial(
+                _launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None,
+                scale=lin.weight_scale,
+            )
             for (nm, lin, act), w in zip(mods, weights, strict=True)
-        ]
+        ]  # fmt: skip
         try:
             times[cfg] = cycle_time_us(calls)
         except OutOfResources:  # a tile too large for this GPU's shared memory: not a candidate here
@@ -604,7 +646,7 @@ def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = No
     for role in ROLES:
         norm, linear, act = _role_modules(layers[0])[role]
         w0 = linear.weight
-        candidates = configs_for(w0.shape[0] // 2 if act is not None else w0.shape[0], w0.shape[1])
+        candidates = configs_for(w0.shape[0] // 2 if act is not None else w0.shape[0], w0.shape[1], gemv_configs(w0))
         plan[role] = candidates[0] if candidates and mode == "force" else None
         if not candidates or mode == "force":
             continue

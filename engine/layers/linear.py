@@ -18,9 +18,15 @@ class Linear(nn.Linear):
     """nn.Linear that runs oneDNN on a weight pre-packed once when pack_cpu_linears() has packed it."""
 
     onednn_weight: torch.Tensor | None = None
+    # One scale per output row when the weight is stored as FP8 (engine/layers/fp8.py), else None.
+    weight_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T + b."""
+        if self.weight_scale is not None:
+            from engine.layers.fp8 import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         if self.onednn_weight is not None:
             return onednn_linear(x, self.onednn_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -68,9 +74,11 @@ def pack_cpu_linears(model: nn.Module) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights, counting oneDNN-packed copies (whose dense parameters were freed)."""
+    """Bytes of the model's weights, counting oneDNN-packed copies (whose dense parameters were freed) and FP8
+    weights' row scales."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    packed = [m.onednn_weight for m in model.modules() if isinstance(m, Linear) and m.onednn_weight is not None]
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    packed = [m.onednn_weight for m in linears] + [m.weight_scale for m in linears]
     packed.append(getattr(model, "tied_head_onednn", None))
     return total + sum(w.numel() * w.element_size() for w in packed if w is not None)
 
@@ -155,7 +163,8 @@ def tune_weight_layouts(model: nn.Module) -> dict[tuple[int, int], str]:
     F.linear takes either layout without a copy. Each shape is timed over its layers' own weights (up to
     TUNE_STREAM_BYTES of them), so the weights stream from memory as they do in a step.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    # FP8 weights keep the row-major layout the engine's FP8 kernels read.
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.element_size() > 1]
     if not linears or linears[0].weight.device.type != "cuda":
         return {}
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}

@@ -15,6 +15,7 @@ from engine.layers.gemv import (
     _launch_rows,
     _prefetch_fits,
     configs_for,
+    gemv_configs,
     reference_gemv,
     rows_configs_for,
 )
@@ -133,3 +134,40 @@ def test_configs_cover_the_benchmark_shapes():
                  (12288, 4096), (4096, 12288)]:  # fmt: skip
         assert set(configs_for(n, k)) <= set(GEMV_CONFIGS + SMALL_K_CONFIGS) and configs_for(n, k)
         assert set(rows_configs_for(n, k)) <= set(ROWS_CONFIGS) and rows_configs_for(n, k)
+
+
+@pytest.mark.parametrize("m", [1, 3, 32, 48])
+@pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:5])
+def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residual, m):
+    """FP8 weights with row scales (engine/layers/fp8.py) through the one-row GEMV (m=1), every few-row configuration
+    (3, 32) and the widen-then-cuBLAS path (48): the result of the same computation on the weight they stand for."""
+    from engine.layers.fp8 import FP8_DTYPE, dequantize_fp8, fp8_linear, quantize_fp8
+
+    w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
+    w8, scale = quantize_fp8(w)
+    assert w8.dtype == FP8_DTYPE and w8.element_size() == 1
+    nm = types.SimpleNamespace(weight=nw, eps=1e-6) if norm else None
+    deq = dequantize_fp8(w8, scale, torch.float32)
+    ref, ref_res = reference_gemv(x, deq, b, nw, 1e-6, r, silu)
+    # FP8 changed the weight: the unquantized weight's result is not what the kernels must give.
+    assert rel(reference_gemv(x, w, b, nw, 1e-6, r, silu)[0], ref) > 1e-3
+    if m > 32:  # the module's plain projection (no fused norm or SwiGLU at this size)
+        assert rel(fp8_linear(x, w8, scale, b), reference_gemv(x, deq, b)[0]) < 1e-2
+        return
+    if m == 1:
+        launch, configs = _launch, configs_for(n, k, gemv_configs(w8))
+    else:
+        launch, configs = _launch_rows, rows_configs_for(n, k)
+    assert configs
+    for cfg in configs:
+        y, res_out = launch(x, w8, cfg, bias=b, norm=nm, residual=r, silu=silu, scale=scale)
+        assert rel(y, ref) < 1e-2, f"{cfg}: relative error {rel(y, ref):.2e}"
+        if residual:
+            assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
+    if not (norm or silu):  # the module's own forward takes the same kernels
+        assert rel(fp8_linear(x, w8, scale, b), ref) < 1e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against b."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -94,10 +94,11 @@ def fp32_reference(hf):
     return _fp32_ref[0][1]
 
 
-def check_against_hf(hf, prompts, outs, rows) -> float:
-    """Teacher-forced: HF logits over prompt + engine tokens vs the engine's logits at every step."""
+def check_against_hf(hf, prompts, outs, rows, ref_model=None) -> float:
+    """Teacher-forced: HF logits over prompt + engine tokens vs the engine's logits at every step (HF in fp32 on
+    hf's weights, or ref_model when given)."""
     worst = 0.0
-    ref_model = fp32_reference(hf)
+    ref_model = ref_model if ref_model is not None else fp32_reference(hf)
     for p, o in zip(prompts, outs):
         seq = torch.tensor([p + o.token_ids], device="cuda")
         with torch.no_grad():
@@ -484,3 +485,60 @@ def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
             check_against_hf(hf, batch, outs, rows)
     for batch, (o1, r1), (o2, r2) in zip(batches, *results, strict=True):
         assert compare_while_equal(batch, o1, r1, o2, r2, TOL) >= len(batch)
+
+
+def fp8_reference(hf, llm):
+    """HF in fp32 on the weights the engine's FP8 projections stand for (w8 * row scale, unpacked into q/k/v and
+    gate/up); everything else as hf has it."""
+    import copy
+
+    from engine.layers.fp8 import dequantize_fp8
+
+    ref = copy.deepcopy(hf).float()
+    for ours, theirs in zip(llm.runner.model.layers, ref.model.layers, strict=True):
+        for packed, owner, names in (
+            (ours.self_attn.qkv_proj, theirs.self_attn, {"q": "q_proj", "k": "k_proj", "v": "v_proj"}),
+            (ours.self_attn.o_proj, theirs.self_attn, {None: "o_proj"}),
+            (ours.mlp.gate_up_proj, theirs.mlp, {"gate": "gate_proj", "up": "up_proj"}),
+            (ours.mlp.down_proj, theirs.mlp, {None: "down_proj"}),
+        ):
+            full = dequantize_fp8(packed.weight, packed.weight_scale, torch.float32)
+            for shard, name in names.items():
+                start, size = packed.shard_offsets[shard] if shard else (0, full.shape[0])
+                getattr(owner, name).weight.data.copy_(full[start : start + size])
+    return ref
+
+
+def test_fp8_weights_match_hf_on_their_dequantized_weights(model_dir):
+    """quantization="fp8": batch-1 decode (one-row GEMVs), 5-request decode and short prefill after a prefix hit
+    (few-row kernels), long prompts and a 40-request decode batch (widened weights + cuBLAS) all match HF on the
+    weights the FP8 ones stand for, and are closer to it than to HF on the unquantized weights."""
+    folder, hf = model_dir
+    llm = LLM(folder, quantization="fp8", num_kvcache_blocks=2048, max_model_len=1024, max_num_seqs=48, block_size=16)
+    try:
+        layer = llm.runner.model.layers[0]
+        assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+        assert layer.mlp.down_proj.weight_scale.shape == (layer.mlp.down_proj.weight.shape[0],)
+        ref = fp8_reference(hf, llm)
+        short = make_prompts([6, 5, 7, 4, 6], seed=5, prefix=32)
+        batches = [
+            make_prompts([40], seed=4),
+            short,
+            [short[0][:32] + p for p in make_prompts([9, 8, 8], seed=6)],
+            make_prompts([100, 300, 37], seed=3),
+            make_prompts([8 + i % 13 for i in range(40)], seed=2),
+        ]
+        replays = dict(llm.runner.graphs.replays)
+        worst_fp8, worst_plain = 0.0, 0.0
+        for batch in batches:
+            outs, rows = engine_logits(llm, batch, GREEDY)
+            worst_fp8 = max(worst_fp8, check_against_hf(hf, batch, outs, rows, ref_model=ref))
+            try:
+                worst_plain = max(worst_plain, check_against_hf(hf, batch, outs, rows))
+            except AssertionError:
+                worst_plain = float("inf")
+        assert llm.runner.graphs.replays["decode"] > replays["decode"]
+        assert llm.runner.graphs.replays["prefill"] > replays["prefill"]
+    finally:
+        llm.shutdown()
+    assert worst_fp8 < worst_plain, f"FP8 run is not closer to its own weights ({worst_fp8:.3e} vs {worst_plain:.3e})"
