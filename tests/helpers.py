@@ -145,3 +145,23 @@ def sentencepiece_style_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+def load_fp8_weights_into_hf(hf, llm) -> None:
+    """Give the HF model `hf` the weights an FP8 engine's projections stand for (w8 x row scale), unpacked into
+    q/k/v and gate/up; everything else stays as hf has it."""
+    from engine.layers.fp8 import dequantize_fp8
+
+    for ours, theirs in zip(llm.runner.model.layers, hf.model.layers, strict=True):
+        for packed, owner, names in (
+            (ours.self_attn.qkv_proj, theirs.self_attn, {"q": "q_proj", "k": "k_proj", "v": "v_proj"}),
+            (ours.self_attn.o_proj, theirs.self_attn, {None: "o_proj"}),
+            (ours.mlp.gate_up_proj, theirs.mlp, {"gate": "gate_proj", "up": "up_proj"}),
+            (ours.mlp.down_proj, theirs.mlp, {None: "down_proj"}),
+        ):
+            full = dequantize_fp8(packed.weight, packed.weight_scale, torch.float32)
+            for shard, name in names.items():
+                start, size = packed.shard_offsets[shard] if shard else (0, full.shape[0])
+                target = getattr(owner, name).weight
+                with torch.no_grad():
+                    target.copy_(full[start : start + size].to(target.device, target.dtype))

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from helpers import tiny_tokenizer  # noqa: E402
+from helpers import load_fp8_weights_into_hf, tiny_tokenizer  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 
@@ -488,24 +488,11 @@ def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
 
 
 def fp8_reference(hf, llm):
-    """HF in fp32 on the weights the engine's FP8 projections stand for (w8 * row scale, unpacked into q/k/v and
-    gate/up); everything else as hf has it."""
+    """HF in fp32 on the weights the engine's FP8 projections stand for; everything else as hf has it."""
     import copy
 
-    from engine.layers.fp8 import dequantize_fp8
-
     ref = copy.deepcopy(hf).float()
-    for ours, theirs in zip(llm.runner.model.layers, ref.model.layers, strict=True):
-        for packed, owner, names in (
-            (ours.self_attn.qkv_proj, theirs.self_attn, {"q": "q_proj", "k": "k_proj", "v": "v_proj"}),
-            (ours.self_attn.o_proj, theirs.self_attn, {None: "o_proj"}),
-            (ours.mlp.gate_up_proj, theirs.mlp, {"gate": "gate_proj", "up": "up_proj"}),
-            (ours.mlp.down_proj, theirs.mlp, {None: "down_proj"}),
-        ):
-            full = dequantize_fp8(packed.weight, packed.weight_scale, torch.float32)
-            for shard, name in names.items():
-                start, size = packed.shard_offsets[shard] if shard else (0, full.shape[0])
-                getattr(owner, name).weight.data.copy_(full[start : start + size])
+    load_fp8_weights_into_hf(ref, llm)
     return ref
 
 
