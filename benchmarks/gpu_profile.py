@@ -8,6 +8,9 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py rowgemv --model Qwen3-8B   # one-row fused Triton GEMV configs vs cuBLAS
     python benchmarks/gpu_profile.py fewrows --few-rows 4 16 32   # few-row fused Triton GEMM configs vs cuBLAS
     python benchmarks/gpu_profile.py fewrows --few-rows 64 256    # the same kernel with wide row tiles (probe)
+    python benchmarks/gpu_profile.py fewrows --model Qwen3-8B --quantization fp8 --few-rows 8 32   # FP8 weights
+    python benchmarks/gpu_profile.py fewrows --quantization fp8 --plain --few-rows 8 64   # FP8 GEMMs alone
+    python benchmarks/gpu_profile.py fp8gemm --few-rows 64 256   # FP8 weights at 33+ rows: widened vs _scaled_mm
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -658,31 +661,94 @@ def role_weights(layers, role: str):
     return [_role_modules(layer)[role] for layer in layers[:count]], w, n
 
 
+def quant_kw(args) -> dict:
+    """The LLM keyword for --quantization (none: the weights as loaded)."""
+    return {} if args.quantization == "none" else {"quantization": args.quantization}
+
+
+def result_suffix(args) -> str:
+    """A result name's suffix for a model other than Qwen3-0.6B and for FP8 weights."""
+    suffix = "" if args.model == "Qwen3-0.6B" else "_" + args.model.split("-")[-1].lower()
+    return suffix + ("" if args.quantization == "none" else "_" + args.quantization)
+
+
+def _compile_one(job) -> str | None:
+    """Compile (by launching once on a role's shapes) one GEMV / few-row configuration; an error's name or None."""
+    from types import SimpleNamespace
+
+    from engine.layers.gemv import _launch, _launch_rows
+
+    cfg, m, weight_rows, k, norm, silu, fp8 = job
+    try:
+        w = torch.randn(weight_rows, k, device="cuda", dtype=torch.bfloat16)
+        scale = torch.ones(weight_rows, device="cuda") if fp8 else None
+        w = w.to(torch.float8_e4m3fn) if fp8 else w
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        nw = SimpleNamespace(weight=torch.ones(k, device="cuda", dtype=torch.bfloat16), eps=1e-6) if norm else None
+        residual = torch.randn_like(x) if norm else None
+        (_launch if m == 1 else _launch_rows)(x, w, cfg, norm=nw, residual=residual, silu=silu, scale=scale)
+        torch.cuda.synchronize()
+    except Exception as e:  # a tile too large for this GPU: the timing skips it too
+        return f"{cfg} at {m} rows: {type(e).__name__}"
+    return None
+
+
+def precompile(layers, sweeps: dict[str, list[tuple]], row_counts, plain: bool = False) -> None:
+    """Compile every configuration the sweep will time in parallel processes (Triton's on-disk cache keeps them):
+    compiling 100+ configurations one by one took minutes of the timing run. plain: without the norm / SwiGLU."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from engine.layers.gemv import _role_modules
+
+    jobs = []
+    for role, configs in sweeps.items():
+        norm, lin, act = _role_modules(layers[0])[role]
+        w, norm, act = lin.weight, None if plain else norm, None if plain else act
+        for m in row_counts:
+            jobs += [(c, m, w.shape[0], w.shape[1], norm is not None, act is not None, w.element_size() == 1)
+                     for c in configs]  # fmt: skip
+    start = time.perf_counter()
+    workers = min(16, os.cpu_count() or 1, len(jobs))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = [f for f in pool.map(_compile_one, jobs) if f]
+    print(f"compiled {len(jobs)} configurations in {time.perf_counter() - start:.1f}s on {workers} processes")
+    if failed:
+        print("did not compile: " + "; ".join(failed))
+
+
 def bench_rowgemv(args) -> None:
     """Each one-row projection of a model: the fused Triton GEMV in every configuration vs the unfused path
     (cuBLAS + FlashInfer norm / activation), cycling through the model's own layer weights in one CUDA graph."""
     os.environ["NANOVLLM_GEMV"] = "0"  # measure every configuration here, not the engine's start-up choice
 
     from engine import LLM
-    from engine.layers.gemv import GEMV_CONFIGS, ROLES, SWEEP_CONFIGS, _time_role, configs_for
+    from engine.layers.gemv import ROLES, SWEEP_CONFIGS, SWEEP_FP8_CONFIGS, _time_role, configs_for, gemv_configs
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
-    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True)
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True, **quant_kw(args))
     layers = llm.runner.model.layers
+    sweeps = {}
+    for role in ROLES:
+        _, w, n = role_weights(layers, role)
+        engine_configs = gemv_configs(w)
+        sweep = SWEEP_FP8_CONFIGS if w.element_size() == 1 else SWEEP_CONFIGS
+        sweeps[role] = configs_for(n, w.shape[1], engine_configs + sweep)
+    precompile(layers, sweeps, [1])
     rows = []
     for role in ROLES:
         mods, w, n = role_weights(layers, role)
-        candidates = configs_for(n, w.shape[1], GEMV_CONFIGS + SWEEP_CONFIGS)
-        base, times = _time_role(mods, candidates)
+        base, times = _time_role(mods, sweeps[role])
         for cfg, us in sorted(times.items(), key=lambda kv: kv[1]):
             rows.append(
-                dict(role=role, config=str(cfg), in_engine=cfg in GEMV_CONFIGS, us=us, unfused_us=base,
-                     ratio=us / base, tb_s=w.nbytes / us / 1e6)
+                dict(role=role, config=str(cfg), in_engine=cfg in gemv_configs(w), us=us, unfused_us=base,
+                     ratio=us / base, tb_s=(w.nbytes + n * (2 if w.element_size() == 1 else 0)) / us / 1e6)
             )  # fmt: skip
     llm.shutdown()
-    print_table(f"{args.model} one-row projections: Triton GEMV configs (rows, K step, warps, evict-first)", rows)
-    suffix = "" if args.model == "Qwen3-0.6B" else "_" + args.model.split("-")[-1].lower()
-    write_result(f"gpu_profile_rowgemv{suffix}", {"model": args.model, "rows": rows}, OUT)
+    title = "one-row projections: Triton GEMV configs (rows, K step, warps, evict-first)"
+    print_table(f"{args.model} ({args.quantization}) {title}", rows)
+    write_result(f"gpu_profile_rowgemv{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
 
 
 def bench_fewrows(args) -> None:
@@ -696,6 +762,8 @@ def bench_fewrows(args) -> None:
         MAX_ROWS,
         ROLES,
         ROWS_CONFIGS,
+        SWEEP_FP8_ROWS_CONFIGS,
+        SWEEP_FP8_WIDE_ROWS_CONFIGS,
         SWEEP_ROWS_CONFIGS,
         SWEEP_WIDE_ROWS_CONFIGS,
         _time_role,
@@ -703,26 +771,104 @@ def bench_fewrows(args) -> None:
     )
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
-    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1)
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, **quant_kw(args))
     layers = llm.runner.model.layers
+    fp8 = args.quantization == "fp8"
+
+    def weights(role: str):
+        # --plain: each role's GEMM alone, without the norm before it or the SwiGLU after it.
+        mods, w, n = role_weights(layers, role)
+        return ([(None, lin, None) for _, lin, _ in mods], w, w.shape[0]) if args.plain else (mods, w, n)
+
+    def sweep_for(role: str, m: int) -> list[tuple]:
+        # Past the engine's MAX_ROWS only the wide shapes: the few-row ones keep whole K steps of 256 columns
+        # for every token row in shared memory. FP8 weights: the engine's tiles and those made for FP8.
+        _, w, n = weights(role)
+        if m <= MAX_ROWS:
+            sweep = ROWS_CONFIGS + (SWEEP_FP8_ROWS_CONFIGS if fp8 else SWEEP_ROWS_CONFIGS)
+        else:
+            sweep = SWEEP_WIDE_ROWS_CONFIGS + (SWEEP_FP8_WIDE_ROWS_CONFIGS if fp8 else ())
+        return rows_configs_for(n, w.shape[1], sweep)
+
+    for m in args.few_rows:
+        precompile(layers, {role: sweep_for(role, m) for role in ROLES}, [m], args.plain)
+    rows = []
+    for role in ROLES:
+        mods, w, n = weights(role)
+        for m in args.few_rows:
+            base, times = _time_role(mods, sweep_for(role, m), m)
+            for rank, (cfg, us) in enumerate(sorted(times.items(), key=lambda kv: kv[1])):
+                rows.append(
+                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,
+                         ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1, rank=rank)
+                )  # fmt: skip
+    llm.shutdown()
+    title = "few-row projections: Triton configs (rows/program, K step, warps, stages, K splits), the 6 fastest"
+    print_table(f"{args.model} ({args.quantization}) {title}", [r for r in rows if r["rank"] < 6])
+    name = f"gpu_profile_fewrows{result_suffix(args)}{'_plain' if args.plain else ''}"
+    write_result(name, {"model": args.model, "plain": args.plain, "rows": rows}, OUT)
+
+
+def bench_fp8gemm(args) -> None:
+    """Each projection of a model at 33+ token rows with FP8 weights: the engine's path (the weight widened for
+    cuBLAS), cuBLASLt's FP8 GEMM (`torch._scaled_mm`, activations quantized per token with and without that
+    quantization's torch ops), and cuBLAS on the bf16 weights FP8 stands for, cycling through the layers' weights."""
+    import torch.nn.functional as F
+
+    from engine import LLM
+    from engine.layers.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, fp8_linear
+    from engine.layers.gemv import ROLES
+    from engine.layers.linear import cycle_time_us
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True, quantization="fp8")
+    layers = llm.runner.model.layers
+
+    def quantize_rows(x):
+        sx = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        return (x / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), sx
+
     rows = []
     for role in ROLES:
         mods, w, n = role_weights(layers, role)
+        lins = [lin for _, lin, _ in mods]
+        bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
         for m in args.few_rows:
-            # Past the engine's MAX_ROWS only the wide shapes: the few-row ones keep whole K steps of 256 columns
-            # for every token row in shared memory.
-            sweep = ROWS_CONFIGS + SWEEP_ROWS_CONFIGS if m <= MAX_ROWS else SWEEP_WIDE_ROWS_CONFIGS
-            base, times = _time_role(mods, rows_configs_for(n, w.shape[1], sweep), m)
-            for cfg, us in sorted(times.items(), key=lambda kv: kv[1])[:6]:
-                rows.append(
-                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,
-                         ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1)
-                )  # fmt: skip
+            x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            x8, sx = quantize_rows(x)
+            variants = {
+                "bf16_cublas": [functools.partial(F.linear, x, wb) for wb in bf16],
+                "fp8_widened": [functools.partial(fp8_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
+                "fp8_scaled_mm": [
+                    functools.partial(torch._scaled_mm, x8, lin.weight.t(), scale_a=sx,
+                                      scale_b=lin.weight_scale[None, :], out_dtype=torch.bfloat16)
+                    for lin in lins
+                ],
+                "fp8_quant_scaled_mm": [
+                    (lambda lin=lin, x=x: torch._scaled_mm(*_pair(quantize_rows(x), lin), out_dtype=torch.bfloat16))
+                    for lin in lins
+                ],
+            }  # fmt: skip
+            row = dict(role=role, rows=m)
+            for name, calls in variants.items():
+                try:
+                    row[f"{name}_us"] = cycle_time_us(calls)
+                except RuntimeError as e:  # an FP8 GEMM this torch / GPU cannot run
+                    row[f"{name}_us"] = None
+                    print(f"{role} {m} {name}: {e}")
+            base = row["bf16_cublas_us"]
+            for name in variants:
+                if row[f"{name}_us"] is not None:
+                    row[f"{name}_vs_bf16"] = row[f"{name}_us"] / base
+            rows.append(row)
     llm.shutdown()
-    title = "few-row projections: Triton configs (rows/program, K step, warps, stages, K splits)"
-    print_table(f"{args.model} {title}", rows)
-    suffix = "" if args.model == "Qwen3-0.6B" else "_" + args.model.split("-")[-1].lower()
-    write_result(f"gpu_profile_fewrows{suffix}", {"model": args.model, "rows": rows}, OUT)
+    print_table(f"{args.model} FP8 projections at 33+ rows (us per call, cycling through the layers' weights)", rows)
+    write_result(f"gpu_profile_fp8gemm{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
+
+
+def _pair(quantized, lin):
+    x8, sx = quantized
+    return x8, lin.weight.t(), sx, lin.weight_scale[None, :]
 
 
 def profile_plan(args) -> None:
@@ -1232,6 +1378,7 @@ def main() -> None:
             "gemm",
             "rowgemv",
             "fewrows",
+            "fp8gemm",
             "overlap",
             "prefill",
             "start",
@@ -1260,6 +1407,10 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="warm: also cProfile the engine steps of one request")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
     parser.add_argument("--few-rows", nargs="+", type=int, default=[4, 16, 32], help="fewrows: row counts")
+    parser.add_argument(
+        "--quantization", choices=["none", "fp8"], default="none", help="rowgemv, fewrows: the weights' format"
+    )
+    parser.add_argument("--plain", action="store_true", help="fewrows: each GEMM alone (no norm / SwiGLU fused)")
     parser.add_argument("--chunks", type=int, default=1, help="prefill: also profile this many steps back to back")
     parser.add_argument("--engines", type=int, default=2, help="stepab: engines built in turn")
     parser.add_argument("--rounds", type=int, default=5, help="stepab: timings per variant and context")
@@ -1285,7 +1436,8 @@ def main() -> None:
     if args.batches is None:
         args.batches = [64, 128, 256] if args.which == "decodeattn" else [1]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
-    which.update(fewrows=bench_fewrows, plan=profile_plan, stepab=profile_stepab, prefillsplit=bench_prefill_split)
+    which.update(fewrows=bench_fewrows, fp8gemm=bench_fp8gemm, plan=profile_plan, stepab=profile_stepab)
+    which.update(prefillsplit=bench_prefill_split)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend, holistic=bench_holistic)

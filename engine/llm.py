@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, resolve_device, resolve_dtype
-from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8
+from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
 from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
@@ -121,6 +121,8 @@ class LLM:
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
             tune_weight_layouts(net)
+            if config.quantization == "fp8":
+                tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
             if backend_name == "flashinfer" and not config.enforce_eager:
                 # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs only.
                 net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)

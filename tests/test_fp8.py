@@ -44,6 +44,31 @@ def test_widened_weight_path_equals_a_linear_on_the_dequantized_weight():
     assert ((plain - ref).norm() / ref.norm()).item() > 0.5
 
 
+@pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-8B", "Llama-3.2-1B"])
+def test_every_fp8_row_tile_has_a_kernel_configuration_for_real_model_shapes(name):
+    """Each projection of these models at every row tile up to MAX_FP8_ROWS has an FP8 configuration whose tiles
+    divide it, so no decode batch falls back to widening the weight (1.3-5.5x slower on an H200)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from common import model_config
+
+    from engine.layers.fp8 import FP8_ROWS_CONFIGS, MAX_FP8_ROWS, _default_config
+    from engine.layers.gemv import rows_tile
+
+    c = model_config(name)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    shapes = [(q + 2 * kv, c.hidden_size), (c.hidden_size, q), (2 * c.intermediate_size, c.hidden_size)]
+    shapes.append((c.hidden_size, c.intermediate_size))
+    tiles = sorted({rows_tile(m) for m in range(2, MAX_FP8_ROWS + 1)})
+    assert tiles == sorted(FP8_ROWS_CONFIGS)
+    for n, k in shapes:
+        for tile in tiles:
+            assert _default_config(n, k, tile) in FP8_ROWS_CONFIGS[tile], f"{name} {n}x{k} at {tile} rows"
+
+
 def test_fp8_is_refused_where_it_cannot_run(qwen3_path):
     with pytest.raises(ValueError, match="quantization='fp8' needs a CUDA GPU.*cpu.*quantization=None"):
         LLM(qwen3_path, device="cpu", quantization="fp8")

@@ -2,23 +2,34 @@
 output row, activations and everything else in the model dtype (weight-only quantization, as vLLM's "fp8").
 
 Why: a decode step streams every weight once, so its time follows the weights' bytes; FP8 halves the projections'
-bytes. Steps of up to MAX_ROWS token rows run the engine's Triton GEMV and few-row kernels, which read the FP8
-weight, widen it in registers and apply the row scale after the sum; larger steps (prefill, big decode batches)
-widen the weight to the model dtype and run cuBLAS, an extra pass over the weight. Measured on an H200
-(docs/benchmarks.md): batch-1 decode of Qwen3-8B 1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency,
-not bytes) 1.01x; the 256-request throughput workload 0.71x (its steps of 33-256 rows pay the widening pass), so
-FP8 suits one user on a large model, bf16 a server of many.
+bytes. Steps of up to MAX_FP8_ROWS token rows run the engine's Triton GEMV and few-row kernels, which read the FP8
+weight, widen it in registers and apply the row scale after the sum (each projection's tile shape per row count
+chosen by timing at start-up, `tune_fp8_rows`); larger steps (prefill chunks) widen the weight to the model dtype
+and run cuBLAS, an extra pass over the weight. Measured on an H200 (docs/benchmarks.md): batch-1 decode of Qwen3-8B
+1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency, not bytes) 1.01x. At 33-256 rows the Triton kernel
+is 1.3-5.5x faster than widening but still slower than cuBLAS on bf16 weights, so FP8 suits one user or a few on a
+large model, bf16 a server of many.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
 
-from engine.layers.gemv import MAX_ROWS, _launch, _launch_rows, configs_for, rows_configs_for
+from engine.layers.gemv import (
+    ROLES,
+    _launch,
+    _launch_rows,
+    _role_modules,
+    _time_role,
+    configs_for,
+    rows_configs_for,
+    rows_tile,
+)
 
 logger = logging.getLogger("engine")
 
@@ -27,6 +38,21 @@ FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 # Triton widens FP8 in hardware from sm89 (Ada, Hopper) on.
 MIN_CAPABILITY = (8, 9)
 QUANTIZED_ROLES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# Per row tile (gemv.rows_tile: 16, 32, 64, 128, 256), the two few-row kernel configurations (rows per program, K
+# step, warps, pipeline stages, K splits) start-up timing chooses between per projection; the first is the default.
+# From `gpu_profile.py fewrows --quantization fp8 --plain` over Qwen3-0.6B and Qwen3-8B (H200, docs/benchmarks.md):
+# for every projection of both models the better of each pair is within 0-11% of the fastest of 9-20 shapes, where
+# any single shape is up to 1.6x slower than the fastest for some projection (gate/up at 64+ rows).
+FP8_ROWS_CONFIGS = {
+    16: ((64, 256, 4, 2, 4), (64, 128, 4, 2, 8)),
+    32: ((64, 256, 4, 2, 4), (64, 256, 4, 3, 4)),
+    64: ((64, 128, 8, 2, 4), (64, 128, 4, 2, 2)),
+    128: ((64, 128, 8, 2, 4), (64, 64, 4, 3, 2)),
+    256: ((64, 128, 8, 3, 2), (64, 64, 4, 3, 2)),
+}
+# Steps of more rows widen the weight for cuBLAS: at 256 rows the Triton kernel was still 1.3-3.2x faster than that
+# (H200), but its accumulator holds a program's whole row tile, so 256 rows is as far as it goes.
+MAX_FP8_ROWS = max(FP8_ROWS_CONFIGS)
 
 
 def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -61,12 +87,19 @@ def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (w8.float() * scale[:, None]).to(dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (weight * scale)^T + bias for an FP8 weight: the Triton kernels up to MAX_ROWS token rows, else cuBLAS
-    on the weight widened to x's dtype."""
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    configs: dict[int, tuple] | None = None,
+) -> torch.Tensor:
+    """x @ (weight * scale)^T + bias for an FP8 weight: the Triton kernels up to MAX_FP8_ROWS token rows (with
+    configs[row tile] when given, as tune_fp8_rows chose), else cuBLAS on the weight widened to x's dtype."""
     rows, k = x.shape
-    if x.is_cuda and rows <= MAX_ROWS:
-        cfg = _default_config(weight.shape[0], k, rows == 1)
+    if x.is_cuda and rows <= MAX_FP8_ROWS:
+        tile = 1 if rows == 1 else rows_tile(rows)
+        cfg = (configs or {}).get(tile) or _default_config(weight.shape[0], k, tile)
         if cfg is not None:
             return (_launch if rows == 1 else _launch_rows)(x, weight, cfg, bias=bias, scale=scale)[0]
     # Widening is exact (every e4m3 value is a bf16/fp16 value); the row scale then applies to the output columns,
@@ -78,10 +111,43 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
 
 
 @functools.cache
-def _default_config(n: int, k: int, one_row: bool) -> tuple | None:
+def _default_config(n: int, k: int, tile: int) -> tuple | None:
     # Eager steps call fp8_linear once per projection: look the shape's first fitting configuration up once.
-    configs = configs_for(n, k) if one_row else rows_configs_for(n, k)
+    configs = configs_for(n, k) if tile == 1 else rows_configs_for(n, k, FP8_ROWS_CONFIGS[tile])
+    if not configs and tile <= 32:  # a shape the FP8 tiles do not divide: the bf16 ones may
+        configs = rows_configs_for(n, k)
     return configs[0] if configs else None
+
+
+@torch.inference_mode()
+def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
+    """Per FP8 projection role and row tile, the faster of FP8_ROWS_CONFIGS' pair, timed over the layers' own
+    weights (up to stream_bytes of them); each layer's Linear keeps its role's choice (`fp8_configs`)."""
+    start = time.perf_counter()
+    plans: dict[str, dict[int, tuple]] = {}
+    notes = []
+    for role in ROLES:
+        linears = [_role_modules(layer)[role][1] for layer in layers]
+        w0 = linears[0].weight
+        if w0.element_size() != 1:
+            continue
+        mods = [(None, lin, None) for lin in linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]]
+        plan = plans[role] = {}
+        for tile, pair in FP8_ROWS_CONFIGS.items():
+            fits = rows_configs_for(w0.shape[0], w0.shape[1], pair)
+            if len(fits) == 1:
+                plan[tile] = fits[0]
+            elif fits:
+                _, times = _time_role(mods, fits, tile)
+                if times:
+                    plan[tile] = min(times, key=times.get)
+        for lin in linears:
+            lin.fp8_configs = plan
+        notes.append(f"{role} " + " ".join(f"{t}:{FP8_ROWS_CONFIGS[t].index(c) + 1}" for t, c in plan.items()))
+    if notes:
+        elapsed = time.perf_counter() - start
+        logger.info("FP8 GEMMs (timed in %.1fs), the configuration chosen per row tile: %s", elapsed, "; ".join(notes))
+    return plans
 
 
 @torch.no_grad()

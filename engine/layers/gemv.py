@@ -65,6 +65,12 @@ SWEEP_CONFIGS = tuple(
     for bn, bk, w in ((1, 1024, 2), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8))
     for e in (False, True)
 )
+# More one-row shapes for FP8 weights in `gpu_profile.py rowgemv --quantization fp8`: wider K steps and more rows
+# per program, so that as many bytes are in flight per program as with a bf16 weight's tiles.
+SWEEP_FP8_CONFIGS = (
+    (2, 4096, 4, True), (4, 4096, 8, True), (8, 2048, 4, True), (8, 4096, 8, True), (16, 2048, 8, True),
+    (32, 512, 4, True), (32, 1024, 8, True), (16, 1024, 4, True),
+)  # fmt: skip
 ROLES = ("qkv", "o", "gate_up", "down")
 # Configurations per role, the fastest when timed alone, that are then timed in the captured decode step itself
 # (engine/cuda_graphs.py: GraphRunner.refine_row_plan). Why: timed alone, several tie within 2%, yet in the step,
@@ -246,6 +252,13 @@ SWEEP_ROWS_CONFIGS = tuple(
         (64, 128, 4, 4, 1), (32, 512, 8, 2, 1),
     )
 )  # fmt: skip
+# More few-row shapes for FP8 weights in `gpu_profile.py fewrows --quantization fp8`: a byte per weight element, so
+# wider K steps (or more rows per program) keep a bf16 tile's bytes in flight.
+SWEEP_FP8_ROWS_CONFIGS = (
+    (64, 512, 4, 2, 4), (64, 512, 4, 1, 8), (128, 512, 8, 2, 4), (128, 256, 8, 2, 4), (64, 256, 4, 3, 4),
+    (128, 256, 4, 2, 8), (64, 1024, 8, 1, 4), (32, 512, 4, 2, 8), (256, 256, 8, 2, 4), (128, 512, 8, 1, 8),
+    (64, 512, 4, 2, 2), (128, 512, 8, 2, 2),
+)  # fmt: skip
 # Shapes for tiles of 64-256 token rows (decode batches of the throughput and shared-prefix workloads, where cuBLAS
 # runs o and down at 0.7-1.0 TB/s), for `gpu_profile.py fewrows --few-rows 64 256`. Not used by the engine: on an
 # H100 every role was 1.26-10x slower than the unfused cuBLAS path at 64 and 256 rows (docs/benchmarks.md). The
@@ -254,6 +267,11 @@ SWEEP_WIDE_ROWS_CONFIGS = (
     (64, 64, 4, 3, 1), (64, 128, 8, 2, 1), (64, 64, 8, 4, 1), (32, 128, 4, 2, 1), (32, 64, 4, 4, 1),
     (128, 64, 8, 3, 1), (64, 128, 4, 2, 2), (32, 128, 4, 2, 2), (64, 64, 4, 3, 2), (64, 128, 8, 2, 4),
     (32, 64, 4, 3, 4), (16, 128, 4, 3, 1), (32, 128, 8, 3, 4),
+)  # fmt: skip
+# The same for FP8 weights, whose alternative at 33+ rows is widening the weight for cuBLAS (engine/layers/fp8.py).
+SWEEP_FP8_WIDE_ROWS_CONFIGS = (
+    (128, 128, 8, 3, 1), (128, 64, 8, 4, 1), (64, 256, 8, 2, 1), (128, 128, 8, 2, 2), (64, 128, 8, 3, 2),
+    (256, 64, 8, 3, 1), (128, 256, 8, 2, 1),
 )  # fmt: skip
 # Each of a program's threads asks for one weight row's K range (sm90 bulk L2 prefetch); a row may be asked for
 # by more than one thread, which costs nothing.
@@ -587,6 +605,15 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
     return base, times
 
 
+def _rows_candidates(weight: torch.Tensor, tile: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    # FP8 weights: the tile's pair measured for FP8, which the unfused path (engine/layers/fp8.py) also chooses from.
+    if weight.element_size() == 1:
+        from engine.layers.fp8 import FP8_ROWS_CONFIGS
+
+        return FP8_ROWS_CONFIGS[tile]
+    return ROWS_CONFIGS
+
+
 # Row counts each few-row tile is timed at before it is chosen: the tile's smallest and largest typical steps
 # (decode batches of 2-16 requests and 16-token prefill chunks share the 16-row tile; 32-token ones the other).
 ROWS_TUNE_AT = {16: (4, 16), 32: (32,)}
@@ -610,7 +637,7 @@ def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, t
             norm, linear, act = _role_modules(layers[0])[role]
             w0 = linear.weight
             n = w0.shape[0] // 2 if act is not None else w0.shape[0]
-            candidates = rows_configs_for(n, w0.shape[1])
+            candidates = rows_configs_for(n, w0.shape[1], _rows_candidates(w0, tile))
             plan[role] = candidates[0] if candidates and mode == "force" else None
             if not candidates or mode == "force":
                 continue

@@ -18,6 +18,7 @@ from engine.layers.gemv import (
     gemv_configs,
     reference_gemv,
     rows_configs_for,
+    rows_tile,
 )
 from engine.layers.kernels import pdl_enabled
 
@@ -136,12 +137,14 @@ def test_configs_cover_the_benchmark_shapes():
         assert set(rows_configs_for(n, k)) <= set(ROWS_CONFIGS) and rows_configs_for(n, k)
 
 
-@pytest.mark.parametrize("m", [1, 3, 32, 48])
-@pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:5])
-def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residual, m):
+@pytest.mark.parametrize("m", [1, 3, 32, 48, 200, 300])
+@pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:6])
+def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residual, m, monkeypatch):
     """FP8 weights with row scales (engine/layers/fp8.py) through the one-row GEMV (m=1), every few-row configuration
-    (3, 32) and the widen-then-cuBLAS path (48): the result of the same computation on the weight they stand for."""
-    from engine.layers.fp8 import FP8_DTYPE, dequantize_fp8, fp8_linear, quantize_fp8
+    (3, 32), the FP8 tiles of 33-256 rows (48, 200) and the widen-then-cuBLAS path (300): the result of the same
+    computation on the weight they stand for."""
+    from engine.layers import fp8
+    from engine.layers.fp8 import FP8_DTYPE, FP8_ROWS_CONFIGS, MAX_FP8_ROWS, dequantize_fp8, fp8_linear, quantize_fp8
 
     w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
     w8, scale = quantize_fp8(w)
@@ -152,12 +155,23 @@ def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residu
     # FP8 changed the weight: the unquantized weight's result is not what the kernels must give.
     assert rel(reference_gemv(x, w, b, nw, 1e-6, r, silu)[0], ref) > 1e-3
     if m > 32:  # the module's plain projection (no fused norm or SwiGLU at this size)
-        assert rel(fp8_linear(x, w8, scale, b), reference_gemv(x, deq, b)[0]) < 1e-2
+        plain = reference_gemv(x, deq, b)[0]
+        if m <= MAX_FP8_ROWS:
+            fits = rows_configs_for(w8.shape[0], k, FP8_ROWS_CONFIGS[rows_tile(m)])
+            assert fits, f"no FP8 tile of {rows_tile(m)} rows fits {w8.shape[0]}x{k}"
+            for cfg in fits:
+                y = _launch_rows(x, w8, cfg, bias=b, scale=scale)[0]
+                assert rel(y, plain) < 1e-2, f"{cfg}: relative error {rel(y, plain):.2e}"
+        calls = []
+        monkeypatch.setattr(fp8, "_launch_rows", lambda *a, **kw: calls.append(a[2]) or _launch_rows(*a, **kw))
+        assert rel(fp8_linear(x, w8, scale, b), plain) < 1e-2
+        # Up to MAX_FP8_ROWS rows the module's forward reads the FP8 weight in the kernel; past it, it widens.
+        assert (calls == [FP8_ROWS_CONFIGS[rows_tile(m)][0]]) if m <= MAX_FP8_ROWS else not calls
         return
     if m == 1:
         launch, configs = _launch, configs_for(n, k, gemv_configs(w8))
     else:
-        launch, configs = _launch_rows, rows_configs_for(n, k)
+        launch, configs = _launch_rows, rows_configs_for(n, k) + rows_configs_for(n, k, FP8_ROWS_CONFIGS[rows_tile(m)])
     assert configs
     for cfg in configs:
         y, res_out = launch(x, w8, cfg, bias=b, norm=nm, residual=r, silu=silu, scale=scale)
