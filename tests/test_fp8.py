@@ -47,7 +47,7 @@ def test_widened_weight_path_equals_a_linear_on_the_dequantized_weight():
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-8B", "Llama-3.2-1B"])
 def test_every_fp8_row_tile_has_a_kernel_configuration_for_real_model_shapes(name):
     """Each projection of these models at every row tile up to MAX_FP8_ROWS has an FP8 configuration whose tiles
-    divide it, so no decode batch falls back to widening the weight (1.3-5.5x slower on an H200)."""
+    divide it, so no decode batch falls back to widening the weight (1.2-5.5x slower on an H200)."""
     import sys
     from pathlib import Path
 

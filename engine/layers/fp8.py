@@ -1,5 +1,6 @@
 """FP8 weights (`quantization="fp8"`): the decoder layers' projections stored as float8 e4m3 with one scale per
-output row, activations and everything else in the model dtype (weight-only quantization, as vLLM's "fp8").
+output row, activations and everything else in the model dtype (weight-only quantization, as vLLM's FP8 Marlin
+kernels; its "fp8" on Hopper also quantizes the activations, for cuBLASLt / CUTLASS FP8 GEMMs).
 
 Why: a decode step streams every weight once, so its time follows the weights' bytes; FP8 halves the projections'
 bytes. Steps of up to MAX_FP8_ROWS token rows run the engine's Triton GEMV and few-row kernels, which read the FP8
@@ -7,7 +8,7 @@ weight, widen it in registers and apply the row scale after the sum (each projec
 chosen by timing at start-up, `tune_fp8_rows`); larger steps (prefill chunks) widen the weight to the model dtype
 and run cuBLAS, an extra pass over the weight. Measured on an H200 (docs/benchmarks.md): batch-1 decode of Qwen3-8B
 1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency, not bytes) 1.01x. At 33-256 rows the Triton kernel
-is 1.3-5.5x faster than widening but still slower than cuBLAS on bf16 weights, so FP8 suits one user or a few on a
+is 1.2-5.5x faster than widening but still slower than cuBLAS on bf16 weights, so FP8 suits one user or a few on a
 large model, bf16 a server of many.
 """
 
@@ -41,8 +42,8 @@ QUANTIZED_ROLES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
 # Per row tile (gemv.rows_tile: 16, 32, 64, 128, 256), the two few-row kernel configurations (rows per program, K
 # step, warps, pipeline stages, K splits) start-up timing chooses between per projection; the first is the default.
 # From `gpu_profile.py fewrows --quantization fp8 --plain` over Qwen3-0.6B and Qwen3-8B (H200, docs/benchmarks.md):
-# for every projection of both models the better of each pair is within 0-11% of the fastest of 9-20 shapes, where
-# any single shape is up to 1.6x slower than the fastest for some projection (gate/up at 64+ rows).
+# over the eight projections the better of each pair is on average 0-11% (at worst 33%) slower than the fastest of
+# the 9-20 shapes swept, where the first alone is up to 1.63x slower (gate/up at 64+ rows).
 FP8_ROWS_CONFIGS = {
     16: ((64, 256, 4, 2, 4), (64, 128, 4, 2, 8)),
     32: ((64, 256, 4, 2, 4), (64, 256, 4, 3, 4)),
