@@ -70,3 +70,18 @@ def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_
 
 def test_mean_chunk_splits_only_contexts_above_the_mean_interpreted():
     run_interpreted("check_mean_chunk_splits", [()])
+
+
+def test_fp8_weights_in_every_row_tile_match_torch_interpreted():
+    """FP8 weights through the one-row GEMV and the few-row kernel at each row tile the engine gives them (16-256
+    rows, engine/layers/fp8.py) with float32 activations: the scale per output row, the rows past m masked, split-K
+    sums, fused norm and SwiGLU, and a packed gate/up bias (each half added to its own rows)."""
+    cases = [
+        (1, 128, 1024, True, True, True),  # one row: the GEMV, norm and SwiGLU fused, with a bias
+        (5, 128, 1024, True, False, False),  # 16-row tile: residual add + RMSNorm fused
+        (20, 128, 1024, True, True, True),  # 32-row tile: norm and SwiGLU fused, with a bias
+        (40, 192, 1024, False, False, True),  # 64 rows, a bias
+        (100, 128, 2048, False, False, False),  # 128 rows
+        (200, 128, 1024, False, False, False),  # 256 rows
+    ]
+    run_interpreted("check_fp8_rows", cases)

@@ -153,3 +153,45 @@ def check_resident_programs(hq, hkv, d, device="cuda", dtype=torch.bfloat16):
     by_threads = props.max_threads_per_multi_processor // (32 * warps)
     by_shared = props.shared_memory_per_multiprocessor // (c.metadata.shared + 1024)
     assert kernel.resident_per_sm() == min(by_regs, by_threads, by_shared), (c.n_regs, c.metadata.shared, warps)
+
+
+def check_fp8_rows(m, n, k, norm, silu, bias, device="cuda", dtype=torch.bfloat16):
+    """The one-row GEMV (m=1) or the few-row kernel on an FP8 weight with row scales, in every configuration for m
+    token rows (the norm, residual add and SwiGLU fused only up to MAX_ROWS rows, as the engine runs it), against
+    the same computation in torch on the weight FP8 stands for."""
+    from types import SimpleNamespace
+
+    from engine.layers.fp8 import FP8_ROWS_CONFIGS, dequantize_fp8, quantize_fp8
+    from engine.layers.gemv import (
+        MAX_ROWS,
+        _launch,
+        _launch_rows,
+        configs_for,
+        gemv_configs,
+        reference_gemv,
+        rows_configs_for,
+        rows_tile,
+    )
+
+    assert m <= MAX_ROWS or not (norm or silu), "the engine fuses the norm and SwiGLU at up to MAX_ROWS rows only"
+    g = torch.Generator(device=device).manual_seed(m + n + k)
+    rows = 2 * n if silu else n
+    w8, scale = quantize_fp8(torch.randn(rows, k, device=device, generator=g) / k**0.5)
+    x = torch.randn(m, k, device=device, generator=g).to(dtype)
+    r = torch.randn(m, k, device=device, generator=g).to(dtype) if norm else None
+    nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype) if norm else None
+    b = torch.randn(rows, device=device, generator=g).to(dtype) if bias else None
+    ref, ref_res = reference_gemv(x, dequantize_fp8(w8, scale, torch.float32), b, nw, 1e-6, r, silu)
+    if m == 1:
+        launch, configs = _launch, configs_for(n, k, gemv_configs(w8))
+    else:
+        launch, configs = _launch_rows, rows_configs_for(n, k, FP8_ROWS_CONFIGS[rows_tile(m)])
+    assert configs, f"no FP8 configuration for {m} rows fits {n}x{k}"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    nm = SimpleNamespace(weight=nw, eps=1e-6) if norm else None
+    for cfg in configs:
+        y, res_out = launch(x, w8, cfg, bias=b, norm=nm, residual=r, silu=silu, scale=scale)
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < tol, f"{m} rows, {cfg}: relative error {err:.2e}"
+        if norm:
+            assert torch.equal(res_out, ref_res), f"{m} rows, {cfg}: the new residual differs"

@@ -221,6 +221,8 @@ def _build_kernel():
             up = tl.sum(acc_up, axis=1)
             if SCALE:
                 up *= tl.load(scale_ptr + N + rows)
+            if BIAS:  # the packed bias's "up" half, N further on
+                up += tl.load(bias_ptr + N + rows).to(tl.float32)
             up = up.to(dtype).to(tl.float32)
             y = gate * tl.sigmoid(gate) * up
         tl.store(y_ptr + rows, y.to(dtype))
@@ -401,6 +403,8 @@ def _build_rows_kernel():
                 acc_up = acc_up * rstd[None, :]
             if BIAS:
                 acc += tl.load(bias_ptr + n).to(tl.float32)[:, None]
+                if SILU:  # the packed bias's "up" half, N further on
+                    acc_up += tl.load(bias_ptr + N + n).to(tl.float32)[:, None]
             if SILU:
                 # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up in fp32.
                 gate = acc.to(dtype).to(tl.float32)
