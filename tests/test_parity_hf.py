@@ -94,3 +94,23 @@ def test_preemption_under_kv_pressure_matches_hf(tiny_models, arch):
         assert llm.stats()["kv_blocks_used"] == 0
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    "arch,biases", [("llama", dict(attention_bias=True, mlp_bias=True)), ("qwen3", dict(attention_bias=True))]
+)
+def test_biased_o_and_mlp_projections_match_hf(tmp_path, tokenizer, arch, biases):
+    """Checkpoints with attention_bias (a bias on q, k, v and o_proj) and Llama's mlp_bias (on gate, up and down)
+    load and decode as HF does; before, loading stopped at the first o_proj or MLP bias with a TypeError."""
+    from helpers import save_tiny_model
+
+    path = save_tiny_model(arch, tmp_path / arch, tokenizer_from=tokenizer, **biases)
+    prompts = make_prompts(4)
+    llm = LLM(path, device="cpu")
+    try:
+        layer = llm.runner.model.layers[0]
+        assert layer.self_attn.o_proj.bias is not None
+        assert (layer.mlp.gate_up_proj.bias is not None) == biases.get("mlp_bias", False)
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == hf_greedy(path, prompts)
+    finally:
+        llm.shutdown()

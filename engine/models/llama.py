@@ -27,7 +27,9 @@ class ForwardContext:
 class DecoderAttention(nn.Module):
     """Self-attention with packed QKV, optional per-head q/k norm (Qwen3) and rope."""
 
-    def __init__(self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
+    def __init__(
+        self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool, o_bias=False
+    ):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = cfg.num_attention_heads
@@ -35,7 +37,7 @@ class DecoderAttention(nn.Module):
         self.head_dim = head_dim_of(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, fused) if qk_norm else None
         self.rotary = rotary
@@ -71,11 +73,11 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """SwiGLU feed-forward with a packed gate/up projection."""
 
-    def __init__(self, cfg, fused: bool):
+    def __init__(self, cfg, fused: bool, bias: bool = False):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=False)
-        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, bias=bias)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +88,15 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual is carried separately so norms can fuse the add."""
 
-    def __init__(self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
+    def __init__(
+        self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool, biases=(0, 0)
+    ):
         super().__init__()
+        o_bias, mlp_bias = map(bool, biases)  # (o_proj, MLP) biases
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused)
+        self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused, o_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.mlp = DecoderMLP(cfg, fused)
+        self.mlp = DecoderMLP(cfg, fused, mlp_bias)
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
         # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
@@ -158,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
 
     qk_norm = False
     default_qkv_bias = False
+    # Whether attention_bias also puts a bias on o_proj (Llama, Qwen3: yes; Qwen2, whose q/k/v always have one: no).
+    o_proj_bias = True
 
     # checkpoint name fragment -> (packed module name, shard)
     packed_modules = {
@@ -172,10 +179,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         qkv_bias = bool(getattr(cfg, "attention_bias", self.default_qkv_bias))
+        # Llama's mlp_bias (HF LlamaMLP): gate, up and down all get a bias.
+        biases = (qkv_bias and self.o_proj_bias, bool(getattr(cfg, "mlp_bias", False)))
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions, fused)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, qkv_bias, self.qk_norm, rotary, fused) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, qkv_bias, self.qk_norm, rotary, fused, biases) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))

@@ -7,6 +7,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 decoder (QKV bias is always on)."""
 
     default_qkv_bias = True
+    o_proj_bias = False
 
     def __init__(self, cfg, max_positions: int, fused: bool = False):
         # Qwen2 configs carry no attention_bias field; the biases are part of the architecture.
