@@ -147,7 +147,9 @@ def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
         notes.append(f"{role} " + " ".join(f"{t}:{FP8_ROWS_CONFIGS[t].index(c) + 1}" for t, c in plan.items()))
     if notes:
         elapsed = time.perf_counter() - start
-        logger.info("FP8 GEMMs (timed in %.1fs), the configuration chosen per row tile: %s", elapsed, "; ".join(notes))
+        logger.info(
+            "FP8 GEMMs (timed in %.1fs), FP8_ROWS_CONFIGS' shape 1 or 2 per row tile: %s", elapsed, "; ".join(notes)
+        )
     return plans
 
 

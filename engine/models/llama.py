@@ -28,7 +28,14 @@ class DecoderAttention(nn.Module):
     """Self-attention with packed QKV, optional per-head q/k norm (Qwen3) and rope."""
 
     def __init__(
-        self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool, o_bias=False
+        self,
+        cfg,
+        layer_id: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        rotary: RotaryEmbedding,
+        fused: bool,
+        o_bias: bool = False,
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -89,10 +96,17 @@ class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual is carried separately so norms can fuse the add."""
 
     def __init__(
-        self, cfg, layer_id: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, fused: bool, biases=(0, 0)
+        self,
+        cfg,
+        layer_id: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        rotary: RotaryEmbedding,
+        fused: bool,
+        biases: tuple[bool, bool] = (False, False),
     ):
         super().__init__()
-        o_bias, mlp_bias = map(bool, biases)  # (o_proj, MLP) biases
+        o_bias, mlp_bias = biases  # on o_proj; on gate, up and down
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused, o_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
