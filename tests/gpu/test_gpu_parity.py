@@ -529,3 +529,36 @@ def test_fp8_weights_match_hf_on_their_dequantized_weights(model_dir):
     finally:
         llm.shutdown()
     assert worst_fp8 < worst_plain, f"FP8 run is not closer to its own weights ({worst_fp8:.3e} vs {worst_plain:.3e})"
+
+
+def test_biased_projections_through_every_kernel_match_hf(tmp_path, monkeypatch):
+    """A Llama-shaped model with attention_bias (q, k, v and o_proj) and mlp_bias (gate, up and down): batch-1 decode
+    through the one-row GEMVs and 5-request steps through the few-row kernels (both forced, every bias fused,
+    the packed gate/up bias's halves on their own rows), and the cuBLAS + FlashInfer path, against HF."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = llama_1b_shape()
+    cfg.attention_bias, cfg.mlp_bias = True, True
+    torch.manual_seed(1)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:  # HF starts biases at 0: give every one a value to get wrong
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    hf.eval()
+    batches = [make_prompts([40], seed=8), make_prompts([6, 5, 7, 4, 6], seed=9)]
+    for gemv in ("force", "0"):
+        monkeypatch.setenv("NANOVLLM_GEMV", gemv)
+        llm = LLM(tmp_path, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16)
+        try:
+            layer = llm.runner.model.layers[0]
+            assert layer.self_attn.o_proj.bias is not None and layer.mlp.gate_up_proj.bias is not None
+            assert all(layer.gemv_plan.values()) if gemv == "force" else not layer.gemv_plan
+            runs = [engine_logits(llm, batch, GREEDY) for batch in batches]
+        finally:
+            llm.shutdown()
+        for batch, (outs, rows) in zip(batches, runs, strict=True):
+            check_against_hf(hf, batch, outs, rows)
