@@ -315,16 +315,18 @@ def bench_throughput(args) -> None:
     bw = copy_bandwidth()
     # Roofline: every decode step streams the weights once plus each running request's KV; prefill is
     # compute-bound (2 * params FLOPs per token at ~700 TFLOP/s bf16 dense achievable).
-    w = weight_bytes(cfg)
+    quant = ENGINE_KW.get("quantization", "none")
+    w = weight_bytes(cfg, quant)  # FP8 weights: the projections at a byte per weight
     avg_ctx = sum(len(p) + pr.max_tokens / 2 for p, pr in zip(prompts, params)) / n
     steps = max(pr.max_tokens for pr in params)
     kv_read = out_tokens * avg_ctx * kv_bytes_per_token(cfg)
     decode_s = (steps * w + kv_read) / bw
-    flops = 2 * (w / 2) * (in_tokens + out_tokens)
+    flops = 2 * (weight_bytes(cfg) / 2) * (in_tokens + out_tokens)  # 2 FLOPs per parameter (bf16 bytes / 2)
     compute_s = flops / 700e12
     roofline = out_tokens / max(decode_s, compute_s)
     row = dict(
         requests=n,
+        weights="bf16" if quant == "none" else quant,
         output_tokens=out_tokens,
         prompt_tokens=in_tokens,
         wall_s=wall,
@@ -341,7 +343,8 @@ def bench_throughput(args) -> None:
     )
     print(arithmetic)
     extra = {"step_timing": timing} if timing else {}
-    write_result("throughput", {**row, "roofline_arithmetic": arithmetic, **extra}, OUT)
+    name = "throughput" if quant == "none" else f"throughput_{quant}"
+    write_result(name, {**row, "roofline_arithmetic": arithmetic, **extra}, OUT)
 
 
 def bench_shared_prefix(args) -> None:
