@@ -27,17 +27,9 @@ class ForwardContext:
 class DecoderAttention(nn.Module):
     """Self-attention with packed QKV, optional per-head q/k norm (Qwen3) and rope."""
 
-    def __init__(
-        self,
-        cfg,
-        layer_id: int,
-        qkv_bias: bool,
-        qk_norm: bool,
-        rotary: RotaryEmbedding,
-        fused: bool,
-        o_bias: bool = False,
-    ):
+    def __init__(self, cfg, layer_id: int, biases: tuple, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
         super().__init__()
+        qkv_bias, o_bias = biases[:2]  # Biases (qkv, o_proj, MLP): LlamaForCausalLM says which the checkpoint has.
         self.layer_id = layer_id
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -95,22 +87,12 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual is carried separately so norms can fuse the add."""
 
-    def __init__(
-        self,
-        cfg,
-        layer_id: int,
-        qkv_bias: bool,
-        qk_norm: bool,
-        rotary: RotaryEmbedding,
-        fused: bool,
-        biases: tuple[bool, bool] = (False, False),
-    ):
+    def __init__(self, cfg, layer_id: int, biases: tuple, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
         super().__init__()
-        o_bias, mlp_bias = biases  # on o_proj; on gate, up and down
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.self_attn = DecoderAttention(cfg, layer_id, qkv_bias, qk_norm, rotary, fused, o_bias)
+        self.self_attn = DecoderAttention(cfg, layer_id, biases, qk_norm, rotary, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
-        self.mlp = DecoderMLP(cfg, fused, mlp_bias)
+        self.mlp = DecoderMLP(cfg, fused, biases[2])
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
         # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
@@ -193,12 +175,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         qkv_bias = bool(getattr(cfg, "attention_bias", self.default_qkv_bias))
-        # Llama's mlp_bias (HF LlamaMLP): gate, up and down all get a bias.
-        biases = (qkv_bias and self.o_proj_bias, bool(getattr(cfg, "mlp_bias", False)))
+        # (q/k/v, o_proj, MLP) biases; Llama's mlp_bias (HF LlamaMLP) puts one on gate, up and down.
+        biases = (qkv_bias, qkv_bias and self.o_proj_bias, bool(getattr(cfg, "mlp_bias", False)))
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions, fused)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, qkv_bias, self.qk_norm, rotary, fused, biases) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, biases, self.qk_norm, rotary, fused) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
