@@ -828,6 +828,13 @@ def bench_fp8gemm(args) -> None:
         sx = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
         return (x / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), sx
 
+    def scaled_mm(x8, sx, lin):
+        scale_b = lin.weight_scale[None, :]
+        return torch._scaled_mm(x8, lin.weight.t(), scale_a=sx, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+    def quantize_then_scaled_mm(x, lin):
+        return scaled_mm(*quantize_rows(x), lin)
+
     rows = []
     for role in ROLES:
         mods, w, n = role_weights(layers, role)
@@ -839,15 +846,8 @@ def bench_fp8gemm(args) -> None:
             variants = {
                 "bf16_cublas": [functools.partial(F.linear, x, wb) for wb in bf16],
                 "fp8_widened": [functools.partial(fp8_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
-                "fp8_scaled_mm": [
-                    functools.partial(torch._scaled_mm, x8, lin.weight.t(), scale_a=sx,
-                                      scale_b=lin.weight_scale[None, :], out_dtype=torch.bfloat16)
-                    for lin in lins
-                ],
-                "fp8_quant_scaled_mm": [
-                    (lambda lin=lin, x=x: torch._scaled_mm(*_pair(quantize_rows(x), lin), out_dtype=torch.bfloat16))
-                    for lin in lins
-                ],
+                "fp8_scaled_mm": [functools.partial(scaled_mm, x8, sx, lin) for lin in lins],
+                "fp8_quant_scaled_mm": [functools.partial(quantize_then_scaled_mm, x, lin) for lin in lins],
             }  # fmt: skip
             row = dict(role=role, rows=m)
             for name, calls in variants.items():
@@ -864,11 +864,6 @@ def bench_fp8gemm(args) -> None:
     llm.shutdown()
     print_table(f"{args.model} FP8 projections at 33+ rows (us per call, cycling through the layers' weights)", rows)
     write_result(f"gpu_profile_fp8gemm{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
-
-
-def _pair(quantized, lin):
-    x8, sx = quantized
-    return x8, lin.weight.t(), sx, lin.weight_scale[None, :]
 
 
 def profile_plan(args) -> None:

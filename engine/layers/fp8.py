@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.gemv import (
+    FP8_ROWS_CONFIGS,
     ROLES,
     _launch,
     _launch_rows,
@@ -39,18 +40,6 @@ FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 # Triton widens FP8 in hardware from sm89 (Ada, Hopper) on.
 MIN_CAPABILITY = (8, 9)
 QUANTIZED_ROLES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# Per row tile (gemv.rows_tile: 16, 32, 64, 128, 256), the two few-row kernel configurations (rows per program, K
-# step, warps, pipeline stages, K splits) start-up timing chooses between per projection; the first is the default.
-# From `gpu_profile.py fewrows --quantization fp8 --plain` over Qwen3-0.6B and Qwen3-8B (H200, docs/benchmarks.md):
-# over the eight projections the better of each pair is on average 0-11% (at worst 33%) slower than the fastest of
-# the 9-20 shapes swept, where the first alone is up to 1.63x slower (gate/up at 64+ rows).
-FP8_ROWS_CONFIGS = {
-    16: ((64, 256, 4, 2, 4), (64, 128, 4, 2, 8)),
-    32: ((64, 256, 4, 2, 4), (64, 256, 4, 3, 4)),
-    64: ((64, 128, 8, 2, 4), (64, 128, 4, 2, 2)),
-    128: ((64, 128, 8, 2, 4), (64, 64, 4, 3, 2)),
-    256: ((64, 128, 8, 3, 2), (64, 64, 4, 3, 2)),
-}
 # Steps of more rows widen the weight for cuBLAS: at 256 rows the Triton kernel was still 1.3-3.2x faster than that
 # (H200), but its accumulator holds a program's whole row tile, so 256 rows is as far as it goes.
 MAX_FP8_ROWS = max(FP8_ROWS_CONFIGS)

@@ -261,6 +261,18 @@ SWEEP_FP8_ROWS_CONFIGS = (
     (128, 256, 4, 2, 8), (64, 1024, 8, 1, 4), (32, 512, 4, 2, 8), (256, 256, 8, 2, 4), (128, 512, 8, 1, 8),
     (64, 512, 4, 2, 2), (128, 512, 8, 2, 2),
 )  # fmt: skip
+# FP8 weights (engine/layers/fp8.py): per row tile (rows_tile: 16, 32, 64, 128, 256), the two few-row configurations
+# start-up timing chooses between per projection (fp8.tune_fp8_rows); the first is the default.
+# From `gpu_profile.py fewrows --quantization fp8 --plain` over Qwen3-0.6B and Qwen3-8B (H200, docs/benchmarks.md):
+# over the eight projections the better of each pair is on average 0-11% (at worst 33%) slower than the fastest of
+# the 9-20 shapes swept, where the first alone is up to 1.63x slower (gate/up at 64+ rows).
+FP8_ROWS_CONFIGS = {
+    16: ((64, 256, 4, 2, 4), (64, 128, 4, 2, 8)),
+    32: ((64, 256, 4, 2, 4), (64, 256, 4, 3, 4)),
+    64: ((64, 128, 8, 2, 4), (64, 128, 4, 2, 2)),
+    128: ((64, 128, 8, 2, 4), (64, 64, 4, 3, 2)),
+    256: ((64, 128, 8, 3, 2), (64, 64, 4, 3, 2)),
+}
 # Shapes for tiles of 64-256 token rows (decode batches of the throughput and shared-prefix workloads, where cuBLAS
 # runs o and down at 0.7-1.0 TB/s), for `gpu_profile.py fewrows --few-rows 64 256`. Not used by the engine: on an
 # H100 every role was 1.26-10x slower than the unfused cuBLAS path at 64 and 256 rows (docs/benchmarks.md). The
@@ -611,11 +623,7 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
 
 def _rows_candidates(weight: torch.Tensor, tile: int) -> tuple[tuple[int, int, int, int, int], ...]:
     # FP8 weights: the tile's pair measured for FP8, which the unfused path (engine/layers/fp8.py) also chooses from.
-    if weight.element_size() == 1:
-        from engine.layers.fp8 import FP8_ROWS_CONFIGS
-
-        return FP8_ROWS_CONFIGS[tile]
-    return ROWS_CONFIGS
+    return FP8_ROWS_CONFIGS[tile] if weight.element_size() == 1 else ROWS_CONFIGS
 
 
 # Row counts each few-row tile is timed at before it is chosen: the tile's smallest and largest typical steps

@@ -67,9 +67,8 @@ def resident_programs(compiled) -> int | None:
     """How many programs of a launched Triton kernel (what `kernel[grid](...)` returns) one SM holds at once, as the
     CUDA driver's occupancy query answers for its registers, shared memory and threads; None where it cannot say."""
     try:
-        driver = ctypes.CDLL("libcuda.so.1")
         count = ctypes.c_int()
-        err = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        err = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
             ctypes.byref(count),
             ctypes.c_void_p(compiled.function),
             ctypes.c_int(compiled.metadata.num_warps * 32),
@@ -78,3 +77,9 @@ def resident_programs(compiled) -> int | None:
     except (OSError, AttributeError, TypeError):
         return None
     return count.value if err == 0 and count.value > 0 else None
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    # The driver library, opened once (an OSError here means no driver: resident_programs answers None).
+    return ctypes.CDLL("libcuda.so.1")
