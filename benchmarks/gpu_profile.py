@@ -10,7 +10,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py fewrows --few-rows 64 256    # the same kernel with wide row tiles (probe)
     python benchmarks/gpu_profile.py fewrows --model Qwen3-8B --quantization fp8 --few-rows 8 32   # FP8 weights
     python benchmarks/gpu_profile.py fewrows --quantization fp8 --plain --few-rows 8 64   # FP8 GEMMs alone
-    python benchmarks/gpu_profile.py fp8gemm --few-rows 64 256   # FP8 weights at 33+ rows: widened vs _scaled_mm
+    python benchmarks/gpu_profile.py fp8gemm --few-rows 64 256   # FP8 weights: weight-only vs FP8 activations
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -810,30 +810,33 @@ def bench_fewrows(args) -> None:
 
 
 def bench_fp8gemm(args) -> None:
-    """Each projection of a model at 33+ token rows with FP8 weights: the engine's path (the weight widened for
-    cuBLAS), cuBLASLt's FP8 GEMM (`torch._scaled_mm`, activations quantized per token with and without that
-    quantization's torch ops), and cuBLAS on the bf16 weights FP8 stands for, cycling through the layers' weights."""
+    """Each projection of a model with FP8 weights at the given token rows: the engine's weight-only path (the
+    Triton kernels with the start-up timing's tiles up to MAX_FP8_ROWS rows, else the weight widened for cuBLAS),
+    cuBLASLt's FP8 GEMM (`torch._scaled_mm`) on activations quantized beforehand, and with their quantization in
+    the call (the engine's Triton kernel, and torch ops), against cuBLAS on the bf16 weights FP8 stands for, each
+    cycling through the layers' weights in one CUDA graph."""
     import torch.nn.functional as F
 
     from engine import LLM
-    from engine.layers.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, fp8_linear
+    from engine.layers import fp8
+    from engine.layers.fp8 import dequantize_fp8, fp8_act_linear, fp8_linear, quantize_rows_torch
     from engine.layers.gemv import ROLES
     from engine.layers.linear import cycle_time_us
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True, quantization="fp8")
     layers = llm.runner.model.layers
-
-    def quantize_rows(x):
-        sx = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        return (x / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), sx
+    fp8.ACT_MIN_ROWS = 0  # fp8_linear's weight-only paths; fp8_act_linear is timed on its own
 
     def scaled_mm(x8, sx, lin):
         scale_b = lin.weight_scale[None, :]
         return torch._scaled_mm(x8, lin.weight.t(), scale_a=sx, scale_b=scale_b, out_dtype=torch.bfloat16)
 
-    def quantize_then_scaled_mm(x, lin):
-        return scaled_mm(*quantize_rows(x), lin)
+    def weight_only(x, lin):  # the Triton kernels up to MAX_FP8_ROWS rows, else the widened weight
+        return fp8_linear(x, lin.weight, lin.weight_scale, None, lin.fp8_configs)
+
+    def torch_quantize_then_scaled_mm(x, lin):
+        return scaled_mm(*quantize_rows_torch(x), lin)
 
     rows = []
     for role in ROLES:
@@ -842,12 +845,13 @@ def bench_fp8gemm(args) -> None:
         bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
         for m in args.few_rows:
             x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
-            x8, sx = quantize_rows(x)
+            x8, sx = quantize_rows_torch(x)
             variants = {
                 "bf16_cublas": [functools.partial(F.linear, x, wb) for wb in bf16],
-                "fp8_widened": [functools.partial(fp8_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
+                "fp8_weight_only": [functools.partial(weight_only, x, lin) for lin in lins],
                 "fp8_scaled_mm": [functools.partial(scaled_mm, x8, sx, lin) for lin in lins],
-                "fp8_quant_scaled_mm": [functools.partial(quantize_then_scaled_mm, x, lin) for lin in lins],
+                "fp8_act": [functools.partial(fp8_act_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
+                "fp8_torch_quant_scaled_mm": [functools.partial(torch_quantize_then_scaled_mm, x, lin) for lin in lins],
             }  # fmt: skip
             row = dict(role=role, rows=m)
             for name, calls in variants.items():
@@ -862,7 +866,7 @@ def bench_fp8gemm(args) -> None:
                     row[f"{name}_vs_bf16"] = row[f"{name}_us"] / base
             rows.append(row)
     llm.shutdown()
-    print_table(f"{args.model} FP8 projections at 33+ rows (us per call, cycling through the layers' weights)", rows)
+    print_table(f"{args.model} FP8 projections (us per call, cycling through the layers' weights)", rows)
     write_result(f"gpu_profile_fp8gemm{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
 
 

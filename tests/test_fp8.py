@@ -1,6 +1,6 @@
-"""FP8 weights (quantization="fp8", engine/layers/fp8.py) on the CPU: the quantizer's rounding, the widened-weight
-path, and the errors for where FP8 cannot run. The Triton kernels that read FP8 run on CUDA only
-(tests/gpu/test_gemv.py, tests/gpu/test_gpu_parity.py)."""
+"""FP8 weights (quantization="fp8", engine/layers/fp8.py) on the CPU: the quantizers' rounding, the widened-weight
+path, and the errors for where FP8 cannot run. The Triton kernels that read FP8, and cuBLASLt's FP8 GEMM for FP8
+activations, run on CUDA only (tests/gpu/test_gemv.py, tests/gpu/test_gpu_parity.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from helpers import load_fp8_weights_into_hf
 
 from engine import LLM, SamplingParams
+from engine.layers import fp8
 from engine.layers.fp8 import FP8_DTYPE, FP8_MAX, QUANTIZED_ROLES, dequantize_fp8, fp8_linear, quantize_fp8
 
 
@@ -27,6 +28,34 @@ def test_quantizer_scales_each_row_to_the_fp8_range_and_rounds_within_half_a_ste
     bound = 2.0**-4 * wb.abs() + 2.0**-10 * scale[:, None] * 1.0001
     assert ((back - wb).abs() <= bound).all()
     assert (back - wb).abs().max() > 0  # and it did round: FP8 is not the bf16 weight
+
+
+def test_activation_quantizer_scales_each_token_row_alone():
+    """quantize_rows_torch (what the GPU kernel must equal bit for bit): each row's largest magnitude maps to 448,
+    an all-zero row stays zero, and each row's values depend on that row only."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 200, generator=g) * torch.logspace(-3, 2, 6)[:, None]).to(torch.bfloat16)
+    x[2] = 0
+    x8, sx = fp8.quantize_rows_torch(x)
+    assert x8.dtype == FP8_DTYPE and sx.dtype == torch.float32 and sx.shape == (6, 1)
+    peaks = x8.float().abs().amax(1)
+    assert peaks[2] == 0 and torch.equal(peaks[[0, 1, 3, 4, 5]], torch.full((5,), FP8_MAX))
+    back, xf = x8.float() * sx, x.float()
+    assert ((back - xf).abs() <= 2.0**-4 * xf.abs() + 2.0**-10 * sx * 1.0001).all()
+    assert (back - xf).abs().max() > 0
+    alone8, alone_s = fp8.quantize_rows_torch(x[4:5])
+    assert torch.equal(alone8.view(torch.uint8), x8[4:5].view(torch.uint8)) and torch.equal(alone_s, sx[4:5])
+
+
+def test_fp8_activation_rows_setting_is_checked(monkeypatch):
+    """NANOVLLM_FP8_ACT_MIN_ROWS: 33 when unset, a whole number when set, anything else an error naming it."""
+    monkeypatch.delenv("NANOVLLM_FP8_ACT_MIN_ROWS", raising=False)
+    assert fp8.act_min_rows() == 33
+    monkeypatch.setenv("NANOVLLM_FP8_ACT_MIN_ROWS", "0")
+    assert fp8.act_min_rows() == 0
+    monkeypatch.setenv("NANOVLLM_FP8_ACT_MIN_ROWS", "many")
+    with pytest.raises(ValueError, match="NANOVLLM_FP8_ACT_MIN_ROWS='many'"):
+        fp8.act_min_rows()
 
 
 def test_widened_weight_path_equals_a_linear_on_the_dequantized_weight():

@@ -1,15 +1,18 @@
 """FP8 weights (`quantization="fp8"`): the decoder layers' projections stored as float8 e4m3 with one scale per
-output row, activations and everything else in the model dtype (weight-only quantization, as vLLM's FP8 Marlin
-kernels; its "fp8" on Hopper also quantizes the activations, for cuBLASLt / CUTLASS FP8 GEMMs).
+output row; everything else in the model dtype. Steps of up to 32 token rows keep the activations in the model
+dtype (weight-only, as vLLM's FP8 Marlin kernels); larger steps quantize them per token row too (W8A8, as vLLM's
+"fp8" on Hopper) for cuBLASLt's FP8 GEMM.
 
 Why: a decode step streams every weight once, so its time follows the weights' bytes; FP8 halves the projections'
-bytes. Steps of up to MAX_FP8_ROWS token rows run the engine's Triton GEMV and few-row kernels, which read the FP8
-weight, widen it in registers and apply the row scale after the sum (each projection's tile shape per row count
-chosen by timing at start-up, `tune_fp8_rows`); larger steps (prefill chunks) widen the weight to the model dtype
-and run cuBLAS, an extra pass over the weight. Measured on an H200 (docs/benchmarks.md): batch-1 decode of Qwen3-8B
-1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency, not bytes) 1.01x. At 33-256 rows the Triton kernel
-is 1.2-5.5x faster than widening but still slower than cuBLAS on bf16 weights, so FP8 suits one user or a few on a
-large model, bf16 a server of many.
+bytes. Steps of up to 32 rows run the engine's Triton GEMV and few-row kernels, which read the FP8 weight, widen it
+in registers and apply the row scale after the sum (each projection's tile shape per row count chosen by timing at
+start-up, `tune_fp8_rows`). From ACT_MIN_ROWS (33) rows on, one Triton kernel quantizes each activation row
+(`quantize_rows`) and `torch._scaled_mm` multiplies on the tensor cores at twice the bf16 rate, reading one byte
+per weight: at 64-256 rows the Triton kernels moved only ~1.5 TB/s, and widening the weight for cuBLAS (what bf16
+activations need past them) costs an extra pass. Measured on an H200 (docs/benchmarks.md): batch-1 decode of
+Qwen3-8B 1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency, not bytes) 1.01x; decode of 256 requests
+on Qwen3-8B 1.22x, where weight-only FP8 took 0.72x. Quantizing the activations costs accuracy about as much as
+quantizing the weights did (tests/gpu/test_gpu_parity.py); NANOVLLM_FP8_ACT_MIN_ROWS=0 keeps them in bf16.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine.config import env_whole_number
 from engine.layers.gemv import (
     FP8_ROWS_CONFIGS,
     ROLES,
@@ -43,6 +47,17 @@ QUANTIZED_ROLES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
 # Steps of more rows widen the weight for cuBLAS: at 256 rows the Triton kernel was still 1.3-3.2x faster than that
 # (H200), but its accumulator holds a program's whole row tile, so 256 rows is as far as it goes.
 MAX_FP8_ROWS = max(FP8_ROWS_CONFIGS)
+
+
+def act_min_rows() -> int:
+    """NANOVLLM_FP8_ACT_MIN_ROWS: steps of at least this many token rows quantize the activations per token too
+    and run cuBLASLt's FP8 GEMM (default 33; 0: never, such steps then take the Triton kernels or widen the
+    weight)."""
+    return env_whole_number("NANOVLLM_FP8_ACT_MIN_ROWS", 33, "token rows")
+
+
+# Read once at import: fp8_linear runs per projection of every eager step.
+ACT_MIN_ROWS = act_min_rows()
 
 
 def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -77,6 +92,67 @@ def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (w8.float() * scale[:, None]).to(dtype)
 
 
+@functools.cache
+def _build_quantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr):
+        # One program per token row, the whole row in registers (K <= BLOCK_K): its largest magnitude, then the row
+        # times its scale's reciprocal, rounded to nearest as torch's is, so the result equals quantize_rows_torch.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        inside = cols < K
+        v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / FP8_MAX), 1e-12)
+        tl.store(s_ptr + row, s)
+        q = tl.clamp(v * tl.math.div_rn(1.0, s), -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
+
+    return quantize_rows_kernel
+
+
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, sx): each row of x as float8 e4m3 and its fp32 scale [rows, 1], x ~ x8 * sx (the reference of
+    quantize_rows, and what HF reference models apply to their projections' inputs in tests)."""
+    xf = x.float()
+    # Multiplications by reciprocals, as the kernel does: torch divides by a Python number that way on CUDA, and a
+    # multiply rounds the same in both.
+    sx = (xf.abs().amax(dim=1, keepdim=True) * (1.0 / FP8_MAX)).clamp(min=1e-12)
+    return (xf * sx.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), sx
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_torch in one Triton kernel (the torch ops take five launches)."""
+    import triton
+
+    rows, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    x8 = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    sx = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    _build_quantize_kernel()[(rows,)](x, x8, sx, k, x.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX, num_warps=8)
+    return x8, sx
+
+
+def fp8_act_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """x @ (weight * scale)^T + bias with x quantized per token row to FP8 too (W8A8, as vLLM's "fp8" on Hopper):
+    cuBLASLt's FP8 GEMM reads one byte per weight and runs the tensor cores at twice the bf16 rate."""
+    x8, sx = quantize_rows(x)
+    # The weight is [out, in] row-major, so its transpose is the column-major operand cuBLASLt's FP8 GEMM needs.
+    y = torch._scaled_mm(x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=x.dtype)
+    return y if bias is None else y.add_(bias)
+
+
+def act_quant_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether fp8_act_linear can take x and weight: bf16 activations (cuBLASLt's row-scaled FP8 GEMM writes
+    bf16 only), dimensions divisible by 16, and a row within the quantizing kernel's registers."""
+    n, k = weight.shape
+    return x.is_cuda and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0 and k <= 16384
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -84,9 +160,12 @@ def fp8_linear(
     bias: torch.Tensor | None,
     configs: dict[int, tuple] | None = None,
 ) -> torch.Tensor:
-    """x @ (weight * scale)^T + bias for an FP8 weight: the Triton kernels up to MAX_FP8_ROWS token rows (with
-    configs[row tile] when given, as tune_fp8_rows chose), else cuBLAS on the weight widened to x's dtype."""
+    """x @ (weight * scale)^T + bias for an FP8 weight: with ACT_MIN_ROWS or more token rows, FP8 activations
+    through cuBLASLt (fp8_act_linear); else the Triton kernels up to MAX_FP8_ROWS token rows (with configs[row
+    tile] when given, as tune_fp8_rows chose), else cuBLAS on the weight widened to x's dtype."""
     rows, k = x.shape
+    if 0 < ACT_MIN_ROWS <= rows and act_quant_supported(x, weight):
+        return fp8_act_linear(x, weight, scale, bias)
     if x.is_cuda and rows <= MAX_FP8_ROWS:
         tile = 1 if rows == 1 else rows_tile(rows)
         cfg = (configs or {}).get(tile) or _default_config(weight.shape[0], k, tile)

@@ -146,6 +146,7 @@ def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residu
     from engine.layers import fp8
     from engine.layers.fp8 import FP8_DTYPE, FP8_ROWS_CONFIGS, MAX_FP8_ROWS, dequantize_fp8, fp8_linear, quantize_fp8
 
+    monkeypatch.setattr(fp8, "ACT_MIN_ROWS", 0)  # the weight-only paths; FP8 activations have their own test
     w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
     w8, scale = quantize_fp8(w)
     assert w8.dtype == FP8_DTYPE and w8.element_size() == 1
@@ -180,6 +181,38 @@ def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residu
             assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
     if not (norm or silu):  # the module's own forward takes the same kernels
         assert rel(fp8_linear(x, w8, scale, b), ref) < 1e-2
+
+
+@pytest.mark.parametrize("m", [2, 48, 300])
+@pytest.mark.parametrize("n,k,bias", [(4096, 1024, True), (1024, 3072, False), (4096, 12288, False)])
+def test_fp8_activations_match_their_quantized_product(n, k, bias, m, monkeypatch):
+    """FP8 activations (W8A8): quantize_rows gives torch's quantization bit for bit (rows of any scale, an all-zero
+    row, K not a power of two), fp8_act_linear the product of the quantized activations and the weight FP8 stands
+    for, and fp8_linear takes that path from ACT_MIN_ROWS rows on."""
+    from engine.layers import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    w8, scale = fp8.quantize_fp8(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
+    x = torch.randn(m, k, device="cuda", generator=g) * torch.logspace(-3, 2, m, device="cuda")[:, None]
+    x[0] = 0
+    x = x.bfloat16()
+    b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+    x8, sx = fp8.quantize_rows(x)
+    ref8, ref_sx = fp8.quantize_rows_torch(x)
+    assert torch.equal(sx, ref_sx) and torch.equal(x8.view(torch.uint8), ref8.view(torch.uint8))
+    deq = fp8.dequantize_fp8(w8, scale, torch.float32)
+    ref = (x8.float() * sx) @ deq.t() + (0 if b is None else b.float())
+    # Quantizing the activations changed the product: the unquantized activations' result is not the reference.
+    assert rel(x.float() @ deq.t() + (0 if b is None else b.float()), ref) > 1e-3
+    y = fp8.fp8_act_linear(x, w8, scale, b)
+    assert y.dtype == torch.bfloat16 and rel(y, ref) < 1e-2, f"relative error {rel(y, ref):.2e}"
+    calls = []
+    monkeypatch.setattr(fp8, "fp8_act_linear", lambda *a: calls.append(a) or y)
+    for threshold, taken in ((m, True), (m + 1, False), (0, False)):
+        monkeypatch.setattr(fp8, "ACT_MIN_ROWS", threshold)
+        calls.clear()
+        fp8.fp8_linear(x, w8, scale, b)
+        assert bool(calls) == taken, f"ACT_MIN_ROWS={threshold}, {m} rows"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
