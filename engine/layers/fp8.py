@@ -146,11 +146,11 @@ def fp8_act_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
     return y if bias is None else y.add_(bias)
 
 
-def act_quant_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether fp8_act_linear can take x and weight: bf16 activations (cuBLASLt's row-scaled FP8 GEMM writes
-    bf16 only), dimensions divisible by 16, and a row within the quantizing kernel's registers."""
+def act_quant_supported(act_dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Whether fp8_act_linear can take activations of act_dtype and this CUDA weight: bf16 (cuBLASLt's row-scaled
+    FP8 GEMM writes bf16 only), dimensions divisible by 16, and a row within the quantizing kernel's registers."""
     n, k = weight.shape
-    return x.is_cuda and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0 and k <= 16384
+    return act_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0 and k <= 16384
 
 
 def fp8_linear(
@@ -164,7 +164,7 @@ def fp8_linear(
     through cuBLASLt (fp8_act_linear); else the Triton kernels up to MAX_FP8_ROWS token rows (with configs[row
     tile] when given, as tune_fp8_rows chose), else cuBLAS on the weight widened to x's dtype."""
     rows, k = x.shape
-    if 0 < ACT_MIN_ROWS <= rows and act_quant_supported(x, weight):
+    if 0 < ACT_MIN_ROWS <= rows and x.is_cuda and act_quant_supported(x.dtype, weight):
         return fp8_act_linear(x, weight, scale, bias)
     if x.is_cuda and rows <= MAX_FP8_ROWS:
         tile = 1 if rows == 1 else rows_tile(rows)
@@ -191,7 +191,8 @@ def _default_config(n: int, k: int, tile: int) -> tuple | None:
 @torch.inference_mode()
 def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
     """Per FP8 projection role and row tile, the faster of FP8_ROWS_CONFIGS' pair, timed over the layers' own
-    weights (up to stream_bytes of them); each layer's Linear keeps its role's choice (`fp8_configs`)."""
+    weights (up to stream_bytes of them); each layer's Linear keeps its role's choice (`fp8_configs`). Row tiles
+    whose every step takes FP8 activations (fp8_linear, from ACT_MIN_ROWS rows) are left out."""
     start = time.perf_counter()
     plans: dict[str, dict[int, tuple]] = {}
     notes = []
@@ -202,7 +203,11 @@ def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
             continue
         mods = [(None, lin, None) for lin in linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]]
         plan = plans[role] = {}
+        act_from = ACT_MIN_ROWS if ACT_MIN_ROWS and act_quant_supported(linears[0].act_dtype, w0) else None
         for tile, pair in FP8_ROWS_CONFIGS.items():
+            first_row = 2 if tile == min(FP8_ROWS_CONFIGS) else tile // 2 + 1  # rows_tile's smallest row for it
+            if act_from is not None and act_from <= first_row:
+                continue
             fits = rows_configs_for(w0.shape[0], w0.shape[1], pair)
             if len(fits) == 1:
                 plan[tile] = fits[0]
