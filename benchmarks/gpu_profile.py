@@ -11,6 +11,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py fewrows --model Qwen3-8B --quantization fp8 --few-rows 8 32   # FP8 weights
     python benchmarks/gpu_profile.py fewrows --quantization fp8 --plain --few-rows 8 64   # FP8 GEMMs alone
     python benchmarks/gpu_profile.py fp8gemm --few-rows 64 256   # FP8 weights: weight-only vs FP8 activations
+    python benchmarks/gpu_profile.py fp8layer --few-rows 64 4096   # FP8 activations: quantized in the norms or not
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -809,6 +810,68 @@ def bench_fewrows(args) -> None:
     write_result(name, {"model": args.model, "plain": args.plain, "rows": rows}, OUT)
 
 
+def bench_fp8layer(args) -> None:
+    """A decoder layer's four projections with the add + norms before qkv and gate/up and the SwiGLU before down
+    (no attention: its output is a fixed input of o) at the given token rows: FP8 activations quantized inside the
+    norm and SwiGLU kernels (the engine's path) or in kernels of their own, against the bf16 weights FP8 stands
+    for with FlashInfer's norms and SwiGLU, cycling through as many layers as stream past the L2 in one CUDA
+    graph."""
+    import flashinfer
+    import torch.nn.functional as F
+
+    from engine import LLM
+    from engine.layers import fp8
+    from engine.layers.linear import TUNE_STREAM_BYTES, cycle_time_us
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True, quantization="fp8")
+    layers = llm.runner.model.layers
+    fp8.ACT_MIN_ROWS = 1  # every row count here takes FP8 activations, as the engine's steps of 33+ rows do
+    roles = [(lay.self_attn.qkv_proj, lay.self_attn.o_proj, lay.mlp.gate_up_proj, lay.mlp.down_proj) for lay in layers]
+    layer_bytes = sum(lin.weight.nbytes for lin in roles[0])
+    count = min(len(layers), -(-TUNE_STREAM_BYTES // layer_bytes))
+    bf16 = [[fp8.dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in r] for r in roles[:count]]
+
+    def fused(layer, x, residual, attn_out):
+        qkv, residual = fp8.norm_fp8_linear(x, residual, layer.input_layernorm, layer.self_attn.qkv_proj)
+        h = layer.self_attn.o_proj(attn_out)
+        gate_up, residual = fp8.norm_fp8_linear(h, residual, layer.post_attention_layernorm, layer.mlp.gate_up_proj)
+        return qkv, fp8.silu_fp8_linear(gate_up, layer.mlp.down_proj)
+
+    def unfused(layer, x, residual, attn_out):  # the same Linear modules: quantize_rows before each GEMM
+        x, residual = layer.input_layernorm(x, residual)
+        qkv = layer.self_attn.qkv_proj(x)
+        h, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual)
+        return qkv, layer.mlp.down_proj(flashinfer.silu_and_mul(layer.mlp.gate_up_proj(h)))
+
+    def bf16_weights(layer, weights, x, residual, attn_out):
+        w_qkv, w_o, w_gate_up, w_down = weights
+        x, residual = layer.input_layernorm(x, residual)
+        qkv = F.linear(x, w_qkv)
+        h, residual = layer.post_attention_layernorm(F.linear(attn_out, w_o), residual)
+        return qkv, F.linear(flashinfer.silu_and_mul(F.linear(h, w_gate_up)), w_down)
+
+    hidden, attn_width = roles[0][0].weight.shape[1], roles[0][1].weight.shape[1]
+    rows = []
+    for m in args.few_rows:
+        x, residual = (torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        attn_out = torch.randn(m, attn_width, device="cuda", dtype=torch.bfloat16)
+        variants = {
+            "fp8_fused": [functools.partial(fused, lay, x, residual, attn_out) for lay in layers[:count]],
+            "fp8_unfused": [functools.partial(unfused, lay, x, residual, attn_out) for lay in layers[:count]],
+            "bf16": [functools.partial(bf16_weights, lay, w, x, residual, attn_out) for lay, w in zip(layers, bf16)],
+        }
+        row = dict(rows=m, layers_cycled=count)
+        for name, calls in variants.items():
+            row[f"{name}_us"] = cycle_time_us(calls)
+        row["fused_vs_unfused"] = row["fp8_fused_us"] / row["fp8_unfused_us"]
+        row["fused_vs_bf16"] = row["fp8_fused_us"] / row["bf16_us"]
+        rows.append(row)
+    llm.shutdown()
+    print_table(f"{args.model} one layer's projections, norms and SwiGLU (us per layer, no attention)", rows)
+    write_result(f"gpu_profile_fp8layer{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
+
+
 def bench_fp8gemm(args) -> None:
     """Each projection of a model with FP8 weights at the given token rows: the engine's weight-only path (the
     Triton kernels with the start-up timing's tiles up to MAX_FP8_ROWS rows, else the weight widened for cuBLAS),
@@ -1378,6 +1441,7 @@ def main() -> None:
             "rowgemv",
             "fewrows",
             "fp8gemm",
+            "fp8layer",
             "overlap",
             "prefill",
             "start",
@@ -1436,7 +1500,7 @@ def main() -> None:
         args.batches = [64, 128, 256] if args.which == "decodeattn" else [1]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(fewrows=bench_fewrows, fp8gemm=bench_fp8gemm, plan=profile_plan, stepab=profile_stepab)
-    which.update(prefillsplit=bench_prefill_split)
+    which.update(prefillsplit=bench_prefill_split, fp8layer=bench_fp8layer)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend, holistic=bench_holistic)

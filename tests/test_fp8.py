@@ -47,6 +47,50 @@ def test_activation_quantizer_scales_each_token_row_alone():
     assert torch.equal(alone8.view(torch.uint8), x8[4:5].view(torch.uint8)) and torch.equal(alone_s, sx[4:5])
 
 
+def test_fused_quantizing_references_quantize_the_norm_and_swiglu_outputs():
+    """The references the fused GPU kernels are checked against (add_rmsnorm_quantize_torch, silu_mul_quantize_torch)
+    quantize what the engine's RMSNorm and SwiGLU modules compute, within one e4m3 step (their bf16 roundings
+    differ by one place at most), and return x + residual as the new residual."""
+    from engine.layers.activation import SiluAndMul
+    from engine.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 96, generator=g) * torch.logspace(-2, 2, 5)[:, None]).to(torch.bfloat16)
+    residual = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    norm = RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(96, generator=g))
+    norm = norm.to(torch.bfloat16)
+    x8, sx, res = fp8.add_rmsnorm_quantize_torch(x, residual, norm.weight, norm.eps)
+    want, want_res = norm(x, residual)
+    assert torch.equal(res, want_res) and res.dtype == torch.bfloat16
+    assert_within_a_step(x8.float() * sx, want.float(), sx)
+    x8, sx, res = fp8.add_rmsnorm_quantize_torch(x, None, norm.weight, norm.eps)
+    assert res is x
+    assert_within_a_step(x8.float() * sx, norm(x).float(), sx)
+    gate_up = torch.randn(5, 2 * 96, generator=g).to(torch.bfloat16) * 3
+    a8, sa = fp8.silu_mul_quantize_torch(gate_up)
+    assert a8.shape == (5, 96)
+    assert_within_a_step(a8.float() * sa, SiluAndMul()(gate_up).float(), sa)
+
+
+def assert_within_a_step(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> None:
+    """got is want quantized per row: within 2^-4 relative plus a bf16 rounding, or half the subnormal step."""
+    assert ((got - want).abs() <= (2.0**-4 + 2.0**-8) * want.abs() + 2.0**-10 * scale * 1.0001).all()
+    assert (got - want).abs().max() > 0
+
+
+def test_fused_quantize_setting_is_checked(monkeypatch):
+    """NANOVLLM_FP8_FUSED_QUANT: on when unset, "0" off, anything else an error naming the value and the choices."""
+    monkeypatch.delenv("NANOVLLM_FP8_FUSED_QUANT", raising=False)
+    assert fp8.fused_quantize() is True
+    monkeypatch.setenv("NANOVLLM_FP8_FUSED_QUANT", "0")
+    assert fp8.fused_quantize() is False
+    monkeypatch.setenv("NANOVLLM_FP8_FUSED_QUANT", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_FP8_FUSED_QUANT='yes' is not one of '0', '1'"):
+        fp8.fused_quantize()
+
+
 def test_fp8_activation_rows_setting_is_checked(monkeypatch):
     """NANOVLLM_FP8_ACT_MIN_ROWS: 33 when unset, a whole number when set, anything else an error naming it."""
     monkeypatch.delenv("NANOVLLM_FP8_ACT_MIN_ROWS", raising=False)

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.config import env_whole_number
+from engine.config import env_choice, env_whole_number
 from engine.layers.gemv import (
     FP8_ROWS_CONFIGS,
     ROLES,
@@ -60,6 +60,15 @@ def act_min_rows() -> int:
 ACT_MIN_ROWS = act_min_rows()
 
 
+def fused_quantize() -> bool:
+    """NANOVLLM_FP8_FUSED_QUANT: "1" (default) quantizes the FP8 activations of the qkv, gate/up and down
+    projections inside the add + RMSNorm and SwiGLU kernels before them; "0" in kernels of their own (A/B runs)."""
+    return env_choice("NANOVLLM_FP8_FUSED_QUANT", "1", ("0", "1")) == "1"
+
+
+FUSED_QUANTIZE = fused_quantize()
+
+
 def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why quantization="fp8" cannot run on this device and dtype, or None when it can."""
     from engine.layers.kernels import triton_available
@@ -92,25 +101,58 @@ def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (w8.float() * scale[:, None]).to(dtype)
 
 
+def _row_warps(block: int) -> int:
+    # One program holds a whole row: 8-32 fp32 values per thread keep it in registers without spilling (a fixed 8
+    # warps left 64 per thread at Qwen3-8B's 12,288-wide down rows, where the kernel moved ~1.1 TB/s).
+    return min(16, max(4, block // 512))
+
+
+# What the quantizing kernel computes before it quantizes a row (its MODE).
+PLAIN, ADD_RMSNORM, SILU_MUL = 0, 1, 2
+
+
 @functools.cache
 def _build_quantize_kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr):
-        # One program per token row, the whole row in registers (K <= BLOCK_K): its largest magnitude, then the row
-        # times its scale's reciprocal, rounded to nearest as torch's is, so the result equals quantize_rows_torch.
+    def quantize_kernel(
+        x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_r, eps,
+        MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
+    ):  # fmt: skip
+        # One program per token row, the whole row in registers (K <= BLOCK_K).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_K)
         inside = cols < K
-        v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / FP8_MAX), 1e-12)
+        v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0)
+        if MODE == 1:
+            # x + residual, stored as the new residual in the model dtype; RMSNorm of that sum in fp32, rounded
+            # once to the model dtype (as FlashInfer's fused_add_rmsnorm writes it).
+            if HAS_RESIDUAL:
+                r_at = r_ptr + row * stride_r + cols
+                v = (v.to(tl.float32) + tl.load(r_at, mask=inside, other=0.0).to(tl.float32)).to(v.dtype)
+                tl.store(r_at, v, mask=inside)
+            y = v.to(tl.float32)
+            inv_rms = tl.math.rsqrt(tl.sum(y * y, axis=0) / K + eps)
+            w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            y = (y * inv_rms * w).to(v.dtype).to(tl.float32)
+        elif MODE == 2:
+            # silu(gate) * up in fp32 over a packed [gate | up] row, rounded once to the model dtype (as
+            # FlashInfer's silu_and_mul writes it).
+            gate = v.to(tl.float32)
+            up = tl.load(x_ptr + row * stride_x + K + cols, mask=inside, other=0.0).to(tl.float32)
+            y = (gate / (1.0 + tl.exp(-gate)) * up).to(v.dtype).to(tl.float32)
+        else:
+            y = v.to(tl.float32)
+        # The row's largest magnitude, then the row times its scale's reciprocal, rounded to nearest as torch's is,
+        # so the result equals quantize_rows_torch of y.
+        s = tl.maximum(tl.max(tl.abs(y), axis=0) * (1.0 / FP8_MAX), 1e-12)
         tl.store(s_ptr + row, s)
-        q = tl.clamp(v * tl.math.div_rn(1.0, s), -FP8_MAX, FP8_MAX)
+        q = tl.clamp(y * tl.math.div_rn(1.0, s), -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
 
-    return quantize_rows_kernel
+    return quantize_kernel
 
 
 def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,27 +165,85 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf * sx.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), sx
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows_torch in one Triton kernel (the torch ops take five launches)."""
+def _quantize(mode: int, x: torch.Tensor, k: int, residual=None, weight=None, eps: float = 0.0):
     import triton
 
-    rows, k = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    block = triton.next_power_of_2(k)
+    rows = x.shape[0]
     x8 = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
     sx = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
-    _build_quantize_kernel()[(rows,)](x, x8, sx, k, x.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX, num_warps=8)
+    r = x if residual is None else residual
+    _build_quantize_kernel()[(rows,)](
+        x, r, x if weight is None else weight, x8, sx, k, x.stride(0), r.stride(0), eps,
+        MODE=mode, HAS_RESIDUAL=residual is not None, BLOCK_K=block, FP8_MAX=FP8_MAX, num_warps=_row_warps(block),
+    )  # fmt: skip
     return x8, sx
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_torch in one Triton kernel (the torch ops take five launches)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _quantize(PLAIN, x, x.shape[1])
+
+
+def add_rmsnorm_quantize(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x8, sx, residual): RMSNorm(x + residual) quantized per token row in one kernel, the sum written into
+    residual in place (with no residual, x itself is the residual): the norm before qkv and gate/up projections."""
+    x8, sx = _quantize(ADD_RMSNORM, x, x.shape[1], residual, weight, eps)
+    return x8, sx, x if residual is None else residual
+
+
+def add_rmsnorm_quantize_torch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference of add_rmsnorm_quantize in torch ops (returns a new residual, changes nothing in place)."""
+    r = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    v = r.float()
+    y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return *quantize_rows_torch(y), r
+
+
+def silu_mul_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a8, sa): silu(gate) * up of a packed [rows, 2 * K] gate/up output, quantized per token row in one kernel:
+    the SwiGLU before the down projection."""
+    return _quantize(SILU_MUL, x, x.shape[1] // 2)
+
+
+def silu_mul_quantize_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of silu_mul_quantize in torch ops."""
+    gate, up = x.float().chunk(2, -1)
+    return quantize_rows_torch((F.silu(gate) * up).to(x.dtype))
+
+
+def fp8_scaled_mm(x8, sx, weight, scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """(x8 * sx) @ (weight * scale)^T + bias for activations quantized per token row and an FP8 weight with row
+    scales, on cuBLASLt's FP8 GEMM (`torch._scaled_mm`), written in out_dtype (bf16)."""
+    # The weight is [out, in] row-major, so its transpose is the column-major operand cuBLASLt's FP8 GEMM needs.
+    y = torch._scaled_mm(x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)
 
 
 def fp8_act_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """x @ (weight * scale)^T + bias with x quantized per token row to FP8 too (W8A8, as vLLM's "fp8" on Hopper):
     cuBLASLt's FP8 GEMM reads one byte per weight and runs the tensor cores at twice the bf16 rate."""
-    x8, sx = quantize_rows(x)
-    # The weight is [out, in] row-major, so its transpose is the column-major operand cuBLASLt's FP8 GEMM needs.
-    y = torch._scaled_mm(x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=x.dtype)
-    return y if bias is None else y.add_(bias)
+    return fp8_scaled_mm(*quantize_rows(x), weight, scale, bias, x.dtype)
+
+
+def norm_fp8_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(x + residual)), x + residual) with FP8 activations, the add, norm and quantization in one
+    kernel (add_rmsnorm_quantize): a launch and a pass over the normed activations fewer than norm then
+    fp8_act_linear."""
+    x8, sx, residual = add_rmsnorm_quantize(x, residual, norm.weight, norm.eps)
+    return fp8_scaled_mm(x8, sx, linear.weight, linear.weight_scale, linear.bias, x.dtype), residual
+
+
+def silu_fp8_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
+    """linear(silu(gate) * up) with FP8 activations, the SwiGLU and quantization in one kernel."""
+    a8, sa = silu_mul_quantize(gate_up)
+    return fp8_scaled_mm(a8, sa, linear.weight, linear.weight_scale, linear.bias, gate_up.dtype)
 
 
 def act_quant_supported(act_dtype: torch.dtype, weight: torch.Tensor) -> bool:
@@ -238,6 +338,9 @@ def quantize_model_fp8(model: torch.nn.Module) -> int:
             linear.act_dtype = linear.weight.dtype  # the activations' dtype: the start-up timings use it
             linear.weight = torch.nn.Parameter(w8, requires_grad=False)
             linear.weight_scale = scale
+        # The fused add + norm and SwiGLU kernels hold a whole row (the qkv and down projections' inputs).
+        roles = [layer.get_submodule(path) for path in QUANTIZED_ROLES]
+        layer.fp8_fusable = all(act_quant_supported(lin.act_dtype, lin.weight) for lin in roles)
     torch.cuda.empty_cache()
     logger.info("FP8 weights: the decoder layers' projections take %.2f GiB less", freed / 2**30)
     return freed

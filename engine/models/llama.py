@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.attention.base import AttentionBackend
+from engine.layers import fp8
 from engine.layers.activation import SiluAndMul
 from engine.layers.gemv import MAX_ROWS, gemv_max_rows, linear_row, norm_linear_row, rows_tile, tune_gemv, tune_rows
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
@@ -87,6 +88,9 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual is carried separately so norms can fuse the add."""
 
+    # FP8 weights whose activations the add + norm and SwiGLU kernels can quantize (fp8.quantize_model_fp8).
+    fp8_fusable = False
+
     def __init__(self, cfg, layer_id: int, biases: tuple, qk_norm: bool, rotary: RotaryEmbedding, fused: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
@@ -105,6 +109,8 @@ class DecoderLayer(nn.Module):
         plan = self.gemv_plan if rows == 1 else self.rows_plan.get(rows_tile(rows)) if rows <= self.rows_max else None
         if plan:
             return self.forward_row(x, residual, ctx, plan)
+        if self.fp8_fusable and fp8.FUSED_QUANTIZE and 0 < fp8.ACT_MIN_ROWS <= rows and x.is_cuda:
+            return self.forward_fp8(x, residual, ctx)
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -113,6 +119,15 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(x, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def forward_fp8(self, x, residual, ctx: ForwardContext):
+        """The block with FP8 activations (steps of fp8.ACT_MIN_ROWS+ token rows): the add + norm before the qkv
+        and gate/up projections and the SwiGLU before down quantize their outputs in the same kernel."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = fp8.norm_fp8_linear(x, residual, self.input_layernorm, attn.qkv_proj)
+        x = attn.o_proj(attn.attend(qkv, ctx))
+        gate_up, residual = fp8.norm_fp8_linear(x, residual, self.post_attention_layernorm, mlp.gate_up_proj)
+        return fp8.silu_fp8_linear(gate_up, mlp.down_proj), residual
 
     def forward_row(self, x, residual, ctx: ForwardContext, plan: dict | None = None):
         """The block for one token (batch-1 decode) or a few (plan from rows_plan): the projections the plan names

@@ -215,6 +215,47 @@ def test_fp8_activations_match_their_quantized_product(n, k, bias, m, monkeypatc
         assert bool(calls) == taken, f"ACT_MIN_ROWS={threshold}, {m} rows"
 
 
+def assert_same_quantization(got, ref, what: str) -> None:
+    """Two per-row FP8 quantizations of nearly the same values: the same codes but where the unquantized values
+    differed by a rounding (at most 0.1% of them), and those one e4m3 step apart at most."""
+    (q, s), (rq, rs) = got, ref
+    assert torch.allclose(s, rs, rtol=1e-2, atol=0), f"{what}: scales differ by {((s - rs) / rs).abs().max():.2e}"
+    differ = (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean().item()
+    assert differ <= 1e-3, f"{what}: {differ:.2%} of the FP8 codes differ"
+    a, b = q.float() * s, rq.float() * rs
+    # One e4m3 step: 2^-3 of the value for normal values, 2^-9 of the row scale below them.
+    assert ((a - b).abs() <= 2.0**-3 * b.abs() + 2.0**-9 * rs * 1.01).all(), f"{what}: a code more than one step off"
+
+
+@pytest.mark.parametrize("m", [1, 64, 300])
+@pytest.mark.parametrize("k", [1024, 4096, 3072, 1040, 12288])
+def test_fused_fp8_quantizing_kernels_match_torch(k, m):
+    """The add + RMSNorm + quantize kernel (before qkv and gate/up) and the SwiGLU + quantize kernel (before down)
+    against the same computation in torch: the new residual bit for bit, the FP8 codes and row scales up to the
+    rounding of the normed or activated value; rows of very different scales, an all-zero row, K not a power of
+    two."""
+    from engine.layers import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    scales = torch.logspace(-3, 2, m, device="cuda")[:, None]
+    x = (torch.randn(m, k, device="cuda", generator=g) * scales).bfloat16()
+    residual = (torch.randn(m, k, device="cuda", generator=g) * scales).bfloat16()
+    residual[0], x[0] = 0, 0
+    weight = (1 + 0.5 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+    *ref, ref_res = fp8.add_rmsnorm_quantize_torch(x, residual, weight, 1e-6)
+    *got, res = fp8.add_rmsnorm_quantize(x, residual, weight, 1e-6)
+    assert res is residual and torch.equal(res, ref_res), "the new residual differs from x + residual"
+    assert_same_quantization(got, ref, "add + RMSNorm")
+    # The first layer has no residual yet: x is the residual, and stays as it was.
+    x_before = x.clone()
+    *got, res = fp8.add_rmsnorm_quantize(x, None, weight, 1e-6)
+    assert res is x and torch.equal(x, x_before)
+    assert_same_quantization(got, fp8.add_rmsnorm_quantize_torch(x, None, weight, 1e-6)[:2], "RMSNorm")
+    # SwiGLU: gate and up side by side, as the packed gate/up projection writes them.
+    gate_up = torch.cat([x * 4, torch.randn(m, k, device="cuda", generator=g).bfloat16()], dim=1)
+    assert_same_quantization(fp8.silu_mul_quantize(gate_up), fp8.silu_mul_quantize_torch(gate_up), "SwiGLU")
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of a against b."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -540,10 +540,12 @@ def test_fp8_weights_match_hf_on_their_dequantized_weights(model_dir, monkeypatc
     assert worst_fp8 < worst_plain, f"FP8 run is not closer to its own weights ({worst_fp8:.3e} vs {worst_plain:.3e})"
 
 
-def test_fp8_activations_stay_near_hf_on_the_fp8_weights(model_dir, monkeypatch):
-    """quantization="fp8" with FP8 activations in every step of 2+ token rows (ACT_MIN_ROWS=2, few-row kernels off):
-    prefill, 5-request decode after a prefix hit, long prompts and a 40-request batch stay within what quantizing
-    each projection's input per token costs, against HF on the weights the FP8 ones stand for.
+@pytest.mark.parametrize("fused", [1, 0])
+def test_fp8_activations_stay_near_hf_on_the_fp8_weights(model_dir, fused, monkeypatch):
+    """quantization="fp8" with FP8 activations in every step of 2+ token rows (ACT_MIN_ROWS=2, few-row kernels off),
+    quantized inside the norm and SwiGLU kernels (fused=1) or in kernels of their own (fused=0): prefill, 5-request
+    decode after a prefix hit, long prompts and a 40-request batch stay within what quantizing each projection's
+    input per token costs, against HF on the weights the FP8 ones stand for.
 
     HF with its inputs quantized the same way is no closer a reference: the engine's bf16 activations differ from
     HF's fp32 ones by rounding, which moves values across e4m3 rounding boundaries about as often as quantizing
@@ -552,10 +554,12 @@ def test_fp8_activations_stay_near_hf_on_the_fp8_weights(model_dir, monkeypatch)
     from engine.layers import fp8
 
     monkeypatch.setattr(fp8, "ACT_MIN_ROWS", 2)
+    monkeypatch.setattr(fp8, "FUSED_QUANTIZE", bool(fused))
     monkeypatch.setenv("NANOVLLM_GEMV_MAX_ROWS", "1")
-    rows_seen = []
-    act_linear = fp8.fp8_act_linear
-    monkeypatch.setattr(fp8, "fp8_act_linear", lambda x, *a: rows_seen.append(x.shape[0]) or act_linear(x, *a))
+    rows_seen, fused_rows = [], []
+    scaled_mm, fused_norm = fp8.fp8_scaled_mm, fp8.add_rmsnorm_quantize
+    monkeypatch.setattr(fp8, "fp8_scaled_mm", lambda x8, *a: rows_seen.append(x8.shape[0]) or scaled_mm(x8, *a))
+    monkeypatch.setattr(fp8, "add_rmsnorm_quantize", lambda x, *a: fused_rows.append(x.shape[0]) or fused_norm(x, *a))
     folder, hf = model_dir
     llm = LLM(folder, quantization="fp8", num_kvcache_blocks=2048, max_model_len=1024, max_num_seqs=48, block_size=16)
     try:
@@ -571,11 +575,13 @@ def test_fp8_activations_stay_near_hf_on_the_fp8_weights(model_dir, monkeypatch)
         for batch in batches:
             outs, rows = engine_logits(llm, batch, GREEDY)
             worst = check_against_hf(hf, batch, outs, rows, ref_model=ref, tol=FP8_ACT_TOL)
-            print(f"FP8 activations, {len(batch)} prompts: worst relative error {worst:.3e}")
+            print(f"FP8 activations (fused={fused}), {len(batch)} prompts: worst relative error {worst:.3e}")
     finally:
         llm.shutdown()
-    # Graphs call it when captured, eager steps each time; the 1-row graphs and steps never do.
+    # Graphs call it when captured, eager steps each time; the 1-row graphs and steps never do. The norms before
+    # qkv and gate/up quantize in their own kernel (fp8.FUSED_QUANTIZE, on by default).
     assert rows_seen and min(rows_seen) >= 2, sorted(set(rows_seen))
+    assert (fused_rows and min(fused_rows) >= 2) if fused else not fused_rows, sorted(set(fused_rows))
 
 
 def test_biased_projections_through_every_kernel_match_hf(tmp_path, monkeypatch):
