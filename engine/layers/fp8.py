@@ -6,13 +6,17 @@ dtype (weight-only, as vLLM's FP8 Marlin kernels); larger steps quantize them pe
 Why: a decode step streams every weight once, so its time follows the weights' bytes; FP8 halves the projections'
 bytes. Steps of up to 32 rows run the engine's Triton GEMV and few-row kernels, which read the FP8 weight, widen it
 in registers and apply the row scale after the sum (each projection's tile shape per row count chosen by timing at
-start-up, `tune_fp8_rows`). From ACT_MIN_ROWS (33) rows on, one Triton kernel quantizes each activation row
-(`quantize_rows`) and `torch._scaled_mm` multiplies on the tensor cores at twice the bf16 rate, reading one byte
-per weight: at 64-256 rows the Triton kernels moved only ~1.5 TB/s, and widening the weight for cuBLAS (what bf16
-activations need past them) costs an extra pass. Measured on an H200 (docs/benchmarks.md): batch-1 decode of
-Qwen3-8B 1.41x faster than bf16, of Qwen3-0.6B (bound by kernel latency, not bytes) 1.01x; decode of 256 requests
-on Qwen3-8B 1.22x, where weight-only FP8 took 0.72x. Quantizing the activations costs accuracy about as much as
-quantizing the weights did (tests/gpu/test_gpu_parity.py); NANOVLLM_FP8_ACT_MIN_ROWS=0 keeps them in bf16.
+start-up, `tune_fp8_rows`). From ACT_MIN_ROWS (33) rows on, a Triton kernel quantizes each activation row and
+`torch._scaled_mm` multiplies on the tensor cores at twice the bf16 rate, reading one byte per weight: at 64-256
+rows the Triton kernels moved only ~1.5 TB/s, and widening the weight for cuBLAS (what bf16 activations need past
+them) costs an extra pass. The decoder layer quantizes inside the add + RMSNorm before qkv and gate/up and the
+SwiGLU before down (`norm_fp8_linear`, `silu_fp8_linear`): a launch and a bf16 pass fewer per projection, 2-10%
+faster decode at 64-256 requests (H200); only o's input gets a kernel of its own (`quantize_rows`).
+
+Measured on an H200 (docs/benchmarks.md): batch-1 decode of Qwen3-8B 1.41x faster than bf16, of Qwen3-0.6B (bound
+by kernel latency, not bytes) 1.01x; decode of 256 requests on Qwen3-8B 1.26x, where weight-only FP8 took 0.72x.
+Quantizing the activations costs accuracy about as much as quantizing the weights did
+(tests/gpu/test_gpu_parity.py); NANOVLLM_FP8_ACT_MIN_ROWS=0 keeps them in bf16.
 """
 
 from __future__ import annotations
