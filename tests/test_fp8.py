@@ -91,6 +91,17 @@ def test_fused_quantize_setting_is_checked(monkeypatch):
         fp8.fused_quantize()
 
 
+def test_fast_accumulation_setting_is_checked(monkeypatch):
+    """NANOVLLM_FP8_FAST_ACCUM: off when unset, "1" on, anything else an error naming the value and the choices."""
+    monkeypatch.delenv("NANOVLLM_FP8_FAST_ACCUM", raising=False)
+    assert fp8.fast_accumulation() is False
+    monkeypatch.setenv("NANOVLLM_FP8_FAST_ACCUM", "1")
+    assert fp8.fast_accumulation() is True
+    monkeypatch.setenv("NANOVLLM_FP8_FAST_ACCUM", "on")
+    with pytest.raises(ValueError, match="NANOVLLM_FP8_FAST_ACCUM='on' is not one of '0', '1'"):
+        fp8.fast_accumulation()
+
+
 def test_fp8_activation_rows_setting_is_checked(monkeypatch):
     """NANOVLLM_FP8_ACT_MIN_ROWS: 33 when unset, a whole number when set, anything else an error naming it."""
     monkeypatch.delenv("NANOVLLM_FP8_ACT_MIN_ROWS", raising=False)

@@ -73,6 +73,17 @@ def fused_quantize() -> bool:
 FUSED_QUANTIZE = fused_quantize()
 
 
+def fast_accumulation() -> bool:
+    """NANOVLLM_FP8_FAST_ACCUM: "1" lets the FP8 GEMM accumulate in the tensor cores' own precision without
+    promoting partial sums to fp32 (`use_fast_accum`, as vLLM's CUTLASS FP8 kernels do); "0" (default) promotes
+    them. Measured on an H200: 8-10% off a layer's projections at 1,024-4,096 rows, +3.4% Qwen3-8B decode at 256
+    requests, the same parity against HF; off by default until the GEMM-level test has run with it."""
+    return env_choice("NANOVLLM_FP8_FAST_ACCUM", "0", ("0", "1")) == "1"
+
+
+FAST_ACCUM = fast_accumulation()
+
+
 def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why quantization="fp8" cannot run on this device and dtype, or None when it can."""
     from engine.layers.kernels import triton_available
@@ -226,7 +237,9 @@ def fp8_scaled_mm(x8, sx, weight, scale, bias, out_dtype: torch.dtype) -> torch.
     """(x8 * sx) @ (weight * scale)^T + bias for activations quantized per token row and an FP8 weight with row
     scales, on cuBLASLt's FP8 GEMM (`torch._scaled_mm`), written in out_dtype (bf16)."""
     # The weight is [out, in] row-major, so its transpose is the column-major operand cuBLASLt's FP8 GEMM needs.
-    y = torch._scaled_mm(x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=out_dtype)
+    y = torch._scaled_mm(
+        x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=out_dtype, use_fast_accum=FAST_ACCUM
+    )
     return y if bias is None else y.add_(bias)
 
 

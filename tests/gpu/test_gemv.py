@@ -183,13 +183,17 @@ def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residu
         assert rel(fp8_linear(x, w8, scale, b), ref) < 1e-2
 
 
+@pytest.mark.parametrize("fast_accum", [False, True])
 @pytest.mark.parametrize("m", [2, 48, 300])
 @pytest.mark.parametrize("n,k,bias", [(4096, 1024, True), (1024, 3072, False), (4096, 12288, False)])
-def test_fp8_activations_match_their_quantized_product(n, k, bias, m, monkeypatch):
+def test_fp8_activations_match_their_quantized_product(n, k, bias, m, fast_accum, monkeypatch):
     """FP8 activations (W8A8): quantize_rows gives torch's quantization bit for bit (rows of any scale, an all-zero
     row, K not a power of two), fp8_act_linear the product of the quantized activations and the weight FP8 stands
-    for, and fp8_linear takes that path from ACT_MIN_ROWS rows on."""
+    for (with partial sums promoted to fp32 or not: NANOVLLM_FP8_FAST_ACCUM), and fp8_linear takes that path from
+    ACT_MIN_ROWS rows on."""
     from engine.layers import fp8
+
+    monkeypatch.setattr(fp8, "FAST_ACCUM", fast_accum)
 
     g = torch.Generator(device="cuda").manual_seed(m + n + k)
     w8, scale = fp8.quantize_fp8(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
