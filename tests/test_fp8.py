@@ -80,26 +80,22 @@ def assert_within_a_step(got: torch.Tensor, want: torch.Tensor, scale: torch.Ten
     assert (got - want).abs().max() > 0
 
 
-def test_fused_quantize_setting_is_checked(monkeypatch):
-    """NANOVLLM_FP8_FUSED_QUANT: on when unset, "0" off, anything else an error naming the value and the choices."""
-    monkeypatch.delenv("NANOVLLM_FP8_FUSED_QUANT", raising=False)
-    assert fp8.fused_quantize() is True
-    monkeypatch.setenv("NANOVLLM_FP8_FUSED_QUANT", "0")
-    assert fp8.fused_quantize() is False
-    monkeypatch.setenv("NANOVLLM_FP8_FUSED_QUANT", "yes")
-    with pytest.raises(ValueError, match="NANOVLLM_FP8_FUSED_QUANT='yes' is not one of '0', '1'"):
-        fp8.fused_quantize()
-
-
-def test_fast_accumulation_setting_is_checked(monkeypatch):
-    """NANOVLLM_FP8_FAST_ACCUM: off when unset, "1" on, anything else an error naming the value and the choices."""
-    monkeypatch.delenv("NANOVLLM_FP8_FAST_ACCUM", raising=False)
-    assert fp8.fast_accumulation() is False
-    monkeypatch.setenv("NANOVLLM_FP8_FAST_ACCUM", "1")
-    assert fp8.fast_accumulation() is True
-    monkeypatch.setenv("NANOVLLM_FP8_FAST_ACCUM", "on")
-    with pytest.raises(ValueError, match="NANOVLLM_FP8_FAST_ACCUM='on' is not one of '0', '1'"):
-        fp8.fast_accumulation()
+@pytest.mark.parametrize(
+    "name,read,default",
+    [("NANOVLLM_FP8_FUSED_QUANT", "fused_quantize", True), ("NANOVLLM_FP8_FAST_ACCUM", "fast_accumulation", False)],
+)
+def test_fp8_switch_settings_are_checked(name, read, default, monkeypatch):
+    """NANOVLLM_FP8_FUSED_QUANT (on when unset) and NANOVLLM_FP8_FAST_ACCUM (off when unset): "1" on, "0" off,
+    anything else an error naming the value and the choices."""
+    read = getattr(fp8, read)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    for value, on in (("0", False), ("1", True)):
+        monkeypatch.setenv(name, value)
+        assert read() is on
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}='yes' is not one of '0', '1'"):
+        read()
 
 
 def test_fp8_activation_rows_setting_is_checked(monkeypatch):
