@@ -12,6 +12,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py fewrows --quantization fp8 --plain --few-rows 8 64   # FP8 GEMMs alone
     python benchmarks/gpu_profile.py fp8gemm --few-rows 64 256   # FP8 weights: weight-only vs FP8 activations
     python benchmarks/gpu_profile.py fp8layer --few-rows 64 4096   # FP8 activations: quantized in the norms or not
+    python benchmarks/gpu_profile.py fp8rows --few-rows 1 64 256   # FP8 x FP8: Triton few-row kernel vs cuBLASLt
     python benchmarks/gpu_profile.py overlap --batch 256 --prompt 560   # two micro-batches on two streams
     python benchmarks/gpu_profile.py prefill --batch 20 --prompt 800   # one large eager prefill step: kernels vs wall
     python benchmarks/gpu_profile.py start --steps 16   # the throughput workload's first steps, traced step by step
@@ -679,7 +680,7 @@ def _compile_one(job) -> str | None:
 
     from engine.layers.gemv import _launch, _launch_rows
 
-    cfg, m, weight_rows, k, norm, silu, fp8 = job
+    cfg, m, weight_rows, k, norm, silu, fp8, *x8 = job  # x8: FP8 activations too (fp8rows), [imprecise]
     try:
         w = torch.randn(weight_rows, k, device="cuda", dtype=torch.bfloat16)
         scale = torch.ones(weight_rows, device="cuda") if fp8 else None
@@ -687,7 +688,12 @@ def _compile_one(job) -> str | None:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         nw = SimpleNamespace(weight=torch.ones(k, device="cuda", dtype=torch.bfloat16), eps=1e-6) if norm else None
         residual = torch.randn_like(x) if norm else None
-        (_launch if m == 1 else _launch_rows)(x, w, cfg, norm=nw, residual=residual, silu=silu, scale=scale)
+        if x8:
+            sx = torch.ones(m, 1, device="cuda")
+            kw = dict(x_scale=sx, out_dtype=torch.bfloat16, imprecise=x8[0])
+            _launch_rows(x.to(torch.float8_e4m3fn), w, cfg, scale=scale, **kw)
+        else:
+            (_launch if m == 1 else _launch_rows)(x, w, cfg, norm=nw, residual=residual, silu=silu, scale=scale)
         torch.cuda.synchronize()
     except Exception as e:  # a tile too large for this GPU: the timing skips it too
         return f"{cfg} at {m} rows: {type(e).__name__}"
@@ -870,6 +876,81 @@ def bench_fp8layer(args) -> None:
     llm.shutdown()
     print_table(f"{args.model} one layer's projections, norms and SwiGLU (us per layer, no attention)", rows)
     write_result(f"gpu_profile_fp8layer{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
+
+
+def bench_fp8rows(args) -> None:
+    """Each projection of a model with FP8 weights, its activations quantized per token row beforehand, at the
+    given token rows: cuBLASLt's FP8 GEMM (`torch._scaled_mm`, the engine's path from ACT_MIN_ROWS rows) against
+    the few-row Triton kernel reading FP8 activations and weights (every SWEEP_FP8_ACT_CONFIGS shape, promoted to
+    fp32 after each K step, and the fastest again without promoting), and cuBLAS on the bf16 weights FP8 stands for,
+    each cycling through the layers' weights in one CUDA graph."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.nn.functional as F
+
+    from engine import LLM
+    from engine.layers.fp8 import SWEEP_FP8_ACT_CONFIGS, dequantize_fp8, fp8_scaled_mm, quantize_rows_torch
+    from engine.layers.gemv import ROLES, _launch_rows, rows_configs_for
+    from engine.layers.linear import cycle_time_us
+
+    folder = model_folder(args.model, Path(tempfile.mkdtemp()))
+    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=1, enforce_eager=True, quantization="fp8")
+    layers = llm.runner.model.layers
+    sweeps = {}
+    for role in ROLES:
+        _, w, _ = role_weights(layers, role)
+        sweeps[role] = (w, rows_configs_for(w.shape[0], w.shape[1], SWEEP_FP8_ACT_CONFIGS))
+    # Each shape promoted (the imprecise variant of the fastest compiles when timed).
+    jobs = [(c, m, w.shape[0], w.shape[1], False, False, True, False)
+            for w, configs in sweeps.values() for c in configs for m in args.few_rows]  # fmt: skip
+    start = time.perf_counter()
+    with ProcessPoolExecutor(min(16, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = [f for f in pool.map(_compile_one, jobs) if f]
+    print(f"compiled {len(jobs)} configurations in {time.perf_counter() - start:.1f}s; failed: {failed}")
+
+    def triton(x8, sx, lin, cfg, imprecise):
+        kw = dict(scale=lin.weight_scale, x_scale=sx, out_dtype=torch.bfloat16, imprecise=imprecise)
+        return _launch_rows(x8, lin.weight, cfg, **kw)[0]
+
+    rows = []
+    for role in ROLES:
+        mods, w, _ = role_weights(layers, role)
+        lins = [lin for _, lin, _ in mods]
+        bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
+        for m in args.few_rows:
+            x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            x8, sx = quantize_rows_torch(x)
+            row = dict(role=role, rows=m)
+            row["bf16_cublas_us"] = cycle_time_us([functools.partial(F.linear, x, wb) for wb in bf16])
+            mm = [functools.partial(fp8_scaled_mm, x8, sx, lin.weight, lin.weight_scale, None, torch.bfloat16)
+                  for lin in lins]  # fmt: skip
+            row["scaled_mm_us"] = cycle_time_us(mm)
+            times = {}
+            for cfg in sweeps[role][1]:
+                try:
+                    times[cfg] = cycle_time_us([functools.partial(triton, x8, sx, lin, cfg, False) for lin in lins])
+                except Exception as e:  # a tile too large for this GPU's shared memory
+                    print(f"{role} {m} {cfg}: {type(e).__name__}")
+            if times:
+                best = min(times, key=times.get)
+                ranked = sorted(times, key=times.get)
+                row.update(triton_us=times[best], triton_config=str(best), next_configs=str(ranked[1:4]))
+                calls = [functools.partial(triton, x8, sx, lin, best, True) for lin in lins]
+                row["triton_imprecise_us"] = cycle_time_us(calls)
+                row["triton_vs_scaled_mm"] = times[best] / row["scaled_mm_us"]
+                row["triton_vs_bf16"] = times[best] / row["bf16_cublas_us"]
+                row["triton_tb_s"] = w.nbytes / times[best] / 1e6
+                ref = (x8.float() * sx) @ dequantize_fp8(lins[0].weight, lins[0].weight_scale, torch.float32).t()
+                y = triton(x8, sx, lins[0], best, False).float()
+                row["triton_rel_err"] = ((y - ref).norm() / ref.norm()).item()
+                row["all_us"] = {str(c): t for c, t in times.items()}
+            rows.append(row)
+    llm.shutdown()
+    shown = [{k: v for k, v in r.items() if k not in ("all_us", "next_configs")} for r in rows]
+    print_table(f"{args.model} FP8 x FP8 projections (us per call, cycling through the layers' weights)", shown)
+    write_result(f"gpu_profile_fp8rows{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
 
 
 def bench_fp8gemm(args) -> None:
@@ -1442,6 +1523,7 @@ def main() -> None:
             "fewrows",
             "fp8gemm",
             "fp8layer",
+            "fp8rows",
             "overlap",
             "prefill",
             "start",
@@ -1500,7 +1582,7 @@ def main() -> None:
         args.batches = [64, 128, 256] if args.which == "decodeattn" else [1]
     which = {"kernels": profile_kernels, "gemv": bench_gemv, "gemm": bench_gemm, "rowgemv": bench_rowgemv}
     which.update(fewrows=bench_fewrows, fp8gemm=bench_fp8gemm, plan=profile_plan, stepab=profile_stepab)
-    which.update(prefillsplit=bench_prefill_split, fp8layer=bench_fp8layer)
+    which.update(prefillsplit=bench_prefill_split, fp8layer=bench_fp8layer, fp8rows=bench_fp8rows)
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend, holistic=bench_holistic)

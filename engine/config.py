@@ -81,7 +81,7 @@ class EngineConfig(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         default=None,
         description='"fp8" stores the decoder layers\' projections as float8 e4m3 with one scale per output row '
-        "(embedding, lm_head and norms stay in dtype; activations too up to 32 token rows, per-token FP8 from 33 on, "
+        "(embedding, lm_head and norms stay in dtype; activations too in one-row steps, per-token FP8 from 2 rows on, "
         "quantized in the norm and SwiGLU kernels; see NANOVLLM_FP8_ACT_MIN_ROWS): half their bytes, so faster "
         "decode where streaming weights bounds a step. "
         "CUDA GPUs of compute capability 8.9+ only; None keeps the weights as loaded.",

@@ -82,10 +82,10 @@ def assert_within_a_step(got: torch.Tensor, want: torch.Tensor, scale: torch.Ten
 
 @pytest.mark.parametrize(
     "name,read,default",
-    [("NANOVLLM_FP8_FUSED_QUANT", "fused_quantize", True), ("NANOVLLM_FP8_FAST_ACCUM", "fast_accumulation", False)],
+    [("NANOVLLM_FP8_FUSED_QUANT", "fused_quantize", True), ("NANOVLLM_FP8_FAST_ACCUM", "fast_accumulation", True)],
 )
 def test_fp8_switch_settings_are_checked(name, read, default, monkeypatch):
-    """NANOVLLM_FP8_FUSED_QUANT (on when unset) and NANOVLLM_FP8_FAST_ACCUM (off when unset): "1" on, "0" off,
+    """NANOVLLM_FP8_FUSED_QUANT (on when unset) and NANOVLLM_FP8_FAST_ACCUM (both on when unset): "1" on, "0" off,
     anything else an error naming the value and the choices."""
     read = getattr(fp8, read)
     monkeypatch.delenv(name, raising=False)
@@ -99,9 +99,9 @@ def test_fp8_switch_settings_are_checked(name, read, default, monkeypatch):
 
 
 def test_fp8_activation_rows_setting_is_checked(monkeypatch):
-    """NANOVLLM_FP8_ACT_MIN_ROWS: 33 when unset, a whole number when set, anything else an error naming it."""
+    """NANOVLLM_FP8_ACT_MIN_ROWS: 2 when unset, a whole number when set, anything else an error naming it."""
     monkeypatch.delenv("NANOVLLM_FP8_ACT_MIN_ROWS", raising=False)
-    assert fp8.act_min_rows() == 33
+    assert fp8.act_min_rows() == 2
     monkeypatch.setenv("NANOVLLM_FP8_ACT_MIN_ROWS", "0")
     assert fp8.act_min_rows() == 0
     monkeypatch.setenv("NANOVLLM_FP8_ACT_MIN_ROWS", "many")

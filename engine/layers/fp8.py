@@ -1,21 +1,23 @@
 """FP8 weights (`quantization="fp8"`): the decoder layers' projections stored as float8 e4m3 with one scale per
-output row; everything else in the model dtype. Steps of up to 32 token rows keep the activations in the model
-dtype (weight-only, as vLLM's FP8 Marlin kernels); larger steps quantize them per token row too (W8A8, as vLLM's
-"fp8" on Hopper) for cuBLASLt's FP8 GEMM.
+output row; everything else in the model dtype. One-row steps (batch-1 decode) keep the activations in the model
+dtype (weight-only, as vLLM's FP8 Marlin kernels); steps of ACT_MIN_ROWS (2) or more rows quantize them per token
+row too (W8A8, as vLLM's "fp8" on Hopper) for an FP8 x FP8 GEMM.
 
 Why: a decode step streams every weight once, so its time follows the weights' bytes; FP8 halves the projections'
-bytes. Steps of up to 32 rows run the engine's Triton GEMV and few-row kernels, which read the FP8 weight, widen it
-in registers and apply the row scale after the sum (each projection's tile shape per row count chosen by timing at
-start-up, `tune_fp8_rows`). From ACT_MIN_ROWS (33) rows on, a Triton kernel quantizes each activation row and
-`torch._scaled_mm` multiplies on the tensor cores at twice the bf16 rate, reading one byte per weight: at 64-256
-rows the Triton kernels moved only ~1.5 TB/s, and widening the weight for cuBLAS (what bf16 activations need past
-them) costs an extra pass. The decoder layer quantizes inside the add + RMSNorm before qkv and gate/up and the
-SwiGLU before down (`norm_fp8_linear`, `silu_fp8_linear`): a launch and a bf16 pass fewer per projection, 2-10%
-faster decode at 64-256 requests (H200); only o's input gets a kernel of its own (`quantize_rows`).
+bytes. One row runs the engine's Triton GEMV, which reads the FP8 weight, widens it in registers and applies the
+row scale after the sum. From 2 rows on, a Triton kernel quantizes each activation row, and the FP8 activations
+and weight meet on the tensor cores as they are: up to MAX_ACT_ROWS (128) rows in the few-row Triton kernel with
+the weight on the MMA's long side (engine/layers/gemv.py, X8; tile shapes per projection and row tile chosen by
+timing at start-up, `tune_fp8_rows`), past that in cuBLASLt's FP8 GEMM (`torch._scaled_mm`). Widening the weight
+in registers kept the few-row kernels at ~1.5-2.5 TB/s, and cuBLASLt's FP8 GEMM is slow at few rows (1.2-2.4x the
+Triton kernel's time at 1-64 rows, H200). The decoder layer quantizes inside the add + RMSNorm before qkv and
+gate/up and the SwiGLU before down (`norm_fp8_linear`, `silu_fp8_linear`): a launch and a bf16 pass fewer per
+projection; only o's input gets a kernel of its own (`quantize_rows`).
 
 Measured on an H200 (docs/benchmarks.md): batch-1 decode of Qwen3-8B 1.41x faster than bf16, of Qwen3-0.6B (bound
-by kernel latency, not bytes) 1.01x; decode of 256 requests on Qwen3-8B 1.26x, where weight-only FP8 took 0.72x.
-Quantizing the activations costs accuracy about as much as quantizing the weights did
+by kernel latency, not bytes) 1.01x; decode of Qwen3-8B at 16 / 64 / 128 requests 1.34x / 1.20x / 1.06x faster
+with the Triton FP8 x FP8 kernel than with the weight-only kernel or cuBLASLt before it, and at 256 requests 1.26x
+bf16. Quantizing the activations costs accuracy about as much as quantizing the weights did
 (tests/gpu/test_gpu_parity.py); NANOVLLM_FP8_ACT_MIN_ROWS=0 keeps them in bf16.
 """
 
@@ -51,13 +53,33 @@ QUANTIZED_ROLES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
 # Steps of more rows widen the weight for cuBLAS: at 256 rows the Triton kernel was still 1.3-3.2x faster than that
 # (H200), but its accumulator holds a program's whole row tile, so 256 rows is as far as it goes.
 MAX_FP8_ROWS = max(FP8_ROWS_CONFIGS)
+# FP8 activations of up to MAX_ACT_ROWS token rows meet the FP8 weight in the few-row Triton kernel
+# (engine/layers/gemv.py, X8): per row tile, the (weight rows per program, K step, warps, stages, K splits) shapes
+# start-up timing chooses from per projection (tune_fp8_rows), or cuBLASLt's FP8 GEMM where that is faster; the
+# first fitting shape is the default. From `gpu_profile.py fp8rows` over Qwen3-0.6B and Qwen3-8B (H200,
+# docs/benchmarks.md): at 1-64 rows the best of each set is within 0-7% of the fastest of the 14 swept shapes and
+# 1.1-2.4x faster than cuBLASLt; at 128 rows cuBLASLt still wins for some projections, and from 256 rows for all
+# (the kernel's accumulator holds a program's whole row tile).
+FP8_ACT_CONFIGS = {
+    16: ((64, 256, 4, 3, 2), (128, 128, 8, 4, 1), (64, 128, 4, 3, 8)),
+    32: ((64, 256, 4, 3, 2), (128, 128, 8, 4, 1), (64, 128, 4, 3, 4)),
+    64: ((64, 256, 4, 3, 2), (64, 128, 4, 3, 4), (64, 256, 4, 2, 1)),
+    128: ((64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (64, 128, 4, 4, 2)),
+}
+MAX_ACT_ROWS = max(FP8_ACT_CONFIGS)
+# More shapes of that kernel for `gpu_profile.py fp8rows`, which measures them against cuBLASLt's FP8 GEMM.
+SWEEP_FP8_ACT_CONFIGS = (
+    (64, 128, 4, 3, 1), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 128, 4, 3, 8), (64, 256, 4, 2, 1),
+    (64, 256, 4, 3, 2), (64, 256, 4, 2, 4), (128, 128, 4, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1),
+    (128, 256, 8, 2, 1), (128, 256, 8, 2, 2), (128, 128, 8, 3, 4), (64, 512, 4, 2, 2),
+)  # fmt: skip
 
 
 def act_min_rows() -> int:
     """NANOVLLM_FP8_ACT_MIN_ROWS: steps of at least this many token rows quantize the activations per token too
-    and run cuBLASLt's FP8 GEMM (default 33; 0: never, such steps then take the Triton kernels or widen the
-    weight)."""
-    return env_whole_number("NANOVLLM_FP8_ACT_MIN_ROWS", 33, "token rows")
+    for an FP8 x FP8 GEMM (default 2: one-row steps keep bf16 activations; 0: never, such steps then take the
+    Triton kernels or widen the weight)."""
+    return env_whole_number("NANOVLLM_FP8_ACT_MIN_ROWS", 2, "token rows")
 
 
 # Read once at import: fp8_linear runs per projection of every eager step.
@@ -74,11 +96,12 @@ FUSED_QUANTIZE = fused_quantize()
 
 
 def fast_accumulation() -> bool:
-    """NANOVLLM_FP8_FAST_ACCUM: "1" lets the FP8 GEMM accumulate in the tensor cores' own precision without
-    promoting partial sums to fp32 (`use_fast_accum`, as vLLM's CUTLASS FP8 kernels do); "0" (default) promotes
-    them. Measured on an H200: 8-10% off a layer's projections at 1,024-4,096 rows, +3.4% Qwen3-8B decode at 256
-    requests, the same parity against HF; off by default until the GEMM-level test has run with it."""
-    return env_choice("NANOVLLM_FP8_FAST_ACCUM", "0", ("0", "1")) == "1"
+    """NANOVLLM_FP8_FAST_ACCUM: "1" (default) lets cuBLASLt's FP8 GEMM (steps of more than MAX_ACT_ROWS rows)
+    accumulate in the tensor cores' own precision without promoting partial sums to fp32 (`use_fast_accum`, as
+    vLLM's CUTLASS FP8 kernels do); "0" promotes them. Measured on an H200: 8-10% off a layer's projections at
+    1,024-4,096 rows, +3.4% Qwen3-8B decode at 256 requests, the same parity against HF, and within 1e-2 of the
+    exact product at K up to 12,288 (tests/gpu/test_gemv.py)."""
+    return env_choice("NANOVLLM_FP8_FAST_ACCUM", "1", ("0", "1")) == "1"
 
 
 FAST_ACCUM = fast_accumulation()
@@ -233,9 +256,19 @@ def silu_mul_quantize_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return quantize_rows_torch((F.silu(gate) * up).to(x.dtype))
 
 
-def fp8_scaled_mm(x8, sx, weight, scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_scaled_mm(x8, sx, weight, scale, bias, out_dtype: torch.dtype, configs: dict | None = None) -> torch.Tensor:
     """(x8 * sx) @ (weight * scale)^T + bias for activations quantized per token row and an FP8 weight with row
-    scales, on cuBLASLt's FP8 GEMM (`torch._scaled_mm`), written in out_dtype (bf16)."""
+    scales, written in out_dtype (bf16): up to MAX_ACT_ROWS rows on the few-row Triton kernel with configs[row tile]
+    (tune_fp8_rows' choice; None there: cuBLASLt; no configs: the tile's default shape), else on cuBLASLt's FP8
+    GEMM (`torch._scaled_mm`)."""
+    rows = x8.shape[0]
+    if rows <= MAX_ACT_ROWS:
+        tile = rows_tile(rows)
+        n, k = weight.shape
+        cfg = _default_act_config(n, k, tile) if configs is None else configs.get(tile)
+        if cfg is not None:
+            # Promoted after every K step: at 1-64 rows not promoting was as often slower as faster (H200).
+            return _launch_rows(x8, weight, cfg, bias=bias, scale=scale, x_scale=sx, out_dtype=out_dtype)[0]
     # The weight is [out, in] row-major, so its transpose is the column-major operand cuBLASLt's FP8 GEMM needs.
     y = torch._scaled_mm(
         x8, weight.t(), scale_a=sx, scale_b=scale[None, :], out_dtype=out_dtype, use_fast_accum=FAST_ACCUM
@@ -243,10 +276,11 @@ def fp8_scaled_mm(x8, sx, weight, scale, bias, out_dtype: torch.dtype) -> torch.
     return y if bias is None else y.add_(bias)
 
 
-def fp8_act_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+def fp8_act_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, configs=None):
     """x @ (weight * scale)^T + bias with x quantized per token row to FP8 too (W8A8, as vLLM's "fp8" on Hopper):
-    cuBLASLt's FP8 GEMM reads one byte per weight and runs the tensor cores at twice the bf16 rate."""
-    return fp8_scaled_mm(*quantize_rows(x), weight, scale, bias, x.dtype)
+    the FP8 GEMM (fp8_scaled_mm, with configs) reads one byte per weight and runs the tensor cores at twice the
+    bf16 rate."""
+    return fp8_scaled_mm(*quantize_rows(x), weight, scale, bias, x.dtype, configs)
 
 
 def norm_fp8_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,13 +288,14 @@ def norm_fp8_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear
     kernel (add_rmsnorm_quantize): a launch and a pass over the normed activations fewer than norm then
     fp8_act_linear."""
     x8, sx, residual = add_rmsnorm_quantize(x, residual, norm.weight, norm.eps)
-    return fp8_scaled_mm(x8, sx, linear.weight, linear.weight_scale, linear.bias, x.dtype), residual
+    y = fp8_scaled_mm(x8, sx, linear.weight, linear.weight_scale, linear.bias, x.dtype, linear.fp8_act_configs)
+    return y, residual
 
 
 def silu_fp8_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
     """linear(silu(gate) * up) with FP8 activations, the SwiGLU and quantization in one kernel."""
     a8, sa = silu_mul_quantize(gate_up)
-    return fp8_scaled_mm(a8, sa, linear.weight, linear.weight_scale, linear.bias, gate_up.dtype)
+    return fp8_scaled_mm(a8, sa, linear.weight, linear.weight_scale, linear.bias, gate_up.dtype, linear.fp8_act_configs)
 
 
 def act_quant_supported(act_dtype: torch.dtype, weight: torch.Tensor) -> bool:
@@ -276,13 +311,14 @@ def fp8_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     configs: dict[int, tuple] | None = None,
+    act_configs: dict[int, tuple | None] | None = None,
 ) -> torch.Tensor:
     """x @ (weight * scale)^T + bias for an FP8 weight: with ACT_MIN_ROWS or more token rows, FP8 activations
-    through cuBLASLt (fp8_act_linear); else the Triton kernels up to MAX_FP8_ROWS token rows (with configs[row
+    (fp8_act_linear, with act_configs); else the Triton kernels up to MAX_FP8_ROWS token rows (with configs[row
     tile] when given, as tune_fp8_rows chose), else cuBLAS on the weight widened to x's dtype."""
     rows, k = x.shape
     if 0 < ACT_MIN_ROWS <= rows and x.is_cuda and act_quant_supported(x.dtype, weight):
-        return fp8_act_linear(x, weight, scale, bias)
+        return fp8_act_linear(x, weight, scale, bias, act_configs)
     if x.is_cuda and rows <= MAX_FP8_ROWS:
         tile = 1 if rows == 1 else rows_tile(rows)
         cfg = (configs or {}).get(tile) or _default_config(weight.shape[0], k, tile)
@@ -305,11 +341,48 @@ def _default_config(n: int, k: int, tile: int) -> tuple | None:
     return configs[0] if configs else None
 
 
+@functools.cache
+def _default_act_config(n: int, k: int, tile: int) -> tuple | None:
+    # Steps without start-up timing (eager tools, tests): the row tile's first fitting shape, or cuBLASLt.
+    configs = rows_configs_for(n, k, FP8_ACT_CONFIGS[tile])
+    return configs[0] if configs else None
+
+
+def _tune_act(linears, stream_bytes: int) -> dict[int, tuple | None]:
+    """Per row tile that steps with FP8 activations use, the fastest of the tile's FP8_ACT_CONFIGS or None
+    (cuBLASLt's FP8 GEMM), timed at the tile's largest row count over the projections' own weights."""
+    from triton.runtime.errors import OutOfResources
+
+    from engine.layers.linear import cycle_time_us
+
+    w0 = linears[0].weight
+    lins = linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]
+    plan: dict[int, tuple | None] = {}
+    for tile, shapes in FP8_ACT_CONFIGS.items():
+        if not 0 < ACT_MIN_ROWS <= tile:  # every step this tile serves has bf16 activations
+            continue
+        x8, sx = quantize_rows(torch.randn(tile, w0.shape[1], device=w0.device, dtype=torch.bfloat16))
+        times = {}
+        for cfg in [None, *rows_configs_for(w0.shape[0], w0.shape[1], shapes)]:
+            calls = [
+                functools.partial(fp8_scaled_mm, x8, sx, lin.weight, lin.weight_scale, lin.bias, torch.bfloat16,
+                                  {tile: cfg})
+                for lin in lins
+            ]  # fmt: skip
+            try:
+                times[cfg] = cycle_time_us(calls)
+            except OutOfResources:  # a tile too large for this GPU's shared memory
+                continue
+        plan[tile] = min(times, key=times.get)
+    return plan
+
+
 @torch.inference_mode()
 def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
-    """Per FP8 projection role and row tile, the faster of FP8_ROWS_CONFIGS' pair, timed over the layers' own
-    weights (up to stream_bytes of them); each layer's Linear keeps its role's choice (`fp8_configs`). Row tiles
-    whose every step takes FP8 activations (fp8_linear, from ACT_MIN_ROWS rows) are left out."""
+    """Per FP8 projection role and row tile, the faster of FP8_ROWS_CONFIGS' pair for bf16 activations (row tiles
+    whose every step takes FP8 activations, from ACT_MIN_ROWS rows, left out), and for FP8 activations the fastest
+    of FP8_ACT_CONFIGS or cuBLASLt (_tune_act), timed over the layers' own weights (up to stream_bytes of them);
+    each layer's Linear keeps its role's choices (`fp8_configs`, `fp8_act_configs`)."""
     start = time.perf_counter()
     plans: dict[str, dict[int, tuple]] = {}
     notes = []
@@ -332,13 +405,19 @@ def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
                 _, times = _time_role(mods, fits, tile)
                 if times:
                     plan[tile] = min(times, key=times.get)
+        act_plan = _tune_act(linears, stream_bytes) if act_from is not None else {}
         for lin in linears:
-            lin.fp8_configs = plan
-        notes.append(f"{role} " + " ".join(f"{t}:{FP8_ROWS_CONFIGS[t].index(c) + 1}" for t, c in plan.items()))
+            lin.fp8_configs, lin.fp8_act_configs = plan, act_plan
+        note = " ".join(f"{t}:{FP8_ROWS_CONFIGS[t].index(c) + 1}" for t, c in plan.items())
+        act_note = " ".join(f"{t}:{FP8_ACT_CONFIGS[t].index(c) + 1 if c else 'Lt'}" for t, c in act_plan.items())
+        notes.append(f"{role} {note or '-'} / {act_note or '-'}")
     if notes:
         elapsed = time.perf_counter() - start
         logger.info(
-            "FP8 GEMMs (timed in %.1fs), FP8_ROWS_CONFIGS' shape 1 or 2 per row tile: %s", elapsed, "; ".join(notes)
+            "FP8 GEMMs (timed in %.1fs), per row tile the shape of FP8_ROWS_CONFIGS (bf16 activations) / "
+            "FP8_ACT_CONFIGS or cuBLASLt (FP8 activations): %s",
+            elapsed,
+            "; ".join(notes),
         )
     return plans
 

@@ -314,6 +314,7 @@ def _build_rows_kernel():
         w_ptr,
         bias_ptr,
         scale_ptr,
+        xs_ptr,
         y_ptr,
         res_out_ptr,
         part_ptr,
@@ -337,6 +338,8 @@ def _build_rows_kernel():
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
         W_BYTES: tl.constexpr,
+        X8: tl.constexpr,
+        IMPRECISE: tl.constexpr,
     ):
         # Program (pid, split) computes acc[n, m] = W[n, k] x[m, k]^T over its K range for the output rows
         # pid * BLOCK_N.. (the weight fills the MMA's long side, the few token rows its short one). RMSNorm is
@@ -372,9 +375,16 @@ def _build_rows_kernel():
                     h = h.to(tl.float32)
                 sq += tl.sum(h * h, axis=1)
                 xv = (h * tl.load(norm_w_ptr + k0 + cols).to(tl.float32)[None, :]).to(dtype)
-            # FP8 weights are widened to the activation dtype for the MMA (a no-op for bf16/fp16 weights).
-            w = tl.load(w_tile + k0 * stride_wk).to(dtype)
-            acc = tl.dot(w, tl.trans(xv), acc)
+            if X8:
+                # FP8 activations (x8, one scale per token row, engine/layers/fp8.py) and FP8 weights meet on the
+                # tensor cores as they are; the partial sums are promoted to fp32 after every K step unless
+                # IMPRECISE (as cuBLASLt's use_fast_accum).
+                w = tl.load(w_tile + k0 * stride_wk)
+                acc = tl.dot(w, tl.trans(xv), acc, max_num_imprecise_acc=IMPRECISE)
+            else:
+                # FP8 weights are widened to the activation dtype for the MMA (a no-op for bf16/fp16 weights).
+                w = tl.load(w_tile + k0 * stride_wk).to(dtype)
+                acc = tl.dot(w, tl.trans(xv), acc)
             if SILU:
                 w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk).to(dtype)
                 acc_up = tl.dot(w_up, tl.trans(xv), acc_up)
@@ -405,6 +415,8 @@ def _build_rows_kernel():
                         sq += tl.load(sq_base + s * BLOCK_M + m, cache_modifier=".cg")
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
         if last:
+            if X8:
+                acc = acc * tl.load(xs_ptr + m, mask=live, other=0.0)[None, :]
             if SCALE:
                 acc = acc * tl.load(scale_ptr + n)[:, None]
                 if SILU:
@@ -440,12 +452,16 @@ def rows_configs_for(n: int, k: int, configs=ROWS_CONFIGS) -> list[tuple[int, in
     return [c for c in configs if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and n // c[0] <= MAX_TILES]
 
 
-def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None):
+def _launch_rows(
+    x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None, x_scale=None, out_dtype=None,
+    imprecise=False,
+):  # fmt: skip
+    # x_scale: x is FP8 with one scale per row ([rows, 1] fp32, engine/layers/fp8.py), y is written in out_dtype.
     block_n, block_k, warps, stages, split_k = cfg
     m, k = x.shape
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     tile_m = rows_tile(m)
     part_len = ((2 if silu else 1) * n + n // block_n) * split_k * tile_m if split_k > 1 else 1
@@ -461,6 +477,7 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         weight,
         bias if bias is not None else x,
         scale if scale is not None else x,
+        x_scale if x_scale is not None else x,
         y,
         res_out,
         part,
@@ -484,6 +501,9 @@ def _launch_rows(x, weight, cfg, bias=None, norm=None, residual=None, silu=False
         PDL=bool(launch),
         PREFETCH=prefetch and _prefetch_fits(weight, row_bytes),
         W_BYTES=weight.element_size(),
+        X8=x_scale is not None,
+        # max_num_imprecise_acc: how many products the FP8 MMA may sum before promoting to fp32.
+        IMPRECISE=None if imprecise else block_k,
         num_warps=warps,
         **launch,
     )
@@ -632,11 +652,14 @@ ROWS_TUNE_AT = {16: (4, 16), 32: (32,)}
 
 
 @torch.inference_mode()
-def tune_rows(layers, stream_bytes: int, margin: float) -> dict[int, dict[str, tuple | None]]:
-    """Per row tile (16, 32) and role, the few-row Triton configuration for steps of 2..32 token rows, or None for
-    the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at every row count of ROWS_TUNE_AT."""
-    mode, max_rows = gemv_mode(), gemv_max_rows()
-    if mode == "0" or max_rows == 1 or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
+def tune_rows(
+    layers, stream_bytes: int, margin: float, max_rows: int | None = None
+) -> dict[int, dict[str, tuple | None]]:
+    """Per row tile (16, 32) and role, the few-row Triton configuration for steps of 2..max_rows token rows
+    (default gemv_max_rows()), or None for the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at
+    every row count of ROWS_TUNE_AT."""
+    mode, max_rows = gemv_mode(), gemv_max_rows() if max_rows is None else max_rows
+    if mode == "0" or max_rows <= 1 or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
         return {}
     start = time.perf_counter()
     plans: dict[int, dict[str, tuple | None]] = {}

@@ -19,16 +19,18 @@ class Linear(nn.Linear):
 
     onednn_weight: torch.Tensor | None = None
     # One scale per output row when the weight is stored as FP8 (engine/layers/fp8.py), else None; and the FP8
-    # kernel's configuration per row tile that start-up timing chose (fp8.tune_fp8_rows), else None.
+    # kernel's configuration per row tile that start-up timing chose (fp8.tune_fp8_rows), else None, for bf16
+    # activations and for FP8 ones (None in that dict: cuBLASLt's FP8 GEMM).
     weight_scale: torch.Tensor | None = None
     fp8_configs: dict[int, tuple] | None = None
+    fp8_act_configs: dict[int, tuple | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T + b."""
         if self.weight_scale is not None:
             from engine.layers.fp8 import fp8_linear
 
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_configs)
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_configs, self.fp8_act_configs)
         if self.onednn_weight is not None:
             return onednn_linear(x, self.onednn_weight, self.bias)
         return F.linear(x, self.weight, self.bias)

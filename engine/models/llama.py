@@ -216,9 +216,15 @@ class LlamaForCausalLM(nn.Module):
         """Choose, by timing, which one-row and few-row projections run as fused Triton kernels (see
         engine/layers/gemv.py); returns the one-row plan."""
         self.gemv_alternatives = {}  # role -> configurations to try in the captured step (GraphRunner)
-        plan = tune_gemv(self.layers, stream_bytes, margin, self.gemv_alternatives)  # first: may make weights row-major
-        rows_plans = tune_rows(self.layers, stream_bytes, margin)
-        rows_max = gemv_max_rows()
+        # With FP8 weights, steps of fp8.ACT_MIN_ROWS+ token rows quantize their activations (forward_fp8): the
+        # kernels here, for bf16 activations, serve fewer rows only.
+        first = self.layers[0]
+        act_from = fp8.ACT_MIN_ROWS if first.fp8_fusable and fp8.ACT_MIN_ROWS > 0 else None
+        rows_max = gemv_max_rows() if act_from is None else min(gemv_max_rows(), act_from - 1)
+        plan = {}
+        if act_from is None or act_from > 1:  # first: may make weights row-major
+            plan = tune_gemv(self.layers, stream_bytes, margin, self.gemv_alternatives)
+        rows_plans = tune_rows(self.layers, stream_bytes, margin, rows_max)
         for layer in self.layers:
             layer.gemv_plan, layer.rows_plan, layer.rows_max = plan, rows_plans, rows_max
         return plan

@@ -189,8 +189,8 @@ def test_fp8_weights_match_their_dequantized_bf16(n, k, silu, bias, norm, residu
 def test_fp8_activations_match_their_quantized_product(n, k, bias, m, fast_accum, monkeypatch):
     """FP8 activations (W8A8): quantize_rows gives torch's quantization bit for bit (rows of any scale, an all-zero
     row, K not a power of two), fp8_act_linear the product of the quantized activations and the weight FP8 stands
-    for (with partial sums promoted to fp32 or not: NANOVLLM_FP8_FAST_ACCUM), and fp8_linear takes that path from
-    ACT_MIN_ROWS rows on."""
+    for (2 and 48 rows on the Triton kernel's default shapes, 300 on cuBLASLt with partial sums promoted to fp32 or
+    not: NANOVLLM_FP8_FAST_ACCUM), and fp8_linear takes that path from ACT_MIN_ROWS rows on."""
     from engine.layers import fp8
 
     monkeypatch.setattr(fp8, "FAST_ACCUM", fast_accum)
@@ -217,6 +217,33 @@ def test_fp8_activations_match_their_quantized_product(n, k, bias, m, fast_accum
         calls.clear()
         fp8.fp8_linear(x, w8, scale, b)
         assert bool(calls) == taken, f"ACT_MIN_ROWS={threshold}, {m} rows"
+
+
+@pytest.mark.parametrize("imprecise", [False, True])
+@pytest.mark.parametrize("m", [1, 48, 256])
+@pytest.mark.parametrize("n,k,bias", [(6144, 4096, True), (1024, 3072, False)])
+def test_fp8_few_row_kernel_on_fp8_activations_matches_their_product(n, k, bias, m, imprecise):
+    """The few-row kernel reading FP8 activations with their row scales (X8) gives the product of the quantized
+    activations and the weight FP8 stands for, with the partial sums promoted to fp32 or not, for every token row
+    count up to a 256-row tile (rows past m masked off) and with the K split or whole."""
+    from engine.layers import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    w8, scale = fp8.quantize_fp8(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
+    x = torch.randn(m, k, device="cuda", generator=g) * torch.logspace(-3, 2, m, device="cuda")[:, None]
+    x8, sx = fp8.quantize_rows_torch(x.bfloat16())
+    b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+    ref = (x8.float() * sx) @ fp8.dequantize_fp8(w8, scale, torch.float32).t() + (0 if b is None else b.float())
+    configs = rows_configs_for(n, k, ((64, 128, 4, 3, 4), (128, 256, 8, 2, 1), (64, 256, 4, 2, 4)))
+    assert {c[4] for c in configs} >= {1, 4}
+    for cfg in configs:
+        y, _ = _launch_rows(
+            x8, w8, cfg, bias=b, scale=scale, x_scale=sx, out_dtype=torch.bfloat16, imprecise=imprecise
+        )  # fmt: skip
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        # Row by row: the rows' scales span five decades, and a wrong row scale would hide in the whole's norm.
+        err = (y.float() - ref).norm(dim=1) / ref.norm(dim=1)
+        assert err.max() < 1e-2, f"{cfg}: relative error {err.max():.2e} in row {err.argmax()}"
 
 
 def assert_same_quantization(got, ref, what: str) -> None:
