@@ -878,6 +878,22 @@ def bench_fp8layer(args) -> None:
     write_result(f"gpu_profile_fp8layer{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
 
 
+def fp8_role_inputs(layers, row_counts):
+    """Per FP8 projection role and token row count: (role, its first weight, the role's Linears of as many layers
+    as stream past the L2, the bf16 weights they stand for, rows, random bf16 activations x, x quantized per row
+    as x8 and sx)."""
+    from engine.layers.fp8 import dequantize_fp8, quantize_rows_torch
+    from engine.layers.gemv import ROLES
+
+    for role in ROLES:
+        mods, w, _ = role_weights(layers, role)
+        lins = [lin for _, lin, _ in mods]
+        bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
+        for m in row_counts:
+            x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            yield (role, w, lins, bf16, m, x, *quantize_rows_torch(x))
+
+
 def bench_fp8rows(args) -> None:
     """Each projection of a model with FP8 weights, its activations quantized per token row beforehand, at the
     given token rows: cuBLASLt's FP8 GEMM (`torch._scaled_mm`, the engine's path from ACT_MIN_ROWS rows) against
@@ -891,7 +907,7 @@ def bench_fp8rows(args) -> None:
     import torch.nn.functional as F
 
     from engine import LLM
-    from engine.layers.fp8 import SWEEP_FP8_ACT_CONFIGS, dequantize_fp8, fp8_scaled_mm, quantize_rows_torch
+    from engine.layers.fp8 import SWEEP_FP8_ACT_CONFIGS, dequantize_fp8, fp8_scaled_mm
     from engine.layers.gemv import ROLES, _launch_rows, rows_configs_for
     from engine.layers.linear import cycle_time_us
 
@@ -915,38 +931,33 @@ def bench_fp8rows(args) -> None:
         return _launch_rows(x8, lin.weight, cfg, **kw)[0]
 
     rows = []
-    for role in ROLES:
-        mods, w, _ = role_weights(layers, role)
-        lins = [lin for _, lin, _ in mods]
-        bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
-        for m in args.few_rows:
-            x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
-            x8, sx = quantize_rows_torch(x)
-            row = dict(role=role, rows=m)
-            row["bf16_cublas_us"] = cycle_time_us([functools.partial(F.linear, x, wb) for wb in bf16])
-            mm = [functools.partial(fp8_scaled_mm, x8, sx, lin.weight, lin.weight_scale, None, torch.bfloat16)
-                  for lin in lins]  # fmt: skip
-            row["scaled_mm_us"] = cycle_time_us(mm)
-            times = {}
-            for cfg in sweeps[role][1]:
-                try:
-                    times[cfg] = cycle_time_us([functools.partial(triton, x8, sx, lin, cfg, False) for lin in lins])
-                except Exception as e:  # a tile too large for this GPU's shared memory
-                    print(f"{role} {m} {cfg}: {type(e).__name__}")
-            if times:
-                best = min(times, key=times.get)
-                ranked = sorted(times, key=times.get)
-                row.update(triton_us=times[best], triton_config=str(best), next_configs=str(ranked[1:4]))
-                calls = [functools.partial(triton, x8, sx, lin, best, True) for lin in lins]
-                row["triton_imprecise_us"] = cycle_time_us(calls)
-                row["triton_vs_scaled_mm"] = times[best] / row["scaled_mm_us"]
-                row["triton_vs_bf16"] = times[best] / row["bf16_cublas_us"]
-                row["triton_tb_s"] = w.nbytes / times[best] / 1e6
-                ref = (x8.float() * sx) @ dequantize_fp8(lins[0].weight, lins[0].weight_scale, torch.float32).t()
-                y = triton(x8, sx, lins[0], best, False).float()
-                row["triton_rel_err"] = ((y - ref).norm() / ref.norm()).item()
-                row["all_us"] = {str(c): t for c, t in times.items()}
-            rows.append(row)
+    for role, w, lins, bf16, m, x, x8, sx in fp8_role_inputs(layers, args.few_rows):
+        row = dict(role=role, rows=m)
+        row["bf16_cublas_us"] = cycle_time_us([functools.partial(F.linear, x, wb) for wb in bf16])
+        # configs={}: cuBLASLt at every row count (the engine's choice where it times faster).
+        mm = [functools.partial(fp8_scaled_mm, x8, sx, lin.weight, lin.weight_scale, None, torch.bfloat16, {})
+              for lin in lins]  # fmt: skip
+        row["scaled_mm_us"] = cycle_time_us(mm)
+        times = {}
+        for cfg in sweeps[role][1]:
+            try:
+                times[cfg] = cycle_time_us([functools.partial(triton, x8, sx, lin, cfg, False) for lin in lins])
+            except Exception as e:  # a tile too large for this GPU's shared memory
+                print(f"{role} {m} {cfg}: {type(e).__name__}")
+        if times:
+            best = min(times, key=times.get)
+            ranked = sorted(times, key=times.get)
+            row.update(triton_us=times[best], triton_config=str(best), next_configs=str(ranked[1:4]))
+            calls = [functools.partial(triton, x8, sx, lin, best, True) for lin in lins]
+            row["triton_imprecise_us"] = cycle_time_us(calls)
+            row["triton_vs_scaled_mm"] = times[best] / row["scaled_mm_us"]
+            row["triton_vs_bf16"] = times[best] / row["bf16_cublas_us"]
+            row["triton_tb_s"] = w.nbytes / times[best] / 1e6
+            ref = (x8.float() * sx) @ dequantize_fp8(lins[0].weight, lins[0].weight_scale, torch.float32).t()
+            y = triton(x8, sx, lins[0], best, False).float()
+            row["triton_rel_err"] = ((y - ref).norm() / ref.norm()).item()
+            row["all_us"] = {str(c): t for c, t in times.items()}
+        rows.append(row)
     llm.shutdown()
     shown = [{k: v for k, v in r.items() if k not in ("all_us", "next_configs")} for r in rows]
     print_table(f"{args.model} FP8 x FP8 projections (us per call, cycling through the layers' weights)", shown)
@@ -957,14 +968,14 @@ def bench_fp8gemm(args) -> None:
     """Each projection of a model with FP8 weights at the given token rows: the engine's weight-only path (the
     Triton kernels with the start-up timing's tiles up to MAX_FP8_ROWS rows, else the weight widened for cuBLAS),
     cuBLASLt's FP8 GEMM (`torch._scaled_mm`) on activations quantized beforehand, and with their quantization in
-    the call (the engine's Triton kernel, and torch ops), against cuBLAS on the bf16 weights FP8 stands for, each
+    the call (the engine's FP8-activation path, fp8_act_linear: up to MAX_ACT_ROWS rows the Triton FP8 x FP8
+    kernel's default shape; and torch ops then cuBLASLt), against cuBLAS on the bf16 weights FP8 stands for, each
     cycling through the layers' weights in one CUDA graph."""
     import torch.nn.functional as F
 
     from engine import LLM
     from engine.layers import fp8
-    from engine.layers.fp8 import dequantize_fp8, fp8_act_linear, fp8_linear, quantize_rows_torch
-    from engine.layers.gemv import ROLES
+    from engine.layers.fp8 import fp8_act_linear, fp8_linear, quantize_rows_torch
     from engine.layers.linear import cycle_time_us
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
@@ -983,32 +994,26 @@ def bench_fp8gemm(args) -> None:
         return scaled_mm(*quantize_rows_torch(x), lin)
 
     rows = []
-    for role in ROLES:
-        mods, w, n = role_weights(layers, role)
-        lins = [lin for _, lin, _ in mods]
-        bf16 = [dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16) for lin in lins]
-        for m in args.few_rows:
-            x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
-            x8, sx = quantize_rows_torch(x)
-            variants = {
-                "bf16_cublas": [functools.partial(F.linear, x, wb) for wb in bf16],
-                "fp8_weight_only": [functools.partial(weight_only, x, lin) for lin in lins],
-                "fp8_scaled_mm": [functools.partial(scaled_mm, x8, sx, lin) for lin in lins],
-                "fp8_act": [functools.partial(fp8_act_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
-                "fp8_torch_quant_scaled_mm": [functools.partial(torch_quantize_then_scaled_mm, x, lin) for lin in lins],
-            }  # fmt: skip
-            row = dict(role=role, rows=m)
-            for name, calls in variants.items():
-                try:
-                    row[f"{name}_us"] = cycle_time_us(calls)
-                except RuntimeError as e:  # an FP8 GEMM this torch / GPU cannot run
-                    row[f"{name}_us"] = None
-                    print(f"{role} {m} {name}: {e}")
-            base = row["bf16_cublas_us"]
-            for name in variants:
-                if row[f"{name}_us"] is not None:
-                    row[f"{name}_vs_bf16"] = row[f"{name}_us"] / base
-            rows.append(row)
+    for role, _, lins, bf16, m, x, x8, sx in fp8_role_inputs(layers, args.few_rows):
+        variants = {
+            "bf16_cublas": [functools.partial(F.linear, x, wb) for wb in bf16],
+            "fp8_weight_only": [functools.partial(weight_only, x, lin) for lin in lins],
+            "fp8_scaled_mm": [functools.partial(scaled_mm, x8, sx, lin) for lin in lins],
+            "fp8_act": [functools.partial(fp8_act_linear, x, lin.weight, lin.weight_scale, None) for lin in lins],
+            "fp8_torch_quant_scaled_mm": [functools.partial(torch_quantize_then_scaled_mm, x, lin) for lin in lins],
+        }  # fmt: skip
+        row = dict(role=role, rows=m)
+        for name, calls in variants.items():
+            try:
+                row[f"{name}_us"] = cycle_time_us(calls)
+            except RuntimeError as e:  # an FP8 GEMM this torch / GPU cannot run
+                row[f"{name}_us"] = None
+                print(f"{role} {m} {name}: {e}")
+        base = row["bf16_cublas_us"]
+        for name in variants:
+            if row[f"{name}_us"] is not None:
+                row[f"{name}_vs_bf16"] = row[f"{name}_us"] / base
+        rows.append(row)
     llm.shutdown()
     print_table(f"{args.model} FP8 projections (us per call, cycling through the layers' weights)", rows)
     write_result(f"gpu_profile_fp8gemm{result_suffix(args)}", {"model": args.model, "rows": rows}, OUT)
