@@ -348,18 +348,17 @@ def _default_act_config(n: int, k: int, tile: int) -> tuple | None:
     return configs[0] if configs else None
 
 
-def _tune_act(linears, stream_bytes: int) -> dict[int, tuple | None]:
+def _tune_act(lins) -> dict[int, tuple | None]:
     """Per row tile that steps with FP8 activations use, the fastest of the tile's FP8_ACT_CONFIGS or None
-    (cuBLASLt's FP8 GEMM), timed at the tile's largest row count over the projections' own weights."""
+    (cuBLASLt's FP8 GEMM), timed at the tile's largest row count cycling through these projections."""
     from triton.runtime.errors import OutOfResources
 
     from engine.layers.linear import cycle_time_us
 
-    w0 = linears[0].weight
-    lins = linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]
+    w0 = lins[0].weight
     plan: dict[int, tuple | None] = {}
     for tile, shapes in FP8_ACT_CONFIGS.items():
-        if not 0 < ACT_MIN_ROWS <= tile:  # every step this tile serves has bf16 activations
+        if tile < ACT_MIN_ROWS:  # every step this tile serves has bf16 activations
             continue
         x8, sx = quantize_rows(torch.randn(tile, w0.shape[1], device=w0.device, dtype=torch.bfloat16))
         times = {}
@@ -391,7 +390,8 @@ def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
         w0 = linears[0].weight
         if w0.element_size() != 1:
             continue
-        mods = [(None, lin, None) for lin in linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]]
+        streamed = linears[: -(-stream_bytes // (w0.numel() + w0.shape[0] * 4))]  # as many as stream past L2
+        mods = [(None, lin, None) for lin in streamed]
         plan = plans[role] = {}
         act_from = ACT_MIN_ROWS if ACT_MIN_ROWS and act_quant_supported(linears[0].act_dtype, w0) else None
         for tile, pair in FP8_ROWS_CONFIGS.items():
@@ -405,7 +405,7 @@ def tune_fp8_rows(layers, stream_bytes: int) -> dict[str, dict[int, tuple]]:
                 _, times = _time_role(mods, fits, tile)
                 if times:
                     plan[tile] = min(times, key=times.get)
-        act_plan = _tune_act(linears, stream_bytes) if act_from is not None else {}
+        act_plan = _tune_act(streamed) if act_from is not None else {}
         for lin in linears:
             lin.fp8_configs, lin.fp8_act_configs = plan, act_plan
         note = " ".join(f"{t}:{FP8_ROWS_CONFIGS[t].index(c) + 1}" for t, c in plan.items())
