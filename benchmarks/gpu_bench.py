@@ -9,6 +9,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py cascade_crossover --new-tokens 64
     python benchmarks/gpu_bench.py skewed_decode --new-tokens 64
     python benchmarks/gpu_bench.py cold_prefill --ttft-rounds 5
+    python benchmarks/gpu_bench.py startup --models Qwen3-0.6B --quantization none fp8
 Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 """
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import logging
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -644,6 +647,63 @@ def bench_cold_prefill(args) -> None:
     write_result("cold_prefill", {"model": name, "rows": rows, **state}, OUT)
 
 
+def bench_startup(args) -> None:
+    """startup.json: how long `LLM(model)` takes with the engine's defaults (max_num_seqs 256, every CUDA graph),
+    per phase (LLM.startup_seconds), and the first request after it. Each engine starts in a fresh process, first
+    with an empty Triton cache (cold: every Triton kernel the start-up timings try compiles, as on a user's first
+    run), then again on the cache that left (warm: later runs). Weights are random (load_format="dummy"), so the
+    load phase here is not a checkpoint's read."""
+    rows = []
+    for name, quant in [(m, q) for m in args.models for q in args.quantization]:
+        cache = tempfile.mkdtemp(prefix="triton-cache-")
+        for state in args.states:  # "warm" runs on the cache "cold" left, when both run
+            cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant]
+            if args.block_size:
+                cmd += ["--block-size", str(args.block_size)]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env={**os.environ, "TRITON_CACHE_DIR": cache}, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if proc.returncode:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+                raise SystemExit(f"startup of {name} ({quant}, {state} Triton cache) failed: exit {proc.returncode}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            phases = child.pop("phases")
+            # The engine's own start-up lines (what it tuned and captured, and in how long) go with the figures.
+            child["engine_log"] = [line for line in proc.stderr.splitlines() if line.startswith("engine")]
+            rows.append(
+                dict(
+                    model=name,
+                    weights="bf16" if quant == "none" else quant,
+                    triton_cache=state,
+                    process_s=wall,
+                    **{f"{phase}_s": seconds for phase, seconds in phases.items()},
+                    **child,
+                )
+            )
+            table = [{k: v for k, v in row.items() if k != "engine_log"} for row in rows]
+            print_table("engine start-up, seconds (process: the whole child, Python's imports included)", table)
+    write_result("startup", {"rows": rows}, OUT)
+
+
+def startup_child(args) -> None:
+    """One engine's start-up for bench_startup: prints its phases and first request as the last line of JSON."""
+    folder = model_folder(args.models[0], ROOT)
+    llm = LLM(folder, load_format="dummy", **ENGINE_KW)  # main() put the one --quantization into ENGINE_KW
+    prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
+    start = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+    first_request = time.perf_counter() - start
+    result = dict(
+        phases=llm.startup_seconds,
+        first_request_s=first_request,
+        first_ttft_s=out.time_to_first_token,
+        cuda_graphs=len(llm.runner.graphs.graphs) if llm.runner.graphs is not None else 0,
+        max_memory_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+    )
+    llm.shutdown()
+    print(json.dumps(result))
+
+
 def main() -> None:
     """Parse the command line and run one benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -658,6 +718,8 @@ def main() -> None:
             "cascade_crossover",
             "skewed_decode",
             "cold_prefill",
+            "startup",
+            "startup_child",  # one engine of `startup`, in its own process
         ],
     )
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
@@ -670,7 +732,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
         "--quantization", nargs="+", choices=("none", "fp8"), default=["none"],
-        help="engine weights (decode: one engine per value, in turn; others: one value)",
+        help="engine weights (decode, startup: one engine per value, in turn; others: one value)",
     )  # fmt: skip
     parser.add_argument("--shared-requests", type=int, default=64, help="shared_prefix: concurrent requests")
     parser.add_argument("--prefix-tokens", type=int, default=4096, help="shared_prefix: shared prefix length")
@@ -684,6 +746,9 @@ def main() -> None:
         "--long-lens", nargs="+", type=int, default=[1024, 4096, 16384], help="skewed_decode: the long context"
     )
     parser.add_argument("--short-len", type=int, default=256, help="skewed_decode: the other requests' prompts")
+    parser.add_argument(
+        "--states", nargs="+", choices=("cold", "warm"), default=["cold", "warm"], help="startup: Triton cache states"
+    )
     parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
     parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
     parser.add_argument("--rounds", type=int, default=6, help="decode_ab, skewed_decode: timed runs each")
@@ -703,7 +768,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's start-up choices
     if args.block_size:
         ENGINE_KW["block_size"] = args.block_size
-    if args.which != "decode":
+    if args.which not in ("decode", "startup"):
         if len(args.quantization) > 1:
             parser.error(f"--quantization takes one value for {args.which} (several only for decode)")
         if args.quantization[0] != "none":
@@ -717,6 +782,8 @@ def main() -> None:
         "cascade_crossover": bench_cascade_crossover,
         "skewed_decode": bench_skewed_decode,
         "cold_prefill": bench_cold_prefill,
+        "startup": bench_startup,
+        "startup_child": startup_child,
     }[args.which](args)
 
 

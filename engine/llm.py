@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import resource
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import torch
@@ -31,6 +32,24 @@ Prompt = str | Sequence[int]
 FLASHINFER_HEAD_DIMS = (64, 128, 256)  # FlashInfer's paged kernels; the GPU kit prebuilds 64 and 128
 
 
+class StartupClock:
+    """Seconds each start-up phase took, in order: mark(phase) closes the phase that ran since the last mark."""
+
+    def __init__(self):
+        self._start = self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """End `phase` now (its time adds up if marked again)."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> dict[str, float]:
+        """Each phase's seconds and their `total` (the constructor's wall time up to the last mark)."""
+        return {**self.phases, "total": self._last - self._start}
+
+
 class RequestFailedError(RuntimeError):
     """A request failed inside the engine (for example a model step raised); other requests go on."""
 
@@ -44,6 +63,12 @@ def make_config(engine_kwargs: dict) -> EngineConfig:
         return EngineConfig(**engine_kwargs)
     except ValidationError as exc:
         raise ValueError(f"invalid engine option: {exc}") from exc
+
+
+def startup_summary(seconds: dict[str, float]) -> str:
+    """'12.3s (load 1.0s, tune 2.1s, ...)': the total and every phase that took 0.05 s or more."""
+    parts = [f"{phase.replace('_', ' ')} {s:.1f}s" for phase, s in seconds.items() if phase != "total" and s >= 0.05]
+    return f"{seconds['total']:.1f}s ({', '.join(parts)})" if parts else f"{seconds['total']:.1f}s"
 
 
 def as_sampling_params(params) -> SamplingParams:
@@ -61,6 +86,7 @@ class LLM:
     """An in-process LLM engine: paged KV cache, continuous batching, prefix caching, chunked prefill."""
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs):
+        clock = StartupClock()
         self.config = config = make_config(engine_kwargs)
         self.device = torch.device(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device.type)
@@ -115,8 +141,10 @@ class LLM:
             else:
                 net.load_weights(self._cast(iter_weights(src, hf_config)))
             net.eval()
+        clock.mark("load")
         if config.quantization == "fp8":
             quantize_model_fp8(net)
+        clock.mark("quantize")
         if self.device.type == "cpu":
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         if self.device.type == "cuda":
@@ -126,12 +154,14 @@ class LLM:
             if backend_name == "flashinfer" and not config.enforce_eager:
                 # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs only.
                 net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
+        clock.mark("tune")  # the CPU's weight packing included
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
         runner.backend = make_backend(backend_name, runner, config, window)
         runner.supports_cascade = backend_name == "flashinfer"
         num_blocks = self._num_kv_blocks(runner, max_model_len)
         runner.allocate_kv_cache(num_blocks, config.block_size)
         max_model_len = min(max_model_len, num_blocks * config.block_size)
+        clock.mark("kv_cache")  # the memory-profiling forward at the largest batch shape included
         if backend_name == "flashinfer" and not config.enforce_eager:
             from engine.cuda_graphs import GraphRunner
 
@@ -139,6 +169,7 @@ class LLM:
             runner.graphs.capture()
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":
             runner.warm_input_patch()
+        clock.mark("cuda_graphs")  # with the start-up timings inside capture() and the input warm-up
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self._froze_gc = config.freeze_gc
         if config.freeze_gc:
@@ -146,10 +177,12 @@ class LLM:
             gc.collect()
             gc.freeze()
         self.attention_backend = backend_name
+        clock.mark("engine")
+        self.startup_seconds = clock.seconds()
         kv_gib = runner.kv_cache_storage.nbytes / 2**30
         logger.info(
             "%s on %s (%s, %s attention): KV cache %d blocks x %d tokens = %d tokens (%.2f GiB), "
-            "room for %d requests of max_model_len %d",
+            "room for %d requests of max_model_len %d; ready in %s",
             self.model_name,
             self.device,
             str(self.dtype).removeprefix("torch.") + (", FP8 weights" if config.quantization == "fp8" else ""),
@@ -160,6 +193,7 @@ class LLM:
             kv_gib,
             num_blocks * config.block_size // max_model_len,
             max_model_len,
+            startup_summary(self.startup_seconds),
         )
 
     def _cast(self, weights):

@@ -85,6 +85,11 @@ class _EngineStateCollector:
             for name, (doc, _) in counters.items()
         }
         info = InfoMetricFamily("nanovllm_engine", "Engine configuration.", labels=["model_name"])
+        startup = GaugeMetricFamily(
+            "nanovllm_startup_seconds",
+            "Seconds each start-up phase took (phase total: all of them).",
+            labels=["model_name", "phase"],
+        )
         for label, llm in engines:
             if llm.engine._stopped:
                 continue
@@ -95,6 +100,8 @@ class _EngineStateCollector:
                     families[name].add_metric([label], float(value))
             for name, (_, key) in counters.items():
                 cfams[name].add_metric([label], float(stats[key]))
+            for phase, seconds in llm.startup_seconds.items():
+                startup.add_metric([label, phase], seconds)
             cfg = llm.config
             info.add_metric(
                 [label],
@@ -109,6 +116,7 @@ class _EngineStateCollector:
             )
         yield from families.values()
         yield from cfams.values()
+        yield startup
         yield info
 
 

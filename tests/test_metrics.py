@@ -102,6 +102,39 @@ def test_prefix_cache_hits_appear_when_a_prompt_repeats(served, metrics_port):
     assert hits == 48 and queries == 100
 
 
+def test_startup_phases_are_exported_and_add_up(served, metrics_port):
+    llm, label = served
+    phases = llm.startup_seconds
+    assert list(phases) == ["load", "quantize", "tune", "kv_cache", "cuda_graphs", "engine", "total"]
+    assert phases["load"] > 0 and min(phases.values()) >= 0
+    assert sum(s for p, s in phases.items() if p != "total") == pytest.approx(phases["total"])
+    samples = scrape(metrics_port)
+    for phase, seconds in phases.items():
+        assert value(samples, "nanovllm_startup_seconds", model_name=label, phase=phase) == seconds, phase
+
+
+def test_startup_time_lands_in_the_phase_that_spent_it(qwen3_path, monkeypatch, caplog):
+    from engine.model_runner import ModelRunner
+
+    allocate = ModelRunner.allocate_kv_cache
+
+    def slow_allocate(self, *args, **kwargs):
+        time.sleep(0.5)
+        return allocate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache", slow_allocate)
+    with caplog.at_level("INFO", logger="engine"):
+        llm = LLM(qwen3_path, device="cpu")
+    try:
+        phases = llm.startup_seconds
+        assert phases["kv_cache"] >= 0.5
+        assert max(s for p, s in phases.items() if p not in ("kv_cache", "total")) < phases["kv_cache"]
+        ready = [r.getMessage() for r in caplog.records if "ready in" in r.getMessage()]
+        assert len(ready) == 1 and f"kv cache {phases['kv_cache']:.1f}s" in ready[0]
+    finally:
+        llm.shutdown()
+
+
 def test_two_engines_are_two_labels(qwen3_path, served, metrics_port):
     llm, label = served
     other = LLM(qwen3_path, device="cpu")

@@ -285,3 +285,36 @@ def test_few_row_configs_divide_the_weight(n, k):
     else:  # several K splits for every Qwen3 projection: hundreds of programs stream one weight
         assert len({c[4] for c in configs}) >= 2
     assert set(configs) <= set(ROWS_CONFIGS)
+
+
+def test_warm_in_threads_runs_the_candidates_side_by_side(monkeypatch):
+    """The start-up timings' first launches (where Triton compiles) run concurrently, each once, in inference mode,
+    and one that raises leaves the others running."""
+    import threading
+
+    import torch
+
+    from engine.layers.linear import warm_in_threads
+
+    monkeypatch.setenv("NANOVLLM_COMPILE_THREADS", "4")
+    barrier = threading.Barrier(3, timeout=10)  # passes only if three calls run at the same time
+    seen = []
+
+    def call(i: int):
+        def run():
+            seen.append((i, torch.is_inference_mode_enabled()))
+            if i == 1:
+                raise RuntimeError("a configuration too large for this GPU")
+            if i > 1:
+                barrier.wait()
+
+        return run
+
+    warm_in_threads([call(i) for i in range(5)], torch.device("cpu"))
+    assert sorted(seen) == [(0, True), (1, True), (2, True), (3, True), (4, True)]
+    assert not barrier.broken
+
+    monkeypatch.setenv("NANOVLLM_COMPILE_THREADS", "1")  # one at a time: nothing runs ahead of the timing
+    seen.clear()
+    warm_in_threads([call(i) for i in range(3)], torch.device("cpu"))
+    assert seen == []

@@ -353,26 +353,30 @@ def _tune_act(lins) -> dict[int, tuple | None]:
     (cuBLASLt's FP8 GEMM), timed at the tile's largest row count cycling through these projections."""
     from triton.runtime.errors import OutOfResources
 
-    from engine.layers.linear import cycle_time_us
+    from engine.layers.linear import cycle_time_us, warm_in_threads
 
     w0 = lins[0].weight
     plan: dict[int, tuple | None] = {}
+    calls = {}
     for tile, shapes in FP8_ACT_CONFIGS.items():
         if tile < ACT_MIN_ROWS:  # every step this tile serves has bf16 activations
             continue
         x8, sx = quantize_rows(torch.randn(tile, w0.shape[1], device=w0.device, dtype=torch.bfloat16))
-        times = {}
         for cfg in [None, *rows_configs_for(w0.shape[0], w0.shape[1], shapes)]:
-            calls = [
+            calls[tile, cfg] = [
                 functools.partial(fp8_scaled_mm, x8, sx, lin.weight, lin.weight_scale, lin.bias, torch.bfloat16,
                                   {tile: cfg})
                 for lin in lins
             ]  # fmt: skip
-            try:
-                times[cfg] = cycle_time_us(calls)
-            except OutOfResources:  # a tile too large for this GPU's shared memory
-                continue
-        plan[tile] = min(times, key=times.get)
+    warm_in_threads([c[0] for c in calls.values()], w0.device)  # every tile's shapes compile side by side
+    times: dict[int, dict[tuple | None, float]] = {}
+    for (tile, cfg), cfg_calls in calls.items():
+        try:
+            times.setdefault(tile, {})[cfg] = cycle_time_us(cfg_calls)
+        except OutOfResources:  # a tile too large for this GPU's shared memory
+            continue
+    for tile, by_cfg in times.items():
+        plan[tile] = min(by_cfg, key=by_cfg.get)
     return plan
 
 

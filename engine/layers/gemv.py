@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from engine.config import env_choice
 from engine.layers.kernels import L2_PREFETCH_ASM, l2_prefetch_enabled, launch_options, triton_available
-from engine.layers.linear import cycle_time_us
+from engine.layers.linear import cycle_time_us, warm_in_threads
 
 logger = logging.getLogger("engine")
 
@@ -612,33 +612,55 @@ def _unfused_call(x, residual, norm, linear, act):
     return functools.partial(norm_linear_row, x.clone(), residual.clone(), norm, linear, None, act)
 
 
-def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, float]]:
-    """(unfused us, {config: Triton us}) per call for one role at `rows` token rows, cycling through the given
-    layers' modules."""
+def _role_calls(mods, candidates, rows: int = 1) -> tuple[list, dict[tuple, list]]:
+    """(unfused calls, {config: Triton calls}) for one role at `rows` token rows, one call per given layer's
+    modules, for _time_calls."""
     w0 = mods[0][1].weight
     # Activations are in the model dtype, which an FP8 weight's layer records (engine/layers/fp8.py).
     dtype = getattr(mods[0][1], "act_dtype", w0.dtype)
     x = torch.randn(rows, w0.shape[1], device=w0.device, dtype=dtype)
     residual = torch.randn_like(x) if mods[0][0] is not None else None
-    base = cycle_time_us([_unfused_call(x, residual, *m) for m in mods])
+    base = [_unfused_call(x, residual, *m) for m in mods]
     # The GEMV reads row-major weights; the few-row kernel takes the weight as it is.
     weights = [lin.weight.contiguous() if rows == 1 else lin.weight for _, lin, _ in mods]
-    from triton.runtime.errors import OutOfResources
-
-    times = {}
-    for cfg in candidates:
-        calls = [
+    calls = {
+        cfg: [
             functools.partial(
                 _launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None,
                 scale=lin.weight_scale,
             )
             for (nm, lin, act), w in zip(mods, weights, strict=True)
-        ]  # fmt: skip
+        ]
+        for cfg in candidates
+    }  # fmt: skip
+    return base, calls
+
+
+def _warm(jobs, device: torch.device) -> None:
+    # Every candidate of every (base, calls) job launched once, side by side: Triton compiles them in parallel.
+    warm_in_threads([c[0] for _, calls in jobs for c in calls.values()], device)
+
+
+def _time_calls(base: list, calls: dict[tuple, list]) -> tuple[float, dict[tuple, float]]:
+    """(unfused us, {config: Triton us}) per call, from _role_calls' calls; a configuration too large for this GPU
+    is left out."""
+    from triton.runtime.errors import OutOfResources
+
+    times = {}
+    for cfg, cfg_calls in calls.items():
         try:
-            times[cfg] = cycle_time_us(calls)
+            times[cfg] = cycle_time_us(cfg_calls)
         except OutOfResources:  # a tile too large for this GPU's shared memory: not a candidate here
             continue
-    return base, times
+    return cycle_time_us(base), times
+
+
+def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, float]]:
+    """(unfused us, {config: Triton us}) per call for one role at `rows` token rows, cycling through the given
+    layers' modules."""
+    job = _role_calls(mods, candidates, rows)
+    _warm([job], mods[0][1].weight.device)
+    return _time_calls(*job)
 
 
 def _rows_candidates(weight: torch.Tensor, tile: int) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -664,6 +686,7 @@ def tune_rows(
     start = time.perf_counter()
     plans: dict[int, dict[str, tuple | None]] = {}
     notes = []
+    jobs = {}  # (tile, role) -> one _role_calls job per row count of ROWS_TUNE_AT
     for tile, row_counts in ROWS_TUNE_AT.items():
         if tile // 2 >= max_rows:
             continue
@@ -678,15 +701,19 @@ def tune_rows(
                 continue
             count = -(-stream_bytes // (w0.numel() * w0.element_size()))
             mods = [_role_modules(layer)[role] for layer in layers[:count]]
-            timed = [_time_role(mods, candidates, rows) for rows in row_counts]
-            fits = [c for c in candidates if all(c in t for _, t in timed)]
-            if not fits:
-                continue
-            best = min(fits, key=lambda c: sum(t[c] / base for base, t in timed))
-            if all(t[best] < base * (1 - margin) for base, t in timed):
-                plan[role] = best
-            ratios = "/".join(f"{t[best] / base:.2f}" for base, t in timed)
-            notes.append(f"{tile}-row {role} {ratios} ({best})")
+            jobs[tile, role] = [_role_calls(mods, candidates, rows) for rows in row_counts]
+    # Every tile's, role's and row count's candidates compile side by side first (most of a cold start-up's time).
+    _warm([job for tile_jobs in jobs.values() for job in tile_jobs], layers[0].mlp.down_proj.weight.device)
+    for (tile, role), role_jobs in jobs.items():
+        timed = [_time_calls(*job) for job in role_jobs]
+        fits = [c for c in role_jobs[0][1] if all(c in t for _, t in timed)]  # the candidates, in their order
+        if not fits:
+            continue
+        best = min(fits, key=lambda c: sum(t[c] / base for base, t in timed))
+        if all(t[best] < base * (1 - margin) for base, t in timed):
+            plans[tile][role] = best
+        ratios = "/".join(f"{t[best] / base:.2f}" for base, t in timed)
+        notes.append(f"{tile}-row {role} {ratios} ({best})")
     if notes:
         elapsed = time.perf_counter() - start
         logger.info("few-row GEMMs (timed in %.1fs), Triton / unfused time: %s", elapsed, "; ".join(notes))
@@ -705,6 +732,7 @@ def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = No
     start = time.perf_counter()
     plan: dict[str, tuple | None] = {}
     notes = []
+    jobs = {}
     for role in ROLES:
         norm, linear, act = _role_modules(layers[0])[role]
         w0 = linear.weight
@@ -713,7 +741,10 @@ def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = No
         if not candidates or mode == "force":
             continue
         count = -(-stream_bytes // (w0.numel() * w0.element_size()))
-        base, times = _time_role([_role_modules(layer)[role] for layer in layers[:count]], candidates)
+        jobs[role] = _role_calls([_role_modules(layer)[role] for layer in layers[:count]], candidates)
+    _warm(jobs.values(), layers[0].mlp.down_proj.weight.device)  # every role's candidates compile side by side
+    for role, job in jobs.items():
+        base, times = _time_calls(*job)
         best = min(times, key=times.get)
         plan[role] = best if times[best] < base * (1 - margin) else None
         if ranked is not None and plan[role] is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,41 @@ def cycle_time_us(calls: list[Callable[[], object]], total: int = 20) -> float:
             call()
 
     return graph_time_us(run, passes) / len(calls)
+
+
+def compile_threads() -> int:
+    """NANOVLLM_COMPILE_THREADS: how many candidate kernels the start-up timings run at once the first time, so
+    that Triton compiles them in parallel (default: the CPU count, at most 16; 1: one at a time)."""
+    from engine.config import env_whole_number
+
+    return max(1, env_whole_number("NANOVLLM_COMPILE_THREADS", min(16, os.cpu_count() or 1), "threads"))
+
+
+def warm_in_threads(calls: list[Callable[[], object]], device: torch.device) -> None:
+    """Run each call once, up to compile_threads() at a time, and wait for the device: the first launch of a Triton
+    configuration compiles it, and its compiler (LLVM, ptxas in a subprocess) mostly runs outside the GIL, so the
+    candidates a start-up timing tries compile side by side instead of one after another (on a fresh Triton cache
+    that was most of a start-up: docs/benchmarks.md). A call that raises is left to the timing that follows, which
+    raises or skips it as it would have anyway."""
+    threads = min(compile_threads(), len(calls))
+    if threads <= 1:
+        return
+
+    def run(call: Callable[[], object]) -> None:
+        # Inference mode and the current CUDA device are per thread.
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with torch.inference_mode():
+            try:
+                call()
+            except Exception:  # noqa: BLE001 - see the docstring
+                logger.debug("warm-up call failed; the timing runs it again", exc_info=True)
+
+    run(calls[0])  # one launch first: Triton's per-device caches of this kernel are then set up once, not per thread
+    with ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-compile") as pool:
+        list(pool.map(run, calls[1:]))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def stream_time_us(weights: list[torch.Tensor], x: torch.Tensor) -> float:

@@ -36,6 +36,11 @@ def test_gpu_gauges_memory_report_and_shutdown(tmp_path):
     for name in ("gpu_memory_used_bytes", "gpu_memory_reserved_bytes", "gpu_memory_total_bytes"):
         assert REGISTRY.get_sample_value(f"nanovllm_{name}", {"model_name": label}) > 0, name
     assert REGISTRY.get_sample_value("nanovllm_generation_tokens_total", {"model_name": label}) == 32
+    # Capturing the decode and prefill graphs takes well over 10 ms: a mark in the wrong place would show ~0 here.
+    graphs_s = llm.startup_seconds["cuda_graphs"]
+    assert graphs_s > 0.01 and len(llm.runner.graphs.graphs) > 0
+    exported = REGISTRY.get_sample_value("nanovllm_startup_seconds", {"model_name": label, "phase": "cuda_graphs"})
+    assert exported == graphs_s
     used = torch.cuda.memory_allocated()
     big = mem["weights_bytes"] + mem["kv_cache_bytes"] + llm.runner.backend.workspace.nbytes
     llm.shutdown()
