@@ -31,6 +31,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     tree = Path(args.tree).resolve()
+    # The tree's model folders take their tokenizer from its tests/helpers.py (benchmarks/common.py).
+    missing = [p for p in ("engine", "benchmarks/common.py", "tests/helpers.py") if not (tree / p).exists()]
+    if missing:
+        parser.error(
+            f"--tree {tree} lacks {', '.join(missing)}; copy a checkout's engine, benchmarks and tests "
+            "(git archive REV engine benchmarks tests | tar -x -C DIR)"
+        )
     sys.path[:0] = [str(tree), str(tree / "benchmarks")]
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
