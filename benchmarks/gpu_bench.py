@@ -10,6 +10,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_bench.py skewed_decode --new-tokens 64
     python benchmarks/gpu_bench.py cold_prefill --ttft-rounds 5
     python benchmarks/gpu_bench.py startup --models Qwen3-0.6B --quantization none fp8
+    python benchmarks/gpu_bench.py startup --models embedded        # also on the CPU
 Each writes benchmarks/results/<name>.json (and a copy under $OUT when set).
 """
 
@@ -652,16 +653,21 @@ def bench_startup(args) -> None:
     per phase (LLM.startup_seconds), and the first request after it. Each engine starts in a fresh process, first
     with an empty Triton cache (cold: every Triton kernel the start-up timings try compiles, as on a user's first
     run), then again on the cache that left (warm: later runs). Weights are random (load_format="dummy"), so the
-    load phase here is not a checkpoint's read."""
+    load phase here is not a checkpoint's read, except for the model name `embedded`: the embedded SmolLM2 GGUF,
+    whose first load converts it into an empty NANOVLLM_GGUF_CACHE and whose warm load reads that copy (this one
+    runs on the CPU too)."""
     rows = []
     for name, quant in [(m, q) for m in args.models for q in args.quantization]:
-        cache = tempfile.mkdtemp(prefix="triton-cache-")
-        for state in args.states:  # "warm" runs on the cache "cold" left, when both run
+        caches = {
+            "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-"),
+            "NANOVLLM_GGUF_CACHE": tempfile.mkdtemp(prefix="gguf-cache-"),
+        }
+        for state in args.states:  # "warm" runs on the caches "cold" left, when both run
             cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant]
             if args.block_size:
                 cmd += ["--block-size", str(args.block_size)]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, env={**os.environ, "TRITON_CACHE_DIR": cache}, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env={**os.environ, **caches}, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
@@ -673,8 +679,8 @@ def bench_startup(args) -> None:
             rows.append(
                 dict(
                     model=name,
-                    weights="bf16" if quant == "none" else quant,
-                    triton_cache=state,
+                    weights=child.pop("dtype") if quant == "none" else quant,
+                    caches=state,
                     process_s=wall,
                     **{f"{phase}_s": seconds for phase, seconds in phases.items()},
                     **child,
@@ -682,19 +688,23 @@ def bench_startup(args) -> None:
             )
             table = [{k: v for k, v in row.items() if k != "engine_log"} for row in rows]
             print_table("engine start-up, seconds (process: the whole child, Python's imports included)", table)
-    write_result("startup", {"rows": rows}, OUT)
+    write_result("startup" if torch.cuda.is_available() else "startup_cpu", {"rows": rows}, OUT)
 
 
 def startup_child(args) -> None:
     """One engine's start-up for bench_startup: prints its phases and first request as the last line of JSON."""
-    folder = model_folder(args.models[0], ROOT)
-    llm = LLM(folder, load_format="dummy", **ENGINE_KW)  # main() put the one --quantization into ENGINE_KW
+    if args.models[0] == "embedded":
+        llm = LLM(None, **ENGINE_KW)
+    else:
+        folder = model_folder(args.models[0], ROOT)
+        llm = LLM(folder, load_format="dummy", **ENGINE_KW)  # main() put the one --quantization into ENGINE_KW
     prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
     start = time.perf_counter()
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     first_request = time.perf_counter() - start
     result = dict(
         phases=llm.startup_seconds,
+        dtype=str(llm.dtype).removeprefix("torch."),
         first_request_s=first_request,
         first_ttft_s=out.time_to_first_token,
         cuda_graphs=len(llm.runner.graphs.graphs) if llm.runner.graphs is not None else 0,

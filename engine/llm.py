@@ -18,7 +18,16 @@ from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
 from engine.llm_engine import LLMEngine
-from engine.loader import iter_weights, load_config, load_tokenizer, parse_gguf_once, resolve_model
+from engine.loader import (
+    conversion_folder,
+    converted_source,
+    iter_weights,
+    load_config,
+    load_tokenizer,
+    parse_gguf_once,
+    resolve_model,
+    save_conversion,
+)
 from engine.model_runner import ModelRunner
 from engine.models.llama import head_dim_of, sliding_window_of
 from engine.models.registry import model_class_for
@@ -94,7 +103,7 @@ class LLM:
             reason = fp8_unsupported_reason(self.device, self.dtype)
             if reason:
                 raise ValueError(f"{reason}; use quantization=None")
-        src = resolve_model(model)
+        src = converted_source(resolve_model(model))
         self.model_name = src.name
         with parse_gguf_once(src):  # the three GGUF reads (config, tokenizer, weights) share one parse
             hf_config = load_config(src)
@@ -139,7 +148,12 @@ class LLM:
             if config.load_format == "dummy":
                 init_dummy_weights(net, config.seed)
             else:
-                net.load_weights(self._cast(iter_weights(src, hf_config)))
+                # A GGUF model's dequantized tensors are all in memory while it loads: keep references to write them
+                # once as a Hugging Face folder, which later loads read instead (converted_source).
+                kept = {} if conversion_folder(src) is not None else None
+                net.load_weights(self._cast(iter_weights(src, hf_config), kept))
+                if kept:
+                    save_conversion(src, hf_config, self.tokenizer, kept)
             net.eval()
         clock.mark("load")
         if config.quantization == "fp8":
@@ -196,8 +210,10 @@ class LLM:
             startup_summary(self.startup_seconds),
         )
 
-    def _cast(self, weights):
+    def _cast(self, weights, kept: dict | None = None):
         for name, tensor in tqdm(weights, desc=f"Loading {self.model_name}", unit=" tensors", leave=False):
+            if kept is not None:
+                kept[name] = tensor
             yield name, tensor.to(device=self.device, dtype=self.dtype)
 
     def _pick_backend(self) -> str:

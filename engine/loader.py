@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +70,99 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         f"model {text!r} is not an existing folder, .gguf file or Hub id (owner/name); "
         "pass a local Hugging Face folder, a .gguf path, a Hub id, or None for the embedded default"
     )
+
+
+# Bumped when what save_conversion writes changes, so that older folders are not read.
+CONVERSION_FORMAT = 1
+
+
+def gguf_cache_dir() -> Path | None:
+    """NANOVLLM_GGUF_CACHE: the folder where GGUF models are kept converted (default: nanovllm/gguf under
+    $XDG_CACHE_HOME or ~/.cache); "0" keeps none."""
+    value = os.environ.get("NANOVLLM_GGUF_CACHE", "")
+    if value == "0":
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nanovllm" / "gguf"
+
+
+def gguf_cache_max_bytes() -> int:
+    """NANOVLLM_GGUF_CACHE_MAX_GIB: the largest converted weights kept (default 2 GiB: they are dequantized to
+    fp32, several times the GGUF file's size)."""
+    value = os.environ.get("NANOVLLM_GGUF_CACHE_MAX_GIB", "2")
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if gib < 0:
+        raise ValueError(f"NANOVLLM_GGUF_CACHE_MAX_GIB={value!r} must be a number of GiB, 0 or more")
+    return int(gib * 2**30)
+
+
+def conversion_folder(src: ModelSource) -> Path | None:
+    """Where a GGUF model's converted copy belongs: named by the file's path, size and modification time and the
+    converting libraries' versions, so that a changed file or library never reads an old copy; None for models
+    that are not GGUF, or with the cache off."""
+    root = gguf_cache_dir()
+    if root is None or not src.gguf_file:
+        return None
+    import gguf
+    import transformers
+
+    path = (src.folder / src.gguf_file).resolve()
+    stat = path.stat()
+    versions = (transformers.__version__, getattr(gguf, "__version__", ""), CONVERSION_FORMAT)
+    key = repr((str(path), stat.st_size, stat.st_mtime_ns, versions))
+    return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def converted_source(src: ModelSource) -> ModelSource:
+    """src, or for a GGUF model that an earlier load converted, its converted Hugging Face folder: reading that
+    skips parsing and dequantizing the GGUF file (the embedded model: docs/benchmarks.md, CPU section)."""
+    folder = conversion_folder(src)
+    if folder is None or not (folder / "model.safetensors").is_file():
+        return src
+    logger.info("%s: loading the copy an earlier load converted, %s", src.name, folder)
+    return ModelSource(folder, None, src.name)
+
+
+def save_conversion(src: ModelSource, hf_config, tokenizer, tensors: dict[str, torch.Tensor]) -> Path | None:
+    """Keep a GGUF model's config, tokenizer and dequantized weights (HF names, as loaded) as a Hugging Face
+    folder for later loads; written into a temporary folder renamed into place, so no load reads a partial one.
+    Returns the folder, or None when the cache is off, the weights pass gguf_cache_max_bytes(), or writing failed
+    (a warning says why; the model is loaded either way)."""
+    folder = conversion_folder(src)
+    if folder is None:
+        return None
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > gguf_cache_max_bytes():
+        logger.info(
+            "%s: not keeping its converted weights (%.2f GiB, above NANOVLLM_GGUF_CACHE_MAX_GIB); each load converts "
+            "the GGUF file again", src.name, size / 2**30,
+        )  # fmt: skip
+        return None
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        hf_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp / "model.safetensors"))
+        os.replace(tmp, folder)
+    except OSError as exc:  # a full disk, a read-only cache, or another process that converted it first
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "model.safetensors").is_file():
+            return folder
+        logger.warning("%s: could not keep the converted model in %s (%s); set NANOVLLM_GGUF_CACHE to a writable "
+                       "folder, or 0 to stop trying", src.name, folder, exc)  # fmt: skip
+        return None
+    logger.info("%s: kept the converted model in %s (%.2f GiB); later loads read it instead of the GGUF file",
+                src.name, folder, size / 2**30)  # fmt: skip
+    return folder
 
 
 def _hub_snapshot(repo_id: str) -> Path:

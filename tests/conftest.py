@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# GGUF models converted during the tests go to a folder of this session's, not the user's cache: the first embedded
+# load converts the GGUF file (the path HF is compared against), later ones read that copy.
+os.environ.setdefault("NANOVLLM_GGUF_CACHE", tempfile.mkdtemp(prefix="nanovllm-gguf-"))
 
 from helpers import save_tiny_model, tiny_tokenizer  # noqa: E402
 
