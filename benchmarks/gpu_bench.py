@@ -662,6 +662,8 @@ def bench_startup(args) -> None:
             "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-"),
             "NANOVLLM_GGUF_CACHE": tempfile.mkdtemp(prefix="gguf-cache-"),
         }
+        if os.environ.get("NANOVLLM_GGUF_CACHE") == "0":  # the cache off: every load converts (A/B runs)
+            del caches["NANOVLLM_GGUF_CACHE"]
         for state in args.states:  # "warm" runs on the caches "cold" left, when both run
             cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant]
             if args.block_size:
