@@ -121,7 +121,7 @@ def converted_source(src: ModelSource) -> ModelSource:
     """src, or for a GGUF model that an earlier load converted, its converted Hugging Face folder: reading that
     skips parsing and dequantizing the GGUF file (the embedded model: docs/benchmarks.md, CPU section)."""
     folder = conversion_folder(src)
-    if folder is None or not (folder / "model.safetensors").is_file():
+    if folder is None or not all((folder / f).is_file() for f in ("config.json", "model.safetensors")):
         return src
     logger.info("%s: loading the copy an earlier load converted, %s", src.name, folder)
     return ModelSource(folder, None, src.name)
@@ -152,7 +152,9 @@ def save_conversion(src: ModelSource, hf_config, tokenizer, tensors: dict[str, t
         tokenizer.save_pretrained(tmp)
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp / "model.safetensors"))
         os.replace(tmp, folder)
-    except OSError as exc:  # a full disk, a read-only cache, or another process that converted it first
+    # Best effort: a full disk, a read-only cache, another process that converted it first, or a config or tokenizer
+    # that cannot be saved; the model is loaded either way.
+    except Exception as exc:  # noqa: BLE001
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if (folder / "model.safetensors").is_file():

@@ -122,6 +122,15 @@ def test_a_conversion_that_cannot_be_kept_is_skipped_with_a_reason(tmp_path, mon
         assert save_conversion(src, config, tiny_tokenizer(), tensors) is None
     assert "could not keep the converted model" in caplog.text and "NANOVLLM_GGUF_CACHE" in caplog.text
     monkeypatch.setenv("NANOVLLM_GGUF_CACHE", str(tmp_path / "cache"))
+
+    class Unsaveable:
+        def save_pretrained(self, folder):
+            raise TypeError("this tokenizer cannot be saved")
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine"):
+        assert save_conversion(src, config, Unsaveable(), tensors) is None  # the load goes on without a copy
+    assert "cannot be saved" in caplog.text and list((tmp_path / "cache").iterdir()) == []  # no partial folder
     folder = save_conversion(src, config, tiny_tokenizer(), tensors)
     assert folder is not None and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     monkeypatch.setenv("NANOVLLM_GGUF_CACHE_MAX_GIB", "lots")
