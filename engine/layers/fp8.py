@@ -41,6 +41,7 @@ from engine.layers.gemv import (
     configs_for,
     rows_configs_for,
     rows_tile,
+    time_candidates,
 )
 
 logger = logging.getLogger("engine")
@@ -351,12 +352,9 @@ def _default_act_config(n: int, k: int, tile: int) -> tuple | None:
 def _tune_act(lins) -> dict[int, tuple | None]:
     """Per row tile that steps with FP8 activations use, the fastest of the tile's FP8_ACT_CONFIGS or None
     (cuBLASLt's FP8 GEMM), timed at the tile's largest row count cycling through these projections."""
-    from triton.runtime.errors import OutOfResources
-
-    from engine.layers.linear import cycle_time_us, warm_in_threads
+    from engine.layers.linear import warm_in_threads
 
     w0 = lins[0].weight
-    plan: dict[int, tuple | None] = {}
     calls = {}
     for tile, shapes in FP8_ACT_CONFIGS.items():
         if tile < ACT_MIN_ROWS:  # every step this tile serves has bf16 activations
@@ -370,14 +368,9 @@ def _tune_act(lins) -> dict[int, tuple | None]:
             ]  # fmt: skip
     warm_in_threads([c[0] for c in calls.values()], w0.device)  # every tile's shapes compile side by side
     times: dict[int, dict[tuple | None, float]] = {}
-    for (tile, cfg), cfg_calls in calls.items():
-        try:
-            times.setdefault(tile, {})[cfg] = cycle_time_us(cfg_calls)
-        except OutOfResources:  # a tile too large for this GPU's shared memory
-            continue
-    for tile, by_cfg in times.items():
-        plan[tile] = min(by_cfg, key=by_cfg.get)
-    return plan
+    for (tile, cfg), us in time_candidates(calls).items():
+        times.setdefault(tile, {})[cfg] = us
+    return {tile: min(by_cfg, key=by_cfg.get) for tile, by_cfg in times.items()}
 
 
 @torch.inference_mode()

@@ -641,17 +641,23 @@ def _warm(jobs, device: torch.device) -> None:
     warm_in_threads([c[0] for _, calls in jobs for c in calls.values()], device)
 
 
-def _time_calls(base: list, calls: dict[tuple, list]) -> tuple[float, dict[tuple, float]]:
-    """(unfused us, {config: Triton us}) per call, from _role_calls' calls; a configuration too large for this GPU
-    is left out."""
+def time_candidates(calls: dict) -> dict:
+    """{key: us per call} of each candidate's calls (cycle_time_us); a configuration too large for this GPU is left
+    out."""
     from triton.runtime.errors import OutOfResources
 
     times = {}
-    for cfg, cfg_calls in calls.items():
+    for key, key_calls in calls.items():
         try:
-            times[cfg] = cycle_time_us(cfg_calls)
+            times[key] = cycle_time_us(key_calls)
         except OutOfResources:  # a tile too large for this GPU's shared memory: not a candidate here
             continue
+    return times
+
+
+def _time_calls(base: list, calls: dict[tuple, list]) -> tuple[float, dict[tuple, float]]:
+    """(unfused us, {config: Triton us}) per call, from _role_calls' calls."""
+    times = time_candidates(calls)
     return cycle_time_us(base), times
 
 
