@@ -651,19 +651,22 @@ def bench_cold_prefill(args) -> None:
 def bench_startup(args) -> None:
     """startup.json: how long `LLM(model)` takes with the engine's defaults (max_num_seqs 256, every CUDA graph),
     per phase (LLM.startup_seconds), and the first request after it. Each engine starts in a fresh process, first
-    with an empty Triton cache (cold: every Triton kernel the start-up timings try compiles, as on a user's first
-    run), then again on the cache that left (warm: later runs). Weights are random (load_format="dummy"), so the
-    load phase here is not a checkpoint's read, except for the model name `embedded`: the embedded SmolLM2 GGUF,
-    whose first load converts it into an empty NANOVLLM_GGUF_CACHE and whose warm load reads that copy (this one
-    runs on the CPU too)."""
+    with an empty Triton cache and no kept start-up choices (cold: every Triton kernel the start-up timings try
+    compiles, as on a user's first run), then again on the caches that left (warm: later runs, which read the
+    timings' choices from NANOVLLM_TUNE_CACHE; "0" there times them again, for A/B runs). Weights are random
+    (load_format="dummy"), so the load phase here is not a checkpoint's read, except for the model name `embedded`:
+    the embedded SmolLM2 GGUF, whose first load converts it into an empty NANOVLLM_GGUF_CACHE and whose warm load
+    reads that copy (this one runs on the CPU too)."""
     rows = []
     for name, quant in [(m, q) for m in args.models for q in args.quantization]:
         caches = {
             "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-"),
             "NANOVLLM_GGUF_CACHE": tempfile.mkdtemp(prefix="gguf-cache-"),
+            "NANOVLLM_TUNE_CACHE": tempfile.mkdtemp(prefix="tune-cache-"),
         }
-        if os.environ.get("NANOVLLM_GGUF_CACHE") == "0":  # the cache off: every load converts (A/B runs)
-            del caches["NANOVLLM_GGUF_CACHE"]
+        for kept in ("NANOVLLM_GGUF_CACHE", "NANOVLLM_TUNE_CACHE"):
+            if os.environ.get(kept) == "0":  # the cache off: every load converts or times again (A/B runs)
+                del caches[kept]
         for state in args.states:  # "warm" runs on the caches "cold" left, when both run
             cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant]
             if args.block_size:

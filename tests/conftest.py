@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # GGUF models converted during the tests go to a folder of this session's, not the user's cache: the first embedded
 # load converts the GGUF file (the path HF is compared against), later ones read that copy.
 os.environ.setdefault("NANOVLLM_GGUF_CACHE", tempfile.mkdtemp(prefix="nanovllm-gguf-"))
+# GPU engines time their start-up choices every time, as the tests expect, and keep none in the user's cache; the
+# tests of kept choices name a folder of their own.
+os.environ.setdefault("NANOVLLM_TUNE_CACHE", "0")
 
 from helpers import save_tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -6,6 +6,7 @@ row path composes the same computation as the batched path, and the switches and
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, fused_decode_enabled, triton_decode_max_rows
@@ -116,6 +117,33 @@ def test_split_kernels_of_several_sizes_share_one_set_of_partial_buffers():
     for bad in (12, 64):
         with pytest.raises(ValueError, match=f"splits={bad} must be a power of two from 1 to {MAX_SPLITS}"):
             SplitDecode(48, hq, hkv, d, "cpu", num_sms=132, splits=bad)
+
+
+def test_deferred_split_decode_notes_one_compile_per_configuration_and_launches_nothing():
+    """Graph start-up compiles the split-KV kernel's configurations side by side (GraphRunner.precompile_split_decode):
+    inside deferred_compiles() a launch only notes its configuration's compile, once per configuration."""
+    pytest.importorskip("triton")
+    from engine.attention.triton_decode import deferred_compiles
+
+    hq, hkv, d, bs = 4, 2, 16, 16
+    cache = torch.zeros(3, 2, hkv, bs, d)
+    indptr, indices, last = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 1]), torch.tensor([5])
+    q = torch.randn(1, hq, d)
+    small, other = SplitDecode(1, hq, hkv, d, "cpu", num_sms=132), SplitDecode(1, hq, hkv, d, "cpu", num_sms=4)
+    with deferred_compiles() as calls:
+        for _ in range(3):  # a forward's layers: one configuration
+            small(q, cache, indptr, indices, last)
+        assert len(calls) == 1
+        small.with_lse(q, cache, indptr, indices, last)  # cascade's states: another
+        other(q, cache, indptr, indices, last)  # fewer splits: another
+    assert len(calls) == 3 and small.compiled is None  # nothing launched (on the CPU a launch raises)
+    noted = [call.keywords for call in calls.values()]
+    want = [(small.splits, False), (small.splits, True), (other.splits, False)]
+    assert [(c["S"], c["LSE"]) for c in noted] == want and not any(c["FUSED"] for c in noted)
+    assert all(call.func.__name__ == "warmup" for call in calls.values())
+    assert [c["grid"] for c in noted] == [(1, hkv, s) for s, _ in want]
+    with pytest.raises(Exception):  # noqa: B017, PT011 - outside it the same call launches, which the CPU cannot
+        small(q, cache, indptr, indices, last)
 
 
 def test_switches_reject_bad_values(monkeypatch):

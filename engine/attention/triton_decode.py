@@ -22,9 +22,11 @@ the shared-prefix benchmark ran 1.06-1.10x faster (docs/benchmarks.md, section 3
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -40,6 +42,9 @@ MIN_PAGES_PER_SPLIT = 1
 # its split time at batch 1 and 0.97 at batch 4-8; at 3 pages 0.99 at batch 1 but 1.02-1.03 at batch 4-8; from 4
 # pages on one split loses.
 ONE_SPLIT_PAGES = 2
+
+# Set inside deferred_compiles(): the compiles that launches noted instead of launching, one per configuration.
+_deferred: dict[tuple, Callable[[], object]] | None = None
 
 
 def triton_decode_max_rows() -> int:
@@ -61,6 +66,23 @@ def triton_decode_supported(head_dim: int, block_size: int, device: torch.device
     if not triton_available() or device.type != "cuda":
         return False
     return all(v >= 16 and v & (v - 1) == 0 for v in (head_dim, block_size))
+
+
+@contextlib.contextmanager
+def deferred_compiles() -> Iterator[dict[tuple, Callable[[], object]]]:
+    """Within it, SplitDecode launches nothing (its outputs stay unwritten): the first call of each kernel
+    configuration adds its compile (Triton's warmup, same arguments) to the dict it yields, to be run later side by
+    side.
+
+    Why: each of a graph set's configurations (split count, fused q/k, cascade states) compiles on its first launch
+    in about a second, and the graphs' warm-ups launched them one after another (docs/benchmarks.md, section 10)."""
+    global _deferred
+    calls: dict[tuple, Callable[[], object]] = {}
+    _deferred = calls
+    try:
+        yield calls
+    finally:
+        _deferred = None
 
 
 @functools.cache
@@ -354,26 +376,13 @@ class SplitDecode:
         fused, norm = cos_sin is not None, q_w is not None
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
         unused = q  # pointer arguments a constexpr branch never reads
-        self.compiled = _build_kernel()[(self.rows, self.hkv, self.splits)](
-            q,
-            q_stride,
-            q_w if norm else unused,
-            k_w if norm else unused,
-            cos_sin if fused else unused,
-            rope_pos if fused else unused,
-            eps,
-            kv_cache,
-            kv_indptr,
-            kv_indices,
-            kv_last,
-            self.part_o,
-            self.part_m,
-            self.part_l,
-            self.counter,
-            out,
-            lse if lse is not None else self.part_l,
-            q_out if q_out is not None else out,
-            self.scale_log2,
+        args = (
+            q, q_stride, q_w if norm else unused, k_w if norm else unused, cos_sin if fused else unused,
+            rope_pos if fused else unused, eps, kv_cache, kv_indptr, kv_indices, kv_last,
+            self.part_o, self.part_m, self.part_l, self.counter, out,
+            lse if lse is not None else self.part_l, q_out if q_out is not None else out, self.scale_log2,
+        )  # fmt: skip
+        options = dict(
             HQ=self.hq,
             HKV=self.hkv,
             G=group,
@@ -392,3 +401,10 @@ class SplitDecode:
             num_warps=4,
             **launch,
         )
+        kernel, grid = _build_kernel(), (self.rows, self.hkv, self.splits)
+        if _deferred is not None:
+            # Triton's compile key: the constexprs and options, and how the one integer argument specialises.
+            key = (q_stride == 1, q_stride % 16 == 0, *options.items())
+            _deferred.setdefault(key, functools.partial(kernel.warmup, *args, grid=grid, **options))
+            return
+        self.compiled = kernel[grid](*args, **options)

@@ -172,10 +172,14 @@ def warm_in_threads(calls: list[Callable[[], object]], device: torch.device) -> 
     if threads <= 1:
         return
 
+    # Inference mode and the current CUDA device are per thread: each worker takes the caller's device.
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+
     def run(call: Callable[[], object]) -> None:
-        # Inference mode and the current CUDA device are per thread.
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        if index is not None:
+            torch.cuda.set_device(index)
         with torch.inference_mode():
             try:
                 call()

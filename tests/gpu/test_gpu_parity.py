@@ -459,6 +459,42 @@ def test_step_timed_gemv_choice_matches_hf(model_dir, monkeypatch):
     check_against_hf(hf, prompts, outs, rows)
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_a_later_start_serves_with_the_choices_the_first_kept(model_dir, monkeypatch, tmp_path, caplog, quantization):
+    """A second start of the same model reads the first start's timed choices (engine/tune_cache.py) instead of
+    timing: the same weight layouts, one-row and few-row plans and FP8 tiles, and decode that agrees with the first
+    start's (and with HF in bf16)."""
+    from engine.tune_cache import tuned_state
+
+    folder, hf = model_dir
+    monkeypatch.setenv("NANOVLLM_TUNE_CACHE", str(tmp_path))
+    prompts = make_prompts([40, 9], seed=8)
+    states, results = [], []
+    for start in range(2):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="engine"):
+            llm = LLM(folder, quantization=quantization, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16)
+        try:
+            read, timed = "choices of an earlier start" in caplog.text, "timed in" in caplog.text
+            assert (read, timed) == (start == 1, start == 0), caplog.text[-2000:]
+            states.append(tuned_state(llm.runner.model))
+            results.append(engine_logits(llm, prompts, GREEDY))
+        finally:
+            llm.shutdown()
+    assert len(list(tmp_path.iterdir())) == 1
+    first, second = states
+    assert first == second
+    if quantization is None:
+        assert set(first["gemv_plan"]) == {"qkv", "o", "gate_up", "down"} and set(first["rows_plan"]) == {16, 32}
+    else:
+        # Each FP8 projection keeps tiles for bf16 activations, FP8 ones, or both (rows_plan: tune_fp8_rows).
+        assert first["fp8"] and all(configs or act for configs, act in first["fp8"].values())
+    (o1, r1), (o2, r2) = results
+    assert compare_while_equal(prompts, o1, r1, o2, r2, TOL) >= GREEDY.max_tokens // 2
+    if quantization is None:
+        check_against_hf(hf, prompts, o2, r2)
+
+
 def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
     """Steps of 2..32 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
     then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph); against HF and

@@ -58,3 +58,39 @@ def test_mean_chunk_splits_only_contexts_above_the_mean():
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 8, 64)])  # Qwen3-0.6B's heads, Llama-1B's
 def test_resident_programs_follow_registers_and_shared_memory(hq, hkv, d):
     check_resident_programs(hq, hkv, d)
+
+
+def test_graph_start_up_compiles_every_split_decode_configuration_ahead(tmp_path, monkeypatch):
+    """GraphRunner.precompile_split_decode compiles, side by side, every configuration of the kernel that the graphs
+    then time and record: none compiles later, so its notes carry the launches' exact arguments."""
+    import torch
+    from helpers import save_tiny_model, tiny_tokenizer
+
+    from engine import LLM, SamplingParams
+    from engine.attention import triton_decode
+    from engine.cuda_graphs import GraphRunner
+
+    def compiled() -> int:  # configurations in this process's kernel cache (Triton's own, on this device)
+        return len(triton_decode._build_kernel().device_caches[torch.cuda.current_device()][0])
+
+    folder = save_tiny_model("qwen3", tmp_path / "m", tokenizer_from=tiny_tokenizer(), hidden_size=256, head_dim=64)
+    monkeypatch.setenv("NANOVLLM_COMPILE_THREADS", "4")
+    triton_decode._build_kernel.cache_clear()  # a fresh kernel: nothing compiled for it in this process yet
+    seen = {}
+    precompile = GraphRunner.precompile_split_decode
+
+    def spy(self):
+        seen["noted"] = precompile(self)
+        seen["compiled"] = compiled()
+        return seen["noted"]
+
+    monkeypatch.setattr(GraphRunner, "precompile_split_decode", spy)
+    llm = LLM(folder, num_kvcache_blocks=256, max_num_seqs=16, max_model_len=512)
+    try:
+        # Batch sizes 1-8 split 32 or 16 ways; cascade graphs (8, 16) keep states: at least three configurations.
+        assert seen["noted"] >= 3 and seen["compiled"] == seen["noted"]
+        outs = llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        assert all(len(o.token_ids) == 6 for o in outs) and llm.runner.graphs.replays["decode"] > 0
+        assert compiled() == seen["compiled"]  # the timing, the recording and the steps compiled nothing more
+    finally:
+        llm.shutdown()
