@@ -8,9 +8,11 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,11 @@ def gguf_cache_max_bytes() -> int:
     return int(gib * 2**30)
 
 
+SOURCE_NOTE = "gguf-source.txt"  # in each kept conversion: the GGUF file it came from (prune_conversions)
+CONVERSION_NAME = re.compile(r".+-[0-9a-f]{16}")
+STALE_TEMP_SECONDS = 3600
+
+
 def conversion_folder(src: ModelSource) -> Path | None:
     """Where a GGUF model's converted copy belongs: named by the file's path, size and modification time and the
     converting libraries' versions, so that a changed file or library never reads an old copy; None for models
@@ -124,6 +131,38 @@ def converted_source(src: ModelSource) -> ModelSource:
     return ModelSource(folder, None, src.name)
 
 
+def prune_conversions(root: Path) -> list[Path]:
+    """Remove the kept conversions whose GGUF file is gone (SOURCE_NOTE names it; a copy without one is from an
+    older engine) and temporary folders left for over STALE_TEMP_SECONDS by writes that died; returns what went.
+
+    Why: each copy is named by its file's path, so every virtual environment that installs the embedded model
+    (a fresh clone's `make setup`) adds a copy of its own, 538 MB for the embedded model, and nothing else removes
+    the copies of environments that were deleted. A copy a process still reads stays readable after removal."""
+    removed = []
+    now = time.time()
+    for entry in root.iterdir() if root.is_dir() else ():
+        try:
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith("."):
+                stale = now - entry.stat().st_mtime > STALE_TEMP_SECONDS
+            else:
+                # Only folders this cache names and writes: <stem>-<16 hex digits> holding converted weights.
+                if not (CONVERSION_NAME.fullmatch(entry.name) and (entry / "model.safetensors").is_file()):
+                    continue
+                note = entry / SOURCE_NOTE
+                stale = not note.is_file() or not Path(note.read_text().strip()).is_file()
+            if stale:
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except OSError as exc:  # another process removed it first, or it cannot be removed: leave it
+            logger.debug("left %s in the GGUF cache: %s", entry, exc)
+    if removed:
+        logger.info("removed from the GGUF cache %s: conversions whose GGUF file is gone, or unfinished writes",
+                    ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
+
+
 def save_conversion(src: ModelSource, hf_config, tokenizer, tensors: dict[str, torch.Tensor]) -> Path | None:
     """Keep a GGUF model's config, tokenizer and dequantized weights (HF names, as loaded) as a Hugging Face
     folder for later loads; written into a temporary folder renamed into place, so no load reads a partial one.
@@ -144,10 +183,12 @@ def save_conversion(src: ModelSource, hf_config, tokenizer, tensors: dict[str, t
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        prune_conversions(folder.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp / "model.safetensors"))
+        (tmp / SOURCE_NOTE).write_text(str((src.folder / src.gguf_file).resolve()) + "\n")
         os.replace(tmp, folder)
     # Best effort: a full disk, a read-only cache, another process that converted it first, or a config or tokenizer
     # that cannot be saved; the model is loaded either way.

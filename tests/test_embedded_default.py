@@ -136,3 +136,43 @@ def test_a_conversion_that_cannot_be_kept_is_skipped_with_a_reason(tmp_path, mon
     monkeypatch.setenv("NANOVLLM_GGUF_CACHE_MAX_GIB", "lots")
     with pytest.raises(ValueError, match="NANOVLLM_GGUF_CACHE_MAX_GIB='lots'"):
         save_conversion(src, config, tiny_tokenizer(), tensors)
+
+
+def test_conversions_whose_gguf_file_is_gone_are_removed_when_another_is_kept(tmp_path, monkeypatch, caplog):
+    """Every environment that installs the embedded model converts its own copy (the key is the file's path): a new
+    copy removes those whose GGUF file no longer exists, an older engine's copies and long-dead unfinished writes,
+    and nothing else."""
+    import os
+    import shutil
+
+    from helpers import tiny_tokenizer
+    from transformers import LlamaConfig
+
+    from engine.loader import SOURCE_NOTE, ModelSource, save_conversion
+
+    monkeypatch.setenv("NANOVLLM_GGUF_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    tensors = {"model.norm.weight": torch.ones(64)}
+
+    def convert(env: str):  # the model file as installed in one environment
+        (tmp_path / env).mkdir()
+        (tmp_path / env / "model.gguf").write_bytes(b"GGUF " + env.encode())
+        return save_conversion(ModelSource(tmp_path / env, "model.gguf", env), config, tiny_tokenizer(), tensors)
+
+    a, b = convert("venv-a"), convert("venv-b")
+    assert a != b and a.is_dir() and b.is_dir()
+    assert (a / SOURCE_NOTE).read_text().strip() == str((tmp_path / "venv-a" / "model.gguf").resolve())
+    shutil.rmtree(tmp_path / "venv-a")  # that environment was deleted
+    cache = tmp_path / "cache"
+    older = cache / "model-0123456789abcdef"  # an older engine's copy: no note of its source
+    older.mkdir()
+    (older / "model.safetensors").write_bytes(b"")
+    (cache / "my-notes").mkdir()  # not a folder this cache writes: left alone
+    dead, live = cache / ".model-dead", cache / ".model-live"  # writes that died an hour ago / in progress
+    dead.mkdir()
+    live.mkdir()
+    os.utime(dead, (0, 0))
+    with caplog.at_level("INFO", logger="engine"):
+        c = convert("venv-c")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([b.name, c.name, "my-notes", ".model-live"])
+    assert a.name in caplog.text and older.name in caplog.text and ".model-dead" in caplog.text
