@@ -136,9 +136,8 @@ def apply_tuned_state(net: nn.Module, state: dict) -> None:
     for name, m in modules.items():
         if isinstance(m, nn.Linear) and (name in column) != _column_major(m.weight):
             m.weight.data = m.weight.data.t().contiguous().t() if name in column else m.weight.data.contiguous()
-    for layer in net.layers:
-        layer.gemv_plan, layer.rows_max = dict(gemv_plan), rows_max
-        layer.rows_plan = {tile: dict(plan) for tile, plan in rows_plan.items()}
+    for layer in net.layers:  # one plan object for all layers, as the timings leave it
+        layer.gemv_plan, layer.rows_plan, layer.rows_max = gemv_plan, rows_plan, rows_max
     for name, (configs, act_configs) in fp8_configs.items():
         modules[name].fp8_configs, modules[name].fp8_act_configs = configs, act_configs
     net.gemv_alternatives = {}  # the plan is final: no timing in the decode step either

@@ -53,6 +53,8 @@ def test_a_kept_record_makes_a_fresh_model_as_the_timings_left_the_first(tmp_pat
     assert fresh.layers[1].mlp.down_proj.fp8_act_configs is None  # None (tile defaults) survives, not {} (cuBLASLt)
     assert fresh.layers[0].rows_plan[16]["qkv"] == (64, 256, 4, 2, 4)  # integer keys and tuples survive
     assert fresh.gemv_alternatives == {}  # the plan is final: the decode-step timing has nothing to try
+    first = fresh.layers[0]
+    assert all(lay.gemv_plan is first.gemv_plan and lay.rows_plan is first.rows_plan for lay in fresh.layers)
     # A record that knows a row-major weight turns a column-major one back.
     fresh.layers[0].self_attn.qkv_proj.weight.data = fresh.layers[0].self_attn.qkv_proj.weight.data.t().contiguous().t()
     apply_tuned_state(fresh, tuned_state(net))
