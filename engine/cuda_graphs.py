@@ -56,6 +56,15 @@ def step_tune_enabled() -> bool:
     return mode == "1"
 
 
+def graph_warmup_mode() -> str:
+    """NANOVLLM_GRAPH_WARMUP: "first" (default): an eager warm-up forward before the first graph of each kind and
+    attention variant only; "each": before every graph (A/B runs)."""
+    mode = os.environ.get("NANOVLLM_GRAPH_WARMUP", "first")
+    if mode not in ("first", "each"):
+        raise ValueError(f"NANOVLLM_GRAPH_WARMUP={mode!r} must be 'first' or 'each'")
+    return mode
+
+
 def large_prefill_graphs_mode() -> str:
     """NANOVLLM_LARGE_PREFILL_GRAPHS: "auto" (default): a graph of LARGE_PREFILL_TOKEN_SIZES serves a step while it
     replays no slower than the step would run eagerly on this host (GraphRunner.prefill_size); "1": always; "0":
@@ -317,11 +326,18 @@ class GraphRunner:
         dev = self.runner.device
         before = torch.cuda.memory_reserved(dev)
         pool = None
+        warm_each, warmed = graph_warmup_mode() == "each", set()
         for key, attn in self._shapes():
             kind, n = key[:2]
             self._plan_padding(kind, attn)
-            self._forward(kind, attn, n)  # warm-up outside the graph (lazy inits, autotuning)
-            torch.cuda.synchronize(dev)
+            kernel = getattr(attn, "split_decode", None)
+            variant = (kind, *key[2:], attn.fused_decode, kernel and (kernel.splits, kernel.mean_chunk))
+            if warm_each or variant not in warmed:
+                # Outside the graph, once per variant: the lazy inits (library handles, workspaces, FlashInfer's
+                # modules). Later sizes differ only in shapes, whose kernels load while they are recorded.
+                self._forward(kind, attn, n)
+                torch.cuda.synchronize(dev)
+                warmed.add(variant)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._forward(kind, attn, n)

@@ -10,7 +10,13 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, fused_decode_enabled, triton_decode_max_rows
-from engine.cuda_graphs import LARGE_PREFILL_TOKEN_SIZES, PREFILL_TOKEN_SIZES, large_prefill_sizes, step_tune_enabled
+from engine.cuda_graphs import (
+    LARGE_PREFILL_TOKEN_SIZES,
+    PREFILL_TOKEN_SIZES,
+    graph_warmup_mode,
+    large_prefill_sizes,
+    step_tune_enabled,
+)
 from engine.layers.gemv import (
     MAX_TILES,
     ROLES,
@@ -169,6 +175,13 @@ def test_switches_reject_bad_values(monkeypatch):
         assert read() is False
         monkeypatch.delenv(name)
         assert read() is True  # the default
+    monkeypatch.setenv("NANOVLLM_GRAPH_WARMUP", "all")
+    with pytest.raises(ValueError, match="NANOVLLM_GRAPH_WARMUP='all' must be 'first' or 'each'"):
+        graph_warmup_mode()
+    monkeypatch.setenv("NANOVLLM_GRAPH_WARMUP", "each")
+    assert graph_warmup_mode() == "each"
+    monkeypatch.delenv("NANOVLLM_GRAPH_WARMUP")
+    assert graph_warmup_mode() == "first"  # the default
     for bad in ("0", "two"):
         monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", bad)
         with pytest.raises(ValueError, match=f"NANOVLLM_ATTN_MIN_PAGES='{bad}'.*at least 1"):
