@@ -287,6 +287,12 @@ class GraphRunner:
         shapes += [(("cascade", b), a) for b, a in sorted(self.cascade_attn.items(), reverse=True)]
         return shapes
 
+    @staticmethod
+    def _split_config(attn) -> tuple | None:
+        """(split count, mean chunk) of the attention's split-KV Triton kernel, None where it has none."""
+        kernel = getattr(attn, "split_decode", None)
+        return kernel and (kernel.splits, kernel.mean_chunk)
+
     @torch.inference_mode()
     def precompile_split_decode(self) -> int:
         """Compile every configuration of the split-KV Triton decode kernel that the graphs use, side by side, before
@@ -303,10 +309,9 @@ class GraphRunner:
         start = time.perf_counter()
         first: dict[tuple, tuple[tuple, object]] = {}
         for key, attn in self._shapes():
-            kernel = getattr(attn, "split_decode", None)
-            if kernel is not None:
-                variant = (key[0], attn.fused_decode, kernel.splits, kernel.mean_chunk)
-                first.setdefault(variant, (key, attn))
+            split = self._split_config(attn)
+            if split is not None:
+                first.setdefault((key[0], attn.fused_decode, split), (key, attn))
         with deferred_compiles() as calls:
             for (kind, n, *_), attn in first.values():
                 self._plan_padding(kind, attn)
@@ -330,8 +335,7 @@ class GraphRunner:
         for key, attn in self._shapes():
             kind, n = key[:2]
             self._plan_padding(kind, attn)
-            kernel = getattr(attn, "split_decode", None)
-            variant = (kind, *key[2:], attn.fused_decode, kernel and (kernel.splits, kernel.mean_chunk))
+            variant = (kind, *key[2:], attn.fused_decode, self._split_config(attn))
             if warm_each or variant not in warmed:
                 # Outside the graph, once per variant: the lazy inits (library handles, workspaces, FlashInfer's
                 # modules). Later sizes differ only in shapes, whose kernels load while they are recorded.
