@@ -193,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
         # (q/k/v, o_proj, MLP) biases; Llama's mlp_bias (HF LlamaMLP) puts one on gate, up and down.
         biases = (qkv_bias, qkv_bias and self.o_proj_bias, bool(getattr(cfg, "mlp_bias", False)))
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions, fused)
-        # Given its weight, nn.Embedding skips its random init, which every load overwrites and which costs ~1.6 s on
+        # Given its weight, nn.Embedding skips its random init, which every load overwrites and which costs 1-1.6 s on
         # the meta device, where torch's normal_ imports torch._dynamo (docs/benchmarks.md, CPU start-up).
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
