@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from engine.attention import make_backend
+from engine.compile_pool import close_compile_pool, prestart_compile_pool
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
@@ -168,6 +169,9 @@ class LLM:
                 net, self.device, block_size=config.block_size, backend=backend_name, eager=config.enforce_eager
             )
             tuned = load_record(record, net)
+        compiles = backend_name == "flashinfer" and not config.enforce_eager or config.quantization == "fp8"
+        if not tuned and compiles:
+            prestart_compile_pool()  # its imports overlap the timings that compile nothing
         if not tuned:
             tune_weight_layouts(net)
             if config.quantization == "fp8":
@@ -188,6 +192,7 @@ class LLM:
 
             runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
+        close_compile_pool()  # the start-up's Triton compiles are over
         if not tuned:
             save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":

@@ -166,8 +166,9 @@ def warm_in_threads(calls: list[Callable[[], object]], device: torch.device) -> 
     """Run each call once, up to compile_threads() at a time, and wait for the device: the first launch of a Triton
     configuration compiles it, and its compiler (LLVM, ptxas in a subprocess) mostly runs outside the GIL, so the
     candidates a start-up timing tries compile side by side instead of one after another (on a fresh Triton cache
-    that was most of a start-up: docs/benchmarks.md). A call that raises is left to the timing that follows, which
-    raises or skips it as it would have anyway."""
+    that was most of a start-up: docs/benchmarks.md). On CUDA the kernels not in Triton's cache compile in separate
+    processes first (engine/compile_pool.py), and the threads load them. A call that raises is left to the timing
+    that follows, which raises or skips it as it would have anyway."""
     threads = min(compile_threads(), len(calls))
     if threads <= 1:
         return
@@ -186,6 +187,10 @@ def warm_in_threads(calls: list[Callable[[], object]], device: torch.device) -> 
             except Exception:  # noqa: BLE001 - see the docstring
                 logger.debug("warm-up call failed; the timing runs it again", exc_info=True)
 
+    if device.type == "cuda":
+        from engine.compile_pool import compile_ahead
+
+        compile_ahead(calls, run)  # what is not in Triton's cache compiles in separate processes: no shared GIL
     run(calls[0])  # one launch first: Triton's per-device caches of this kernel are then set up once, not per thread
     with ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-compile") as pool:
         list(pool.map(run, calls[1:]))

@@ -1,0 +1,203 @@
+"""Triton compiles of a first start in separate processes.
+
+Why: on an empty Triton cache the start-up timings' candidates and the split-KV decode configurations compile on
+their first launch. Threads overlap only the compiler's native part: Triton's front end is Python and holds the GIL
+(docs/benchmarks.md, section 10). Here those launches are first run with Triton's compiles skipped and noted
+(`knobs.runtime.jit_cache_hook`); the kernels not yet in Triton's disk cache compile in worker processes forked from
+a server that has the engine's kernel modules imported (engine/compile_server.py); the launches then run as before
+and load them from the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+logger = logging.getLogger("engine")
+
+_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel compile as Triton's launch would run it: the kernel by module and qualified name, and the
+    arguments of `triton.compile` (an ASTSource's signature, constants and attributes; options; target)."""
+
+    module: str
+    qualname: str
+    signature: dict
+    constants: dict
+    attrs: dict
+    options: dict
+    target: object
+    cache_dir: str
+
+
+def compile_processes() -> int:
+    """NANOVLLM_COMPILE_PROCESSES: how many processes compile the Triton kernels a start-up launches side by side
+    that are not in Triton's cache yet (default: the CPU count, at most 16; 0 or 1: in the engine's process, on
+    threads, as before)."""
+    from engine.config import env_whole_number
+
+    return env_whole_number("NANOVLLM_COMPILE_PROCESSES", min(16, os.cpu_count() or 1), "processes")
+
+
+def _tuples(value):
+    # JSON turned Triton's tuples into lists; its options hold no lists, and their hash spells tuples as tuples.
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def record_compiles(calls: list[Callable[[], object]], run: Callable) -> list[tuple[CompileJob, object]]:
+    """Run each call through run() with Triton's compiles skipped (the launches that would compile return without
+    launching); returns (job, kernel) for each distinct compile they would have run."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    target = driver.active.get_current_target()
+    cache_dir = knobs.cache.dir
+    noted: dict[tuple, tuple[CompileJob, object]] = {}
+
+    def hook(*, key, fn, compile, **_):
+        options = _tuples(json.loads(compile["specialization_data"])["options"])
+        job = CompileJob(
+            fn.module, fn.name, compile["signature"], compile["constants"], compile["configs"][0], options, target,
+            cache_dir,
+        )  # fmt: skip
+        noted.setdefault((fn.module, fn.name, repr(key)), (job, fn.jit_function))
+        return True  # skip the compile: the launch returns None
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        for call in calls:
+            run(call)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    return list(noted.values())
+
+
+def is_cached(job: CompileJob, kernel) -> bool:
+    """Whether Triton's disk cache already holds this compile: the key and file triton.compile would look up."""
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, make_backend
+    from triton.runtime.cache import get_cache_key, get_cache_manager
+
+    src = ASTSource(kernel, job.signature, job.constants, job.attrs)
+    backend = make_backend(job.target)
+    options = backend.parse_options(dict(job.options, **src.parse_options()))
+    key = get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+    group = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest()).get_group(f"{src.name[:150]}.json")
+    return group is not None
+
+
+@functools.cache
+def _kernel(module: str, qualname: str):
+    # A kernel defined in a zero-argument factory (`_build_kernel.<locals>.name`) comes from calling the factory.
+    owner, _, inner = qualname.partition(".<locals>.")
+    kernel = getattr(importlib.import_module(module), owner)
+    if inner:
+        kernel = kernel()
+    if getattr(getattr(kernel, "fn", None), "__qualname__", None) != qualname:
+        raise LookupError(f"{module}:{qualname} is not a Triton kernel this process can rebuild")
+    return kernel
+
+
+def compile_job(job: CompileJob) -> float:
+    """Compile one job into Triton's disk cache (in a worker); returns the seconds it took."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    knobs.cache.dir = job.cache_dir
+    src = ASTSource(_kernel(job.module, job.qualname), job.signature, job.constants, job.attrs)
+    triton.compile(src, target=job.target, options=job.options)
+    return time.perf_counter() - start
+
+
+def _executor(workers: int) -> ProcessPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            context = multiprocessing.get_context("forkserver")
+            # Where this process started no server yet: it imports torch, Triton and the engine once; every worker
+            # forks from it with them loaded and without this process's CUDA state or threads.
+            context.set_forkserver_preload(["engine.compile_server"])
+            _pool = ProcessPoolExecutor(workers, mp_context=context)
+        return _pool
+
+
+def _no_op() -> None:
+    pass
+
+
+def prestart_compile_pool() -> Future | None:
+    """Start the compile processes in the background, where a start-up is about to compile (its timings have no
+    record): their server's imports then overlap the timings that come first. None where processes are off."""
+    workers = compile_processes()
+    if workers <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    try:
+        return _executor(workers).submit(_no_op)
+    except (OSError, RuntimeError):
+        logger.debug("could not start the Triton compile processes", exc_info=True)
+        return None
+
+
+def close_compile_pool() -> None:
+    """Stop the compile processes, if any: a start-up's compiles are over."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:
+    """Compile, in separate processes, the Triton kernels that the calls would compile on their first launch and
+    that are not in Triton's disk cache; returns how many were compiled there. Fewer than two such kernels, processes
+    off (`compile_processes()` 0 or 1) or a Triton without the hook: 0, and the calls compile in-process as before.
+    A compile that fails in a worker is left to the launch, which compiles it (or raises) as it would have anyway."""
+    workers = compile_processes()
+    if workers <= 1 or len(calls) < 2 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return 0
+    start = time.perf_counter()
+    try:
+        missing = [job for job, kernel in record_compiles(calls, run) if not is_cached(job, kernel)]
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # a Triton whose hook or cache differs
+        logger.debug("Triton compiles could not be noted ahead; they run in-process", exc_info=True)
+        return 0
+    if len(missing) < 2:
+        return 0
+    try:
+        futures = [_executor(workers).submit(compile_job, job) for job in missing]
+    except (OSError, RuntimeError):
+        logger.debug("could not start the Triton compile processes", exc_info=True)
+        return 0
+    compiled = 0
+    for future in futures:
+        try:
+            future.result()
+            compiled += 1
+        except Exception:  # noqa: BLE001 - the launch compiles it again, or raises its own error
+            logger.debug("a Triton compile failed in a worker; the launch compiles it", exc_info=True)
+    logger.info(
+        "Triton: %d kernels not in its cache compiled in %d processes in %.1fs",
+        compiled,
+        min(workers, len(missing)),
+        time.perf_counter() - start,
+    )
+    return compiled

@@ -1,0 +1,85 @@
+"""Triton compiles in separate processes (engine/compile_pool.py): a worker's compile is the one the engine's own
+launch looks up. Runs without a GPU: Triton compiles for an sm90 target with its own ptxas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from engine import compile_pool  # noqa: E402
+
+
+def _cubin_folders(cache: Path) -> set[str]:
+    # One folder per compiled kernel (its hash) holding the binary; launcher and utility builds hold none.
+    return {p.parent.name for p in cache.rglob("*.cubin")}
+
+
+def _quantize_job(cache: Path) -> tuple[compile_pool.CompileJob, object]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    from engine.layers.fp8 import _build_quantize_kernel
+
+    kernel = _build_quantize_kernel()
+    target = GPUTarget("cuda", 90, 32)
+    ptrs = {name: "*bf16" for name in ("x_ptr", "r_ptr", "w_ptr")} | {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+    signature = ptrs | {"K": "i32", "stride_x": "i32", "stride_r": "i32", "eps": "fp32"}
+    signature |= {name: "constexpr" for name in ("MODE", "HAS_RESIDUAL", "BLOCK_K", "FP8_MAX")}
+    constants = {(9,): 1, (10,): True, (11,): 1024, (12,): 448.0}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    # The options as a launch's hook hands them over: Triton's own, through JSON (tuples come back as lists).
+    options = json.loads(json.dumps(make_backend(target).parse_options({"num_warps": 4}).__dict__))
+    job = compile_pool.CompileJob(
+        kernel.fn.__module__, kernel.fn.__qualname__, signature, constants, attrs, compile_pool._tuples(options),
+        target, str(cache),
+    )  # fmt: skip
+    return job, kernel
+
+
+def test_a_kernel_compiled_in_a_worker_is_what_the_launch_finds(tmp_path, monkeypatch):
+    """A worker process rebuilds the kernel from its factory and compiles it into the cache; the engine's process
+    then finds it there (is_cached) and compiles nothing when it runs the same compile itself. Before the worker,
+    the cache has nothing for it."""
+    from triton.compiler import ASTSource
+
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))  # Triton reads it on each lookup
+    job, kernel = _quantize_job(cache)
+    assert not compile_pool.is_cached(job, kernel)
+
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "2")
+    try:
+        seconds = compile_pool._executor(2).submit(compile_pool.compile_job, job).result(timeout=300)
+    finally:
+        compile_pool.close_compile_pool()
+    assert seconds > 0 and compile_pool.is_cached(job, kernel)
+    folders = _cubin_folders(cache)
+    assert len(folders) == 1
+
+    src = ASTSource(kernel, job.signature, job.constants, job.attrs)
+    triton.compile(src, target=job.target, options=dict(job.options))
+    assert _cubin_folders(cache) == folders  # a cache hit: the worker's key is the launch's
+
+
+def test_processes_are_a_switch_with_a_checked_value(monkeypatch):
+    """NANOVLLM_COMPILE_PROCESSES=0 keeps compiles in-process without noting anything; a bad value names itself."""
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "0")
+    ran = []
+    assert compile_pool.compile_ahead([lambda: ran.append(1)] * 3, lambda call: call()) == 0
+    assert ran == []  # nothing was run to note compiles
+    assert compile_pool.prestart_compile_pool() is None
+
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "many")
+    with pytest.raises(ValueError, match="NANOVLLM_COMPILE_PROCESSES='many'"):
+        compile_pool.compile_processes()
+
+
+def test_a_kernel_that_is_no_factory_product_is_refused():
+    """A worker rebuilds only what the engine's modules define: a wrong name is a LookupError naming it, which the
+    caller leaves to the in-process launch."""
+    with pytest.raises(LookupError, match="engine.layers.fp8:_build_quantize_kernel.<locals>.other"):
+        compile_pool._kernel("engine.layers.fp8", "_build_quantize_kernel.<locals>.other")
