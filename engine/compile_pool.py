@@ -20,13 +20,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 logger = logging.getLogger("engine")
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
+_starter: threading.Thread | None = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,22 @@ def compile_job(job: CompileJob) -> float:
     start = time.perf_counter()
     knobs.cache.dir = job.cache_dir
     src = ASTSource(_kernel(job.module, job.qualname), job.signature, job.constants, job.attrs)
-    triton.compile(src, target=job.target, options=job.options)
+    compiled = triton.compile(src, target=job.target, options=job.options)
+    _build_launcher(src, compiled)
     return time.perf_counter() - start
+
+
+def _build_launcher(src, compiled) -> None:
+    # Tritons that build a C launcher per kernel signature and constants (3.6) compile it with the host's C compiler
+    # on the kernel's first launch; built here, the launch loads it from the cache. Later Tritons launch through one
+    # generic launcher, which needs the CUDA driver: nothing to build ahead there.
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    if hasattr(nvidia_driver, "make_launcher"):
+        try:
+            nvidia_driver.CudaLauncher(src, compiled.metadata)
+        except Exception:  # noqa: BLE001 - the launch builds it, or raises its own error
+            logger.debug("a Triton launcher could not be built ahead", exc_info=True)
 
 
 def _executor(workers: int) -> ProcessPoolExecutor:
@@ -144,22 +159,32 @@ def _no_op() -> None:
     pass
 
 
-def prestart_compile_pool() -> Future | None:
-    """Start the compile processes in the background, where a start-up is about to compile (its timings have no
-    record): their server's imports then overlap the timings that come first. None where processes are off."""
+def prestart_compile_pool() -> threading.Thread | None:
+    """Start the compile processes on a background thread, where a start-up is about to compile (its timings have
+    no record): their server's imports (~2.5 s, which starting a worker waits for) then overlap the timings that come
+    first. None where processes are off."""
+    global _starter
     workers = compile_processes()
     if workers <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    try:
-        return _executor(workers).submit(_no_op)
-    except (OSError, RuntimeError):
-        logger.debug("could not start the Triton compile processes", exc_info=True)
-        return None
+
+    def start() -> None:
+        try:
+            _executor(workers).submit(_no_op)
+        except (OSError, RuntimeError):
+            logger.debug("could not start the Triton compile processes", exc_info=True)
+
+    _starter = threading.Thread(target=start, name="nanovllm-compile-pool", daemon=True)
+    _starter.start()
+    return _starter
 
 
 def close_compile_pool() -> None:
     """Stop the compile processes, if any: a start-up's compiles are over."""
-    global _pool
+    global _pool, _starter
+    if _starter is not None:
+        _starter.join()
+        _starter = None
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,15 +188,19 @@ def warm_in_threads(calls: list[Callable[[], object]], device: torch.device) -> 
             except Exception:  # noqa: BLE001 - see the docstring
                 logger.debug("warm-up call failed; the timing runs it again", exc_info=True)
 
+    compiled = 0
     if device.type == "cuda":
         from engine.compile_pool import compile_ahead
 
-        compile_ahead(calls, run)  # what is not in Triton's cache compiles in separate processes: no shared GIL
+        compiled = compile_ahead(calls, run)  # what is not in Triton's cache compiles in separate processes
+    start = time.perf_counter()
     run(calls[0])  # one launch first: Triton's per-device caches of this kernel are then set up once, not per thread
     with ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-compile") as pool:
         list(pool.map(run, calls[1:]))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if compiled:
+        logger.info("%d launches loaded their kernels in %.1fs", len(calls), time.perf_counter() - start)
 
 
 def stream_time_us(weights: list[torch.Tensor], x: torch.Tensor) -> float:
