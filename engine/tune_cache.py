@@ -29,8 +29,15 @@ from engine.config import cache_folder
 logger = logging.getLogger("engine")
 
 RECORD_FORMAT = 1
-# Switches that name where things are kept or label a run, not what the timings choose.
-UNRELATED_SWITCHES = ("NANOVLLM_COMMIT", "NANOVLLM_GGUF_CACHE", "NANOVLLM_GGUF_CACHE_MAX_GIB", "NANOVLLM_TUNE_CACHE")
+# Switches that name where things are kept, label a run or say how kernels compile, not what the timings choose.
+UNRELATED_SWITCHES = (
+    "NANOVLLM_COMMIT",
+    "NANOVLLM_GGUF_CACHE",
+    "NANOVLLM_GGUF_CACHE_MAX_GIB",
+    "NANOVLLM_TUNE_CACHE",
+    "NANOVLLM_COMPILE_THREADS",
+    "NANOVLLM_COMPILE_PROCESSES",
+)
 
 
 def tune_cache_dir() -> Path | None:

@@ -96,6 +96,7 @@ def test_a_record_is_named_by_what_the_choices_depend_on(tmp_path, monkeypatch):
     assert record_path(make_net(num_hidden_layers=3), cpu, block_size=64) != path
     assert record_path(net, cpu, block_size=16) != path
     monkeypatch.setenv("NANOVLLM_COMMIT", "a run's label")  # names a run, not a choice
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "0")  # how kernels compile, not which are chosen
     assert record_path(net, cpu, block_size=64) == path
     monkeypatch.setenv("NANOVLLM_GEMV", "force")  # a switch the timings read
     assert record_path(net, cpu, block_size=64) != path
