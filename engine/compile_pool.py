@@ -62,16 +62,19 @@ def _tuples(value):
 
 
 def record_compiles(calls: list[Callable[[], object]], run: Callable) -> list[tuple[CompileJob, object]]:
-    """Run each call through run() with Triton's compiles skipped (the launches that would compile return without
-    launching); returns (job, kernel) for each distinct compile they would have run."""
+    """Run each call through run() on this thread with Triton's compiles skipped (its launches that would compile
+    return without launching); returns (job, kernel) for each distinct compile they would have run."""
     from triton import knobs
     from triton.runtime.driver import driver
 
     target = driver.active.get_current_target()
     cache_dir = knobs.cache.dir
     noted: dict[tuple, tuple[CompileJob, object]] = {}
+    recorder = threading.get_ident()
 
     def hook(*, key, fn, compile, **_):
+        if threading.get_ident() != recorder:
+            return None  # another thread's launch (another engine serving): compiled and launched as always
         options = _tuples(json.loads(compile["specialization_data"])["options"])
         job = CompileJob(
             fn.module, fn.name, compile["signature"], compile["constants"], compile["configs"][0], options, target,

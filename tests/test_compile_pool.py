@@ -83,3 +83,44 @@ def test_a_kernel_that_is_no_factory_product_is_refused():
     caller leaves to the in-process launch."""
     with pytest.raises(LookupError, match="engine.layers.fp8:_build_quantize_kernel.<locals>.other"):
         compile_pool._kernel("engine.layers.fp8", "_build_quantize_kernel.<locals>.other")
+
+
+def test_noting_skips_only_the_noting_threads_compiles(monkeypatch):
+    """While the calls run, Triton's compile hook notes each distinct compile once and skips it (True), but lets
+    another thread's launch compile (None: another engine may be serving); afterwards the hook is as it was."""
+    import threading
+    import types
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from engine.layers.fp8 import _build_quantize_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    # No GPU here: a stand-in driver answers the target (setting and resetting the active one would build the real).
+    monkeypatch.setattr(driver, "_active", types.SimpleNamespace(get_current_target=lambda: target))
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
+    kernel = _build_quantize_kernel()
+    info = types.SimpleNamespace(module=kernel.fn.__module__, name=kernel.fn.__qualname__, jit_function=kernel)
+
+    def launch(key):  # what a launch that misses Triton's in-memory cache does: ask the hook whether to compile
+        spec = json.dumps({"options": {"num_warps": 4, "supported_fp8_dtypes": ["fp8e4nv"]}})
+        compile = {"signature": {"K": "i32"}, "constants": {(9,): key}, "configs": [{}], "specialization_data": spec}
+        return knobs.runtime.jit_cache_hook(key=key, repr="", fn=info, compile=compile, is_manual_warmup=False)
+
+    answers, elsewhere = [], []
+
+    def from_another_thread():
+        thread = threading.Thread(target=lambda: elsewhere.append(launch(9)))
+        thread.start()
+        thread.join()
+
+    calls = [lambda: answers.append(launch(1)), lambda: answers.append(launch(2)), lambda: answers.append(launch(1))]
+    noted = compile_pool.record_compiles([*calls, from_another_thread], lambda call: call())
+    assert answers == [True, True, True] and elsewhere == [None]
+    assert [job.constants for job, _ in noted] == [{(9,): 1}, {(9,): 2}]  # one job per distinct compile
+    job, rebuilt = noted[0]
+    assert rebuilt is kernel and job.target == target and job.qualname == kernel.fn.__qualname__
+    assert job.options == {"num_warps": 4, "supported_fp8_dtypes": ("fp8e4nv",)}  # JSON's lists are tuples again
+    assert knobs.runtime.jit_cache_hook is None
