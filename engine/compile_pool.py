@@ -43,6 +43,7 @@ class CompileJob:
     options: dict
     target: object
     cache_dir: str
+    environ: tuple[tuple[str, str], ...] = ()
 
 
 def compile_processes() -> int:
@@ -68,7 +69,7 @@ def record_compiles(calls: list[Callable[[], object]], run: Callable) -> list[tu
     from triton.runtime.driver import driver
 
     target = driver.active.get_current_target()
-    cache_dir = knobs.cache.dir
+    cache_dir, environ = knobs.cache.dir, kernel_environ()
     noted: dict[tuple, tuple[CompileJob, object]] = {}
     recorder = threading.get_ident()
 
@@ -78,7 +79,7 @@ def record_compiles(calls: list[Callable[[], object]], run: Callable) -> list[tu
         options = _tuples(json.loads(compile["specialization_data"])["options"])
         job = CompileJob(
             fn.module, fn.name, compile["signature"], compile["constants"], compile["configs"][0], options, target,
-            cache_dir,
+            cache_dir, environ,
         )  # fmt: skip
         noted.setdefault((fn.module, fn.name, repr(key)), (job, fn.jit_function))
         return True  # skip the compile: the launch returns None
@@ -107,12 +108,31 @@ def is_cached(job: CompileJob, kernel) -> bool:
     return group is not None
 
 
+# The environment variables that can shape a kernel's source or Triton's compile: a worker takes the engine
+# process's values, since the server forked its workers with its own (from when it started, maybe another engine's).
+ENVIRON_PREFIXES = ("NANOVLLM_", "TRITON_")
+
+
+def kernel_environ() -> tuple[tuple[str, str], ...]:
+    """This process's environment variables that can shape the engine's kernels or Triton's compiles."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENVIRON_PREFIXES)))
+
+
+def _take_environ(environ: tuple[tuple[str, str], ...]) -> None:
+    for name in [k for k in os.environ if k.startswith(ENVIRON_PREFIXES)]:
+        del os.environ[name]
+    os.environ.update(environ)
+
+
 @functools.cache
-def _kernel(module: str, qualname: str):
-    # A kernel defined in a zero-argument factory (`_build_kernel.<locals>.name`) comes from calling the factory.
+def _kernel(module: str, qualname: str, environ: tuple[tuple[str, str], ...] = ()):
+    # A kernel defined in a zero-argument factory (`_build_kernel.<locals>.name`) comes from calling the factory,
+    # afresh for each environment: its module's switches are read as it builds.
     owner, _, inner = qualname.partition(".<locals>.")
     kernel = getattr(importlib.import_module(module), owner)
     if inner:
+        if hasattr(kernel, "cache_clear"):
+            kernel.cache_clear()
         kernel = kernel()
     if getattr(getattr(kernel, "fn", None), "__qualname__", None) != qualname:
         raise LookupError(f"{module}:{qualname} is not a Triton kernel this process can rebuild")
@@ -126,8 +146,9 @@ def compile_job(job: CompileJob) -> float:
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
+    _take_environ(job.environ)
     knobs.cache.dir = job.cache_dir
-    src = ASTSource(_kernel(job.module, job.qualname), job.signature, job.constants, job.attrs)
+    src = ASTSource(_kernel(job.module, job.qualname, job.environ), job.signature, job.constants, job.attrs)
     compiled = triton.compile(src, target=job.target, options=job.options)
     _build_launcher(src, compiled)
     return time.perf_counter() - start

@@ -4,6 +4,7 @@ launch looks up. Runs without a GPU: Triton compiles for an sm90 target with its
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def _quantize_job(cache: Path) -> tuple[compile_pool.CompileJob, object]:
     options = json.loads(json.dumps(make_backend(target).parse_options({"num_warps": 4}).__dict__))
     job = compile_pool.CompileJob(
         kernel.fn.__module__, kernel.fn.__qualname__, signature, constants, attrs, compile_pool._tuples(options),
-        target, str(cache),
+        target, str(cache), compile_pool.kernel_environ(),
     )  # fmt: skip
     return job, kernel
 
@@ -124,3 +125,19 @@ def test_noting_skips_only_the_noting_threads_compiles(monkeypatch):
     assert rebuilt is kernel and job.target == target and job.qualname == kernel.fn.__qualname__
     assert job.options == {"num_warps": 4, "supported_fp8_dtypes": ("fp8e4nv",)}  # JSON's lists are tuples again
     assert knobs.runtime.jit_cache_hook is None
+
+
+def test_a_worker_takes_the_engines_kernel_environment(monkeypatch):
+    """Workers fork from a server with the environment it started with, maybe another engine's: a job carries the
+    engine's NANOVLLM_ and TRITON_ variables, and the worker takes exactly those before it builds the kernel."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # this test's changes stay in this test
+    os.environ.update(NANOVLLM_PDL="0", TRITON_DEBUG="1", HOME_OF_THE_TEST="kept")
+    theirs = compile_pool.kernel_environ()
+    assert ("NANOVLLM_PDL", "0") in theirs and ("TRITON_DEBUG", "1") in theirs
+    assert all(name.startswith(("NANOVLLM_", "TRITON_")) for name, _ in theirs)
+
+    os.environ.update(NANOVLLM_PDL="1", NANOVLLM_GEMV="force")
+    del os.environ["TRITON_DEBUG"]
+    compile_pool._take_environ(theirs)
+    assert os.environ["NANOVLLM_PDL"] == "0" and os.environ["TRITON_DEBUG"] == "1"
+    assert "NANOVLLM_GEMV" not in os.environ and os.environ["HOME_OF_THE_TEST"] == "kept"
