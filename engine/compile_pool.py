@@ -10,6 +10,7 @@ and load them from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -19,7 +20,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -213,6 +214,18 @@ def close_compile_pool() -> None:
         pool, _pool = _pool, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def compile_processes_while(start: bool) -> Iterator[None]:
+    """Within it, a start-up's Triton compiles may run in processes, started ahead on entry where `start`; the
+    processes stop on exit, also when the start-up fails."""
+    if start:
+        prestart_compile_pool()
+    try:
+        yield
+    finally:
+        close_compile_pool()
 
 
 def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:

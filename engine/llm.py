@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from engine.attention import make_backend
-from engine.compile_pool import close_compile_pool, prestart_compile_pool
+from engine.compile_pool import compile_processes_while
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
@@ -170,29 +170,30 @@ class LLM:
             )
             tuned = load_record(record, net)
         compiles = backend_name == "flashinfer" and not config.enforce_eager or config.quantization == "fp8"
-        if not tuned and compiles:
-            prestart_compile_pool()  # its imports overlap the timings that compile nothing
-        if not tuned:
-            tune_weight_layouts(net)
-            if config.quantization == "fp8":
-                tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
+        # The start-up's Triton compiles may run in processes (engine/compile_pool.py), started ahead where the timings
+        # will run so that their imports overlap the timings that compile nothing, and stopped at the end or on failure.
+        with compile_processes_while(not tuned and compiles):
+            if not tuned:
+                tune_weight_layouts(net)
+                if config.quantization == "fp8":
+                    tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
+                if backend_name == "flashinfer" and not config.enforce_eager:
+                    # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs
+                    # only.
+                    net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
+            clock.mark("tune")  # the CPU's weight packing included
+            self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
+            runner.backend = make_backend(backend_name, runner, config, window)
+            runner.supports_cascade = backend_name == "flashinfer"
+            num_blocks = self._num_kv_blocks(runner, max_model_len)
+            runner.allocate_kv_cache(num_blocks, config.block_size)
+            max_model_len = min(max_model_len, num_blocks * config.block_size)
+            clock.mark("kv_cache")  # the memory-profiling forward at the largest batch shape included
             if backend_name == "flashinfer" and not config.enforce_eager:
-                # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs only.
-                net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
-        clock.mark("tune")  # the CPU's weight packing included
-        self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
-        runner.backend = make_backend(backend_name, runner, config, window)
-        runner.supports_cascade = backend_name == "flashinfer"
-        num_blocks = self._num_kv_blocks(runner, max_model_len)
-        runner.allocate_kv_cache(num_blocks, config.block_size)
-        max_model_len = min(max_model_len, num_blocks * config.block_size)
-        clock.mark("kv_cache")  # the memory-profiling forward at the largest batch shape included
-        if backend_name == "flashinfer" and not config.enforce_eager:
-            from engine.cuda_graphs import GraphRunner
+                from engine.cuda_graphs import GraphRunner
 
-            runner.graphs = GraphRunner(runner, config, max_model_len)
-            runner.graphs.capture()
-        close_compile_pool()  # the start-up's Triton compiles are over
+                runner.graphs = GraphRunner(runner, config, max_model_len)
+                runner.graphs.capture()
         if not tuned:
             save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":

@@ -141,3 +141,20 @@ def test_a_worker_takes_the_engines_kernel_environment(monkeypatch):
     compile_pool._take_environ(theirs)
     assert os.environ["NANOVLLM_PDL"] == "0" and os.environ["TRITON_DEBUG"] == "1"
     assert "NANOVLLM_GEMV" not in os.environ and os.environ["HOME_OF_THE_TEST"] == "kept"
+
+
+def test_the_processes_stop_when_a_start_up_fails(monkeypatch):
+    """compile_processes_while starts the processes ahead only where asked, and stops them on the way out, also
+    when the start-up raises (a failed LLM() leaves no idle processes behind)."""
+    seen = []
+    monkeypatch.setattr(compile_pool, "prestart_compile_pool", lambda: seen.append("start"))
+    monkeypatch.setattr(compile_pool, "close_compile_pool", lambda: seen.append("close"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with compile_pool.compile_processes_while(True):
+            seen.append("start-up")
+            raise RuntimeError("out of memory")
+    assert seen == ["start", "start-up", "close"]
+    seen.clear()
+    with compile_pool.compile_processes_while(False):  # a start with kept choices: no timings, no processes ahead
+        seen.append("start-up")
+    assert seen == ["start-up", "close"]
