@@ -56,6 +56,12 @@ def compile_processes() -> int:
     return env_whole_number("NANOVLLM_COMPILE_PROCESSES", min(16, os.cpu_count() or 1), "processes")
 
 
+def _workers() -> int:
+    # How many compile processes to use: 0 where they are off or this platform has no forkserver.
+    workers = compile_processes()
+    return workers if workers > 1 and "forkserver" in multiprocessing.get_all_start_methods() else 0
+
+
 def _tuples(value):
     # JSON turned Triton's tuples into lists; its options hold no lists, and their hash spells tuples as tuples.
     if isinstance(value, dict):
@@ -189,8 +195,8 @@ def prestart_compile_pool() -> threading.Thread | None:
     no record): their server's imports (~2.5 s, which starting a worker waits for) then overlap the timings that come
     first. None where processes are off."""
     global _starter
-    workers = compile_processes()
-    if workers <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+    workers = _workers()
+    if not workers:
         return None
 
     def start() -> None:
@@ -233,8 +239,8 @@ def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:
     that are not in Triton's disk cache; returns how many were compiled there. Fewer than two such kernels, processes
     off (`compile_processes()` 0 or 1) or a Triton without the hook: 0, and the calls compile in-process as before.
     A compile that fails in a worker is left to the launch, which compiles it (or raises) as it would have anyway."""
-    workers = compile_processes()
-    if workers <= 1 or len(calls) < 2 or "forkserver" not in multiprocessing.get_all_start_methods():
+    workers = _workers()
+    if not workers or len(calls) < 2:
         return 0
     start = time.perf_counter()
     try:
@@ -245,7 +251,8 @@ def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:
     if len(missing) < 2:
         return 0
     try:
-        futures = [_executor(workers).submit(compile_job, job) for job in missing]
+        pool = _executor(workers)
+        futures = [pool.submit(compile_job, job) for job in missing]
     except (OSError, RuntimeError):
         logger.debug("could not start the Triton compile processes", exc_info=True)
         return 0
