@@ -681,6 +681,9 @@ def bench_startup(args) -> None:
     rows = []
     base_env, compile_s = bytecode_cache_env(args.without_bytecode)
     for name, quant in [(m, q) for m in args.models for q in args.quantization]:
+        # The folder is made here, so that the child's LLM() is the first to import the config and tokenizer
+        # modules of transformers, as a user's start does (making it imports them too).
+        folder = [] if name == "embedded" else ["--folder", str(model_folder(name, ROOT))]
         caches = {
             "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-"),
             "NANOVLLM_GGUF_CACHE": tempfile.mkdtemp(prefix="gguf-cache-"),
@@ -690,7 +693,7 @@ def bench_startup(args) -> None:
             if os.environ.get(kept) == "0":  # the cache off: every load converts or times again (A/B runs)
                 del caches[kept]
         for state in args.states:  # "warm" runs on the caches "cold" left, when both run
-            cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant]
+            cmd = [sys.executable, __file__, "startup_child", "--models", name, "--quantization", quant, *folder]
             if args.block_size:
                 cmd += ["--block-size", str(args.block_size)]
             start = time.perf_counter()
@@ -725,7 +728,7 @@ def startup_child(args) -> None:
     if args.models[0] == "embedded":
         llm = LLM(None, **ENGINE_KW)
     else:
-        folder = model_folder(args.models[0], ROOT)
+        folder = args.folder or model_folder(args.models[0], ROOT)
         llm = LLM(folder, load_format="dummy", **ENGINE_KW)  # main() put the one --quantization into ENGINE_KW
     prompt = [random.Random(0).randrange(10, 30000) for _ in range(128)]
     start = time.perf_counter()
@@ -762,6 +765,7 @@ def main() -> None:
         ],
     )
     parser.add_argument("--models", nargs="+", default=["Qwen3-0.6B", "Qwen3-8B"])
+    parser.add_argument("--folder", help="startup_child: the model folder bench_startup made for it")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1, help="decode: concurrent requests (HF: batch 1 only)")

@@ -4,8 +4,9 @@ Why: on an empty Triton cache the start-up timings' candidates and the split-KV 
 their first launch. Threads overlap only the compiler's native part: Triton's front end is Python and holds the GIL
 (docs/benchmarks.md, section 10). Here those launches are first run with Triton's compiles skipped and noted
 (`knobs.runtime.jit_cache_hook`); the kernels not yet in Triton's disk cache compile in worker processes forked from
-a server that has the engine's kernel modules imported (engine/compile_server.py); the launches then run as before
-and load them from the cache.
+a server that has the engine's kernel modules imported (engine/compile_server.py, its own interpreter: multiprocessing's
+spawn and forkserver would run the user's main script again in each worker); the launches then run as before and
+load them from the cache.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger("engine")
 
 _lock = threading.Lock()
-_pool: ProcessPoolExecutor | None = None
-_starter: threading.Thread | None = None
+_pool: CompileServer | None = None
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,9 @@ def compile_processes() -> int:
 
 
 def _workers() -> int:
-    # How many compile processes to use: 0 where they are off or this platform has no forkserver.
+    # How many compile processes to use: 0 where they are off or this platform cannot fork (the server forks them).
     workers = compile_processes()
-    return workers if workers > 1 and "forkserver" in multiprocessing.get_all_start_methods() else 0
+    return workers if workers > 1 and "fork" in multiprocessing.get_all_start_methods() else 0
 
 
 def _tuples(value):
@@ -174,52 +178,119 @@ def _build_launcher(src, compiled) -> None:
             logger.debug("a Triton launcher could not be built ahead", exc_info=True)
 
 
-def _executor(workers: int) -> ProcessPoolExecutor:
+class CompileServer:
+    """The compile processes as the engine sees them: a server interpreter (engine/compile_server.py) that forks its
+    workers from itself. submit() sends a job over one pipe; a reader thread resolves its future from the other."""
+
+    def __init__(self, workers: int):
+        jobs_r, jobs_w = os.pipe()
+        results_r, results_w = os.pipe()
+        # The server imports the engine from where this process did, whatever the user's working directory holds
+        # (-P: it is not put on the path).
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "engine.compile_server", str(jobs_r), str(results_w), str(workers)],
+                pass_fds=(jobs_r, results_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            for fd in (jobs_w, results_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (jobs_r, results_w):  # the server's ends: with them closed here, each side sees the other end
+                os.close(fd)
+        self._jobs = os.fdopen(jobs_w, "wb")
+        self._write = threading.Lock()
+        self._lock = threading.Lock()
+        self._futures: dict[int, Future] = {}
+        self._next = 0
+        self._ended = False
+        self._reader = threading.Thread(
+            target=self._read, args=(results_r,), name="nanovllm-compile-results", daemon=True
+        )
+        self._reader.start()
+
+    def submit(self, job: CompileJob) -> Future:
+        """Send one job; its future gets the compile's seconds, or a RuntimeError with the worker's error."""
+        future: Future = Future()
+        with self._lock:
+            if self._ended:
+                raise RuntimeError("the Triton compile server has stopped")
+            ident, self._next = self._next, self._next + 1
+            self._futures[ident] = future
+        try:
+            with self._write:
+                pickle.dump((ident, job), self._jobs)
+                self._jobs.flush()
+        except (OSError, ValueError):  # the server is gone (or shut down): the caller compiles in-process
+            with self._lock:
+                self._futures.pop(ident, None)
+            raise
+        return future
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as results:
+            while True:
+                try:
+                    ident, ok, value = pickle.load(results)
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    break
+                with self._lock:
+                    future = self._futures.pop(ident, None)
+                if future is not None:
+                    future.set_result(value) if ok else future.set_exception(RuntimeError(value))
+        with self._lock:
+            self._ended = True
+            left, self._futures = list(self._futures.values()), {}
+        for future in left:
+            future.set_exception(RuntimeError("the Triton compile server stopped before this job's result"))
+
+    def shutdown(self) -> None:
+        """End the job pipe and wait for the server: jobs not started are dropped, running compiles finish."""
+        with self._write, contextlib.suppress(OSError):
+            self._jobs.close()
+        try:
+            self._proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=10)
+
+
+def _executor(workers: int) -> CompileServer:
     global _pool
     with _lock:
         if _pool is None:
-            context = multiprocessing.get_context("forkserver")
-            # Where this process started no server yet: it imports torch, Triton and the engine once; every worker
-            # forks from it with them loaded and without this process's CUDA state or threads.
-            context.set_forkserver_preload(["engine.compile_server"])
-            _pool = ProcessPoolExecutor(workers, mp_context=context)
+            _pool = CompileServer(workers)
         return _pool
 
 
-def _no_op() -> None:
-    pass
-
-
-def prestart_compile_pool() -> threading.Thread | None:
-    """Start the compile processes on a background thread, where a start-up is about to compile (its timings have
-    no record): their server's imports (~2.5 s, which starting a worker waits for) then overlap the timings that come
-    first. None where processes are off."""
-    global _starter
+def prestart_compile_pool() -> CompileServer | None:
+    """Start the compile processes where a start-up is about to compile (its timings have no record): their
+    server's imports (~2.5 s, which its first jobs wait for) then overlap the timings that come first. None where
+    processes are off or the server could not start (the compiles then run in-process)."""
     workers = _workers()
     if not workers:
         return None
-
-    def start() -> None:
-        try:
-            _executor(workers).submit(_no_op)
-        except (OSError, RuntimeError):
-            logger.debug("could not start the Triton compile processes", exc_info=True)
-
-    _starter = threading.Thread(target=start, name="nanovllm-compile-pool", daemon=True)
-    _starter.start()
-    return _starter
+    try:
+        return _executor(workers)
+    except (OSError, subprocess.SubprocessError):
+        logger.debug("could not start the Triton compile processes", exc_info=True)
+        return None
 
 
 def close_compile_pool() -> None:
     """Stop the compile processes, if any: a start-up's compiles are over."""
-    global _pool, _starter
-    if _starter is not None:
-        _starter.join()
-        _starter = None
+    global _pool
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
 
 
 @contextlib.contextmanager
@@ -252,8 +323,8 @@ def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:
         return 0
     try:
         pool = _executor(workers)
-        futures = [pool.submit(compile_job, job) for job in missing]
-    except (OSError, RuntimeError):
+        futures = [pool.submit(job) for job in missing]
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError):
         logger.debug("could not start the Triton compile processes", exc_info=True)
         return 0
     compiled = 0

@@ -54,7 +54,7 @@ def test_a_kernel_compiled_in_a_worker_is_what_the_launch_finds(tmp_path, monkey
 
     monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "2")
     try:
-        seconds = compile_pool._executor(2).submit(compile_pool.compile_job, job).result(timeout=300)
+        seconds = compile_pool._executor(2).submit(job).result(timeout=300)
     finally:
         compile_pool.close_compile_pool()
     assert seconds > 0 and compile_pool.is_cached(job, kernel)
@@ -64,6 +64,31 @@ def test_a_kernel_compiled_in_a_worker_is_what_the_launch_finds(tmp_path, monkey
     src = ASTSource(kernel, job.signature, job.constants, job.attrs)
     triton.compile(src, target=job.target, options=dict(job.options))
     assert _cubin_folders(cache) == folders  # a cache hit: the worker's key is the launch's
+
+
+def test_workers_do_not_run_the_users_main_script_again(tmp_path):
+    """A user's script without an `if __name__ == "__main__":` guard starts an engine whose first start compiles
+    in processes: its top level runs once (multiprocessing's forkserver ran it again in every worker, each starting
+    an engine of its own). A worker's failure comes back as the job's error; the script then exits cleanly."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "print('top level ran', flush=True)\n"
+        "from engine import compile_pool\n"
+        "job = compile_pool.CompileJob('engine.layers.fp8', 'no_such_kernel', {}, {}, {}, {}, None, '.', ())\n"
+        "futures = [compile_pool._executor(2).submit(job) for _ in range(3)]\n"
+        "errors = [f.exception(timeout=300) for f in futures]\n"
+        "compile_pool.close_compile_pool()\n"
+        "print('errors:', *sorted({type(e).__name__ + ' ' + str(e).split(':')[0] for e in errors}), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("top level ran") == 1, done.stdout
+    assert "errors: RuntimeError AttributeError" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 def test_processes_are_a_switch_with_a_checked_value(monkeypatch):
