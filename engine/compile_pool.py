@@ -293,16 +293,30 @@ def close_compile_pool() -> None:
         pool.shutdown()
 
 
-@contextlib.contextmanager
-def compile_processes_while(start: bool) -> Iterator[None]:
-    """Within it, a start-up's Triton compiles may run in processes, started ahead on entry where `start`; the
-    processes stop on exit, also when the start-up fails."""
-    if start:
+class CompileProcesses:
+    """A start-up's hold on the compile processes: start() where it will compile (again a no-op), close() once its
+    compiles are over."""
+
+    def start(self) -> None:
+        """Start the processes ahead, so that their server's imports overlap what the start-up does next."""
         prestart_compile_pool()
-    try:
-        yield
-    finally:
+
+    def close(self) -> None:
+        """Stop the processes, if any."""
         close_compile_pool()
+
+
+@contextlib.contextmanager
+def compile_processes_while(start: bool = False) -> Iterator[CompileProcesses]:
+    """Within it, a start-up's Triton compiles may run in processes, started on entry where `start`, or later by the
+    handle it yields; they stop at its close(), or on exit, also when the start-up fails."""
+    processes = CompileProcesses()
+    if start:
+        processes.start()
+    try:
+        yield processes
+    finally:
+        processes.close()
 
 
 def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from engine.attention import make_backend
-from engine.compile_pool import compile_processes_while
+from engine.compile_pool import CompileProcesses, compile_processes_while
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
@@ -107,6 +107,14 @@ class LLM:
                 raise ValueError(f"{reason}; use quantization=None")
         src = converted_source(resolve_model(model))
         self.model_name = src.name
+        # A first start's Triton compiles may run in processes (engine/compile_pool.py): started during the load where
+        # the start will time kernels, stopped once the graphs are recorded, also when the start fails.
+        with compile_processes_while() as processes:
+            self._start_up(src, clock, processes)
+
+    def _start_up(self, src, clock: StartupClock, processes: CompileProcesses) -> None:
+        # The constructor's work from the model's source on: load, timings, KV cache, graphs, engine.
+        config = self.config
         with parse_gguf_once(src):  # the three GGUF reads (config, tokenizer, weights) share one parse
             hf_config = load_config(src)
             model_cls = model_class_for(hf_config)
@@ -143,7 +151,17 @@ class LLM:
             torch.manual_seed(config.seed)
             with torch.device("meta"):
                 net = model_cls(hf_config, max_positions=max_model_len, fused=fused)
-            net = net.to_empty(device=self.device).to(self.dtype)
+            net = net.to(self.dtype)
+            compiles = backend_name == "flashinfer" and not config.enforce_eager or config.quantization == "fp8"
+            record = None
+            if self.device.type == "cuda":
+                record = record_path(
+                    net, self.device, block_size=config.block_size, backend=backend_name,
+                    eager=config.enforce_eager, quantization=config.quantization,
+                )  # fmt: skip
+                if compiles and (record is None or not record.is_file()):
+                    processes.start()  # no kept choices: the timings will compile; the server imports during the load
+            net = net.to_empty(device=self.device)
             for module in net.modules():
                 if hasattr(module, "reset_cache"):
                     module.reset_cache(self.device)
@@ -163,37 +181,31 @@ class LLM:
         clock.mark("quantize")
         if self.device.type == "cpu":
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
-        record, tuned = None, True  # tuned: no timings to keep (the CPU, or choices read from a record)
-        if self.device.type == "cuda":
-            record = record_path(
-                net, self.device, block_size=config.block_size, backend=backend_name, eager=config.enforce_eager
-            )
-            tuned = load_record(record, net)
-        compiles = backend_name == "flashinfer" and not config.enforce_eager or config.quantization == "fp8"
-        # The start-up's Triton compiles may run in processes (engine/compile_pool.py), started ahead where the timings
-        # will run so that their imports overlap the timings that compile nothing, and stopped at the end or on failure.
-        with compile_processes_while(not tuned and compiles):
-            if not tuned:
-                tune_weight_layouts(net)
-                if config.quantization == "fp8":
-                    tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
-                if backend_name == "flashinfer" and not config.enforce_eager:
-                    # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs
-                    # only.
-                    net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
-            clock.mark("tune")  # the CPU's weight packing included
-            self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
-            runner.backend = make_backend(backend_name, runner, config, window)
-            runner.supports_cascade = backend_name == "flashinfer"
-            num_blocks = self._num_kv_blocks(runner, max_model_len)
-            runner.allocate_kv_cache(num_blocks, config.block_size)
-            max_model_len = min(max_model_len, num_blocks * config.block_size)
-            clock.mark("kv_cache")  # the memory-profiling forward at the largest batch shape included
+        tuned = self.device.type != "cuda" or load_record(record, net)  # tuned: no timings to run and keep
+        if not tuned and compiles:
+            processes.start()  # a no-op where the load started them; a record that did not fit starts them here
+        if not tuned:
+            tune_weight_layouts(net)
+            if config.quantization == "fp8":
+                tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
             if backend_name == "flashinfer" and not config.enforce_eager:
-                from engine.cuda_graphs import GraphRunner
+                # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs
+                # only.
+                net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
+        clock.mark("tune")  # the CPU's weight packing included
+        self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)
+        runner.backend = make_backend(backend_name, runner, config, window)
+        runner.supports_cascade = backend_name == "flashinfer"
+        num_blocks = self._num_kv_blocks(runner, max_model_len)
+        runner.allocate_kv_cache(num_blocks, config.block_size)
+        max_model_len = min(max_model_len, num_blocks * config.block_size)
+        clock.mark("kv_cache")  # the memory-profiling forward at the largest batch shape included
+        if backend_name == "flashinfer" and not config.enforce_eager:
+            from engine.cuda_graphs import GraphRunner
 
-                runner.graphs = GraphRunner(runner, config, max_model_len)
-                runner.graphs.capture()
+            runner.graphs = GraphRunner(runner, config, max_model_len)
+            runner.graphs.capture()
+        processes.close()  # the start-up's compiles are over
         if not tuned:
             save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":

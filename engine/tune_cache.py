@@ -74,7 +74,8 @@ def _device_key(device: torch.device) -> tuple:
 
 def record_path(net: nn.Module, device: torch.device, **settings) -> Path | None:
     """Where the record of this model shape's choices belongs on this device, software and switches (None with
-    the cache off). settings: the engine settings the timings depend on (page size, attention path)."""
+    the cache off). net: the model as built, before its weights load (meta tensors do); settings: the engine
+    settings the timings depend on (page size, attention path, quantization)."""
     root = tune_cache_dir()
     if root is None:
         return None

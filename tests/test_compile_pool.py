@@ -180,6 +180,10 @@ def test_the_processes_stop_when_a_start_up_fails(monkeypatch):
             raise RuntimeError("out of memory")
     assert seen == ["start", "start-up", "close"]
     seen.clear()
-    with compile_pool.compile_processes_while(False):  # a start with kept choices: no timings, no processes ahead
-        seen.append("start-up")
-    assert seen == ["start-up", "close"]
+    with compile_pool.compile_processes_while() as processes:  # started by the start-up once it knows it will time
+        seen.append("load")
+        processes.start()
+        seen.append("timings")
+        processes.close()
+        seen.append("engine")
+    assert seen == ["load", "start", "timings", "close", "engine", "close"]  # the second close finds none: a no-op
