@@ -61,9 +61,10 @@ def compile_processes() -> int:
 
 
 def _workers() -> int:
-    # How many compile processes to use: 0 where they are off or this platform cannot fork (the server forks them).
+    # How many compile processes to use: 0 where they are off, this platform cannot fork (the server forks them) or
+    # this Python cannot name its own interpreter to start the server with (an embedding application).
     workers = compile_processes()
-    return workers if workers > 1 and "fork" in multiprocessing.get_all_start_methods() else 0
+    return workers if workers > 1 and sys.executable and "fork" in multiprocessing.get_all_start_methods() else 0
 
 
 def _tuples(value):

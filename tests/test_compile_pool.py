@@ -99,6 +99,11 @@ def test_processes_are_a_switch_with_a_checked_value(monkeypatch):
     assert ran == []  # nothing was run to note compiles
     assert compile_pool.prestart_compile_pool() is None
 
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "4")
+    assert compile_pool._workers() == 4
+    monkeypatch.setattr("sys.executable", "")  # an embedding application: no interpreter to start the server with
+    assert compile_pool._workers() == 0 and compile_pool.prestart_compile_pool() is None
+
     monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "many")
     with pytest.raises(ValueError, match="NANOVLLM_COMPILE_PROCESSES='many'"):
         compile_pool.compile_processes()
