@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -197,6 +198,7 @@ class CompileServer:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 env=env,
+                start_new_session=True,  # a group of its own with its workers: shutdown() can stop them all
             )
         except BaseException:
             for fd in (jobs_w, results_r):
@@ -257,8 +259,9 @@ class CompileServer:
             self._jobs.close()
         try:
             self._proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        except subprocess.TimeoutExpired:  # a hung compile: its worker would outlive a server killed alone
+            with contextlib.suppress(OSError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
         self._reader.join(timeout=10)
 
@@ -273,8 +276,8 @@ def _executor(workers: int) -> CompileServer:
 
 def prestart_compile_pool() -> CompileServer | None:
     """Start the compile processes where a start-up is about to compile (its timings have no record): their
-    server's imports (~2.5 s, which its first jobs wait for) then overlap the timings that come first. None where
-    processes are off or the server could not start (the compiles then run in-process)."""
+    server's imports (~2.5 s, which its first jobs wait for) then overlap what the start-up does first (the load).
+    None where processes are off or the server could not start (the compiles then run in-process)."""
     workers = _workers()
     if not workers:
         return None

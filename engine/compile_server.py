@@ -48,7 +48,7 @@ def _close_pipes(*fds: int) -> None:
 def serve(jobs_fd: int, results_fd: int, workers: int) -> None:
     """Compile the jobs read from jobs_fd in `workers` forked processes, writing each result to results_fd, until
     jobs_fd ends; jobs not started by then are dropped, running ones finish."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's process's to handle; it closes the pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's process's to handle; its exit ends the pipe
     _preload()
     from engine.compile_pool import compile_job
 
