@@ -91,6 +91,29 @@ def test_workers_do_not_run_the_users_main_script_again(tmp_path):
     assert "errors: RuntimeError AttributeError" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
+def test_a_server_that_dies_fails_its_jobs_instead_of_hanging(monkeypatch):
+    """The server killed while it still imports: the job sent before fails with the reason (its launch then
+    compiles it in-process), a later submit raises at once, and closing returns."""
+    import signal
+    import time
+
+    monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "2")
+    server = compile_pool._executor(2)
+    try:
+        job = compile_pool.CompileJob("engine.layers.fp8", "no_such_kernel", {}, {}, {}, {}, None, ".", ())
+        pending = server.submit(job)
+        os.killpg(server._proc.pid, signal.SIGKILL)  # long before its imports of torch and Triton are done
+        assert "stopped before this job's result" in str(pending.exception(timeout=60))
+        deadline = time.monotonic() + 60
+        while server._reader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="has stopped"):
+            server.submit(job)
+    finally:
+        compile_pool.close_compile_pool()
+    assert compile_pool._pool is None
+
+
 def test_processes_are_a_switch_with_a_checked_value(monkeypatch):
     """NANOVLLM_COMPILE_PROCESSES=0 keeps compiles in-process without noting anything; a bad value names itself."""
     monkeypatch.setenv("NANOVLLM_COMPILE_PROCESSES", "0")
