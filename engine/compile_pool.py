@@ -297,30 +297,14 @@ def close_compile_pool() -> None:
         pool.shutdown()
 
 
-class CompileProcesses:
-    """A start-up's hold on the compile processes: start() where it will compile (again a no-op), close() once its
-    compiles are over."""
-
-    def start(self) -> None:
-        """Start the processes ahead, so that their server's imports overlap what the start-up does next."""
-        prestart_compile_pool()
-
-    def close(self) -> None:
-        """Stop the processes, if any."""
-        close_compile_pool()
-
-
 @contextlib.contextmanager
-def compile_processes_while(start: bool = False) -> Iterator[CompileProcesses]:
-    """Within it, a start-up's Triton compiles may run in processes, started on entry where `start`, or later by the
-    handle it yields; they stop at its close(), or on exit, also when the start-up fails."""
-    processes = CompileProcesses()
-    if start:
-        processes.start()
+def compile_processes_while() -> Iterator[None]:
+    """Within it, a start-up may start the compile processes (prestart_compile_pool) once it knows it will compile;
+    they stop on exit, also when the start-up fails (close_compile_pool is a no-op where none run)."""
     try:
-        yield processes
+        yield
     finally:
-        processes.close()
+        close_compile_pool()
 
 
 def compile_ahead(calls: list[Callable[[], object]], run: Callable) -> int:

@@ -61,14 +61,16 @@ def serve(jobs_fd: int, results_fd: int, workers: int) -> None:
     results = os.fdopen(results_fd, "wb")
     write = threading.Lock()
 
-    def send(ident: int, future: Future) -> None:
-        try:
-            reply = (ident, True, future.result())
-        except BaseException as err:  # noqa: BLE001 - any failure goes back: the engine's launch compiles the kernel
-            reply = (ident, False, f"{type(err).__name__}: {err}")
+    def reply(ident: int, ok: bool, value) -> None:
         with write, contextlib.suppress(OSError):
-            pickle.dump(reply, results)
+            pickle.dump((ident, ok, value), results)
             results.flush()
+
+    def done(ident: int, future: Future) -> None:
+        try:
+            reply(ident, True, future.result())
+        except BaseException as err:  # noqa: BLE001 - any failure goes back: the engine's launch compiles the kernel
+            reply(ident, False, f"{type(err).__name__}: {err}")
 
     with os.fdopen(jobs_fd, "rb") as jobs:
         while True:
@@ -77,11 +79,9 @@ def serve(jobs_fd: int, results_fd: int, workers: int) -> None:
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
             try:
-                pool.submit(compile_job, job).add_done_callback(functools.partial(send, ident))
+                pool.submit(compile_job, job).add_done_callback(functools.partial(done, ident))
             except RuntimeError as err:  # a broken pool (a worker died): this job fails, the engine compiles it
-                failed: Future = Future()
-                failed.set_exception(err)
-                send(ident, failed)
+                reply(ident, False, f"{type(err).__name__}: {err}")
     pool.shutdown(wait=True, cancel_futures=True)
     with contextlib.suppress(OSError):
         results.close()

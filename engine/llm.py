@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from engine.attention import make_backend
-from engine.compile_pool import CompileProcesses, compile_processes_while
+from engine.compile_pool import close_compile_pool, compile_processes_while, prestart_compile_pool
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.layers.fp8 import fp8_unsupported_reason, quantize_model_fp8, tune_fp8_rows
 from engine.layers.linear import TUNE_MARGIN, TUNE_STREAM_BYTES, tune_weight_layouts, weight_bytes
@@ -109,10 +109,10 @@ class LLM:
         self.model_name = src.name
         # A first start's Triton compiles may run in processes (engine/compile_pool.py): started during the load where
         # the start will time kernels, stopped once the graphs are recorded, also when the start fails.
-        with compile_processes_while() as processes:
-            self._start_up(src, clock, processes)
+        with compile_processes_while():
+            self._start_up(src, clock)
 
-    def _start_up(self, src, clock: StartupClock, processes: CompileProcesses) -> None:
+    def _start_up(self, src, clock: StartupClock) -> None:
         # The constructor's work from the model's source on: load, timings, KV cache, graphs, engine.
         config = self.config
         with parse_gguf_once(src):  # the three GGUF reads (config, tokenizer, weights) share one parse
@@ -160,7 +160,7 @@ class LLM:
                     eager=config.enforce_eager, quantization=config.quantization,
                 )  # fmt: skip
                 if compiles and (record is None or not record.is_file()):
-                    processes.start()  # no kept choices: the timings will compile; the server imports during the load
+                    prestart_compile_pool()  # no kept choices: the timings will compile; its imports overlap the load
             net = net.to_empty(device=self.device)
             for module in net.modules():
                 if hasattr(module, "reset_cache"):
@@ -183,7 +183,7 @@ class LLM:
             logger.info("%d linear weights pre-packed for oneDNN", net.pack_cpu())
         tuned = self.device.type != "cuda" or load_record(record, net)  # tuned: no timings to run and keep
         if not tuned and compiles:
-            processes.start()  # a no-op where the load started them; a record that did not fit starts them here
+            prestart_compile_pool()  # a no-op where the load started them; a record that did not fit starts them here
         if not tuned:
             tune_weight_layouts(net)
             if config.quantization == "fp8":
@@ -205,7 +205,7 @@ class LLM:
 
             runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
-        processes.close()  # the start-up's compiles are over
+        close_compile_pool()  # the start-up's compiles are over
         if not tuned:
             save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":

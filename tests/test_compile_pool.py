@@ -197,21 +197,22 @@ def test_a_worker_takes_the_engines_kernel_environment(monkeypatch):
 
 
 def test_the_processes_stop_when_a_start_up_fails(monkeypatch):
-    """compile_processes_while starts the processes ahead only where asked, and stops them on the way out, also
-    when the start-up raises (a failed LLM() leaves no idle processes behind)."""
+    """Processes a start-up started stop when compile_processes_while is left, also when the start-up raises (a
+    failed LLM() leaves no idle processes behind)."""
     seen = []
     monkeypatch.setattr(compile_pool, "prestart_compile_pool", lambda: seen.append("start"))
     monkeypatch.setattr(compile_pool, "close_compile_pool", lambda: seen.append("close"))
     with pytest.raises(RuntimeError, match="out of memory"):
-        with compile_pool.compile_processes_while(True):
+        with compile_pool.compile_processes_while():
+            compile_pool.prestart_compile_pool()
             seen.append("start-up")
             raise RuntimeError("out of memory")
     assert seen == ["start", "start-up", "close"]
     seen.clear()
-    with compile_pool.compile_processes_while() as processes:  # started by the start-up once it knows it will time
+    with compile_pool.compile_processes_while():  # started by the start-up once it knows it will time
         seen.append("load")
-        processes.start()
+        compile_pool.prestart_compile_pool()
         seen.append("timings")
-        processes.close()
+        compile_pool.close_compile_pool()
         seen.append("engine")
     assert seen == ["load", "start", "timings", "close", "engine", "close"]  # the second close finds none: a no-op
