@@ -693,7 +693,7 @@ def _compile_one(job) -> str | None:
             kw = dict(x_scale=sx, out_dtype=torch.bfloat16, imprecise=x8[0])
             _launch_rows(x.to(torch.float8_e4m3fn), w, cfg, scale=scale, **kw)
         else:
-            (_launch if m == 1 else _launch_rows)(x, w, cfg, norm=nw, residual=residual, silu=silu, scale=scale)
+            (_launch if len(cfg) == 4 else _launch_rows)(x, w, cfg, norm=nw, residual=residual, silu=silu, scale=scale)
         torch.cuda.synchronize()
     except Exception as e:  # a tile too large for this GPU: the timing skips it too
         return f"{cfg} at {m} rows: {type(e).__name__}"
@@ -766,14 +766,18 @@ def bench_fewrows(args) -> None:
 
     from engine import LLM
     from engine.layers.gemv import (
+        GEMV_CONFIGS,
         MAX_ROWS,
+        MULTI_MAX_ROWS,
         ROLES,
         ROWS_CONFIGS,
+        SWEEP_CONFIGS,
         SWEEP_FP8_ROWS_CONFIGS,
         SWEEP_FP8_WIDE_ROWS_CONFIGS,
         SWEEP_ROWS_CONFIGS,
         SWEEP_WIDE_ROWS_CONFIGS,
         _time_role,
+        configs_for,
         rows_configs_for,
     )
 
@@ -790,12 +794,16 @@ def bench_fewrows(args) -> None:
     def sweep_for(role: str, m: int) -> list[tuple]:
         # Past the engine's MAX_ROWS only the wide shapes: the few-row ones keep whole K steps of 256 columns
         # for every token row in shared memory. FP8 weights: the engine's tiles and those made for FP8.
+        # Up to MULTI_MAX_ROWS rows of a row-major bf16 weight, the multi-row GEMV's shapes too.
         _, w, n = weights(role)
         if m <= MAX_ROWS:
             sweep = ROWS_CONFIGS + (SWEEP_FP8_ROWS_CONFIGS if fp8 else SWEEP_ROWS_CONFIGS)
         else:
             sweep = SWEEP_WIDE_ROWS_CONFIGS + (SWEEP_FP8_WIDE_ROWS_CONFIGS if fp8 else ())
-        return rows_configs_for(n, w.shape[1], sweep)
+        multi = m <= MULTI_MAX_ROWS and w.stride(1) == 1 and not fp8
+        return (configs_for(n, w.shape[1], GEMV_CONFIGS + SWEEP_CONFIGS) if multi else []) + rows_configs_for(
+            n, w.shape[1], sweep
+        )
 
     for m in args.few_rows:
         precompile(layers, {role: sweep_for(role, m) for role in ROLES}, [m], args.plain)
@@ -806,8 +814,9 @@ def bench_fewrows(args) -> None:
             base, times = _time_role(mods, sweep_for(role, m), m)
             for rank, (cfg, us) in enumerate(sorted(times.items(), key=lambda kv: kv[1])):
                 rows.append(
-                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS, us=us, unfused_us=base,
-                         ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1, rank=rank)
+                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS + GEMV_CONFIGS, us=us,
+                         unfused_us=base, ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1,
+                         rank=rank)
                 )  # fmt: skip
     llm.shutdown()
     title = "few-row projections: Triton configs (rows/program, K step, warps, stages, K splits), the 6 fastest"

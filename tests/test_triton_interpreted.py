@@ -85,3 +85,15 @@ def test_fp8_weights_in_every_row_tile_match_torch_interpreted():
         (200, 128, 1024, False, False, False),  # 256 rows
     ]
     run_interpreted("check_fp8_rows", cases)
+
+
+def test_multi_row_gemv_matches_torch_interpreted():
+    """The GEMV's multi-row form for 2-4 token rows (engine/layers/gemv.py: gemv_multi_kernel) in float32: each row
+    against its own torch reference, the third row of a 4-row tile masked, the residual add, norm, SwiGLU and a
+    packed gate/up bias fused."""
+    cases = [
+        (2, 64, 1024, True, True, True),  # norm, SwiGLU and bias: gate/up
+        (3, 64, 2048, False, False, False),  # a padded row: o
+        (4, 128, 1024, True, False, False),  # residual add + norm: qkv
+    ]
+    run_interpreted("check_multi_row_gemv", cases)

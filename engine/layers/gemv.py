@@ -15,6 +15,12 @@ x * norm_weight and the rows are scaled by their rstd once the whole K is summed
 hundreds of programs stream one weight, the last split of each tile adding the partial sums in a fixed order.
 `tune_rows` keeps it per role and row tile where it measures faster. Measured on an H100 (docs/benchmarks.md):
 Qwen3-0.6B decode 1.07-1.18x at 2-16 requests. NANOVLLM_GEMV_MAX_ROWS=1 switches it off.
+
+Steps of 2-4 rows may instead take the GEMV itself in a multi-row form (`_build_multi_kernel`): each weight tile,
+loaded once, meets every row on the CUDA cores, with no padding to an MMA tile and no split-K round trip.
+`tune_rows` times it beside the few-row kernel for those steps (plan tiles 2 and 4, `plan_tile`) and keeps the
+faster per role. Measured on an H200 (docs/benchmarks.md, section 6): Qwen3-0.6B decode 1.11x / 1.07x / 1.05x at 2
+/ 3 / 4 requests.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ def _build_kernel():
 
     prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
     pdl_prologue = _build_pdl_prologue()
+    _build_helpers()
 
     @triton.jit
     def gemv_kernel(
@@ -211,6 +218,29 @@ def _build_kernel():
                     w_up = tl.load(w_rows + N * stride_w + k0)
                 acc_up += w_up.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
+        up = y
+        if SILU:
+            up = tl.sum(acc_up, axis=1)
+        y = gemv_finish(y, up, rows, N, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+        tl.store(y_ptr + rows, y.to(dtype))
+
+    return gemv_kernel
+
+
+# The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, and the multi-row kernel's per-row
+# norm, input and store.
+gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = None
+
+
+@functools.cache
+def _build_helpers():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def finish(y, up, rows, N, scale_ptr, bias_ptr, dtype: tl.constexpr, SILU: tl.constexpr, BIAS: tl.constexpr,
+               SCALE: tl.constexpr):  # fmt: skip
+        # The GEMVs' epilogue for fp32 sums y (and up, with SILU) of the output rows `rows` (their last axis).
         if SCALE:  # FP8 weights: one scale per output row (engine/layers/fp8.py)
             y *= tl.load(scale_ptr + rows)
         if BIAS:
@@ -218,22 +248,175 @@ def _build_kernel():
         if SILU:
             # As the unfused path: gate and up stored in the activation dtype, silu(gate) * up computed in fp32.
             gate = y.to(dtype).to(tl.float32)
-            up = tl.sum(acc_up, axis=1)
             if SCALE:
                 up *= tl.load(scale_ptr + N + rows)
             if BIAS:  # the packed bias's "up" half, N further on
                 up += tl.load(bias_ptr + N + rows).to(tl.float32)
             up = up.to(dtype).to(tl.float32)
             y = gate * tl.sigmoid(gate) * up
-        tl.store(y_ptr + rows, y.to(dtype))
+        return y
 
-    return gemv_kernel
+    # Module globals, not closures: Triton's interpreter (the CPU tests) resolves a kernel's names in its module.
+    globals()["gemv_finish"] = finish
+
+    @triton.jit
+    def gemv_row_rstd(x_ptr, res_ptr, row, M, K, cols, eps, RESIDUAL: tl.constexpr, dtype: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+        # 1/rms of token row `row` (after the residual add, rounded to the activation dtype as the unfused path
+        # stores it); a padded row (row >= M) reads zeros.
+        live = cols * 0 + row < M
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            h = tl.load(x_ptr + row * K + k0 + cols, mask=live, other=0.0).to(tl.float32)
+            if RESIDUAL:
+                r = tl.load(res_ptr + row * K + k0 + cols, mask=live, other=0.0)
+                h = (h + r.to(tl.float32)).to(dtype).to(tl.float32)
+            sq += h * h
+        return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+
+    @triton.jit
+    def gemv_row_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, row, M, K, k0, cols, rstd, write,
+                       NORM: tl.constexpr, RESIDUAL: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+        # Token row `row`'s activations at K offset k0, as the GEMM takes them: plain, or residual-added (written
+        # back by one program) and normed.
+        live = cols * 0 + row < M
+        xv = tl.load(x_ptr + row * K + k0 + cols, mask=live, other=0.0).to(tl.float32)
+        if NORM:
+            if RESIDUAL:
+                r = tl.load(res_ptr + row * K + k0 + cols, mask=live, other=0.0)
+                xv = (xv + r.to(tl.float32)).to(dtype).to(tl.float32)
+                if write:
+                    tl.store(res_out_ptr + row * K + k0 + cols, xv.to(dtype), mask=live)
+            nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
+            xv = (xv * rstd * nw).to(dtype).to(tl.float32)
+        return xv
+
+    @triton.jit
+    def gemv_store_row(acc, acc_up, row, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype: tl.constexpr,
+                       SILU: tl.constexpr, BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+        # Row `row`'s outputs through the shared epilogue; a padded row is not stored.
+        y = tl.sum(acc, axis=1)
+        up = y
+        if SILU:
+            up = tl.sum(acc_up, axis=1)
+        y = gemv_finish(y, up, rows, N, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+        tl.store(y_ptr + row * N + rows, y.to(dtype), mask=rows * 0 + row < M)
+
+    globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row)
+
+
+@functools.cache
+def _build_multi_kernel():
+    import triton
+    import triton.language as tl
+
+    prefetch_asm = tl.constexpr(L2_PREFETCH_ASM)
+    pdl_prologue = _build_pdl_prologue()
+    _build_helpers()
+
+    @triton.jit
+    def gemv_multi_kernel(
+        x_ptr,
+        res_ptr,
+        norm_w_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        y_ptr,
+        res_out_ptr,
+        M,
+        N,
+        K,
+        stride_w,
+        slice_bytes,
+        eps,
+        NORM: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        SILU: tl.constexpr,
+        BIAS: tl.constexpr,
+        SCALE: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVICT_FIRST: tl.constexpr,
+        PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        # The one-row GEMV for M <= ROWS (2 or 4) token rows on the CUDA cores: each weight tile, loaded once in
+        # the one-row kernel's layout, meets every row (one accumulator per row), so a step of 2-4 rows streams
+        # its weights about as fast as one row does; the few-row kernel pads them to a 16-row MMA tile and splits
+        # K, with a round trip of partial sums. Rows past M read zeros and are not stored.
+        pid = tl.program_id(0)
+        if PDL:
+            w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
+            pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        dtype = y_ptr.dtype.element_ty
+        r0, r1, r2, r3 = 1.0, 1.0, 1.0, 1.0
+        if NORM:
+            r0 = gemv_row_rstd(x_ptr, res_ptr, 0, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
+            r1 = gemv_row_rstd(x_ptr, res_ptr, 1, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
+            if ROWS > 2:
+                r2 = gemv_row_rstd(x_ptr, res_ptr, 2, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
+                r3 = gemv_row_rstd(x_ptr, res_ptr, 3, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        a0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        a1, a2, a3, u0, u1, u2, u3 = a0, a0, a0, a0, a0, a0, a0
+        first = pid == 0  # one program writes the new residual; the others only read the old one
+        for k0 in range(0, K, BLOCK_K):
+            if EVICT_FIRST:
+                w = tl.load(w_rows + k0, eviction_policy="evict_first").to(tl.float32)
+            else:
+                w = tl.load(w_rows + k0).to(tl.float32)
+            w_up = w
+            if SILU:
+                if EVICT_FIRST:
+                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    w_up = tl.load(w_rows + N * stride_w + k0).to(tl.float32)
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype
+            )
+            a0 += w * x[None, :]
+            if SILU:
+                u0 += w_up * x[None, :]
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 1, M, K, k0, cols, r1, first, NORM, RESIDUAL, dtype
+            )
+            a1 += w * x[None, :]
+            if SILU:
+                u1 += w_up * x[None, :]
+            if ROWS > 2:
+                x = gemv_row_input(
+                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 2, M, K, k0, cols, r2, first, NORM, RESIDUAL, dtype
+                )
+                a2 += w * x[None, :]
+                if SILU:
+                    u2 += w_up * x[None, :]
+                x = gemv_row_input(
+                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 3, M, K, k0, cols, r3, first, NORM, RESIDUAL, dtype
+                )
+                a3 += w * x[None, :]
+                if SILU:
+                    u3 += w_up * x[None, :]
+        gemv_store_row(a0, u0, 0, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+        gemv_store_row(a1, u1, 1, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+        if ROWS > 2:
+            gemv_store_row(a2, u2, 2, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+            gemv_store_row(a3, u3, 3, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
+
+    return gemv_multi_kernel
 
 
 # Few-row GEMMs (2..MAX_ROWS rows: decode batches, small prefill steps): (output rows per program, K step, warps,
 # pipeline stages, K splits). Each program covers a short K range in one or two steps, so a layer's weight is
 # requested at once by hundreds of programs; the last split of each tile to finish adds the partial sums up.
 MAX_ROWS = 32
+# Steps of 2..MULTI_MAX_ROWS rows may instead take the one-row GEMV in its multi-row form (gemv_multi_kernel), on
+# row-major weights: CUDA cores have the few rows' multiply-adds to spare while the weight streams.
+MULTI_MAX_ROWS = 4
+MULTI_CONFIGS = GEMV_CONFIGS
 MAX_TILES = 4096  # output tiles of one launch at most: the split-K arrival counters
 # The fastest per role of Qwen3-0.6B at 4, 16 and 32 rows in `gpu_profile.py fewrows` (H100, docs/benchmarks.md).
 ROWS_CONFIGS = (
@@ -290,6 +473,12 @@ SWEEP_FP8_WIDE_ROWS_CONFIGS = (
 # Each of a program's threads asks for one weight row's K range (sm90 bulk L2 prefetch); a row may be asked for
 # by more than one thread, which costs nothing.
 L2_PREFETCH_ROWS_ASM = "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;"
+
+
+def plan_tile(m: int) -> int:
+    """The rows_plan key for a step of m (2..MAX_ROWS) token rows: 2 or 4 (next power of two) up to
+    MULTI_MAX_ROWS, whose steps may take the multi-row GEMV, else rows_tile(m)."""
+    return 1 << (m - 1).bit_length() if m <= MULTI_MAX_ROWS else rows_tile(m)
 
 
 def rows_tile(m: int) -> int:
@@ -511,15 +700,20 @@ def _launch_rows(
 
 
 def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None):
+    # One row: the GEMV; 2..MULTI_MAX_ROWS rows: its multi-row form (gemv_multi_kernel). Row-major weights only.
     block_n, block_k, warps, evict_first = cfg
+    m = x.shape[0]
     n = weight.shape[0] // 2 if silu else weight.shape[0]
     k = weight.shape[1]
+    if weight.stride(1) != 1 or m > MULTI_MAX_ROWS:
+        raise ValueError(f"the GEMV takes a row-major weight and 1..{MULTI_MAX_ROWS} rows, not {m} rows of "
+                         f"a weight with strides {weight.stride()}")  # fmt: skip
     x = x.contiguous()
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
     slice_bytes = block_n * weight.stride(0) * weight.element_size()
     launch = launch_options(x.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
-    _build_kernel()[(n // block_n,)](
+    args = [
         x,
         residual if residual is not None else x,
         norm.weight if norm is not None else x,
@@ -528,16 +722,22 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         scale if scale is not None else x,
         y,
         res_out,
+        *([m] if m > 1 else []),
         n,
         k,
         weight.stride(0),
         slice_bytes,
         norm.eps if norm is not None else 0.0,
+    ]
+    kernel, rows = (_build_kernel(), {}) if m == 1 else (_build_multi_kernel(), {"ROWS": 1 << (m - 1).bit_length()})
+    kernel[(n // block_n,)](
+        *args,
         NORM=norm is not None,
         RESIDUAL=residual is not None,
         SILU=silu,
         BIAS=bias is not None,
         SCALE=scale is not None,
+        **rows,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVICT_FIRST=evict_first,
@@ -563,8 +763,9 @@ def _l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def _launcher(x: torch.Tensor):
-    return _launch if x.shape[0] == 1 else _launch_rows
+def _launcher(cfg: tuple):
+    # A GEMV configuration has four fields (rows per program, K step, warps, evict-first), a few-row one five.
+    return _launch if len(cfg) == 4 else _launch_rows
 
 
 def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
@@ -572,7 +773,7 @@ def linear_row(x: torch.Tensor, linear, cfg: tuple | None) -> torch.Tensor:
     the layer itself when cfg is None."""
     if cfg is None:
         return linear(x)
-    return _launcher(x)(x, linear.weight, cfg, bias=linear.bias, scale=linear.weight_scale)[0]
+    return _launcher(cfg)(x, linear.weight, cfg, bias=linear.bias, scale=linear.weight_scale)[0]
 
 
 def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
@@ -583,7 +784,7 @@ def norm_linear_row(x, residual, norm, linear, cfg: tuple | None, act=None):
     modules run one after another."""
     if cfg is not None:
         silu = act is not None
-        y, res_out = _launcher(x)(
+        y, res_out = _launcher(cfg)(
             x, linear.weight, cfg, bias=linear.bias, norm=norm, residual=residual, silu=silu, scale=linear.weight_scale
         )
         return y, (x if residual is None else res_out)
@@ -626,7 +827,7 @@ def _role_calls(mods, candidates, rows: int = 1) -> tuple[list, dict[tuple, list
     calls = {
         cfg: [
             functools.partial(
-                _launcher(x), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None,
+                _launcher(cfg), x, w, cfg, bias=lin.bias, norm=nm, residual=residual, silu=act is not None,
                 scale=lin.weight_scale,
             )
             for (nm, lin, act), w in zip(mods, weights, strict=True)
@@ -674,17 +875,26 @@ def _rows_candidates(weight: torch.Tensor, tile: int) -> tuple[tuple[int, int, i
     return FP8_ROWS_CONFIGS[tile] if weight.element_size() == 1 else ROWS_CONFIGS
 
 
-# Row counts each few-row tile is timed at before it is chosen: the tile's smallest and largest typical steps
-# (decode batches of 2-16 requests and 16-token prefill chunks share the 16-row tile; 32-token ones the other).
-ROWS_TUNE_AT = {16: (4, 16), 32: (32,)}
+# Row counts each plan tile (plan_tile) is timed at before it is chosen: the tile's typical steps (decode batches of
+# 2 and 3-4 requests; of 5-16 requests and 16-token prefill chunks the 16-row tile; 32-token ones the last).
+ROWS_TUNE_AT = {2: (2,), 4: (4,), 16: (8, 16), 32: (32,)}
+
+
+def _multi_candidates(weight: torch.Tensor, n: int, tile: int) -> list[tuple[int, int, int, bool]]:
+    # The multi-row GEMV for the 2- and 4-row tiles of a row-major bf16/fp16 weight (the one-row plan made the
+    # weights of the roles it took row-major; the kernel reads no other layout).
+    if tile > MULTI_MAX_ROWS or weight.stride(1) != 1 or weight.element_size() == 1:
+        return []
+    return configs_for(n, weight.shape[1], MULTI_CONFIGS)
 
 
 @torch.inference_mode()
 def tune_rows(
     layers, stream_bytes: int, margin: float, max_rows: int | None = None
 ) -> dict[int, dict[str, tuple | None]]:
-    """Per row tile (16, 32) and role, the few-row Triton configuration for steps of 2..max_rows token rows
-    (default gemv_max_rows()), or None for the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at
+    """Per plan tile (2, 4, 16, 32: plan_tile) and role, the Triton configuration for steps of 2..max_rows token
+    rows (default gemv_max_rows()): the multi-row GEMV's (four fields, tiles 2 and 4 of row-major weights) or the
+    few-row kernel's (five), or None for the unfused cuBLAS + FlashInfer path; kept only when `margin` faster at
     every row count of ROWS_TUNE_AT."""
     mode, max_rows = gemv_mode(), gemv_max_rows() if max_rows is None else max_rows
     if mode == "0" or max_rows <= 1 or not gemv_supported(_role_modules(layers[0])["o"][1].weight):
@@ -693,15 +903,18 @@ def tune_rows(
     plans: dict[int, dict[str, tuple | None]] = {}
     notes = []
     jobs = {}  # (tile, role) -> one _role_calls job per row count of ROWS_TUNE_AT
+    first_row = 2
     for tile, row_counts in ROWS_TUNE_AT.items():
-        if tile // 2 >= max_rows:
+        first_row, tile_first = tile + 1, first_row
+        if tile_first > max_rows:  # no step of the tile's sizes takes the few-row kernels
             continue
+        row_counts = sorted({min(rows, max_rows) for rows in row_counts})
         plan = plans[tile] = {}
         for role in ROLES:
             norm, linear, act = _role_modules(layers[0])[role]
             w0 = linear.weight
             n = w0.shape[0] // 2 if act is not None else w0.shape[0]
-            candidates = rows_configs_for(n, w0.shape[1], _rows_candidates(w0, tile))
+            candidates = _multi_candidates(w0, n, tile) + rows_configs_for(n, w0.shape[1], _rows_candidates(w0, tile))
             plan[role] = candidates[0] if candidates and mode == "force" else None
             if not candidates or mode == "force":
                 continue

@@ -10,7 +10,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.layers import fp8
 from engine.layers.activation import SiluAndMul
-from engine.layers.gemv import MAX_ROWS, gemv_max_rows, linear_row, norm_linear_row, rows_tile, tune_gemv, tune_rows
+from engine.layers.gemv import MAX_ROWS, gemv_max_rows, linear_row, norm_linear_row, plan_tile, tune_gemv, tune_rows
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -99,14 +99,15 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, fused, biases[2])
         # role -> Triton GEMV config for one-row steps (engine/layers/gemv.py: tune_gemv); empty: always unfused.
         self.gemv_plan: dict[str, tuple | None] = {}
-        # row tile (16, 32) -> role -> few-row Triton config for steps of 2..rows_max token rows (tune_rows).
+        # plan tile (2, 4, 16, 32: gemv.plan_tile) -> role -> Triton config for steps of 2..rows_max token rows:
+        # the multi-row GEMV's or the few-row kernel's (tune_rows).
         self.rows_plan: dict[int, dict[str, tuple | None]] = {}
         self.rows_max = MAX_ROWS
 
     def forward(self, x, residual, ctx: ForwardContext):
         """One block: returns (hidden, residual) with the final residual add deferred to the next norm."""
         rows = x.shape[0]
-        plan = self.gemv_plan if rows == 1 else self.rows_plan.get(rows_tile(rows)) if rows <= self.rows_max else None
+        plan = self.gemv_plan if rows == 1 else self.rows_plan.get(plan_tile(rows)) if rows <= self.rows_max else None
         if plan:
             return self.forward_row(x, residual, ctx, plan)
         if self.fp8_fusable and fp8.FUSED_QUANTIZE and 0 < fp8.ACT_MIN_ROWS <= rows and x.is_cuda:

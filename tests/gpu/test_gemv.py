@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,10 @@ from engine.layers.gemv import (
     rows_tile,
 )
 from engine.layers.kernels import pdl_enabled
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from triton_checks import check_multi_row_gemv  # noqa: E402
 
 # (N, K, silu, bias, norm, residual): Qwen3-0.6B qkv / o / gate_up / down, a Qwen2-style biased qkv without a
 # residual (the first layer), Qwen3-8B gate/up, SmolLM2's K=576.
@@ -97,6 +103,15 @@ def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m):
                 assert err < 1e-2, f"{cfg}, strides {weight.stride()}: relative error {err:.2e}"
                 if residual:
                     assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
+
+
+@pytest.mark.parametrize("m,pdl", [(2, "1"), (3, "1"), (3, "0")])
+@pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES)
+def test_multi_row_gemv_matches_torch(n, k, silu, bias, norm, residual, m, pdl, monkeypatch):
+    """The GEMV's multi-row form at 2-4 token rows, each row against torch, in every configuration the engine times
+    (tests/triton_checks.py), launched with and without programmatic dependent launch."""
+    monkeypatch.setenv("NANOVLLM_PDL", pdl)
+    check_multi_row_gemv(m, n, k, norm, silu, bias)
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])

@@ -485,7 +485,7 @@ def test_a_later_start_serves_with_the_choices_the_first_kept(model_dir, monkeyp
     first, second = states
     assert first == second
     if quantization is None:
-        assert set(first["gemv_plan"]) == {"qkv", "o", "gate_up", "down"} and set(first["rows_plan"]) == {16, 32}
+        assert set(first["gemv_plan"]) == {"qkv", "o", "gate_up", "down"} and set(first["rows_plan"]) == {2, 4, 16, 32}
     else:
         # Each FP8 projection keeps tiles for bf16 activations, FP8 ones, or both (rows_plan: tune_fp8_rows).
         assert first["fp8"] and all(configs or act for configs, act in first["fp8"].values())
@@ -497,20 +497,23 @@ def test_a_later_start_serves_with_the_choices_the_first_kept(model_dir, monkeyp
 
 def test_few_row_triton_kernels_match_hf(model_dir, monkeypatch):
     """Steps of 2..32 token rows through the few-row Triton kernels (forced for every role): 5-request decode graphs,
-    then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph); against HF and
-    against the cuBLAS + FlashInfer path."""
+    then after prefix hits a 9-token step (16-row graph) and a 3 x 8-token step (32-row graph), and 2- and
+    3-request decode graphs through the GEMV's multi-row form; against HF and against the cuBLAS + FlashInfer
+    path."""
     folder, hf = model_dir
     prompts = make_prompts([6, 5, 7, 4, 6], seed=5, prefix=32)
     prefix = prompts[0][:32]
     follow = [prefix + p for p in make_prompts([9, 8, 8, 8], seed=6)]
-    batches = [prompts, follow[:1], follow[1:]]
+    batches = [prompts, follow[:1], follow[1:], make_prompts([7, 12], seed=7), make_prompts([5, 9, 3], seed=8)]
     results = []
     for gemv in ("force", "0"):
         monkeypatch.setenv("NANOVLLM_GEMV", gemv)
         llm = LLM(folder, num_kvcache_blocks=256, max_model_len=1024, max_num_seqs=16, block_size=16)
         try:
             plans = llm.runner.model.layers[0].rows_plan
-            forced = set(plans) == {16, 32} and all(all(p.values()) for p in plans.values())
+            forced = set(plans) == {2, 4, 16, 32} and all(all(p.values()) for p in plans.values())
+            # the 2- and 4-row tiles take the multi-row GEMV (four fields), the others the few-row kernel (five)
+            forced = forced and {len(c) for t in (2, 4) for c in plans[t].values()} == {4}
             assert forced if gemv == "force" else not plans
             replays = dict(llm.runner.graphs.replays)
             runs = [engine_logits(llm, batch, GREEDY) for batch in batches]
