@@ -25,6 +25,7 @@ from engine.layers.gemv import (
     configs_for,
     gemv_max_rows,
     gemv_mode,
+    plan_tile,
     rows_configs_for,
     rows_tile,
 )
@@ -69,7 +70,7 @@ def test_few_row_steps_take_the_row_path(qwen3_path, monkeypatch):
             return original(self, x, residual, ctx, plan)
 
         monkeypatch.setattr(DecoderLayer, "forward_row", spy)
-        plans = {16: dict.fromkeys(ROLES), 32: dict.fromkeys(ROLES)}
+        plans = {tile: dict.fromkeys(ROLES) for tile in (2, 4, 16, 32)}
         for layer in layers:
             layer.rows_plan = plans
         rows = [o.token_ids for o in llm.generate(prompts, params)]
@@ -82,8 +83,9 @@ def test_few_row_steps_take_the_row_path(qwen3_path, monkeypatch):
         llm.shutdown()
     assert rows == batched == capped
     assert {n for n, _ in seen_default} == {3}  # the 50-token prefill ran batched, the 3-request decode row-wise
-    assert all(plan is plans[16] for _, plan in seen_default)
+    assert all(plan is plans[4] for _, plan in seen_default)  # 3 rows: the multi-row GEMV's tile
     assert not seen
+    assert [plan_tile(m) for m in (2, 3, 4, 5, 16, 17, 32)] == [2, 4, 4, 16, 16, 32, 32]
     assert rows_tile(2) == rows_tile(16) == 16 and rows_tile(17) == rows_tile(32) == 32
     assert rows_tile(33) == rows_tile(64) == 64 and rows_tile(200) == 256  # the profile's wide tiles
 
