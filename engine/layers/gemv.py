@@ -416,6 +416,8 @@ MAX_ROWS = 32
 # Steps of 2..MULTI_MAX_ROWS rows may instead take the one-row GEMV in its multi-row form (gemv_multi_kernel), on
 # row-major weights: CUDA cores have the few rows' multiply-adds to spare while the weight streams.
 MULTI_MAX_ROWS = 4
+# Its shapes: the one-row GEMV's, as its tile is the one-row kernel's (H200, s37run4: the start-up timing kept
+# (4, 2048, 8, False), (2, 1024, 4, False) and (4, 512, 4, True)); `gpu_profile.py fewrows --few-rows 2 4` sweeps more.
 MULTI_CONFIGS = GEMV_CONFIGS
 MAX_TILES = 4096  # output tiles of one launch at most: the split-K arrival counters
 # The fastest per role of Qwen3-0.6B at 4, 16 and 32 rows in `gpu_profile.py fewrows` (H100, docs/benchmarks.md).
