@@ -189,8 +189,7 @@ class LLM:
             if config.quantization == "fp8":
                 tune_fp8_rows(net.layers, TUNE_STREAM_BYTES)
             if backend_name == "flashinfer" and not config.enforce_eager:
-                # Triton launches cost ~20 us each from Python: the fused one-row kernels pay off in CUDA graphs
-                # only.
+                # Triton launches cost ~20 us each from Python: the fused row kernels pay off in CUDA graphs only.
                 net.tune_row_kernels(TUNE_STREAM_BYTES, TUNE_MARGIN)
         clock.mark("tune")  # the CPU's weight packing included
         self.runner = runner = ModelRunner(net, hf_config, self.device, self.dtype, config.seed)

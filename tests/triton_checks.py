@@ -197,6 +197,19 @@ def check_fp8_rows(m, n, k, norm, silu, bias, device="cuda", dtype=torch.bfloat1
             assert torch.equal(res_out, ref_res), f"{m} rows, {cfg}: the new residual differs"
 
 
+def gemv_operands(n, k, m, silu, bias, norm, residual, device="cuda", dtype=torch.bfloat16):
+    """(weight, x, residual, norm weight, bias) for a GEMV test of m token rows on an [n, k] projection ([2n, k]
+    with SwiGLU), seeded by the shape; None for the parts not asked for."""
+    g = torch.Generator(device=device).manual_seed(n + k + m)
+    rows = 2 * n if silu else n
+    w = (torch.randn(rows, k, device=device, generator=g) / k**0.5).to(dtype)
+    x = torch.randn(m, k, device=device, generator=g).to(dtype)
+    r = torch.randn(m, k, device=device, generator=g).to(dtype) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype) if norm else None
+    b = torch.randn(rows, device=device, generator=g).to(dtype) if bias else None
+    return w, x, r, nw, b
+
+
 def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.bfloat16):
     """The one-row GEMV's multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded to a power of two inside) in
     every configuration the engine times for an [n, k] weight, with the residual add, norm, SwiGLU and a bias fused
@@ -205,13 +218,7 @@ def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.b
 
     from engine.layers.gemv import MULTI_CONFIGS, _launch, configs_for, reference_gemv
 
-    g = torch.Generator(device=device).manual_seed(m + n + k)
-    rows = 2 * n if silu else n
-    w = (torch.randn(rows, k, device=device, generator=g) / k**0.5).to(dtype)
-    x = torch.randn(m, k, device=device, generator=g).to(dtype)
-    r = torch.randn(m, k, device=device, generator=g).to(dtype) if norm else None
-    nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype) if norm else None
-    b = torch.randn(rows, device=device, generator=g).to(dtype) if bias else None
+    w, x, r, nw, b = gemv_operands(n, k, m, silu, bias, norm, norm, device, dtype)
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
     configs = configs_for(n, k, MULTI_CONFIGS)
     assert configs, f"no configuration fits {n}x{k}"

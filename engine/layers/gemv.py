@@ -324,12 +324,12 @@ def _build_multi_kernel():
         scale_ptr,
         y_ptr,
         res_out_ptr,
-        M,
         N,
         K,
         stride_w,
         slice_bytes,
         eps,
+        M,
         NORM: tl.constexpr,
         RESIDUAL: tl.constexpr,
         SILU: tl.constexpr,
@@ -724,14 +724,15 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         scale if scale is not None else x,
         y,
         res_out,
-        *([m] if m > 1 else []),
         n,
         k,
         weight.stride(0),
         slice_bytes,
         norm.eps if norm is not None else 0.0,
     ]
-    kernel, rows = (_build_kernel(), {}) if m == 1 else (_build_multi_kernel(), {"ROWS": 1 << (m - 1).bit_length()})
+    kernel, rows = _build_kernel(), {}
+    if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
+        kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": 1 << (m - 1).bit_length()}
     kernel[(n // block_n,)](
         *args,
         NORM=norm is not None,
@@ -905,10 +906,10 @@ def tune_rows(
     plans: dict[int, dict[str, tuple | None]] = {}
     notes = []
     jobs = {}  # (tile, role) -> one _role_calls job per row count of ROWS_TUNE_AT
-    first_row = 2
+    last_tile = 1
     for tile, row_counts in ROWS_TUNE_AT.items():
-        first_row, tile_first = tile + 1, first_row
-        if tile_first > max_rows:  # no step of the tile's sizes takes the few-row kernels
+        first_row, last_tile = last_tile + 1, tile  # the tile serves steps of first_row..tile rows
+        if first_row > max_rows:
             continue
         row_counts = sorted({min(rows, max_rows) for rows in row_counts})
         plan = plans[tile] = {}

@@ -26,7 +26,7 @@ from engine.layers.kernels import pdl_enabled
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from triton_checks import check_multi_row_gemv  # noqa: E402
+from triton_checks import check_multi_row_gemv, gemv_operands  # noqa: E402
 
 # (N, K, silu, bias, norm, residual): Qwen3-0.6B qkv / o / gate_up / down, a Qwen2-style biased qkv without a
 # residual (the first layer), Qwen3-8B gate/up, SmolLM2's K=576.
@@ -75,15 +75,7 @@ def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
 
 
 def _operands(n, k, m, silu, bias, norm, residual):
-    g = torch.Generator(device="cuda").manual_seed(n + k + m)
-    dt, dev = torch.bfloat16, "cuda"
-    rows = 2 * n if silu else n
-    w = (torch.randn(rows, k, device=dev, generator=g) / k**0.5).to(dt)
-    x = torch.randn(m, k, device=dev, generator=g).to(dt)
-    r = torch.randn(m, k, device=dev, generator=g).to(dt) if residual else None
-    nw = (1 + 0.1 * torch.randn(k, device=dev, generator=g)).to(dt) if norm else None
-    b = torch.randn(rows, device=dev, generator=g).to(dt) if bias else None
-    return w, x, r, nw, b
+    return gemv_operands(n, k, m, silu, bias, norm, residual)
 
 
 @pytest.mark.parametrize("m", [3, 32])
