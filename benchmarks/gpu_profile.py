@@ -768,12 +768,14 @@ def bench_fewrows(args) -> None:
     from engine.layers.gemv import (
         GEMV_CONFIGS,
         MAX_ROWS,
+        MULTI_CONFIGS,
         MULTI_MAX_ROWS,
         ROLES,
         ROWS_CONFIGS,
         SWEEP_CONFIGS,
         SWEEP_FP8_ROWS_CONFIGS,
         SWEEP_FP8_WIDE_ROWS_CONFIGS,
+        SWEEP_MULTI_CONFIGS,
         SWEEP_ROWS_CONFIGS,
         SWEEP_WIDE_ROWS_CONFIGS,
         _time_role,
@@ -801,9 +803,8 @@ def bench_fewrows(args) -> None:
         else:
             sweep = SWEEP_WIDE_ROWS_CONFIGS + (SWEEP_FP8_WIDE_ROWS_CONFIGS if fp8 else ())
         multi = m <= MULTI_MAX_ROWS and w.stride(1) == 1 and not fp8
-        return (configs_for(n, w.shape[1], GEMV_CONFIGS + SWEEP_CONFIGS) if multi else []) + rows_configs_for(
-            n, w.shape[1], sweep
-        )
+        multi_sweep = tuple(dict.fromkeys(MULTI_CONFIGS + GEMV_CONFIGS + SWEEP_CONFIGS + SWEEP_MULTI_CONFIGS))
+        return (configs_for(n, w.shape[1], multi_sweep) if multi else []) + rows_configs_for(n, w.shape[1], sweep)
 
     for m in args.few_rows:
         precompile(layers, {role: sweep_for(role, m) for role in ROLES}, [m], args.plain)
@@ -814,7 +815,7 @@ def bench_fewrows(args) -> None:
             base, times = _time_role(mods, sweep_for(role, m), m)
             for rank, (cfg, us) in enumerate(sorted(times.items(), key=lambda kv: kv[1])):
                 rows.append(
-                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS + GEMV_CONFIGS, us=us,
+                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS + MULTI_CONFIGS, us=us,
                          unfused_us=base, ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1,
                          rank=rank)
                 )  # fmt: skip

@@ -416,9 +416,26 @@ MAX_ROWS = 32
 # Steps of 2..MULTI_MAX_ROWS rows may instead take the one-row GEMV in its multi-row form (gemv_multi_kernel), on
 # row-major weights: CUDA cores have the few rows' multiply-adds to spare while the weight streams.
 MULTI_MAX_ROWS = 4
-# Its shapes: the one-row GEMV's, as its tile is the one-row kernel's (H200, s37run4: the start-up timing kept
-# (4, 2048, 8, False), (2, 1024, 4, False) and (4, 512, 4, True)); `gpu_profile.py fewrows --few-rows 2 4` sweeps more.
-MULTI_CONFIGS = GEMV_CONFIGS
+# Its shapes: per role of Qwen3-0.6B and Qwen3-8B at 2 and 4 rows, the fastest two in `gpu_profile.py fewrows
+# --few-rows 2 4` (H200, s38run1, docs/benchmarks.md). They differ from the one-row kernel's: at 2 rows qkv and gate/up
+# take 8-16 rows per program with K steps of 256 (0.71-0.73 of the unfused time, where the one-row shapes gave 0.91).
+MULTI_CONFIGS = (
+    (1, 1024, 4, True),
+    (2, 1024, 4, False),
+    (2, 1024, 4, True),
+    (4, 512, 4, True),
+    (4, 2048, 8, False),
+    (8, 256, 4, False),
+    (8, 512, 4, True),
+    (16, 256, 4, False),
+)
+# More for `gpu_profile.py fewrows` at 2-4 rows: smaller tiles per thread (4-8 weights), as each token row keeps its
+# own accumulator of the tile's shape in registers (16 accumulators of 32 weights each for gate/up at 4 rows spill).
+SWEEP_MULTI_CONFIGS = tuple(
+    (bn, bk, w, True)
+    for bn, bk, w in ((1, 1024, 4), (2, 512, 4), (4, 256, 4), (2, 1024, 8), (4, 512, 8), (8, 256, 8), (1, 512, 2),
+                      (2, 256, 2), (1, 1024, 8), (2, 512, 8))
+)  # fmt: skip
 MAX_TILES = 4096  # output tiles of one launch at most: the split-K arrival counters
 # The fastest per role of Qwen3-0.6B at 4, 16 and 32 rows in `gpu_profile.py fewrows` (H100, docs/benchmarks.md).
 ROWS_CONFIGS = (

@@ -11,6 +11,7 @@ import torch
 
 from engine.layers.gemv import (
     GEMV_CONFIGS,
+    MULTI_CONFIGS,
     ROWS_CONFIGS,
     SMALL_K_CONFIGS,
     _launch,
@@ -137,11 +138,13 @@ def test_few_row_kernel_in_a_graph_with_and_without_pdl(pdl, monkeypatch):
 
 
 def test_configs_cover_the_benchmark_shapes():
-    """Every projection of the Qwen3-0.6B and Qwen3-8B shapes has configurations to choose from."""
+    """Every projection of the Qwen3-0.6B and Qwen3-8B shapes has one-row, few-row and multi-row configurations to
+    choose from."""
     for n, k in [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (6144, 4096), (4096, 4096),
                  (12288, 4096), (4096, 12288)]:  # fmt: skip
         assert set(configs_for(n, k)) <= set(GEMV_CONFIGS + SMALL_K_CONFIGS) and configs_for(n, k)
         assert set(rows_configs_for(n, k)) <= set(ROWS_CONFIGS) and rows_configs_for(n, k)
+        assert set(configs_for(n, k, MULTI_CONFIGS)) <= set(MULTI_CONFIGS) and configs_for(n, k, MULTI_CONFIGS)
 
 
 @pytest.mark.parametrize("m", [1, 3, 32, 48, 200, 300])
