@@ -780,6 +780,7 @@ def bench_fewrows(args) -> None:
         SWEEP_WIDE_ROWS_CONFIGS,
         _time_role,
         configs_for,
+        plan_tile,
         rows_configs_for,
     )
 
@@ -803,8 +804,13 @@ def bench_fewrows(args) -> None:
         else:
             sweep = SWEEP_WIDE_ROWS_CONFIGS + (SWEEP_FP8_WIDE_ROWS_CONFIGS if fp8 else ())
         multi = m <= MULTI_MAX_ROWS and w.stride(1) == 1 and not fp8
-        multi_sweep = tuple(dict.fromkeys(MULTI_CONFIGS + GEMV_CONFIGS + SWEEP_CONFIGS + SWEEP_MULTI_CONFIGS))
+        multi_sweep = sum(MULTI_CONFIGS.values(), GEMV_CONFIGS) + SWEEP_CONFIGS + SWEEP_MULTI_CONFIGS
+        multi_sweep = tuple(dict.fromkeys(multi_sweep))
         return (configs_for(n, w.shape[1], multi_sweep) if multi else []) + rows_configs_for(n, w.shape[1], sweep)
+
+    def engine_configs(m: int) -> tuple:
+        # What the engine's start-up timing offers at m rows.
+        return ROWS_CONFIGS + (MULTI_CONFIGS[plan_tile(m)] if m <= MULTI_MAX_ROWS else ())
 
     for m in args.few_rows:
         precompile(layers, {role: sweep_for(role, m) for role in ROLES}, [m], args.plain)
@@ -815,7 +821,7 @@ def bench_fewrows(args) -> None:
             base, times = _time_role(mods, sweep_for(role, m), m)
             for rank, (cfg, us) in enumerate(sorted(times.items(), key=lambda kv: kv[1])):
                 rows.append(
-                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in ROWS_CONFIGS + MULTI_CONFIGS, us=us,
+                    dict(role=role, rows=m, config=str(cfg), in_engine=cfg in engine_configs(m), us=us,
                          unfused_us=base, ratio=us / base, tb_s=w.nbytes / us / 1e6, row_major=w.stride(1) == 1,
                          rank=rank)
                 )  # fmt: skip

@@ -212,15 +212,15 @@ def gemv_operands(n, k, m, silu, bias, norm, residual, device="cuda", dtype=torc
 
 def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.bfloat16):
     """The one-row GEMV's multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded to a power of two inside) in
-    every configuration the engine times for an [n, k] weight, with the residual add, norm, SwiGLU and a bias fused
-    as the engine runs it, against the same computation in torch."""
+    every configuration the engine times for an [n, k] weight at m rows, with the residual add, norm, SwiGLU and a
+    bias fused as the engine runs it, against the same computation in torch."""
     from types import SimpleNamespace
 
-    from engine.layers.gemv import MULTI_CONFIGS, _launch, configs_for, reference_gemv
+    from engine.layers.gemv import MULTI_CONFIGS, _launch, configs_for, plan_tile, reference_gemv
 
     w, x, r, nw, b = gemv_operands(n, k, m, silu, bias, norm, norm, device, dtype)
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
-    configs = configs_for(n, k, MULTI_CONFIGS)
+    configs = configs_for(n, k, MULTI_CONFIGS[plan_tile(m)])
     assert configs, f"no configuration fits {n}x{k}"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     nm = SimpleNamespace(weight=nw, eps=1e-6) if norm else None

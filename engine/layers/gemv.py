@@ -416,19 +416,15 @@ MAX_ROWS = 32
 # Steps of 2..MULTI_MAX_ROWS rows may instead take the one-row GEMV in its multi-row form (gemv_multi_kernel), on
 # row-major weights: CUDA cores have the few rows' multiply-adds to spare while the weight streams.
 MULTI_MAX_ROWS = 4
-# Its shapes: per role of Qwen3-0.6B and Qwen3-8B at 2 and 4 rows, the fastest two in `gpu_profile.py fewrows
-# --few-rows 2 4` (H200, s38run1, docs/benchmarks.md). They differ from the one-row kernel's: at 2 rows qkv and gate/up
-# take 8-16 rows per program with K steps of 256 (0.71-0.73 of the unfused time, where the one-row shapes gave 0.91).
-MULTI_CONFIGS = (
-    (1, 1024, 4, True),
-    (2, 1024, 4, False),
-    (2, 1024, 4, True),
-    (4, 512, 4, True),
-    (4, 2048, 8, False),
-    (8, 256, 4, False),
-    (8, 512, 4, True),
-    (16, 256, 4, False),
-)
+# Its shapes per plan tile (2 rows; 3-4 rows): those the start-up timing chose for a role of Qwen3-0.6B or Qwen3-8B,
+# and the fastest two per role in `gpu_profile.py fewrows --few-rows 2 4` (H200, s38run1-4, docs/benchmarks.md).
+# At 2 rows qkv and gate/up take 8-16 rows per program with K steps of 256 (0.69-0.73 of the unfused time, where the
+# one-row kernel's shapes gave 0.91); at 4 rows only o and down ever took this kernel, with 2-4 rows per program.
+# Few, as each is compiled for every role on a first start (s38run5: 2.7 s more start-up timing for 8 shapes a tile).
+MULTI_CONFIGS = {
+    2: ((1, 1024, 4, True), (2, 1024, 4, False), (8, 256, 4, False), (8, 512, 4, True), (16, 256, 4, False)),
+    4: ((2, 1024, 4, False), (2, 1024, 4, True), (4, 1024, 4, False)),
+}
 # More for `gpu_profile.py fewrows` at 2-4 rows: smaller tiles per thread (4-8 weights), as each token row keeps its
 # own accumulator of the tile's shape in registers (16 accumulators of 32 weights each for gate/up at 4 rows spill).
 SWEEP_MULTI_CONFIGS = tuple(
@@ -905,7 +901,7 @@ def _multi_candidates(weight: torch.Tensor, n: int, tile: int) -> list[tuple[int
     # weights of the roles it took row-major; the kernel reads no other layout).
     if tile > MULTI_MAX_ROWS or weight.stride(1) != 1 or weight.element_size() == 1:
         return []
-    return configs_for(n, weight.shape[1], MULTI_CONFIGS)
+    return configs_for(n, weight.shape[1], MULTI_CONFIGS[tile])
 
 
 @torch.inference_mode()

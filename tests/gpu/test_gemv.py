@@ -144,7 +144,8 @@ def test_configs_cover_the_benchmark_shapes():
                  (12288, 4096), (4096, 12288)]:  # fmt: skip
         assert set(configs_for(n, k)) <= set(GEMV_CONFIGS + SMALL_K_CONFIGS) and configs_for(n, k)
         assert set(rows_configs_for(n, k)) <= set(ROWS_CONFIGS) and rows_configs_for(n, k)
-        assert set(configs_for(n, k, MULTI_CONFIGS)) <= set(MULTI_CONFIGS) and configs_for(n, k, MULTI_CONFIGS)
+        for tile, configs in MULTI_CONFIGS.items():
+            assert set(configs_for(n, k, configs)) <= set(configs) and configs_for(n, k, configs), (n, k, tile)
 
 
 @pytest.mark.parametrize("m", [1, 3, 32, 48, 200, 300])
