@@ -420,13 +420,15 @@ MULTI_MAX_ROWS = 4
 # and the fastest two per role in `gpu_profile.py fewrows --few-rows 2 4` (H200, s38run1-4, docs/benchmarks.md).
 # At 2 rows qkv and gate/up take 8-16 rows per program with K steps of 256 (0.69-0.73 of the unfused time, where the
 # one-row kernel's shapes gave 0.91); at 4 rows only o and down ever took this kernel, with 2-4 rows per program.
-# Few, as each is compiled for every role on a first start (s38run5: 2.7 s more start-up timing for 8 shapes a tile).
+# Few, as each compiles for every role on a first start: with 8 shapes at both tiles, a cold start's few-row timing
+# took 2.7 s more than without this kernel (s38run5); these lists took 3.7 s against 4.6 (s38run6).
 MULTI_CONFIGS = {
     2: ((1, 1024, 4, True), (2, 1024, 4, False), (8, 256, 4, False), (8, 512, 4, True), (16, 256, 4, False)),
     4: ((2, 1024, 4, False), (2, 1024, 4, True), (4, 1024, 4, False)),
 }
 # More for `gpu_profile.py fewrows` at 2-4 rows: smaller tiles per thread (4-8 weights), as each token row keeps its
-# own accumulator of the tile's shape in registers (16 accumulators of 32 weights each for gate/up at 4 rows spill).
+# own accumulator of the tile's shape in registers (8 for gate/up at 4 rows). They did not make qkv or gate/up at 4
+# rows faster than the few-row kernel (s38run1: 1.02-1.44x the unfused time at best, against 0.84-0.94).
 SWEEP_MULTI_CONFIGS = tuple(
     (bn, bk, w, True)
     for bn, bk, w in ((1, 1024, 4), (2, 512, 4), (4, 256, 4), (2, 1024, 8), (4, 512, 8), (8, 256, 8), (1, 512, 2),
