@@ -416,8 +416,8 @@ MAX_ROWS = 32
 # Steps of 2..MULTI_MAX_ROWS rows may instead take the one-row GEMV in its multi-row form (gemv_multi_kernel), on
 # row-major weights: CUDA cores have the few rows' multiply-adds to spare while the weight streams.
 MULTI_MAX_ROWS = 4
-# Its shapes per plan tile (2 rows; 3-4 rows): those the start-up timing chose for a role of Qwen3-0.6B or Qwen3-8B,
-# and the fastest two per role in `gpu_profile.py fewrows --few-rows 2 4` (H200, s38run1-4, docs/benchmarks.md).
+# Its shapes per plan tile (2 rows; 3-4 rows): each was the fastest for a role of Qwen3-0.6B or Qwen3-8B in one of
+# the `gpu_profile.py fewrows --few-rows 2 4` sweeps (H200, s38run1 and s38run3, docs/benchmarks.md).
 # At 2 rows qkv and gate/up take 8-16 rows per program with K steps of 256 (0.69-0.73 of the unfused time, where the
 # one-row kernel's shapes gave 0.91); at 4 rows only o and down ever took this kernel, with 2-4 rows per program.
 # Few, as each compiles for every role on a first start: with 8 shapes at both tiles, a cold start's few-row timing
