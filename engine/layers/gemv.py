@@ -747,7 +747,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
     ]
     kernel, rows = _build_kernel(), {}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
-        kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": 1 << (m - 1).bit_length()}
+        kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": plan_tile(m)}
     kernel[(n // block_n,)](
         *args,
         NORM=norm is not None,
