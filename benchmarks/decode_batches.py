@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen3-8B")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; ChatNanoVLLM's default is 0.7")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     tree = Path(args.tree).resolve()
     # The tree's model folders take their tokenizer from its tests/helpers.py (benchmarks/common.py).
@@ -54,7 +56,9 @@ def main() -> None:
     for batch in args.batches:
         rng = random.Random(0)
         prompts = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(batch)]
-        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.new_tokens, ignore_eos=True
+        )
         llm.generate(prompts, params)  # warm-up
         runs = []
         for _ in range(3):
@@ -64,8 +68,9 @@ def main() -> None:
             runs.append(batch * (args.new_tokens - 1) / (last - first))
         runs.sort()
         rows.append(dict(label=args.label, weights=args.quantization, model=args.model, batch=batch,
-                         decode_tok_s=runs[1], runs=runs))  # fmt: skip
-        print(f"{args.label} {args.quantization} {args.model} batch {batch}: {runs[1]:.1f} tok/s", flush=True)
+                         temperature=args.temperature, top_p=args.top_p, decode_tok_s=runs[1], runs=runs))  # fmt: skip
+        sampling = f" temperature {args.temperature:g} top_p {args.top_p:g}" if args.temperature else ""
+        print(f"{args.label} {args.quantization} {args.model} batch {batch}{sampling}: {runs[1]:.1f} tok/s", flush=True)
     print(f"{args.label}: engine start-up {start_s:.1f} s")
     llm.shutdown()
     name = f"decode_batches_{args.label}_{args.quantization}_{args.model.lower()}"

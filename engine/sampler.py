@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
+from engine.attention.base import to_device
+from engine.layers.sample import FusedSampler, fused_sample_enabled, sample_params
 from engine.request import Request
 
 
@@ -32,10 +35,37 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.request_generators: dict[str, torch.Generator] = {}
+        # CUDA: greedy and plain temperature sampling in one Triton kernel (engine/layers/sample.py), whose noise is
+        # keyed by a seed per request: the request's own, or one drawn here for it from the engine's seed.
+        self.fused = FusedSampler(device) if fused_sample_enabled(device) else None
+        self.seed_source = random.Random(seed)
+        self.request_seeds: dict[str, int] = {}
 
     def forget(self, request_id: str) -> None:
-        """Drop a finished request's generator."""
+        """Drop a finished request's generator and seed."""
         self.request_generators.pop(request_id, None)
+        self.request_seeds.pop(request_id, None)
+
+    def warm(self, vocab: int, dtype: torch.dtype) -> None:
+        """Run the fused kernel's greedy and sampling forms once on logits of the model's width and dtype, so that
+        neither compiles in a request's step."""
+        if self.fused is not None:
+            from engine.layers.linear import warm_in_threads
+
+            logits = torch.zeros(1, vocab, dtype=dtype, device=self.device)
+            params = to_device([sample_params([0], [0], [1.0])], self.device)[0]
+            warm_in_threads([lambda: self.fused(logits), lambda: self.fused(logits, params)], self.device)
+            self.fused(logits, params)  # with one compile thread warm_in_threads runs nothing
+            self.fused(logits)
+            torch.cuda.synchronize(self.device)
+
+    def _seed_for(self, req: Request) -> int:
+        if req.params.seed is not None:
+            return req.params.seed
+        seed = self.request_seeds.get(req.request_id)
+        if seed is None:
+            seed = self.request_seeds[req.request_id] = self.seed_source.getrandbits(63)
+        return seed
 
     def _generator_for(self, req: Request) -> torch.Generator | None:
         if req.params.seed is None:
@@ -47,24 +77,32 @@ class Sampler:
             self.request_generators[req.request_id] = g
         return g
 
+    @staticmethod
+    def fusable(reqs: list[Request], vocab_size: int) -> bool:
+        """Whether the fused kernel can sample these rows: no top-k, top-p or min-p filter and no logprobs."""
+        return all(
+            p.logprobs is None and not 0 < p.top_k < vocab_size and p.top_p >= 1.0 and p.min_p <= 0.0
+            for p in (r.params for r in reqs)
+        )
+
     def prepare(self, reqs: list[Request], vocab_size: int, eos_ids: set[int]) -> SamplingBatch:
         """Gather the rows' settings into tensors."""
         ps = [r.params for r in reqs]
         temps = [p.temperature for p in ps]
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
-        banned = []
-        for r in reqs:
-            if r.num_output_tokens < r.params.min_tokens:
-                stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
-                banned.append(sorted(stop_ids))
-            else:
-                banned.append([])
+        banned = [banned_ids(r, eos_ids) for r in reqs]
         any_filter = any(k < vocab_size for k in top_k) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in ps)
+        # Through one pinned buffer per dtype: torch.tensor(..., device=cuda) copies from pageable memory, which may
+        # wait for the steps already queued, and then the host cannot launch the next step while this one runs
+        # (temperature sampling ran at 0.42x greedy's tok/s at batch 1, docs/benchmarks.md).
+        floats = [torch.tensor(x, dtype=torch.float32) for x in (temps, [p.top_p for p in ps], [p.min_p for p in ps])]
+        temperature, top_p, min_p = to_device(floats, self.device)
+        (top_k_t,) = to_device([torch.tensor(top_k, dtype=torch.long)], self.device)
         return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=self.device),
-            top_k=torch.tensor(top_k, dtype=torch.long, device=self.device),
-            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=self.device),
-            min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=self.device),
+            temperature=temperature,
+            top_k=top_k_t,
+            top_p=top_p,
+            min_p=min_p,
             all_greedy=all(t == 0.0 for t in temps),
             any_filter=any_filter,
             generators=[self._generator_for(r) for r in reqs],
@@ -74,10 +112,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sample one token per row; also returns the log-softmax when any row asked for logprobs."""
-        logits = logits.float()
-        for row, ids in enumerate(batch.banned):
-            if ids:
-                logits[row, ids] = float("-inf")
+        logits = ban(logits.float(), batch.banned)
         logprob_out = None
         if any(n is not None for n in batch.logprobs):
             logprob_out = torch.log_softmax(logits, dim=-1)
@@ -101,7 +136,14 @@ class Sampler:
             for r in reqs
         )
         if simple:
-            return logits.argmax(-1), None, None
+            return (self.fused(logits) if self.fused is not None else logits.argmax(-1)), None, None
+        if self.fused is not None and self.fusable(reqs, vocab_size):
+            banned = [banned_ids(r, eos_ids) for r in reqs]
+            if any(banned):
+                logits = ban(logits.clone(), banned)  # the graphs' logits buffer is shared: mask a copy
+            seeds = [self._seed_for(r) for r in reqs]
+            host = sample_params(seeds, [r.num_output_tokens for r in reqs], [r.params.temperature for r in reqs])
+            return self.fused(logits, to_device([host], self.device)[0]), None, None
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         return ids, logprobs, batch.logprobs
@@ -112,6 +154,22 @@ class Sampler:
             if g is not None:
                 noise[row].exponential_(generator=g)
         return noise
+
+
+def banned_ids(req: Request, eos_ids: set[int]) -> list[int]:
+    """Token ids this request may not sample now: its stop tokens (and EOS) until it has min_tokens."""
+    if req.num_output_tokens >= req.params.min_tokens:
+        return []
+    return sorted(set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else eos_ids))
+
+
+def ban(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
+    """logits with each row's banned ids set to -inf (in place), the ids sent through a pinned buffer."""
+    rows = [row for row, ids in enumerate(banned) for _ in ids]
+    if rows:
+        index = to_device([torch.tensor(rows), torch.tensor([i for ids in banned for i in ids])], logits.device)
+        logits[index[0], index[1]] = float("-inf")
+    return logits
 
 
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -97,3 +97,10 @@ def test_multi_row_gemv_matches_torch_interpreted():
         (4, 128, 1024, True, False, False),  # residual add + norm: qkv
     ]
     run_interpreted("check_multi_row_gemv", cases)
+
+
+def test_fused_sampler_matches_torch_interpreted():
+    """The sampling kernel (engine/layers/sample.py) in float32: greedy equals torch.argmax with ties across chunks,
+    temperature draws follow softmax(logits / T), seeds reproduce and temperature-0 rows stay greedy."""
+    # Seven chunks of 32 (the merge across chunks); then one chunk, with 600 draws for the distribution.
+    run_interpreted("check_fused_sample", [(200, 32, 0), (24, 64, 600)])

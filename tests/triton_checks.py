@@ -233,3 +233,46 @@ def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.b
             assert err < tol, f"{m} rows, {cfg}, row {i}: relative error {err:.2e}"
         if norm:
             assert torch.equal(res_out, ref_res), f"{m} rows, {cfg}: the new residual differs"
+
+
+def check_fused_sample(vocab, block, rows, device="cuda", dtype=torch.bfloat16):
+    """The sampling kernel (engine/layers/sample.py) against torch: greedy picks torch.argmax's token (ties to the
+    lowest index, across chunks too); temperature draws follow softmax(logits / T) (a chi-square bound over `rows`
+    draws of one row's logits), temperature-0 rows among them stay greedy, and the same (seed, token index) draws
+    the same token (rows 0: greedy and the temperature-0 rows only). Every check launches twice or more, so the
+    arrival counters must have been reset."""
+    from engine.layers.sample import FusedSampler, sample_params
+
+    sampler = FusedSampler(torch.device(device), block)
+    g = torch.Generator().manual_seed(vocab)
+    # Integer-valued logits: many ties, the maximum often in more than one chunk.
+    tied = (torch.randn(8, vocab, generator=g) * 1.5).round().to(dtype).to(device)
+    for _ in range(2):
+        assert sampler(tied).tolist() == tied.argmax(-1).tolist()
+    base = torch.randn(vocab, generator=g) * 1.5
+    logits = base.to(dtype).to(device).repeat(max(rows, 4), 1)
+    mixed = sample_params([7] * 4, [0, 1, 2, 3], [0.0, 1.0, 0.0, 1.0])
+    picked = sampler(logits[:4], mixed.to(device)).tolist()
+    top = logits[0].argmax().item()
+    assert picked[0] == top and picked[2] == top, f"temperature-0 rows must be greedy: {picked}, argmax {top}"
+    if not rows:
+        return
+    temperature = 0.7
+    host = sample_params([1000 + r for r in range(rows)], [5] * rows, [temperature] * rows)
+    ids = sampler(logits, host.to(device)).cpu()
+    expected = torch.softmax(base.to(dtype).float() / temperature, -1) * rows
+    observed = torch.bincount(ids, minlength=vocab).float()
+    # Tokens expected fewer than 5 times share one cell, as a chi-square test wants.
+    rare = expected < 5
+    expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
+    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
+    chi2 = ((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
+    cells = len(expected)
+    # df = cells - 1; a correct sampler stays under this with probability ~1 - 1e-6 (for df up to ~100).
+    assert chi2 < cells + 10 * cells**0.5 + 20, f"chi-square {chi2:.1f} over {cells} cells"
+    assert len(set(ids.tolist())) > 1
+    few = min(rows, 64)
+    again = sampler(logits[:few], host[:, :few].contiguous().to(device)).cpu()
+    assert torch.equal(ids[:few], again), "the same seeds and token indices must draw the same tokens"
+    moved = sample_params([1000 + r for r in range(few)], [6] * few, [temperature] * few)
+    assert not torch.equal(ids[:few], sampler(logits[:few], moved.to(device)).cpu()), "the next token must draw anew"
