@@ -889,8 +889,9 @@ def _time_role(mods, candidates, rows: int = 1) -> tuple[float, dict[tuple, floa
 
 
 def _rows_candidates(weight: torch.Tensor, tile: int) -> tuple[tuple[int, int, int, int, int], ...]:
-    # FP8 weights: the tile's pair measured for FP8, which the unfused path (engine/layers/fp8.py) also chooses from.
-    return FP8_ROWS_CONFIGS[tile] if weight.element_size() == 1 else ROWS_CONFIGS
+    # FP8 weights: the pair measured for FP8 at the row tile the kernel pads these steps to (plan tiles 2 and 4 are
+    # 16-row MMA tiles there), which the unfused path (engine/layers/fp8.py) also chooses from.
+    return FP8_ROWS_CONFIGS[rows_tile(tile)] if weight.element_size() == 1 else ROWS_CONFIGS
 
 
 # Row counts each plan tile (plan_tile) is timed at before it is chosen: the tile's typical steps (decode batches of
