@@ -29,9 +29,11 @@ from engine.config import cache_folder
 logger = logging.getLogger("engine")
 
 RECORD_FORMAT = 1
-# Switches that name where things are kept, label a run or say how kernels compile, not what the timings choose.
+# Switches that name where things are kept, label a run, say how kernels compile or how tokens are sampled after the
+# model (NANOVLLM_FUSED_SAMPLE), not what the timings choose.
 UNRELATED_SWITCHES = (
     "NANOVLLM_COMMIT",
+    "NANOVLLM_FUSED_SAMPLE",
     "NANOVLLM_GGUF_CACHE",
     "NANOVLLM_GGUF_CACHE_MAX_GIB",
     "NANOVLLM_TUNE_CACHE",
