@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; ChatNanoVLLM's default is 0.7")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 is off")
+    parser.add_argument("--min-p", type=float, default=0.0)
     args = parser.parse_args()
     tree = Path(args.tree).resolve()
     # The tree's model folders take their tokenizer from its tests/helpers.py (benchmarks/common.py).
@@ -57,7 +59,12 @@ def main() -> None:
         rng = random.Random(0)
         prompts = [[rng.randrange(10, 30000) for _ in range(128)] for _ in range(batch)]
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.new_tokens, ignore_eos=True
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            max_tokens=args.new_tokens,
+            ignore_eos=True,
         )
         llm.generate(prompts, params)  # warm-up
         runs = []
@@ -68,8 +75,13 @@ def main() -> None:
             runs.append(batch * (args.new_tokens - 1) / (last - first))
         runs.sort()
         rows.append(dict(label=args.label, weights=args.quantization, model=args.model, batch=batch,
-                         temperature=args.temperature, top_p=args.top_p, decode_tok_s=runs[1], runs=runs))  # fmt: skip
-        sampling = f" temperature {args.temperature:g} top_p {args.top_p:g}" if args.temperature else ""
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                         decode_tok_s=runs[1], runs=runs))  # fmt: skip
+        sampling = (
+            f" temperature {args.temperature:g} top_p {args.top_p:g} top_k {args.top_k} min_p {args.min_p:g}"
+            if args.temperature
+            else ""
+        )
         print(f"{args.label} {args.quantization} {args.model} batch {batch}{sampling}: {runs[1]:.1f} tok/s", flush=True)
     print(f"{args.label}: engine start-up {start_s:.1f} s")
     llm.shutdown()

@@ -103,7 +103,7 @@ def profile_kernels(args) -> None:
     else:
         llm = LLM(folder, load_format="dummy", max_model_len=4096, max_num_seqs=max(8, args.batch))
         prompts = [[rng.randrange(10, 30000) for _ in range(args.prompt)] for _ in range(args.batch)]
-    p = SamplingParams(temperature=args.temperature, max_tokens=args.steps, ignore_eos=True)
+    p = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.steps, ignore_eos=True)
     # Warm-up; it also puts the prompts' full blocks in the prefix cache, so the profiled run is mostly decode.
     llm.generate(prompts, p)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -123,7 +123,7 @@ def profile_kernels(args) -> None:
     ]
     what = f"batch {args.batch}, prompt {args.prompt}"
     if args.temperature:
-        what += f", temperature {args.temperature:g}"
+        what += f", temperature {args.temperature:g}, top-p {args.top_p:g}"
     if args.cascade:
         what = f"64 requests, cascade {args.cascade_attention}, shared prefix 4096, own tokens {args.suffix}"
     print_table(f"{args.model}: GPU kernel time per decode step ({args.steps} steps, {what})", rows)
@@ -1571,6 +1571,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="kernels: concurrent requests (without --cascade)")
     parser.add_argument("--prompt", type=int, default=128, help="kernels: prompt tokens per request")
     parser.add_argument("--temperature", type=float, default=0.0, help="kernels: sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="kernels: sampling top-p (1: off)")
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
     parser.add_argument("--request", choices=["warm", "cold"], default="warm", help="warm: which request to time")
     parser.add_argument("--cprofile", action="store_true", help="warm: also cProfile the engine steps of one request")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.base import to_device
-from engine.layers.sample import FusedSampler, fused_sample_enabled, sample_params
+from engine.layers.sample import FILTER_DTYPES, FusedSampler, fused_sample_enabled, sample_params
 from engine.request import Request
 
 
@@ -47,16 +47,19 @@ class Sampler:
         self.request_seeds.pop(request_id, None)
 
     def warm(self, vocab: int, dtype: torch.dtype) -> None:
-        """Run the fused kernel's greedy and sampling forms once on logits of the model's width and dtype, so that
-        neither compiles in a request's step."""
+        """Run the fused kernels' greedy, sampling and filtered forms once on logits of the model's width and dtype,
+        so that none compiles in a request's step."""
         if self.fused is not None:
             from engine.layers.linear import warm_in_threads
 
             logits = torch.zeros(1, vocab, dtype=dtype, device=self.device)
-            params = to_device([sample_params([0], [0], [1.0])], self.device)[0]
-            warm_in_threads([lambda: self.fused(logits), lambda: self.fused(logits, params)], self.device)
-            self.fused(logits, params)  # with one compile thread warm_in_threads runs nothing
-            self.fused(logits)
+            params = to_device([sample_params([0], [0], [1.0], [1], [0.5], [0.1])], self.device)[0]
+            calls = [lambda: self.fused(logits), lambda: self.fused(logits, params)]
+            if dtype in FILTER_DTYPES:
+                calls.append(lambda: self.fused(logits, params, filtered=True))
+            warm_in_threads(calls, self.device)
+            for call in calls:  # with one compile thread warm_in_threads runs nothing
+                call()
             torch.cuda.synchronize(self.device)
 
     def _seed_for(self, req: Request) -> int:
@@ -78,12 +81,12 @@ class Sampler:
         return g
 
     @staticmethod
-    def fusable(reqs: list[Request], vocab_size: int) -> bool:
-        """Whether the fused kernel can sample these rows: no top-k, top-p or min-p filter and no logprobs."""
-        return all(
-            p.logprobs is None and not 0 < p.top_k < vocab_size and p.top_p >= 1.0 and p.min_p <= 0.0
-            for p in (r.params for r in reqs)
-        )
+    def fusable(reqs: list[Request], dtype: torch.dtype) -> bool:
+        """Whether the fused kernels can sample these rows: no logprobs, and 16-bit float logits for the top-k,
+        top-p and min-p filters (their cut-off search keys on the 16-bit float's bits)."""
+        if any(r.params.logprobs is not None for r in reqs):
+            return False
+        return dtype in FILTER_DTYPES or not any(filtered(r.params) for r in reqs)
 
     def prepare(self, reqs: list[Request], vocab_size: int, eos_ids: set[int]) -> SamplingBatch:
         """Gather the rows' settings into tensors."""
@@ -137,13 +140,21 @@ class Sampler:
         )
         if simple:
             return (self.fused(logits) if self.fused is not None else logits.argmax(-1)), None, None
-        if self.fused is not None and self.fusable(reqs, vocab_size):
+        if self.fused is not None and self.fusable(reqs, logits.dtype):
             banned = [banned_ids(r, eos_ids) for r in reqs]
             if any(banned):
                 logits = ban(logits.clone(), banned)  # the graphs' logits buffer is shared: mask a copy
-            seeds = [self._seed_for(r) for r in reqs]
-            host = sample_params(seeds, [r.num_output_tokens for r in reqs], [r.params.temperature for r in reqs])
-            return self.fused(logits, to_device([host], self.device)[0]), None, None
+            ps = [r.params for r in reqs]
+            host = sample_params(
+                [self._seed_for(r) for r in reqs],
+                [r.num_output_tokens for r in reqs],
+                [p.temperature for p in ps],
+                [p.top_k for p in ps],
+                [p.top_p for p in ps],
+                [p.min_p for p in ps],
+            )
+            params = to_device([host], self.device)[0]
+            return self.fused(logits, params, filtered=any(filtered(p) for p in ps)), None, None
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         return ids, logprobs, batch.logprobs
@@ -172,18 +183,27 @@ def ban(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     return logits
 
 
+def filtered(params) -> bool:
+    """Whether a request's sampling has a top-k, top-p or min-p filter (top-k 0 or -1 is off)."""
+    return params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+
+
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Zero out tokens outside each row's top-k, top-p nucleus and min-p floor, then renormalise."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    """Zero out tokens outside each row's top-k, top-p nucleus and min-p floor, then renormalise. A token survives
+    when fewer than top_k tokens and less than top_p of the mass lie strictly above it and it has at least min_p
+    times the top probability; a tie at the cut-off survives whole (as HF's top-k, and the GPU kernels)."""
+    sorted_probs = probs.sort(dim=-1, descending=True).values
     ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
     keep = ranks < top_k.unsqueeze(1)
     # Keep a token while the mass before it is under top_p: the most likely token always stays.
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
     keep &= mass_before < top_p.unsqueeze(1)
     keep &= sorted_probs >= (min_p.unsqueeze(1) * sorted_probs[:, :1])
-    sorted_probs = sorted_probs * keep
-    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return filtered / filtered.sum(-1, keepdim=True)
+    # keep is a prefix of the sorted row; its last value is the cut-off, and every token at it stays: the first of
+    # a tie has the tie's whole mass and count after it, so the sort's order among equal values cannot matter.
+    cut = sorted_probs.gather(-1, keep.sum(-1, keepdim=True).clamp_min(1) - 1)
+    kept = torch.where(probs >= cut, probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, wanted: list[int | None]):

@@ -37,6 +37,19 @@ def test_filtered_probs_stay_inside_top_k_top_p_and_min_p(seed, top_k, top_p, mi
             assert probs[row][t] >= min_p * probs[row].max() - 1e-7
 
 
+def test_a_tie_at_the_cut_off_survives_whole():
+    # The sort's order among equal values must not decide which of them survive (the GPU kernels keep the tie too).
+    probs = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]])
+    off = torch.tensor([0.0])
+    top_k2 = filter_probs(probs, torch.tensor([2]), torch.tensor([1.0]), off)
+    top_p4 = filter_probs(probs, torch.tensor([5]), torch.tensor([0.4]), off)  # 0.3 of the mass lies above the tie
+    for out in (top_k2, top_p4):
+        assert (out[0] > 0).tolist() == [True, True, True, True, False]
+        assert torch.allclose(out[0, :4], torch.tensor([0.3, 0.2, 0.2, 0.2]) / 0.9)
+    top_p2 = filter_probs(probs, torch.tensor([5]), torch.tensor([0.3]), off)  # 0.3 above the tie: not under 0.3
+    assert (top_p2[0] > 0).tolist() == [True, False, False, False, False]
+
+
 def test_sampled_tokens_never_leave_the_top_k_support(qwen3_llm):
     prompt = [5, 6, 7, 8]
     greedy = qwen3_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0]

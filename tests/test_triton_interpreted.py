@@ -104,3 +104,10 @@ def test_fused_sampler_matches_torch_interpreted():
     temperature draws follow softmax(logits / T), seeds reproduce and temperature-0 rows stay greedy."""
     # Seven chunks of 32 (the merge across chunks); then one chunk, with 600 draws for the distribution.
     run_interpreted("check_fused_sample", [(200, 32, 0), (24, 64, 600)])
+
+
+def test_filtered_sampler_matches_torch_interpreted():
+    """The top-k / top-p / min-p kernels (engine/layers/sample.py) in float16: the tokens they keep are exactly those
+    torch's filter keeps, ties at the cut-off whole, across five chunks per row; draws follow torch's filtered
+    distribution."""
+    run_interpreted("check_filtered_sample", [(300, 64, 64, 200, 24)])

@@ -235,6 +235,20 @@ def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.b
             assert torch.equal(res_out, ref_res), f"{m} rows, {cfg}: the new residual differs"
 
 
+def assert_draws_follow(ids: torch.Tensor, probs: torch.Tensor) -> None:
+    """A chi-square bound on token draws `ids` from the distribution `probs` [vocab]."""
+    expected = probs * len(ids)
+    observed = torch.bincount(ids, minlength=len(probs)).float()
+    # Tokens expected fewer than 5 times share one cell, as a chi-square test wants.
+    rare = expected < 5
+    expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
+    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
+    chi2 = ((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
+    cells = len(expected)
+    # df = cells - 1; a correct sampler stays under this with probability ~1 - 1e-6 (for df up to ~100).
+    assert chi2 < cells + 10 * cells**0.5 + 20, f"chi-square {chi2:.1f} over {cells} cells"
+
+
 def check_fused_sample(vocab, block, rows, device="cuda", dtype=torch.bfloat16):
     """The sampling kernel (engine/layers/sample.py) against torch: greedy picks torch.argmax's token (ties to the
     lowest index, across chunks too); temperature draws follow softmax(logits / T) (a chi-square bound over `rows`
@@ -260,19 +274,82 @@ def check_fused_sample(vocab, block, rows, device="cuda", dtype=torch.bfloat16):
     temperature = 0.7
     host = sample_params([1000 + r for r in range(rows)], [5] * rows, [temperature] * rows)
     ids = sampler(logits, host.to(device)).cpu()
-    expected = torch.softmax(base.to(dtype).float() / temperature, -1) * rows
-    observed = torch.bincount(ids, minlength=vocab).float()
-    # Tokens expected fewer than 5 times share one cell, as a chi-square test wants.
-    rare = expected < 5
-    expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
-    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
-    chi2 = ((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
-    cells = len(expected)
-    # df = cells - 1; a correct sampler stays under this with probability ~1 - 1e-6 (for df up to ~100).
-    assert chi2 < cells + 10 * cells**0.5 + 20, f"chi-square {chi2:.1f} over {cells} cells"
+    assert_draws_follow(ids, torch.softmax(base.to(dtype).float() / temperature, -1))
     assert len(set(ids.tolist())) > 1
     few = min(rows, 64)
     again = sampler(logits[:few], host[:, :few].contiguous().to(device)).cpu()
     assert torch.equal(ids[:few], again), "the same seeds and token indices must draw the same tokens"
     moved = sample_params([1000 + r for r in range(few)], [6] * few, [temperature] * few)
     assert not torch.equal(ids[:few], sampler(logits[:few], moved.to(device)).cpu()), "the next token must draw anew"
+
+
+def rank_keys(logits: torch.Tensor) -> torch.Tensor:
+    """The filter kernels' order key of 16-bit float logits: 0 for the largest value (engine/layers/sample.py)."""
+    bits = logits.view(torch.int16).int() & 0xFFFF
+    return torch.where(bits >= 0x8000, bits, 0x7FFF - bits)
+
+
+# (temperature, top-k, top-p, min-p): each filter alone, all three, greedy with filters, top-k 1 on a tied maximum,
+# and a row without filters in a filtered batch
+FILTER_ROWS = [
+    (0.7, 50, 1.0, 0.0),
+    (1.0, -1, 0.9, 0.0),
+    (0.5, -1, 1.0, 0.07),
+    (1.3, 20, 0.5, 0.03),
+    (0.0, 10, 0.5, 0.0),
+    (0.8, 1, 1.0, 0.0),
+    (1.0, -1, 1.0, 0.0),
+]
+
+
+def check_filtered_sample(vocab, block, filter_block, draws, draw_vocab, device="cuda", dtype=torch.bfloat16):
+    """The top-k / top-p / min-p kernels (engine/layers/sample.py) against torch's filter (engine/sampler.py): per
+    row of FILTER_ROWS, the tokens at or above the kernels' cut-offs are exactly those torch's filter keeps (logits
+    on a 1/8 grid: ties at every cut-off, across chunks), every draw is one of them, greedy rows pick torch.argmax's
+    token, and `draws` draws over the first `draw_vocab` logits follow torch's filtered distribution (chi-square).
+    Float32 runs in float16 (the Triton interpreter has no bfloat16): the filters key on 16-bit floats."""
+    from engine.layers.sample import FusedSampler, sample_params
+    from engine.sampler import filter_probs
+
+    dtype = torch.float16 if dtype == torch.float32 else dtype
+    sampler = FusedSampler(torch.device(device), block, filter_block)
+    g = torch.Generator().manual_seed(vocab + 1)
+    n = len(FILTER_ROWS)
+    logits = ((torch.randn(n, vocab, generator=g) * 20).round() / 8).to(dtype)
+    logits[5, : vocab // 2] = logits[5].max()  # top-k 1 on a maximum tied across chunks
+    logits[1, 3] = float("-inf")  # a banned token
+    temps, top_k, top_p, min_p = (list(c) for c in zip(*FILTER_ROWS))
+
+    def torch_keeps(x: torch.Tensor, t: float, k: int, p: float, mp: float) -> torch.Tensor:
+        probs = torch.softmax(x.float() / max(t, 1e-5), -1).unsqueeze(0)
+        k = torch.tensor([k if k > 0 else x.numel()])
+        return filter_probs(probs, k, torch.tensor([p]), torch.tensor([mp]))[0]
+
+    params = sample_params(list(range(n)), [0] * n, temps, top_k, top_p, min_p).to(device)
+    for launch in range(2):  # the second launch needs the counters and bins cleared by the first
+        ids = sampler(logits.to(device), params, filtered=True).cpu()
+        cut = sampler.scratch["rowi"][: 4 * n].view(n, 4)[:, 2].cpu()
+        floor = sampler.scratch["rowf"][: 4 * n].view(n, 4)[:, 3].cpu()
+        for r, (t, k, p, mp) in enumerate(FILTER_ROWS):
+            x = logits[r]
+            if t == 0.0:
+                assert ids[r] == x.float().argmax(), f"row {r}: greedy must pick torch.argmax's token"
+                continue
+            want = torch_keeps(x, t, k, p, mp) > 0
+            got = (rank_keys(x) <= cut[r]) & (x.float() / t >= floor[r])
+            assert torch.equal(got, want), (
+                f"launch {launch}, row {r} {FILTER_ROWS[r]}: the kernels keep {int(got.sum())} tokens, torch "
+                f"{int(want.sum())}; {int((got & ~want).sum())} only the kernels, {int((want & ~got).sum())} only torch"
+            )
+            assert want[ids[r]], f"row {r}: drew token {int(ids[r])}, outside torch's filter"
+    assert int(torch_keeps(logits[5], 0.8, 1, 1.0, 0.0).gt(0).sum()) == vocab // 2, "a tied maximum survives top-k 1"
+    if not draws:
+        return
+    t, k, p, mp = 0.9, 12, 0.8, 0.02
+    x = logits[0, :draw_vocab]
+    host = sample_params([1000 + r for r in range(draws)], [3] * draws, [t] * draws, [k] * draws, [p] * draws,
+                         [mp] * draws)  # fmt: skip
+    ids = sampler(x.to(device).repeat(draws, 1), host.to(device), filtered=True).cpu()
+    probs = torch_keeps(x, t, k, p, mp)
+    assert bool(probs[ids].gt(0).all()), "every draw must be one torch's filter keeps"
+    assert_draws_follow(ids, probs)

@@ -1,4 +1,5 @@
-"""Token sampling on the GPU in one Triton kernel: greedy, or temperature sampling by the Gumbel-max trick.
+"""Token sampling on the GPU in Triton kernels: greedy, temperature sampling by the Gumbel-max trick, and top-k /
+top-p / min-p filters found by a radix select instead of a sort.
 
 Why: torch's sampling path is a chain of kernels over the [rows, vocab] logits (a float copy, softmax, exponential
 noise, a division, two argmaxes, a select), each reading and writing the whole vocabulary, and even greedy's argmax
@@ -10,8 +11,15 @@ token. argmax(logits / T + Gumbel) is a draw from softmax(logits / T), the same 
 
 The noise of row r at vocabulary index i is Philox(seed of r's request, counter (token index << 32) + i): a
 request's draws depend on its seed and how many tokens it has, not on the batch it shares or on the step timing.
-Top-k / top-p / min-p filters and logprobs keep the torch path (engine/sampler.py). NANOVLLM_FUSED_SAMPLE=0 turns
-this kernel off.
+
+Filters (top-k, top-p, min-p) keep every token whose value is at least a row's cut-off, so a tie at the cut-off is
+kept whole (as HF's and vLLM's top-k; engine/sampler.py's torch path keeps the same set). torch's path sorts the
+whole vocabulary per step (top-p 0.9 decoded at 0.68-0.79x greedy's speed). Here the cut-off is found on the 16-bit
+float's bits, an exact order key for bf16 and fp16 logits, in two passes before the sampling pass: the first counts
+the tokens and their probability mass in 64 buckets of the key's top 6 bits and finds the bucket that holds the
+cut-off; the second counts that bucket's tokens by the key's low 10 bits (one value each, so their mass is the count
+times the value's probability) and finds the cut-off value. Min-p needs no search: its cut-off is max + T ln(min_p).
+Logprobs and float32 logits keep the torch path. NANOVLLM_FUSED_SAMPLE=0 turns these kernels off.
 """
 
 from __future__ import annotations
@@ -24,8 +32,15 @@ from engine.config import env_choice
 from engine.layers.kernels import triton_available
 
 BLOCK = 4096  # vocabulary entries per program: 38 programs per row for Qwen3's 151,936
+FILTER_BLOCK = 2048  # the bucket pass's programs, whose one-hot masses cost BLOCK x BUCKETS each
 WARPS = 8
 NOT_FOUND = 2**31 - 1  # an index larger than any vocabulary's: loses every tie
+SHIFT = 10  # the 16-bit key: 6 bits of bucket, 10 bits of value within it
+BUCKETS = 1 << (16 - SHIFT)
+BINS = 1 << SHIFT
+SUB = 64  # tokens per step of the bucket pass's one-hot sums
+FILTER_DTYPES = (torch.bfloat16, torch.float16)
+NO_TOP_K = 2**31 - 1
 
 
 def fused_sample_enabled(device: torch.device) -> bool:
@@ -34,9 +49,41 @@ def fused_sample_enabled(device: torch.device) -> bool:
 
 
 @functools.cache
-def _build_kernel():
+def _build_kernels():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def rank_of(raw):
+        # A 16-bit float's bits as an order key, 0 for the largest value (+inf), so that a prefix sum over keys
+        # counts from the top. Negative floats order by magnitude, backwards.
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return tl.where(bits >= 0x8000, bits, 0x7FFF - bits)
+
+    @triton.jit
+    def row_temperature(params_ptr, rows, row):
+        return tl.load(params_ptr + 2 * rows + row).to(tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def row_filters(params_ptr, rows, row):
+        top_k = tl.load(params_ptr + 3 * rows + row)
+        top_p = tl.load(params_ptr + 4 * rows + row).to(tl.int32).to(tl.float32, bitcast=True)
+        return top_k, top_p
+
+    @triton.jit
+    def kept_from_top(count, mass, count_above, mass_above, top_k, top_p, total):
+        # Per key range, counted from the top: whether its largest value survives top-k and top-p, given the tokens
+        # and mass above the first range. A value survives when fewer than top_k tokens and less than top_p of the
+        # mass lie strictly above it (torch's rule, engine/sampler.py).
+        above_c = count_above + tl.cumsum(count, axis=0) - count
+        above_m = mass_above + tl.cumsum(mass, axis=0) - mass
+        limit = tl.where(top_p >= 1.0, float("inf"), top_p * total)  # top-p 1: every token, even of no mass
+        ok = (count > 0) & (above_c < top_k) & (above_m < limit)
+        return ok, above_c, above_m
+
+    # Triton resolves a kernel's helpers among its module's globals, not the builder's locals (as in gemv.py).
+    globals().update(rank_of=rank_of, row_temperature=row_temperature, row_filters=row_filters,
+                     kept_from_top=kept_from_top)  # fmt: skip
 
     # The row and chunk counts vary per step: specialised on divisibility by 16, a step of 16 rows would compile
     # another variant in the middle of serving.
@@ -49,28 +96,37 @@ def _build_kernel():
         where_ptr,
         counter_ptr,
         out_ptr,
+        rowf_ptr,
+        rowi_ptr,
         rows,
         V,
         chunks,
         BLOCK: tl.constexpr,
         CHUNKS_P2: tl.constexpr,
         SAMPLE: tl.constexpr,
+        FILTER: tl.constexpr,
         NOT_FOUND: tl.constexpr,
     ):
         # Program (row, chunk): the best score of logits[row, chunk * BLOCK:][:BLOCK] and where it is; params holds
-        # per row (seed, token index, temperature's float32 bits) as int64 rows of `rows` entries (SAMPLE only).
+        # per row (seed, token index, temperature's float32 bits, ...) as int64 rows of `rows` entries (SAMPLE only).
+        # FILTER: tokens below the row's cut-offs (rowi[row, 2]: the rank key; rowf[row, 3]: the min-p floor of
+        # logits / T) score -inf.
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
-        x = x.to(tl.float32)
+        raw = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
+        x = raw.to(tl.float32)
         if SAMPLE:
-            temp = tl.load(params_ptr + 2 * rows + row).to(tl.int32).to(tl.float32, bitcast=True)
-            if temp > 0.0:  # temperature 0: greedy, no noise
+            temp = row_temperature(params_ptr, rows, row)
+            if temp > 0.0:  # temperature 0: greedy, no noise; the maximum survives every filter
                 seed = tl.load(params_ptr + row)
                 counter = (tl.load(params_ptr + rows + row) << 32) + cols.to(tl.int64)
                 u = tl.rand(seed, counter)  # [0, 1): u = 0 scores -inf, never chosen
-                x = x / tl.maximum(temp, 1e-5) - tl.log(-tl.log(u))
+                x = x / tl.maximum(temp, 1e-5)
+                if FILTER:
+                    keep = (rank_of(raw) <= tl.load(rowi_ptr + 4 * row + 2)) & (x >= tl.load(rowf_ptr + 4 * row + 3))
+                    x = tl.where(keep, x, float("-inf"))
+                x = x - tl.log(-tl.log(u))
         best = tl.max(x, axis=0)
         tl.store(best_ptr + row * chunks + chunk, best)
         tl.store(where_ptr + row * chunks + chunk, chunk * BLOCK + tl.argmax(x, axis=0))  # first of ties, as torch
@@ -87,58 +143,235 @@ def _build_kernel():
             tl.store(out_ptr + row, token.to(tl.int64))
             tl.store(counter_ptr + row, 0)  # ready for the next launch
 
-    return sample_kernel
+    @triton.jit(do_not_specialize=["rows", "chunks"])
+    def bucket_kernel(
+        logits_ptr,
+        stride,
+        params_ptr,
+        top_ptr,
+        mass_ptr,
+        count_ptr,
+        counter_ptr,
+        rowf_ptr,
+        rowi_ptr,
+        rows,
+        V,
+        chunks,
+        BLOCK: tl.constexpr,
+        SUB: tl.constexpr,
+        SHIFT: tl.constexpr,
+        BUCKETS: tl.constexpr,
+        CHUNKS_P2: tl.constexpr,
+    ):
+        # Program (row, chunk): the chunk's maximum of logits / T, and per bucket of the rank key's top bits its
+        # token count and mass exp(logits / T - that maximum). The row's last program adds them up (rescaled to
+        # the row's maximum) and writes rowf[row] = (max, total mass, mass above the cut-off's bucket, min-p
+        # floor), rowi[row] = (the cut-off's bucket, tokens above it).
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        base = logits_ptr + row.to(tl.int64) * stride
+        temp = tl.maximum(row_temperature(params_ptr, rows, row), 1e-5)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < V
+        raw = tl.load(base + cols, mask=valid, other=float("-inf"))
+        top = tl.max(raw.to(tl.float32) / temp, axis=0)
+        ref = tl.where(top == float("-inf"), 0.0, top)  # a chunk of banned tokens: exp(-inf - 0) = 0, not nan
+        counts = tl.histogram(rank_of(raw) >> SHIFT, BUCKETS, mask=valid)
+        buckets = tl.arange(0, BUCKETS)
+        # The masses by one-hot sums over small steps (tl.histogram counts but cannot weigh); the chunk is in L1.
+        acc = tl.zeros([SUB, BUCKETS], dtype=tl.float32)
+        for i in range(0, BLOCK // SUB):
+            c = chunk * BLOCK + i * SUB + tl.arange(0, SUB)
+            r = tl.load(base + c, mask=c < V, other=float("-inf"))
+            e = tl.exp(r.to(tl.float32) / temp - ref)
+            acc += tl.where((rank_of(r) >> SHIFT)[:, None] == buckets[None, :], e[:, None], 0.0)
+        slot = row * chunks + chunk
+        tl.store(top_ptr + slot, top)
+        tl.store(mass_ptr + slot * BUCKETS + buckets, tl.sum(acc, axis=0))
+        tl.store(count_ptr + slot * BUCKETS + buckets, counts)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
+        if arrived == chunks - 1:
+            offs = tl.arange(0, CHUNKS_P2)
+            live = offs < chunks
+            tops = tl.load(top_ptr + row * chunks + offs, mask=live, other=float("-inf"), cache_modifier=".cg")
+            high = tl.max(tops, axis=0)
+            high = tl.where(high == float("-inf"), 0.0, high)
+            tile = (row * chunks + offs)[:, None] * BUCKETS + buckets[None, :]
+            masses = tl.load(mass_ptr + tile, mask=live[:, None], other=0.0, cache_modifier=".cg")
+            mass = tl.sum(masses * tl.exp(tops - high)[:, None], axis=0)
+            count = tl.sum(tl.load(count_ptr + tile, mask=live[:, None], other=0, cache_modifier=".cg"), axis=0)
+            total = tl.sum(mass, axis=0)
+            top_k, top_p = row_filters(params_ptr, rows, row)
+            ok, above_c, above_m = kept_from_top(count, mass, 0, 0.0, top_k, top_p, total)
+            # The last bucket whose largest value survives holds the cut-off (the row's maximum always survives).
+            cut = tl.maximum(tl.max(tl.where(ok, buckets, -1), axis=0), 0)
+            at = buckets == cut
+            min_p = tl.load(params_ptr + 5 * rows + row).to(tl.int32).to(tl.float32, bitcast=True)
+            tl.store(rowf_ptr + 4 * row, high)
+            tl.store(rowf_ptr + 4 * row + 1, total)
+            tl.store(rowf_ptr + 4 * row + 2, tl.sum(tl.where(at, above_m, 0.0), axis=0))
+            tl.store(rowf_ptr + 4 * row + 3, high + tl.log(min_p))  # min_p 0: -inf, no floor
+            tl.store(rowi_ptr + 4 * row, cut)
+            tl.store(rowi_ptr + 4 * row + 1, tl.sum(tl.where(at, above_c, 0), axis=0))
+            tl.store(counter_ptr + row, 0)
+
+    @triton.jit(do_not_specialize=["rows", "chunks"])
+    def bin_kernel(
+        logits_ptr,
+        stride,
+        params_ptr,
+        bins_ptr,
+        counter_ptr,
+        rowf_ptr,
+        rowi_ptr,
+        rows,
+        V,
+        chunks,
+        BLOCK: tl.constexpr,
+        SHIFT: tl.constexpr,
+    ):
+        # Program (row, chunk): counts of the chunk's tokens in the cut-off's bucket by the key's low bits, added
+        # into the row's bins. The row's last program finds the cut-off key (rowi[row, 2]) and clears the bins.
+        BINS: tl.constexpr = 1 << SHIFT
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < V
+        raw = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=valid, other=float("-inf"))
+        rank = rank_of(raw)
+        cut = tl.load(rowi_ptr + 4 * row)
+        counts = tl.histogram(rank & (BINS - 1), BINS, mask=valid & ((rank >> SHIFT) == cut))
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(bins_ptr + row * BINS + bins, counts, mask=counts > 0, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
+        if arrived == chunks - 1:
+            count = tl.load(bins_ptr + row * BINS + bins, cache_modifier=".cg")
+            rank = (cut << SHIFT) | bins
+            # Each bin is one value: its mass is the count times exp(value / T - max).
+            bits = tl.where(rank >= 0x8000, rank, 0x7FFF - rank).to(tl.int16)
+            value = bits.to(logits_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            temp = tl.maximum(row_temperature(params_ptr, rows, row), 1e-5)
+            # (Empty bins' keys may decode to inf or nan: their exponent is taken at 0.)
+            scaled = tl.where(count > 0, value / temp - tl.load(rowf_ptr + 4 * row), 0.0)
+            mass = tl.where(count > 0, count * tl.exp(scaled), 0.0)
+            top_k, top_p = row_filters(params_ptr, rows, row)
+            ok, _, _ = kept_from_top(
+                count,
+                mass,
+                tl.load(rowi_ptr + 4 * row + 1),
+                tl.load(rowf_ptr + 4 * row + 2),
+                top_k,
+                top_p,
+                tl.load(rowf_ptr + 4 * row + 1),
+            )
+            tl.store(rowi_ptr + 4 * row + 2, (cut << SHIFT) + tl.max(tl.where(ok, bins, -1), axis=0))
+            tl.store(bins_ptr + row * BINS + bins, tl.zeros([BINS], dtype=tl.int32))
+            tl.store(counter_ptr + row, 0)
+
+    return sample_kernel, bucket_kernel, bin_kernel
+
+
+def _p2(n: int) -> int:
+    return max(2, 1 << (n - 1).bit_length())
 
 
 class FusedSampler:
-    """Launches the sampling kernel, with its per-row partial results and arrival counters kept between steps."""
+    """Launches the sampling kernels, with their per-row partial results and arrival counters kept between steps."""
 
-    def __init__(self, device: torch.device, block: int = BLOCK):
+    def __init__(self, device: torch.device, block: int = BLOCK, filter_block: int = FILTER_BLOCK):
         self.device = device
-        self.block = block  # smaller in the CPU tests, where Triton's interpreter pays per vocabulary lane
-        self.best = self.where = self.counters = None
+        # Smaller in the CPU tests, where Triton's interpreter pays per vocabulary lane.
+        self.block = block
+        self.filter_block = filter_block
+        self.scratch: dict[str, torch.Tensor] = {}
 
-    def _buffers(self, rows: int, chunks: int) -> None:
-        if self.counters is None or self.counters.numel() < rows or self.best.numel() < rows * chunks:
-            size = max(rows, 2 * (0 if self.counters is None else self.counters.numel()))
-            self.best = torch.empty(size * chunks, dtype=torch.float32, device=self.device)
-            self.where = torch.empty(size * chunks, dtype=torch.int32, device=self.device)
-            # Zero between launches: each row's last program resets its own counter.
-            self.counters = torch.zeros(size, dtype=torch.int32, device=self.device)
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            size = max(numel, 2 * (0 if buf is None else buf.numel()))
+            # Counters and bins are zero between launches: each row's last program clears its own.
+            buf = self.scratch[name] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
+        return buf
 
-    def __call__(self, logits: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [rows] (int64) for logits [rows, vocab]: greedy where params is None, else per row as
-        params [3, rows] int64 says (seed, token index, float32 bits of the temperature; 0 is greedy)."""
+    def __call__(self, logits: torch.Tensor, params: torch.Tensor | None = None, filtered: bool = False):
+        """Token ids [rows] (int64) for logits [rows, vocab]: greedy where params is None, else per row as params
+        [6, rows] int64 says (sample_params); filtered applies its top-k / top-p / min-p (16-bit float logits)."""
         rows, vocab = logits.shape
-        chunks = -(-vocab // self.block)
-        self._buffers(rows, chunks)
         out = torch.empty(rows, dtype=torch.long, device=logits.device)
         if rows == 0:
             return out
-        _build_kernel()[(rows, chunks)](
+        sample, bucket, binned = _build_kernels()
+        counters = self._buffer("counters", rows, torch.int32, zero=True)
+        rowf = self._buffer("rowf", 4 * rows, torch.float32)
+        rowi = self._buffer("rowi", 4 * rows, torch.int32)
+        filtered = filtered and params is not None
+        if filtered:
+            if logits.dtype not in FILTER_DTYPES:
+                raise ValueError(f"filtered sampling needs bfloat16 or float16 logits, got {logits.dtype}")
+            chunks = -(-vocab // self.filter_block)
+            n = rows * chunks
+            common = (logits, logits.stride(0), params)
+            bucket[(rows, chunks)](
+                *common,
+                self._buffer("tops", n, torch.float32),
+                self._buffer("masses", n * BUCKETS, torch.float32),
+                self._buffer("counts", n * BUCKETS, torch.int32),
+                counters, rowf, rowi, rows, vocab, chunks,
+                BLOCK=self.filter_block, SUB=min(SUB, self.filter_block), SHIFT=SHIFT, BUCKETS=BUCKETS,
+                CHUNKS_P2=_p2(chunks), num_warps=WARPS,
+            )  # fmt: skip
+            chunks = -(-vocab // self.block)
+            binned[(rows, chunks)](
+                *common, self._buffer("bins", rows * BINS, torch.int32, zero=True), counters, rowf, rowi,
+                rows, vocab, chunks, BLOCK=self.block, SHIFT=SHIFT, num_warps=WARPS,
+            )  # fmt: skip
+        chunks = -(-vocab // self.block)
+        sample[(rows, chunks)](
             logits,
             logits.stride(0),
             params if params is not None else out,
-            self.best,
-            self.where,
-            self.counters,
+            self._buffer("best", rows * chunks, torch.float32),
+            self._buffer("where", rows * chunks, torch.int32),
+            counters,
             out,
+            rowf,
+            rowi,
             rows,
             vocab,
             chunks,
             BLOCK=self.block,
-            CHUNKS_P2=max(2, 1 << (chunks - 1).bit_length()),
+            CHUNKS_P2=_p2(chunks),
             SAMPLE=params is not None,
+            FILTER=filtered,
             NOT_FOUND=NOT_FOUND,
             num_warps=WARPS,
         )
         return out
 
 
-def sample_params(seeds: list[int], token_index: list[int], temperatures: list[float]) -> torch.Tensor:
-    """The kernel's params on the host: int64 [3, rows] of seeds (63 bits), token indices and the temperatures'
-    float32 bit patterns."""
-    temps = torch.tensor(temperatures, dtype=torch.float32).view(torch.int32).to(torch.int64)
+def sample_params(
+    seeds: list[int],
+    token_index: list[int],
+    temperatures: list[float],
+    top_k: list[int] | None = None,
+    top_p: list[float] | None = None,
+    min_p: list[float] | None = None,
+) -> torch.Tensor:
+    """The kernels' params on the host: int64 [6, rows] of seeds (63 bits), token indices, the temperatures' float32
+    bit patterns, top-k (NO_TOP_K when off), and top-p's and min-p's float32 bit patterns (1 and 0 when off)."""
+    n = len(seeds)
+
+    def bits(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(torch.int32).to(torch.int64)
+
     mask = 2**63 - 1
-    return torch.stack([torch.tensor([s & mask for s in seeds], dtype=torch.int64),
-                        torch.tensor(token_index, dtype=torch.int64), temps])  # fmt: skip
+    return torch.stack([
+        torch.tensor([s & mask for s in seeds], dtype=torch.int64),
+        torch.tensor(token_index, dtype=torch.int64),
+        bits(temperatures),
+        torch.tensor([NO_TOP_K] * n if top_k is None else [k if k > 0 else NO_TOP_K for k in top_k], dtype=torch.int64),
+        bits([1.0] * n if top_p is None else top_p),
+        bits([0.0] * n if min_p is None else min_p),
+    ])  # fmt: skip

@@ -70,3 +70,30 @@ def test_seeded_temperature_sampling_reproduces_regardless_of_batch(folder, monk
         assert all(0 <= t < 512 for o in free for t in o.token_ids)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("vocab,block,filter_block", [(151936, 4096, 2048), (1000, 64, 64)])
+def test_filtered_sampler_matches_torch(vocab, block, filter_block):
+    triton_checks.check_filtered_sample(vocab, block, filter_block, 4000, 2000)
+
+
+def test_filtered_requests_sample_in_the_kernels_and_seeds_reproduce_regardless_of_batch(folder, monkeypatch):
+    llm = _engine(folder, monkeypatch, "1")
+    fused = llm.runner.sampler.fused
+    calls = []
+
+    def spy(logits, params=None, filtered=False):
+        calls.append(filtered)
+        return fused(logits, params, filtered)
+
+    llm.runner.sampler.fused = spy
+    try:
+        p = SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.02, max_tokens=16, seed=7, ignore_eos=True)
+        alone = llm.generate([[5, 6, 7]], p)[0].token_ids
+        assert calls and all(calls), "top-k / top-p / min-p steps must take the filtered kernels"
+        # In a batch with unfiltered rows, the seeded row's cut-offs and noise are its own.
+        plain = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+        batch = llm.generate([[9, 9, 9], [5, 6, 7], [4, 4]], [plain, p, plain])
+        assert batch[1].token_ids == alone
+    finally:
+        llm.shutdown()
