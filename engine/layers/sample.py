@@ -248,9 +248,9 @@ def _build_kernels():
         arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
         if arrived == chunks - 1:
             count = tl.load(bins_ptr + row * BINS + bins, cache_modifier=".cg")
-            rank = (cut << SHIFT) | bins
+            keys = (cut << SHIFT) | bins
             # Each bin is one value: its mass is the count times exp(value / T - max).
-            bits = tl.where(rank >= 0x8000, rank, 0x7FFF - rank).to(tl.int16)
+            bits = tl.where(keys >= 0x8000, keys, 0x7FFF - keys).to(tl.int16)
             value = bits.to(logits_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
             temp = tl.maximum(row_temperature(params_ptr, rows, row), 1e-5)
             # (Empty bins' keys may decode to inf or nan: their exponent is taken at 0.)
