@@ -24,6 +24,7 @@ Usage (on the GPU host, after `source .gpu-kit/setup.sh`):
     python benchmarks/gpu_profile.py sharedprefill --steps 6   # shared_prefix's 64-request prefill step, per round
     python benchmarks/gpu_profile.py prefillbackend   # FlashInfer paged prefill, fa2 vs fa3, per step shape
     python benchmarks/gpu_profile.py holistic   # FlashInfer's persistent BatchAttention vs prefill/decode kernels
+    python benchmarks/gpu_profile.py sampler --rows 1 8 64   # the sampling kernels alone, against torch's path
 Prints tables; writes benchmarks/results/gpu_profile_<which>.json.
 """
 
@@ -1530,6 +1531,62 @@ def bench_overlap(args) -> None:
     write_result("gpu_profile_overlap", {"batch": args.batch, "prompt": args.prompt, "rows": rows}, OUT)
 
 
+def graph_call_us(call, calls: int = 20, replays: int = 10) -> float:
+    """Device time per call of `call` (no host sync inside), captured `calls` times in one CUDA graph: launches
+    from the host do not count."""
+    call()  # allocates and compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def torch_filtered_sample(logits, top_k, top_p, min_p) -> torch.Tensor:
+    """engine/sampler.py's torch path at temperature 0.7 with filters: softmax, filter, exponential race."""
+    from engine.sampler import filter_probs
+
+    probs = filter_probs(torch.softmax(logits.float() / 0.7, -1), top_k, top_p, min_p)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+def bench_sampler(args) -> None:
+    """The sampling kernels alone (engine/layers/sample.py) on Qwen3's 151,936 bf16 logits per row count: greedy,
+    temperature 0.7 and top-k 50 / top-p 0.9 for each --sample-blocks tiling (bucket pass, bin pass), against
+    torch's filtered path (engine/sampler.py: softmax, sort, exponential race). Device time per call."""
+    from engine.layers.sample import FusedSampler, sample_params
+
+    device = torch.device("cuda")
+    vocab = 151936
+    rows_out = []
+    for rows in args.rows:
+        g = torch.Generator(device=device).manual_seed(rows)
+        logits = (torch.randn(rows, vocab, device=device, generator=g) * 2).to(torch.bfloat16)
+        params = sample_params(list(range(rows)), [0] * rows, [0.7] * rows, [50] * rows, [0.9] * rows).to(device)
+        for tiling in args.sample_blocks:
+            filter_block, bin_block = (int(x) for x in tiling.split(":"))
+            s = FusedSampler(device, filter_block=filter_block, bin_block=bin_block)
+            for name, call in (
+                ("greedy", functools.partial(s, logits)),
+                ("temperature 0.7", functools.partial(s, logits, params)),
+                ("top-k 50, top-p 0.9", functools.partial(s, logits, params, filtered=True)),
+            ):
+                rows_out.append(dict(rows=rows, path=f"kernels {tiling}", sampling=name, us=graph_call_us(call)))
+        filters = (torch.full((rows,), 50, device=device), torch.full((rows,), 0.9, device=device))
+        call = functools.partial(torch_filtered_sample, logits, *filters, torch.zeros(rows, device=device))
+        rows_out.append(dict(rows=rows, path="torch", sampling="top-k 50, top-p 0.9", us=graph_call_us(call)))
+    print_table("Sampling on 151,936 bf16 logits: device time per call (us)", rows_out)
+    write_result("gpu_profile_sampler", {"rows": rows_out})
+
+
 def main() -> None:
     """Parse the command line and run one profile."""
     import logging
@@ -1559,6 +1616,7 @@ def main() -> None:
             "sharedprefill",
             "prefillbackend",
             "holistic",
+            "sampler",
         ],
     )
     parser.add_argument("--model", default="Qwen3-0.6B")
@@ -1575,7 +1633,7 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="start: cProfile the engine thread instead")
     parser.add_argument("--request", choices=["warm", "cold"], default="warm", help="warm: which request to time")
     parser.add_argument("--cprofile", action="store_true", help="warm: also cProfile the engine steps of one request")
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm: row counts")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64, 128, 256], help="gemm, sampler: row counts")
     parser.add_argument("--few-rows", nargs="+", type=int, default=[4, 16, 32], help="fewrows: row counts")
     parser.add_argument(
         "--quantization", choices=["none", "fp8"], default="none", help="rowgemv, fewrows: the weights' format"
@@ -1597,6 +1655,9 @@ def main() -> None:
         "--variants", nargs="+", choices=list(STEP_VARIANTS), default=["separate", "fused", "fused_min8"], help="stepab"
     )
     parser.add_argument("--slice-kib", type=int, default=96, help="l2prefetch: KiB per program")
+    parser.add_argument(
+        "--sample-blocks", nargs="+", default=["2048:4096"], help="sampler: bucket-pass:bin-pass tokens per program"
+    )
     parser.add_argument("--delays", nargs="+", type=float, default=[0, 2, 5, 10, 20], help="l2prefetch: µs")
     args = parser.parse_args()
     if args.contexts is None:
@@ -1611,6 +1672,7 @@ def main() -> None:
     which.update(decodeattn=bench_decode_attention, l2prefetch=bench_l2_prefetch)
     which.update(prefill=profile_prefill, start=profile_start, overlap=bench_overlap, warm=profile_warm)
     which.update(sharedprefill=profile_shared_prefill, prefillbackend=bench_prefill_backend, holistic=bench_holistic)
+    which.update(sampler=bench_sampler)
     which[args.which](args)
 
 

@@ -32,13 +32,12 @@ from engine.config import env_choice
 from engine.layers.kernels import triton_available
 
 BLOCK = 4096  # vocabulary entries per program: 38 programs per row for Qwen3's 151,936
-FILTER_BLOCK = 2048  # the bucket pass's programs, whose one-hot masses cost BLOCK x BUCKETS each
+FILTER_BLOCK = 2048  # the bucket pass's vocabulary entries per program
 WARPS = 8
 NOT_FOUND = 2**31 - 1  # an index larger than any vocabulary's: loses every tie
 SHIFT = 10  # the 16-bit key: 6 bits of bucket, 10 bits of value within it
 BUCKETS = 1 << (16 - SHIFT)
 BINS = 1 << SHIFT
-SUB = 64  # tokens per step of the bucket pass's one-hot sums
 FILTER_DTYPES = (torch.bfloat16, torch.float16)
 NO_TOP_K = 2**31 - 1
 
@@ -158,7 +157,6 @@ def _build_kernels():
         V,
         chunks,
         BLOCK: tl.constexpr,
-        SUB: tl.constexpr,
         SHIFT: tl.constexpr,
         BUCKETS: tl.constexpr,
         CHUNKS_P2: tl.constexpr,
@@ -174,20 +172,22 @@ def _build_kernels():
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         valid = cols < V
         raw = tl.load(base + cols, mask=valid, other=float("-inf"))
-        top = tl.max(raw.to(tl.float32) / temp, axis=0)
-        ref = tl.where(top == float("-inf"), 0.0, top)  # a chunk of banned tokens: exp(-inf - 0) = 0, not nan
-        counts = tl.histogram(rank_of(raw) >> SHIFT, BUCKETS, mask=valid)
+        x = raw.to(tl.float32) / temp
+        top = tl.max(x, axis=0)
+        e = tl.exp(x - tl.where(top == float("-inf"), 0.0, top))  # a chunk of banned tokens: 0, not nan
+        bucket = rank_of(raw) >> SHIFT
+        counts = tl.histogram(bucket, BUCKETS, mask=valid)
+        # tl.histogram counts but cannot weigh: one masked sum per bucket between those of the chunk's first and
+        # last tokens of any mass. Logits span a few binades, and a bucket spans eight.
         buckets = tl.arange(0, BUCKETS)
-        # The masses by one-hot sums over small steps (tl.histogram counts but cannot weigh); the chunk is in L1.
-        acc = tl.zeros([SUB, BUCKETS], dtype=tl.float32)
-        for i in range(0, BLOCK // SUB):
-            c = chunk * BLOCK + i * SUB + tl.arange(0, SUB)
-            r = tl.load(base + c, mask=c < V, other=float("-inf"))
-            e = tl.exp(r.to(tl.float32) / temp - ref)
-            acc += tl.where((rank_of(r) >> SHIFT)[:, None] == buckets[None, :], e[:, None], 0.0)
+        some = e > 0.0
+        mass = tl.zeros([BUCKETS], dtype=tl.float32)
+        first = tl.min(tl.where(some, bucket, BUCKETS), axis=0)
+        for b in range(first, tl.max(tl.where(some, bucket, -1), axis=0) + 1):
+            mass = tl.where(buckets == b, tl.sum(tl.where(bucket == b, e, 0.0), axis=0), mass)
         slot = row * chunks + chunk
         tl.store(top_ptr + slot, top)
-        tl.store(mass_ptr + slot * BUCKETS + buckets, tl.sum(acc, axis=0))
+        tl.store(mass_ptr + slot * BUCKETS + buckets, mass)
         tl.store(count_ptr + slot * BUCKETS + buckets, counts)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
@@ -280,11 +280,12 @@ def _p2(n: int) -> int:
 class FusedSampler:
     """Launches the sampling kernels, with their per-row partial results and arrival counters kept between steps."""
 
-    def __init__(self, device: torch.device, block: int = BLOCK, filter_block: int = FILTER_BLOCK):
+    def __init__(self, device: torch.device, block: int = BLOCK, filter_block: int = FILTER_BLOCK, bin_block=None):
         self.device = device
         # Smaller in the CPU tests, where Triton's interpreter pays per vocabulary lane.
         self.block = block
         self.filter_block = filter_block
+        self.bin_block = bin_block or block
         self.scratch: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
@@ -319,13 +320,13 @@ class FusedSampler:
                 self._buffer("masses", n * BUCKETS, torch.float32),
                 self._buffer("counts", n * BUCKETS, torch.int32),
                 counters, rowf, rowi, rows, vocab, chunks,
-                BLOCK=self.filter_block, SUB=min(SUB, self.filter_block), SHIFT=SHIFT, BUCKETS=BUCKETS,
+                BLOCK=self.filter_block, SHIFT=SHIFT, BUCKETS=BUCKETS,
                 CHUNKS_P2=_p2(chunks), num_warps=WARPS,
             )  # fmt: skip
-            chunks = -(-vocab // self.block)
+            chunks = -(-vocab // self.bin_block)
             binned[(rows, chunks)](
                 *common, self._buffer("bins", rows * BINS, torch.int32, zero=True), counters, rowf, rowi,
-                rows, vocab, chunks, BLOCK=self.block, SHIFT=SHIFT, num_warps=WARPS,
+                rows, vocab, chunks, BLOCK=self.bin_block, SHIFT=SHIFT, num_warps=WARPS,
             )  # fmt: skip
         chunks = -(-vocab // self.block)
         sample[(rows, chunks)](
