@@ -177,14 +177,15 @@ def _build_kernels():
         e = tl.exp(x - tl.where(top == float("-inf"), 0.0, top))  # a chunk of banned tokens: 0, not nan
         bucket = rank_of(raw) >> SHIFT
         counts = tl.histogram(bucket, BUCKETS, mask=valid)
-        # tl.histogram counts but cannot weigh: one masked sum per bucket between those of the chunk's first and
-        # last tokens of any mass. Logits span a few binades, and a bucket spans eight.
+        # tl.histogram counts but cannot weigh: one masked sum per bucket that holds any of the chunk's tokens.
+        # Logits span a few binades and a bucket spans eight, so few buckets hold any; the others are skipped by a
+        # bit mask of the occupied ones.
         buckets = tl.arange(0, BUCKETS)
-        some = e > 0.0
+        occupied = tl.sum(tl.where(counts > 0, tl.full([BUCKETS], 1, tl.int64) << buckets.to(tl.int64), 0), axis=0)
         mass = tl.zeros([BUCKETS], dtype=tl.float32)
-        first = tl.min(tl.where(some, bucket, BUCKETS), axis=0)
-        for b in range(first, tl.max(tl.where(some, bucket, -1), axis=0) + 1):
-            mass = tl.where(buckets == b, tl.sum(tl.where(bucket == b, e, 0.0), axis=0), mass)
+        for b in range(0, BUCKETS):
+            if ((occupied >> b) & 1) != 0:
+                mass = tl.where(buckets == b, tl.sum(tl.where(bucket == b, e, 0.0), axis=0), mass)
         slot = row * chunks + chunk
         tl.store(top_ptr + slot, top)
         tl.store(mass_ptr + slot * BUCKETS + buckets, mass)
