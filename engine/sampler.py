@@ -199,8 +199,9 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
     keep &= mass_before < top_p.unsqueeze(1)
     keep &= sorted_probs >= (min_p.unsqueeze(1) * sorted_probs[:, :1])
-    # keep is a prefix of the sorted row; its last value is the cut-off, and every token at it stays: the first of
-    # a tie has the tie's whole mass and count after it, so the sort's order among equal values cannot matter.
+    # keep is a prefix of the sorted row, and its last value is the cut-off. The first of a tie has only larger
+    # values before it, so whether it survives does not depend on the sort's order among equal values; keeping
+    # every value at or above the cut-off then keeps the tie whole.
     cut = sorted_probs.gather(-1, keep.sum(-1, keepdim=True).clamp_min(1) - 1)
     kept = torch.where(probs >= cut, probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
