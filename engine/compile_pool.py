@@ -137,17 +137,24 @@ def _take_environ(environ: tuple[tuple[str, str], ...]) -> None:
     os.environ.update(environ)
 
 
+def _qualname(kernel) -> str | None:
+    return getattr(getattr(kernel, "fn", None), "__qualname__", None)
+
+
 @functools.cache
 def _kernel(module: str, qualname: str, environ: tuple[tuple[str, str], ...] = ()):
     # A kernel defined in a zero-argument factory (`_build_kernel.<locals>.name`) comes from calling the factory,
-    # afresh for each environment: its module's switches are read as it builds.
+    # afresh for each environment: its module's switches are read as it builds. A factory may build several
+    # kernels (a tuple of them).
     owner, _, inner = qualname.partition(".<locals>.")
     kernel = getattr(importlib.import_module(module), owner)
     if inner:
         if hasattr(kernel, "cache_clear"):
             kernel.cache_clear()
         kernel = kernel()
-    if getattr(getattr(kernel, "fn", None), "__qualname__", None) != qualname:
+        if isinstance(kernel, tuple):
+            kernel = next((k for k in kernel if _qualname(k) == qualname), None)
+    if _qualname(kernel) != qualname:
         raise LookupError(f"{module}:{qualname} is not a Triton kernel this process can rebuild")
     return kernel
 

@@ -30,6 +30,7 @@ def _preload() -> None:
     import engine.layers.fp8  # noqa: F401
     import engine.layers.fused_qkv  # noqa: F401
     import engine.layers.gemv  # noqa: F401
+    import engine.layers.sample  # noqa: F401
 
     try:
         from triton.runtime.cache import triton_key

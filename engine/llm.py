@@ -204,12 +204,15 @@ class LLM:
 
             runner.graphs = GraphRunner(runner, config, max_model_len)
             runner.graphs.capture()
+        if self.device.type == "cuda":
+            # The sampling kernels compile in the compile processes while they are still up (after them, starting
+            # them again took ~2 s of a first start).
+            runner.sampler.warm(runner.vocab_size, self.dtype)
         close_compile_pool()  # the start-up's compiles are over
         if not tuned:
             save_record(record, net)  # after capture, whose step timing may have refined the one-row plan
         if self.device.type == "cuda" and os.environ.get("NANOVLLM_WARM_PATCH", "1") != "0":
             runner.warm_input_patch()
-            runner.sampler.warm(runner.vocab_size, self.dtype)
         clock.mark("cuda_graphs")  # with the start-up timings inside capture() and the input warm-up
         self.engine = LLMEngine(config, runner, self.tokenizer, num_blocks, max_model_len, self.model_name)
         self._froze_gc = config.freeze_gc

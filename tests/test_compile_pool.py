@@ -139,6 +139,16 @@ def test_a_kernel_that_is_no_factory_product_is_refused():
         compile_pool._kernel("engine.layers.fp8", "_build_quantize_kernel.<locals>.other")
 
 
+def test_a_factory_of_several_kernels_gives_each_by_name():
+    from engine.layers.sample import _build_kernels
+
+    bin_kernel = compile_pool._kernel("engine.layers.sample", "_build_kernels.<locals>.bin_kernel")
+    assert bin_kernel.fn.__qualname__ == "_build_kernels.<locals>.bin_kernel"
+    assert bin_kernel.fn.__name__ in {k.fn.__name__ for k in _build_kernels()}
+    with pytest.raises(LookupError, match="_build_kernels.<locals>.other"):
+        compile_pool._kernel("engine.layers.sample", "_build_kernels.<locals>.other")
+
+
 def test_noting_skips_only_the_noting_threads_compiles(monkeypatch):
     """While the calls run, Triton's compile hook notes each distinct compile once and skips it (True), but lets
     another thread's launch compile (None: another engine may be serving); afterwards the hook is as it was."""
