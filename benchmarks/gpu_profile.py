@@ -1531,25 +1531,6 @@ def bench_overlap(args) -> None:
     write_result("gpu_profile_overlap", {"batch": args.batch, "prompt": args.prompt, "rows": rows}, OUT)
 
 
-def graph_call_us(call, calls: int = 20, replays: int = 10) -> float:
-    """Device time per call of `call` (no host sync inside), captured `calls` times in one CUDA graph: launches
-    from the host do not count."""
-    call()  # allocates and compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
-
-
 def torch_filtered_sample(logits, top_k, top_p, min_p) -> torch.Tensor:
     """engine/sampler.py's torch path at temperature 0.7 with filters: softmax, filter, exponential race."""
     from engine.sampler import filter_probs
@@ -1561,7 +1542,9 @@ def torch_filtered_sample(logits, top_k, top_p, min_p) -> torch.Tensor:
 def bench_sampler(args) -> None:
     """The sampling kernels alone (engine/layers/sample.py) on Qwen3's 151,936 bf16 logits per row count: greedy,
     temperature 0.7 and top-k 50 / top-p 0.9 for each --sample-blocks tiling (bucket pass, bin pass), against
-    torch's filtered path (engine/sampler.py: softmax, sort, exponential race). Device time per call."""
+    torch's filtered path (engine/sampler.py: softmax, sort, exponential race). Device time per call, from a CUDA
+    graph of 20 calls (best of 3 replays)."""
+    from engine.layers.linear import graph_time_us
     from engine.layers.sample import FusedSampler, sample_params
 
     device = torch.device("cuda")
@@ -1579,10 +1562,10 @@ def bench_sampler(args) -> None:
                 ("temperature 0.7", functools.partial(s, logits, params)),
                 ("top-k 50, top-p 0.9", functools.partial(s, logits, params, filtered=True)),
             ):
-                rows_out.append(dict(rows=rows, path=f"kernels {tiling}", sampling=name, us=graph_call_us(call)))
+                rows_out.append(dict(rows=rows, path=f"kernels {tiling}", sampling=name, us=graph_time_us(call)))
         filters = (torch.full((rows,), 50, device=device), torch.full((rows,), 0.9, device=device))
         call = functools.partial(torch_filtered_sample, logits, *filters, torch.zeros(rows, device=device))
-        rows_out.append(dict(rows=rows, path="torch", sampling="top-k 50, top-p 0.9", us=graph_call_us(call)))
+        rows_out.append(dict(rows=rows, path="torch", sampling="top-k 50, top-p 0.9", us=graph_time_us(call)))
     print_table("Sampling on 151,936 bf16 logits: device time per call (us)", rows_out)
     write_result("gpu_profile_sampler", {"rows": rows_out})
 

@@ -12,14 +12,14 @@ token. argmax(logits / T + Gumbel) is a draw from softmax(logits / T), the same 
 The noise of row r at vocabulary index i is Philox(seed of r's request, counter (token index << 32) + i): a
 request's draws depend on its seed and how many tokens it has, not on the batch it shares or on the step timing.
 
-Filters (top-k, top-p, min-p) keep every token whose value is at least a row's cut-off, so a tie at the cut-off is
-kept whole (as HF's and vLLM's top-k; engine/sampler.py's torch path keeps the same set). torch's path sorts the
-whole vocabulary per step (top-p 0.9 decoded at 0.68-0.79x greedy's speed). Here the cut-off is found on the 16-bit
-float's bits, an exact order key for bf16 and fp16 logits, in two passes before the sampling pass: the first counts
-the tokens and their probability mass in 64 buckets of the key's top 6 bits and finds the bucket that holds the
-cut-off; the second counts that bucket's tokens by the key's low 10 bits (one value each, so their mass is the count
-times the value's probability) and finds the cut-off value. Min-p needs no search: its cut-off is max + T ln(min_p).
-Logprobs and float32 logits keep the torch path. NANOVLLM_FUSED_SAMPLE=0 turns these kernels off.
+Filters (top-k, top-p, min-p) keep every token whose value is at least a row's cut-off, so a tie at the cut-off is kept
+whole (as HF's and vLLM's top-k; engine/sampler.py's torch path keeps the same set). torch's path sorts the whole
+vocabulary per step (top-p 0.9 decoded at 0.67-0.79x greedy's speed; 0.97x here, docs/benchmarks.md section 11). Here
+the cut-off is found on the 16-bit float's bits, an exact order key for bf16 and fp16 logits, in two passes before the
+sampling pass: the first counts the tokens and their probability mass in 64 buckets of the key's top 6 bits and finds
+the bucket that holds the cut-off; the second counts that bucket's tokens by the key's low 10 bits (one value each, so
+their mass is the count times the value's probability) and finds the cut-off value. Min-p needs no search: its cut-off
+is max + T ln(min_p). Logprobs and float32 logits keep the torch path. NANOVLLM_FUSED_SAMPLE=0 turns these kernels off.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ NO_TOP_K = 2**31 - 1
 
 
 def fused_sample_enabled(device: torch.device) -> bool:
-    """Whether sampling on this device runs in the Triton kernel (NANOVLLM_FUSED_SAMPLE, "1" by default)."""
+    """Whether sampling on this device runs in the Triton kernels (NANOVLLM_FUSED_SAMPLE, "1" by default)."""
     return env_choice("NANOVLLM_FUSED_SAMPLE", "1", ("0", "1")) == "1" and device.type == "cuda" and triton_available()
 
 
