@@ -281,7 +281,9 @@ def _p2(n: int) -> int:
 class FusedSampler:
     """Launches the sampling kernels, with their per-row partial results and arrival counters kept between steps."""
 
-    def __init__(self, device: torch.device, block: int = BLOCK, filter_block: int = FILTER_BLOCK, bin_block=None):
+    def __init__(
+        self, device: torch.device, block: int = BLOCK, filter_block: int = FILTER_BLOCK, bin_block: int | None = None
+    ):
         self.device = device
         # Smaller in the CPU tests, where Triton's interpreter pays per vocabulary lane.
         self.block = block
