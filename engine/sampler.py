@@ -81,12 +81,12 @@ class Sampler:
         return g
 
     @staticmethod
-    def fusable(reqs: list[Request], dtype: torch.dtype) -> bool:
+    def fusable(reqs: list[Request], dtype: torch.dtype, vocab_size: int) -> bool:
         """Whether the fused kernels can sample these rows: no logprobs, and 16-bit float logits for the top-k,
         top-p and min-p filters (their cut-off search keys on the 16-bit float's bits)."""
         if any(r.params.logprobs is not None for r in reqs):
             return False
-        return dtype in FILTER_DTYPES or not any(filtered(r.params) for r in reqs)
+        return dtype in FILTER_DTYPES or not any(filtered(r.params, vocab_size) for r in reqs)
 
     def prepare(self, reqs: list[Request], vocab_size: int, eos_ids: set[int]) -> SamplingBatch:
         """Gather the rows' settings into tensors."""
@@ -94,7 +94,7 @@ class Sampler:
         temps = [p.temperature for p in ps]
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in ps]
         banned = [banned_ids(r, eos_ids) for r in reqs]
-        any_filter = any(k < vocab_size for k in top_k) or any(p.top_p < 1.0 or p.min_p > 0.0 for p in ps)
+        any_filter = any(filtered(p, vocab_size) for p in ps)
         # Through one pinned buffer per dtype: torch.tensor(..., device=cuda) copies from pageable memory, which may
         # wait for the steps already queued, and then the host cannot launch the next step while this one runs
         # (temperature sampling ran at 0.42x greedy's tok/s at batch 1, docs/benchmarks.md).
@@ -140,7 +140,7 @@ class Sampler:
         )
         if simple:
             return (self.fused(logits) if self.fused is not None else logits.argmax(-1)), None, None
-        if self.fused is not None and self.fusable(reqs, logits.dtype):
+        if self.fused is not None and self.fusable(reqs, logits.dtype, vocab_size):
             banned = [banned_ids(r, eos_ids) for r in reqs]
             if any(banned):
                 logits = ban(logits.clone(), banned)  # the graphs' logits buffer is shared: mask a copy
@@ -154,7 +154,7 @@ class Sampler:
                 [p.min_p for p in ps],
             )
             params = to_device([host], self.device)[0]
-            return self.fused(logits, params, filtered=any(filtered(p) for p in ps)), None, None
+            return self.fused(logits, params, filtered=any(filtered(p, vocab_size) for p in ps)), None, None
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         return ids, logprobs, batch.logprobs
@@ -183,9 +183,10 @@ def ban(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     return logits
 
 
-def filtered(params) -> bool:
-    """Whether a request's sampling has a top-k, top-p or min-p filter (top-k 0 or -1 is off)."""
-    return params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+def filtered(params, vocab_size: int) -> bool:
+    """Whether a request's sampling has a top-k, top-p or min-p filter that can drop a token (top-k 0, -1 or at
+    least the vocabulary is off)."""
+    return 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
