@@ -59,13 +59,17 @@ def test_split_decode_matches_torch_interpreted(min_pages, one_split, mean_chunk
     run_interpreted("check_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])
 
 
-@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
-def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split, mean_chunk):
+# The same rules with each split's first page loaded before the PDL wait (the default), and the engine's default
+# rule with it loaded after.
+@pytest.mark.parametrize(
+    "min_pages,one_split,mean_chunk,preload", [(*r, "1") for r in SPLIT_RULES] + [(1, 2, False, "0")]
+)
+def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split, mean_chunk, preload):
     cases = [
         ([33, 16], 4, 2, 32, 16, True),  # the new token opens a page; it fills the last slot of one
         ([1, 70], 4, 2, 32, 16, False),  # a first token; many pages, no q/k norm
     ]
-    run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])
+    run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split, mean_chunk, preload) for c in cases])
 
 
 def test_mean_chunk_splits_only_contexts_above_the_mean_interpreted():
@@ -88,10 +92,12 @@ def test_fp8_weights_in_every_row_tile_match_torch_interpreted():
 
 
 def test_multi_row_gemv_matches_torch_interpreted():
-    """The GEMV's multi-row form for 2-4 token rows (engine/layers/gemv.py: gemv_multi_kernel) in float32: each row
-    against its own torch reference, the third row of a 4-row tile masked, the residual add, norm, SwiGLU and a
-    packed gate/up bias fused."""
+    """The one-row GEMV (with and without its first K step loaded before the PDL wait) and its multi-row form for 2-4
+    token rows (engine/layers/gemv.py: gemv_multi_kernel) in float32: each row against its own torch reference, the
+    third row of a 4-row tile masked, the residual add, norm, SwiGLU and a packed gate/up bias fused."""
     cases = [
+        (1, 64, 2048, True, True, True, "1"),  # one row, the first K step preloaded: one or several K steps
+        (1, 64, 2048, True, False, False, "0"),  # one row, not preloaded: residual add + norm
         (2, 64, 1024, True, True, True),  # norm, SwiGLU and bias: gate/up
         (3, 64, 2048, False, False, False),  # a padded row: o
         (4, 128, 1024, True, False, False),  # residual add + norm: qkv

@@ -4,6 +4,8 @@ bf16 on CUDA, and tests/test_triton_interpreted.py in float32 on the CPU through
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import torch
 
@@ -65,10 +67,17 @@ def check_split_decode(
 
 
 def check_fused_split_decode(
-    lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk=False, device="cuda", dtype=torch.bfloat16
-):
+    lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk=False, preload="1", device="cuda",
+    dtype=torch.bfloat16,
+):  # fmt: skip
     """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
-    kernel followed by the attention kernel, and nothing written but each row's new slot."""
+    kernel followed by the attention kernel, and nothing written but each row's new slot. preload "1" (the engine's
+    default): each split's first page is loaded before the PDL wait, and so before the new slot is written."""
+    with mock.patch.dict(os.environ, {"NANOVLLM_ATTN_PRELOAD": preload}):  # read at each launch
+        _check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk, device, dtype)
+
+
+def _check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk, device, dtype):
     from engine.layers.fused_qkv import qk_norm_rope_append
 
     g = torch.Generator(device=device).manual_seed(len(lens) + sum(lens))
@@ -210,17 +219,23 @@ def gemv_operands(n, k, m, silu, bias, norm, residual, device="cuda", dtype=torc
     return w, x, r, nw, b
 
 
-def check_multi_row_gemv(m, n, k, norm, silu, bias, device="cuda", dtype=torch.bfloat16):
-    """The one-row GEMV's multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded to a power of two inside) in
-    every configuration the engine times for an [n, k] weight at m rows, with the residual add, norm, SwiGLU and a
-    bias fused as the engine runs it, against the same computation in torch."""
+def check_multi_row_gemv(m, n, k, norm, silu, bias, preload="1", device="cuda", dtype=torch.bfloat16):
+    """The one-row GEMV (m = 1; preload "1": the first K step's weights loaded before the PDL wait, the engine's
+    default) or its multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded to a power of two inside) in every
+    configuration the engine times for an [n, k] weight at m rows, with the residual add, norm, SwiGLU and a bias
+    fused as the engine runs it, against the same computation in torch."""
+    with mock.patch.dict(os.environ, {"NANOVLLM_GEMV_PRELOAD": preload}):  # read at each launch
+        _check_row_gemv(m, n, k, norm, silu, bias, device, dtype)
+
+
+def _check_row_gemv(m, n, k, norm, silu, bias, device, dtype):
     from types import SimpleNamespace
 
-    from engine.layers.gemv import MULTI_CONFIGS, _launch, configs_for, plan_tile, reference_gemv
+    from engine.layers.gemv import GEMV_CONFIGS, MULTI_CONFIGS, _launch, configs_for, plan_tile, reference_gemv
 
     w, x, r, nw, b = gemv_operands(n, k, m, silu, bias, norm, norm, device, dtype)
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
-    configs = configs_for(n, k, MULTI_CONFIGS[plan_tile(m)])
+    configs = configs_for(n, k, GEMV_CONFIGS if m == 1 else MULTI_CONFIGS[plan_tile(m)])
     assert configs, f"no configuration fits {n}x{k}"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     nm = SimpleNamespace(weight=nw, eps=1e-6) if norm else None

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from engine.config import env_whole_number
+from engine.config import env_choice, env_whole_number
 from engine.layers.kernels import launch_options, resident_programs, triton_available
 
 MAX_SPLITS = 32
@@ -61,6 +61,12 @@ def fused_decode_enabled() -> bool:
     return value == "1"
 
 
+def attn_preload_enabled() -> bool:
+    """NANOVLLM_ATTN_PRELOAD: whether the fused kernel loads each split's first page before its PDL wait ("1", the
+    default) or after it ("0")."""
+    return env_choice("NANOVLLM_ATTN_PRELOAD", "1", ("0", "1")) == "1"
+
+
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
     """Whether the kernel can run: Triton importable, CUDA, power-of-two head_dim and page size of at least 16."""
     if not triton_available() or device.type != "cuda":
@@ -85,10 +91,36 @@ def deferred_compiles() -> Iterator[dict[tuple, Callable[[], object]]]:
         _deferred = None
 
 
+# The kernel's Triton helpers, set by _build_kernel (module globals: Triton's interpreter resolves names there).
+page_kv = attend_page = None
+
+
 @functools.cache
 def _build_kernel():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def load_page(cache_ptr, indices_ptr, entry, kvh, t, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+        # The K and V rows of one KV head in the page at page-table entry `entry`. HND page [2, HKV, BS, D]: this
+        # head's K rows, then its V rows HKV * BS * D further.
+        page = tl.load(indices_ptr + entry).to(tl.int64)
+        k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
+        return tl.load(k_rows), tl.load(k_rows + HKV * BS * D)
+
+    @triton.jit
+    def attend(q, k, v, valid, t, m, l_sum, acc, scale_log2):
+        # One page's step of the online softmax, its first `valid` slots counted (base 2, scores pre-scaled).
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.where(t[None, :] < valid, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        probs = tl.exp2(scores - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+        return m_new, l_sum, acc
+
+    globals().update(page_kv=load_page, attend_page=attend)
 
     @triton.jit
     def split_decode(
@@ -126,6 +158,7 @@ def _build_kernel():
         NORM: tl.constexpr,
         LSE: tl.constexpr,
         STORE_Q: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -144,15 +177,20 @@ def _build_kernel():
         active = tl.cdiv(num_pages, per_split)
         # Splits past the context have nothing to do: they leave at once, and the merge covers `active` splits.
         if split < active:
-            if PDL:
-                tl.extra.cuda.gdc_launch_dependents()
-                tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
-            last_len = tl.load(last_ptr + b)
             first = split * per_split
             stop = tl.minimum(first + per_split, num_pages)
             g = tl.arange(0, BLOCK_G)
             d = tl.arange(0, D)
             t = tl.arange(0, BS)
+            if PRELOAD:
+                # FUSED only: the pages then hold K/V of earlier steps alone (this step's slot is written below and
+                # masked in the page loop), which no kernel of this step writes. So the split's first page can be
+                # loaded before the wait, while the QKV projection still runs.
+                k_first, v_first = page_kv(cache_ptr, indices_ptr, start + first, kvh, t, d, HKV, BS, D)
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+                tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
+            last_len = tl.load(last_ptr + b)
             live = g < G
             heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
             m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -200,21 +238,15 @@ def _build_kernel():
             else:
                 q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
                 last_valid = last_len
-            for p in range(first, stop):
-                page = tl.load(indices_ptr + start + p).to(tl.int64)
-                # HND page [2, HKV, BS, D]: this head's K rows, then its V rows HKV * BS * D further.
-                k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
-                k = tl.load(k_rows)
-                v = tl.load(k_rows + HKV * BS * D)
-                scores = tl.dot(q, tl.trans(k)) * scale_log2
+            p_start = first
+            if PRELOAD:
+                valid = tl.where(first == num_pages - 1, last_valid, BS)
+                m, l_sum, acc = attend_page(q, k_first, v_first, valid, t, m, l_sum, acc, scale_log2)
+                p_start = first + 1
+            for p in range(p_start, stop):
+                k, v = page_kv(cache_ptr, indices_ptr, start + p, kvh, t, d, HKV, BS, D)
                 valid = tl.where(p == num_pages - 1, last_valid, BS)
-                scores = tl.where(t[None, :] < valid, scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                alpha = tl.exp2(m - m_new)
-                probs = tl.exp2(scores - m_new[:, None])
-                l_sum = l_sum * alpha + tl.sum(probs, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
-                m = m_new
+                m, l_sum, acc = attend_page(q, k, v, valid, t, m, l_sum, acc, scale_log2)
             if active == 1:
                 # One split holds the whole context: its state is the answer, no partial store or merge.
                 o = acc / l_sum[:, None]
@@ -398,6 +430,7 @@ class SplitDecode:
             NORM=norm,
             LSE=lse is not None,
             STORE_Q=q_out is not None,
+            PRELOAD=fused and attn_preload_enabled(),
             num_warps=4,
             **launch,
         )

@@ -99,6 +99,12 @@ def gemv_max_rows() -> int:
     return int(value)
 
 
+def gemv_preload_enabled() -> bool:
+    """NANOVLLM_GEMV_PRELOAD: whether the one-row GEMV loads its first K step's weights before it waits for the
+    kernel before under PDL (and before its norm pass) ("1", the default), or only prefetches them into L2 ("0")."""
+    return env_choice("NANOVLLM_GEMV_PRELOAD", "1", ("0", "1")) == "1"
+
+
 def gemv_supported(weight: torch.Tensor) -> bool:
     """Whether the Triton GEMV can run on this weight: Triton importable, a CUDA bf16/fp16 (or FP8) weight."""
     if not triton_available():
@@ -173,15 +179,24 @@ def _build_kernel():
         EVICT_FIRST: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
         pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        if PRELOAD:
+            # The first K step's weights into registers before the PDL wait (no earlier kernel writes a weight):
+            # they arrive while the kernel before finishes, and after the wait only the hidden row is read.
+            w_first = gemv_load_w(w_rows, EVICT_FIRST)
+            w_first_up = w_first
+            if SILU:
+                w_first_up = gemv_load_w(w_rows + N * stride_w, EVICT_FIRST)
         if PDL:  # this program's rows are one contiguous slice of the weight: one thread prefetches it
             w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
             pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
         dtype = y_ptr.dtype.element_ty
         rstd = 1.0
         if NORM:
@@ -194,29 +209,20 @@ def _build_kernel():
                     h = (h + tl.load(res_ptr + k0 + cols).to(tl.float32)).to(dtype).to(tl.float32)
                 sq += h * h
             rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptr + k0 + cols).to(tl.float32)
-            if NORM:
-                if RESIDUAL:
-                    xv = (xv + tl.load(res_ptr + k0 + cols).to(tl.float32)).to(dtype).to(tl.float32)
-                    if pid == 0:  # one program writes the new residual; the others only read the old one
-                        tl.store(res_out_ptr + k0 + cols, xv.to(dtype))
-                nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
-                xv = (xv * rstd * nw).to(dtype).to(tl.float32)
-            if EVICT_FIRST:
-                w = tl.load(w_rows + k0, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_rows + k0)
-            acc += w.to(tl.float32) * xv[None, :]
+        start = 0
+        if PRELOAD:
+            xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, cols, rstd, pid, NORM, RESIDUAL, dtype)
+            acc += w_first.to(tl.float32) * xv[None, :]
             if SILU:
-                if EVICT_FIRST:
-                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first")
-                else:
-                    w_up = tl.load(w_rows + N * stride_w + k0)
-                acc_up += w_up.to(tl.float32) * xv[None, :]
+                acc_up += w_first_up.to(tl.float32) * xv[None, :]
+            start = BLOCK_K
+        for k0 in range(start, K, BLOCK_K):
+            xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, k0, cols, rstd, pid, NORM, RESIDUAL, dtype)
+            acc += gemv_load_w(w_rows + k0, EVICT_FIRST).to(tl.float32) * xv[None, :]
+            if SILU:
+                acc_up += gemv_load_w(w_rows + N * stride_w + k0, EVICT_FIRST).to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
         up = y
         if SILU:
@@ -229,7 +235,7 @@ def _build_kernel():
 
 # The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, and the multi-row kernel's per-row
 # norm, input and store.
-gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = None
+gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = gemv_load_w = gemv_one_input = None
 
 
 @functools.cache
@@ -258,6 +264,28 @@ def _build_helpers():
 
     # Module globals, not closures: Triton's interpreter (the CPU tests) resolves a kernel's names in its module.
     globals()["gemv_finish"] = finish
+
+    @triton.jit
+    def load_w(ptrs, EVICT_FIRST: tl.constexpr):
+        # A weight tile; evict-first keeps the streamed weight from displacing what programs reread (GEMV_CONFIGS).
+        if EVICT_FIRST:
+            return tl.load(ptrs, eviction_policy="evict_first")
+        return tl.load(ptrs)
+
+    @triton.jit
+    def one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, k0, cols, rstd, pid, NORM: tl.constexpr,
+                  RESIDUAL: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+        # The one-row GEMV's activations at K offset k0: plain, or residual-added (written back by program 0, the
+        # others only read the old residual) and normed.
+        xv = tl.load(x_ptr + k0 + cols).to(tl.float32)
+        if NORM:
+            if RESIDUAL:
+                xv = (xv + tl.load(res_ptr + k0 + cols).to(tl.float32)).to(dtype).to(tl.float32)
+                if pid == 0:
+                    tl.store(res_out_ptr + k0 + cols, xv.to(dtype))
+            nw = tl.load(norm_w_ptr + k0 + cols).to(tl.float32)
+            xv = (xv * rstd * nw).to(dtype).to(tl.float32)
+        return xv
 
     @triton.jit
     def gemv_row_rstd(x_ptr, res_ptr, row, M, K, cols, eps, RESIDUAL: tl.constexpr, dtype: tl.constexpr,
@@ -302,7 +330,8 @@ def _build_helpers():
         y = gemv_finish(y, up, rows, N, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         tl.store(y_ptr + row * N + rows, y.to(dtype), mask=rows * 0 + row < M)
 
-    globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row)
+    globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row,
+                     gemv_load_w=load_w, gemv_one_input=one_input)  # fmt: skip
 
 
 @functools.cache
@@ -745,9 +774,12 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         slice_bytes,
         norm.eps if norm is not None else 0.0,
     ]
-    kernel, rows = _build_kernel(), {}
+    preload = gemv_preload_enabled()
+    prefetch = _prefetch_fits(weight, slice_bytes) and not (preload and block_k >= k)  # preloaded whole: no need
+    kernel, rows = _build_kernel(), {"PRELOAD": preload}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
         kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": plan_tile(m)}
+        prefetch = _prefetch_fits(weight, slice_bytes)
     kernel[(n // block_n,)](
         *args,
         NORM=norm is not None,
@@ -760,7 +792,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         BLOCK_K=block_k,
         EVICT_FIRST=evict_first,
         PDL=bool(launch),
-        PREFETCH=_prefetch_fits(weight, slice_bytes),
+        PREFETCH=prefetch,
         num_warps=warps,
         **launch,
     )

@@ -42,11 +42,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("pdl,preload", [("1", "1"), ("1", "0"), ("0", "1")])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES)
-def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, monkeypatch):
+def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, preload, monkeypatch):
     # pdl "1": launched with programmatic dependent launch, small weights prefetched into L2 first; "0": plain.
+    # preload "1": the first K step's weights loaded before the wait (and before the norm pass).
     monkeypatch.setenv("NANOVLLM_PDL", pdl)
+    monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", preload)
     g = torch.Generator(device="cuda").manual_seed(n + k)
     dt, dev = torch.bfloat16, "cuda"
     rows = 2 * n if silu else n

@@ -19,6 +19,9 @@ from triton_checks import (  # noqa: E402
 # (fewest pages per split, most pages in one split, no split shorter than the mean context): the engine's default,
 # splits only, up to 8 pages in one split, and the large batches' Triton twins
 SPLIT_RULES = [(1, 2, False), (1, 0, False), (8, 0, False), (1, 2, True)]
+# The fused kernel's: each with its splits' first pages loaded before the PDL wait (the default), and the engine's
+# default rule with them loaded after.
+FUSED_RULES = [(*rule, "1") for rule in SPLIT_RULES] + [(1, 2, False, "0")]
 
 
 @pytest.mark.parametrize(
@@ -46,9 +49,11 @@ def test_split_decode_matches_torch(lens, hq, hkv, d, bs, min_pages, one_split, 
         ([300, 17], 9, 3, 64, 64, False),  # SmolLM2: a group of 3 padded to a 16-row tile
     ],
 )
-@pytest.mark.parametrize("min_pages,one_split,mean_chunk", SPLIT_RULES)
-def test_fused_split_decode_matches_separate_kernels(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk):
-    check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk)
+@pytest.mark.parametrize("min_pages,one_split,mean_chunk,preload", FUSED_RULES)
+def test_fused_split_decode_matches_separate_kernels(
+    lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk, preload
+):
+    check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk, preload)
 
 
 def test_mean_chunk_splits_only_contexts_above_the_mean():
