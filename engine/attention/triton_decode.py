@@ -92,7 +92,7 @@ def deferred_compiles() -> Iterator[dict[tuple, Callable[[], object]]]:
 
 
 # The kernel's Triton helpers, set by _build_kernel (module globals: Triton's interpreter resolves names there).
-page_kv = attend_page = None
+page_kv = attend_page = rope_norm_inputs = None
 
 
 @functools.cache
@@ -120,7 +120,26 @@ def _build_kernel():
         acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
         return m_new, l_sum, acc
 
-    globals().update(page_kv=load_page, attend_page=attend)
+    @triton.jit
+    def rope_inputs(q_w_ptr, k_w_ptr, cos_sin_ptr, rope_pos_ptr, b, d, partner, D: tl.constexpr, NORM: tl.constexpr):
+        # Row b's rope cos and signed sin (first half: x1 cos - x2 sin; second: x2 cos + x1 sin) at its position,
+        # and with NORM the q and k norm weights at each element and at its partner (else placeholders).
+        pos = tl.load(rope_pos_ptr + b).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * D + d % (D // 2))
+        sin = tl.load(cos_sin_ptr + pos * D + D // 2 + d % (D // 2))
+        sin = tl.where(d < D // 2, -sin, sin)
+        qw = cos
+        qw_p = cos
+        kw = cos
+        kw_p = cos
+        if NORM:
+            qw = tl.load(q_w_ptr + d).to(tl.float32)
+            qw_p = tl.load(q_w_ptr + partner).to(tl.float32)
+            kw = tl.load(k_w_ptr + d).to(tl.float32)
+            kw_p = tl.load(k_w_ptr + partner).to(tl.float32)
+        return cos, sin, qw, qw_p, kw, kw_p
+
+    globals().update(page_kv=load_page, attend_page=attend, rope_norm_inputs=rope_inputs)
 
     @triton.jit
     def split_decode(
@@ -182,15 +201,21 @@ def _build_kernel():
             g = tl.arange(0, BLOCK_G)
             d = tl.arange(0, D)
             t = tl.arange(0, BS)
+            partner = (d + D // 2) % D  # FUSED: each element's rotation partner, d +- D/2
             if PRELOAD:
                 # FUSED only: the pages then hold K/V of earlier steps alone (this step's slot is written below and
-                # masked in the page loop), which no kernel of this step writes. So the split's first page can be
-                # loaded before the wait, while the QKV projection still runs.
+                # masked in the page loop), which no kernel of this step writes. So the split's first page, like
+                # the graph's inputs and the weights, can be loaded before the wait, while the QKV projection runs.
                 k_first, v_first = page_kv(cache_ptr, indices_ptr, start + first, kvh, t, d, HKV, BS, D)
+                cos, sin, qw, qw_p, kw, kw_p = rope_norm_inputs(
+                    q_w_ptr, k_w_ptr, cos_sin_ptr, rope_pos_ptr, b, d, partner, D, NORM
+                )
+                last_len = tl.load(last_ptr + b)
             if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
                 tl.extra.cuda.gdc_wait()  # q and the appended K/V are written by the kernel before
-            last_len = tl.load(last_ptr + b)
+            if not PRELOAD:
+                last_len = tl.load(last_ptr + b)
             live = g < G
             heads = b * HQ + kvh * G + g  # row of each query head in q [B * HQ, D]
             m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -200,7 +225,10 @@ def _build_kernel():
                 # q_ptr is this step's QKV projection: q/k RMSNorm and NeoX rope happen here, on full rows (each
                 # element with its rotation partner, d +- D/2), so no kernel between the projection and attention.
                 row = q_ptr + b * q_stride
-                partner = (d + D // 2) % D
+                if not PRELOAD:
+                    cos, sin, qw, qw_p, kw, kw_p = rope_norm_inputs(
+                        q_w_ptr, k_w_ptr, cos_sin_ptr, rope_pos_ptr, b, d, partner, D, NORM
+                    )
                 q_cols = (kvh * G + g)[:, None] * D
                 xq = tl.load(row + q_cols + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
                 xq_p = tl.load(row + q_cols + partner[None, :], mask=live[:, None], other=0.0).to(tl.float32)
@@ -209,15 +237,11 @@ def _build_kernel():
                 xk_p = tl.load(k_row + partner).to(tl.float32)
                 if NORM:
                     rq = tl.rsqrt(tl.sum(xq * xq, 1) / D + eps)[:, None]
-                    xq = xq * rq * tl.load(q_w_ptr + d).to(tl.float32)[None, :]
-                    xq_p = xq_p * rq * tl.load(q_w_ptr + partner).to(tl.float32)[None, :]
+                    xq = xq * rq * qw[None, :]
+                    xq_p = xq_p * rq * qw_p[None, :]
                     rk = tl.rsqrt(tl.sum(xk * xk, 0) / D + eps)
-                    xk = xk * rk * tl.load(k_w_ptr + d).to(tl.float32)
-                    xk_p = xk_p * rk * tl.load(k_w_ptr + partner).to(tl.float32)
-                pos = tl.load(rope_pos_ptr + b).to(tl.int64)
-                cos = tl.load(cos_sin_ptr + pos * D + d % (D // 2))
-                sin = tl.load(cos_sin_ptr + pos * D + D // 2 + d % (D // 2))
-                sin = tl.where(d < D // 2, -sin, sin)  # first half: x1 cos - x2 sin; second: x2 cos + x1 sin
+                    xk = xk * rk * kw
+                    xk_p = xk_p * rk * kw_p
                 q = (xq * cos[None, :] + xq_p * sin[None, :]).to(cache_ptr.dtype.element_ty)
                 if STORE_Q:  # cascade: the shared level attends with the same normed, rotated q
                     if split == 0:

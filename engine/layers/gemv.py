@@ -100,8 +100,9 @@ def gemv_max_rows() -> int:
 
 
 def gemv_preload_enabled() -> bool:
-    """NANOVLLM_GEMV_PRELOAD: whether the one-row GEMV loads its first K step's weights before it waits for the
-    kernel before under PDL (and before its norm pass) ("1", the default), or only prefetches them into L2 ("0")."""
+    """NANOVLLM_GEMV_PRELOAD: whether the GEMV kernels (one-row, multi-row, few-row) load their first K step's
+    weights before they wait for the kernel before under PDL (and before the norm) ("1", the default), or only
+    prefetch them into L2 ("0")."""
     return env_choice("NANOVLLM_GEMV_PRELOAD", "1", ("0", "1")) == "1"
 
 
@@ -235,7 +236,9 @@ def _build_kernel():
 
 # The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, and the multi-row kernel's per-row
 # norm, input and store.
-gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = gemv_load_w = gemv_one_input = None
+gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = gemv_load_w = gemv_one_input = gemv_multi_step = (
+    gemv_rows_step
+) = None
 
 
 @functools.cache
@@ -320,6 +323,75 @@ def _build_helpers():
         return xv
 
     @triton.jit
+    def multi_step(w, w_up, k0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr, M, K, cols,
+                   r0, r1, r2, r3, first, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
+                   ROWS: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+        # The multi-row GEMV's K step at k0: the weight tile w (and w_up), loaded once, meets every token row.
+        w = w.to(tl.float32)
+        w_up = w_up.to(tl.float32)
+        x = gemv_row_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype)
+        a0 += w * x[None, :]
+        if SILU:
+            u0 += w_up * x[None, :]
+        x = gemv_row_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 1, M, K, k0, cols, r1, first, NORM, RESIDUAL, dtype)
+        a1 += w * x[None, :]
+        if SILU:
+            u1 += w_up * x[None, :]
+        if ROWS > 2:
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 2, M, K, k0, cols, r2, first, NORM, RESIDUAL, dtype
+            )
+            a2 += w * x[None, :]
+            if SILU:
+                u2 += w_up * x[None, :]
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 3, M, K, k0, cols, r3, first, NORM, RESIDUAL, dtype
+            )
+            a3 += w * x[None, :]
+            if SILU:
+                u3 += w_up * x[None, :]
+        return a0, a1, a2, a3, u0, u1, u2, u3
+
+    @triton.jit
+    def rows_step(w_tile, w_first, w_first_up, FIRST: tl.constexpr, k0, acc, acc_up, sq, x_ptr, res_ptr, norm_w_ptr,
+                  res_out_ptr, offs, live, cols, pid, N, stride_wn, stride_wk, dtype: tl.constexpr,
+                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, X8: tl.constexpr,
+                  IMPRECISE: tl.constexpr):  # fmt: skip
+        # The few-row kernel's K step at k0: its token rows' activations (residual-added and normed: the sum of
+        # squares in sq), times the weight tile; FIRST: the tile (and the "up" tile) already loaded.
+        xv = tl.load(x_ptr + offs + k0, mask=live[:, None], other=0.0)
+        if NORM:
+            h = xv.to(tl.float32)
+            if RESIDUAL:
+                # The sum is rounded to the activation dtype, as the unfused path stores it.
+                r = tl.load(res_ptr + offs + k0, mask=live[:, None], other=0.0)
+                h = (h + r.to(tl.float32)).to(dtype)
+                if pid == 0:  # one program per K range writes the new residual; the others only read
+                    tl.store(res_out_ptr + offs + k0, h, mask=live[:, None])
+                h = h.to(tl.float32)
+            sq += tl.sum(h * h, axis=1)
+            xv = (h * tl.load(norm_w_ptr + k0 + cols).to(tl.float32)[None, :]).to(dtype)
+        if FIRST:
+            w = w_first
+        else:
+            w = tl.load(w_tile + k0 * stride_wk)
+        if X8:
+            # FP8 activations (x8, one scale per token row, engine/layers/fp8.py) and FP8 weights meet on the
+            # tensor cores as they are; the partial sums are promoted to fp32 after every K step unless IMPRECISE
+            # (as cuBLASLt's use_fast_accum).
+            acc = tl.dot(w, tl.trans(xv), acc, max_num_imprecise_acc=IMPRECISE)
+        else:
+            # FP8 weights are widened to the activation dtype for the MMA (a no-op for bf16/fp16 weights).
+            acc = tl.dot(w.to(dtype), tl.trans(xv), acc)
+        if SILU:
+            if FIRST:
+                w_up = w_first_up
+            else:
+                w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk)
+            acc_up = tl.dot(w_up.to(dtype), tl.trans(xv), acc_up)
+        return acc, acc_up, sq
+
+    @triton.jit
     def gemv_store_row(acc, acc_up, row, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype: tl.constexpr,
                        SILU: tl.constexpr, BIAS: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
         # Row `row`'s outputs through the shared epilogue; a padded row is not stored.
@@ -331,7 +403,8 @@ def _build_helpers():
         tl.store(y_ptr + row * N + rows, y.to(dtype), mask=rows * 0 + row < M)
 
     globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row,
-                     gemv_load_w=load_w, gemv_one_input=one_input)  # fmt: skip
+                     gemv_load_w=load_w, gemv_one_input=one_input, gemv_multi_step=multi_step,
+                     gemv_rows_step=rows_step)  # fmt: skip
 
 
 @functools.cache
@@ -370,17 +443,24 @@ def _build_multi_kernel():
         EVICT_FIRST: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         # The one-row GEMV for M <= ROWS (2 or 4) token rows on the CUDA cores: each weight tile, loaded once in
         # the one-row kernel's layout, meets every row (one accumulator per row), so a step of 2-4 rows streams
         # its weights about as fast as one row does; the few-row kernel pads them to a 16-row MMA tile and splits
         # K, with a round trip of partial sums. Rows past M read zeros and are not stored.
         pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        if PRELOAD:
+            w_first = gemv_load_w(w_rows, EVICT_FIRST)
+            w_first_up = w_first
+            if SILU:
+                w_first_up = gemv_load_w(w_rows + N * stride_w, EVICT_FIRST)
         if PDL:
             w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
             pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
         dtype = y_ptr.dtype.element_ty
         r0, r1, r2, r3 = 1.0, 1.0, 1.0, 1.0
         if NORM:
@@ -389,46 +469,25 @@ def _build_multi_kernel():
             if ROWS > 2:
                 r2 = gemv_row_rstd(x_ptr, res_ptr, 2, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
                 r3 = gemv_row_rstd(x_ptr, res_ptr, 3, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
         a0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         a1, a2, a3, u0, u1, u2, u3 = a0, a0, a0, a0, a0, a0, a0
         first = pid == 0  # one program writes the new residual; the others only read the old one
-        for k0 in range(0, K, BLOCK_K):
-            if EVICT_FIRST:
-                w = tl.load(w_rows + k0, eviction_policy="evict_first").to(tl.float32)
-            else:
-                w = tl.load(w_rows + k0).to(tl.float32)
+        start = 0
+        if PRELOAD:  # the first K step's weights, loaded before the wait (as in the one-row kernel)
+            a0, a1, a2, a3, u0, u1, u2, u3 = gemv_multi_step(
+                w_first, w_first_up, 0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+                M, K, cols, r0, r1, r2, r3, first, NORM, RESIDUAL, SILU, ROWS, dtype,
+            )  # fmt: skip
+            start = BLOCK_K
+        for k0 in range(start, K, BLOCK_K):
+            w = gemv_load_w(w_rows + k0, EVICT_FIRST)
             w_up = w
             if SILU:
-                if EVICT_FIRST:
-                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first").to(tl.float32)
-                else:
-                    w_up = tl.load(w_rows + N * stride_w + k0).to(tl.float32)
-            x = gemv_row_input(
-                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype
-            )
-            a0 += w * x[None, :]
-            if SILU:
-                u0 += w_up * x[None, :]
-            x = gemv_row_input(
-                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 1, M, K, k0, cols, r1, first, NORM, RESIDUAL, dtype
-            )
-            a1 += w * x[None, :]
-            if SILU:
-                u1 += w_up * x[None, :]
-            if ROWS > 2:
-                x = gemv_row_input(
-                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 2, M, K, k0, cols, r2, first, NORM, RESIDUAL, dtype
-                )
-                a2 += w * x[None, :]
-                if SILU:
-                    u2 += w_up * x[None, :]
-                x = gemv_row_input(
-                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 3, M, K, k0, cols, r3, first, NORM, RESIDUAL, dtype
-                )
-                a3 += w * x[None, :]
-                if SILU:
-                    u3 += w_up * x[None, :]
+                w_up = gemv_load_w(w_rows + N * stride_w + k0, EVICT_FIRST)
+            a0, a1, a2, a3, u0, u1, u2, u3 = gemv_multi_step(
+                w, w_up, k0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+                M, K, cols, r0, r1, r2, r3, first, NORM, RESIDUAL, SILU, ROWS, dtype,
+            )  # fmt: skip
         gemv_store_row(a0, u0, 0, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         gemv_store_row(a1, u1, 1, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         if ROWS > 2:
@@ -540,6 +599,7 @@ def _build_rows_kernel():
 
     prefetch_asm = tl.constexpr(L2_PREFETCH_ROWS_ASM)
     pdl_prologue = _build_pdl_prologue()
+    _build_helpers()
 
     @triton.jit
     def rows_kernel(
@@ -575,6 +635,7 @@ def _build_rows_kernel():
         W_BYTES: tl.constexpr,
         X8: tl.constexpr,
         IMPRECISE: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         # Program (pid, split) computes acc[n, m] = W[n, k] x[m, k]^T over its K range for the output rows
         # pid * BLOCK_N.. (the weight fills the MMA's long side, the few token rows its short one). RMSNorm is
@@ -585,44 +646,35 @@ def _build_rows_kernel():
         k_len = tl.multiple_of(K // SPLIT_K, BLOCK_K)  # rows_configs_for offers only splits that BLOCK_K divides
         k_first = tl.multiple_of(split * k_len, BLOCK_K)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_tile = w_ptr + n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
+        if PRELOAD:  # the first K step's weights, before the wait (no earlier kernel writes a weight)
+            w_first = tl.load(w_tile + k_first * stride_wk)
+            w_first_up = w_first
+            if SILU:
+                w_first_up = tl.load(w_tile + N * stride_wn + k_first * stride_wk)
         if PDL:  # each weight row's K range of this program is prefetched on its own (row-major weights)
             w_rows = w_ptr + n.to(tl.int64) * stride_wn + k_first
             pdl_prologue(w_rows, N * stride_wn, k_len * W_BYTES, prefetch_asm, SILU, PREFETCH)
         dtype = y_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         live = m < M
-        cols = tl.arange(0, BLOCK_K)
         offs = m[:, None] * K + cols[None, :]
-        w_tile = w_ptr + n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in tl.range(k_first, k_first + k_len, BLOCK_K, num_stages=STAGES):
-            xv = tl.load(x_ptr + offs + k0, mask=live[:, None], other=0.0)
-            if NORM:
-                h = xv.to(tl.float32)
-                if RESIDUAL:
-                    # The sum is rounded to the activation dtype, as the unfused path stores it.
-                    r = tl.load(res_ptr + offs + k0, mask=live[:, None], other=0.0)
-                    h = (h + r.to(tl.float32)).to(dtype)
-                    if pid == 0:  # one program per K range writes the new residual; the others only read
-                        tl.store(res_out_ptr + offs + k0, h, mask=live[:, None])
-                    h = h.to(tl.float32)
-                sq += tl.sum(h * h, axis=1)
-                xv = (h * tl.load(norm_w_ptr + k0 + cols).to(tl.float32)[None, :]).to(dtype)
-            if X8:
-                # FP8 activations (x8, one scale per token row, engine/layers/fp8.py) and FP8 weights meet on the
-                # tensor cores as they are; the partial sums are promoted to fp32 after every K step unless
-                # IMPRECISE (as cuBLASLt's use_fast_accum).
-                w = tl.load(w_tile + k0 * stride_wk)
-                acc = tl.dot(w, tl.trans(xv), acc, max_num_imprecise_acc=IMPRECISE)
-            else:
-                # FP8 weights are widened to the activation dtype for the MMA (a no-op for bf16/fp16 weights).
-                w = tl.load(w_tile + k0 * stride_wk).to(dtype)
-                acc = tl.dot(w, tl.trans(xv), acc)
-            if SILU:
-                w_up = tl.load(w_tile + N * stride_wn + k0 * stride_wk).to(dtype)
-                acc_up = tl.dot(w_up, tl.trans(xv), acc_up)
+        start = k_first
+        if PRELOAD:  # the first K step with the weights loaded before the wait
+            acc, acc_up, sq = gemv_rows_step(
+                w_tile, w_first, w_first_up, True, k_first, acc, acc_up, sq, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+                offs, live, cols, pid, N, stride_wn, stride_wk, dtype, NORM, RESIDUAL, SILU, X8, IMPRECISE,
+            )  # fmt: skip
+            start = k_first + BLOCK_K
+        for k0 in tl.range(start, k_first + k_len, BLOCK_K, num_stages=STAGES):
+            acc, acc_up, sq = gemv_rows_step(
+                w_tile, acc, acc, False, k0, acc, acc_up, sq, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+                offs, live, cols, pid, N, stride_wn, stride_wk, dtype, NORM, RESIDUAL, SILU, X8, IMPRECISE,
+            )  # fmt: skip
         last = True
         if SPLIT_K > 1:
             # Each split stores its partial sums (and its rows' partial x^2); the last of the tile's splits to
@@ -705,6 +757,8 @@ def _launch_rows(
     # Each program prefetches one K range per weight row: a row-major weight whose rows start 16-byte aligned.
     row_bytes = k // split_k * weight.element_size()
     prefetch = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0
+    preload = gemv_preload_enabled()
+    prefetch = prefetch and not (preload and k // split_k == block_k)  # one K step, preloaded whole: no need
     _build_rows_kernel()[(n // block_n, split_k)](
         x,
         residual if residual is not None else x,
@@ -739,6 +793,7 @@ def _launch_rows(
         X8=x_scale is not None,
         # max_num_imprecise_acc: how many products the FP8 MMA may sum before promoting to fp32.
         IMPRECISE=None if imprecise else block_k,
+        PRELOAD=preload,
         num_warps=warps,
         **launch,
     )
@@ -776,10 +831,9 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
     ]
     preload = gemv_preload_enabled()
     prefetch = _prefetch_fits(weight, slice_bytes) and not (preload and block_k >= k)  # preloaded whole: no need
-    kernel, rows = _build_kernel(), {"PRELOAD": preload}
+    kernel, rows = _build_kernel(), {}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
         kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": plan_tile(m)}
-        prefetch = _prefetch_fits(weight, slice_bytes)
     kernel[(n // block_n,)](
         *args,
         NORM=norm is not None,
@@ -793,6 +847,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         EVICT_FIRST=evict_first,
         PDL=bool(launch),
         PREFETCH=prefetch,
+        PRELOAD=preload,
         num_warps=warps,
         **launch,
     )

@@ -81,10 +81,12 @@ def _operands(n, k, m, silu, bias, norm, residual):
     return gemv_operands(n, k, m, silu, bias, norm, residual)
 
 
-@pytest.mark.parametrize("m", [3, 32])
+@pytest.mark.parametrize("m,preload", [(3, "1"), (32, "1"), (3, "0")])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES[:5])
-def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m):
-    """Every few-row configuration that fits, row-major and column-major weights, padded 16- and 32-row tiles."""
+def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m, preload, monkeypatch):
+    """Every few-row configuration that fits, row-major and column-major weights, padded 16- and 32-row tiles, with
+    and without the first K step's weights loaded before the PDL wait."""
+    monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", preload)
     w, x, r, nw, b = _operands(n, k, m, silu, bias, norm, residual)
     nm = types.SimpleNamespace(weight=nw, eps=1e-6) if norm else None
     ref, ref_res = reference_gemv(x, w, b, nw, 1e-6, r, silu)
@@ -100,13 +102,14 @@ def test_few_row_kernel_matches_torch(n, k, silu, bias, norm, residual, m):
                     assert torch.equal(res_out, ref_res), f"{cfg}: the new residual differs"
 
 
-@pytest.mark.parametrize("m,pdl", [(2, "1"), (3, "1"), (3, "0")])
+@pytest.mark.parametrize("m,pdl,preload", [(2, "1", "1"), (3, "1", "1"), (3, "0", "1"), (3, "1", "0")])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES)
-def test_multi_row_gemv_matches_torch(n, k, silu, bias, norm, residual, m, pdl, monkeypatch):
+def test_multi_row_gemv_matches_torch(n, k, silu, bias, norm, residual, m, pdl, preload, monkeypatch):
     """The GEMV's multi-row form at 2-4 token rows, each row against torch, in every configuration the engine times
-    (tests/triton_checks.py), launched with and without programmatic dependent launch."""
+    (tests/triton_checks.py), launched with and without programmatic dependent launch and the first K step's
+    weights loaded before the wait."""
     monkeypatch.setenv("NANOVLLM_PDL", pdl)
-    check_multi_row_gemv(m, n, k, norm, silu, bias)
+    check_multi_row_gemv(m, n, k, norm, silu, bias, preload)
 
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
