@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.attention.triton_decode import MAX_SPLITS, SplitDecode, fused_decode_enabled, triton_decode_max_rows
+from engine.attention.triton_decode import (
+    MAX_SPLITS,
+    SplitDecode,
+    attn_preload_enabled,
+    fused_decode_enabled,
+    triton_decode_max_rows,
+)
 from engine.cuda_graphs import (
     LARGE_PREFILL_TOKEN_SIZES,
     PREFILL_TOKEN_SIZES,
@@ -190,6 +196,11 @@ def test_switches_reject_bad_values(monkeypatch):
             SplitDecode(1, 16, 8, 128, "cpu", num_sms=132)
     monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", "8")
     assert SplitDecode(1, 16, 8, 128, "cpu", num_sms=132).min_pages == 8
+    monkeypatch.setenv("NANOVLLM_ATTN_PRELOAD", "on")
+    with pytest.raises(ValueError, match="NANOVLLM_ATTN_PRELOAD='on' is not one of '0', '1'"):
+        attn_preload_enabled()
+    monkeypatch.delenv("NANOVLLM_ATTN_PRELOAD")
+    assert attn_preload_enabled() is True  # the default
 
 
 def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeypatch):
@@ -328,6 +339,50 @@ def test_few_row_configs_divide_the_weight(n, k):
     else:  # several K splits for every Qwen3 projection: hundreds of programs stream one weight
         assert len({c[4] for c in configs}) >= 2
     assert set(configs) <= set(ROWS_CONFIGS)
+
+
+def test_a_few_row_launch_whose_preload_does_not_fit_runs_without_it(monkeypatch):
+    """A few-row configuration whose preloaded first K step needs more shared memory than an SM has (Triton raises
+    OutOfResources as the kernel loads, before it launches) runs without the preload, and later launches of it go
+    straight there; NANOVLLM_GEMV_PRELOAD=0 never tries it."""
+
+    from triton.runtime.errors import OutOfResources
+
+    import engine.layers.gemv as gemv
+
+    calls = []
+
+    def launch(*args, PRELOAD, PREFETCH, **options):
+        calls.append(PRELOAD)
+        if PRELOAD:
+            raise OutOfResources(278528, 232448, "shared memory")
+
+    monkeypatch.setattr(gemv, "_build_rows_kernel", lambda: _Grid(launch))
+    monkeypatch.setattr(gemv, "_NO_PRELOAD", set())
+    x, w = torch.zeros(3, 256), torch.zeros(128, 256)
+    cfg = (64, 128, 4, 2, 1)
+    gemv._launch_rows(x, w, cfg)
+    gemv._launch_rows(x, w, cfg)
+    assert calls == [True, False, False]
+    gemv._launch_rows(x, w, (64, 256, 4, 2, 1))  # another configuration tries it again
+    assert calls[3:] == [True, False]
+    monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", "0")
+    monkeypatch.setattr(gemv, "_NO_PRELOAD", set())
+    gemv._launch_rows(x, w, cfg)
+    assert calls[5:] == [False]
+    monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_GEMV_PRELOAD='yes'"):
+        gemv._launch_rows(x, w, cfg)
+
+
+class _Grid:
+    """Stands for a Triton kernel: kernel[grid](...) calls `launch`."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch
 
 
 def test_warm_in_threads_runs_the_candidates_side_by_side(monkeypatch):

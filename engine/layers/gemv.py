@@ -100,9 +100,9 @@ def gemv_max_rows() -> int:
 
 
 def gemv_preload_enabled() -> bool:
-    """NANOVLLM_GEMV_PRELOAD: whether the GEMV kernels (one-row, multi-row, few-row) load their first K step's
-    weights before they wait for the kernel before under PDL (and before the norm) ("1", the default), or only
-    prefetch them into L2 ("0")."""
+    """NANOVLLM_GEMV_PRELOAD: whether the one-row and few-row GEMV kernels load their first K step's weights before
+    they wait for the kernel before under PDL (and before the norm) ("1", the default), or only prefetch them into
+    L2 ("0")."""
     return env_choice("NANOVLLM_GEMV_PRELOAD", "1", ("0", "1")) == "1"
 
 
@@ -234,11 +234,10 @@ def _build_kernel():
     return gemv_kernel
 
 
-# The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, and the multi-row kernel's per-row
-# norm, input and store.
-gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = gemv_load_w = gemv_one_input = gemv_multi_step = (
-    gemv_rows_step
-) = None
+# The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, the weight tile load, the one-row
+# and few-row kernels' K steps, and the multi-row kernel's per-row norm, input and store.
+gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = None
+gemv_load_w = gemv_one_input = gemv_rows_step = None
 
 
 @functools.cache
@@ -323,36 +322,6 @@ def _build_helpers():
         return xv
 
     @triton.jit
-    def multi_step(w, w_up, k0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr, M, K, cols,
-                   r0, r1, r2, r3, first, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr,
-                   ROWS: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
-        # The multi-row GEMV's K step at k0: the weight tile w (and w_up), loaded once, meets every token row.
-        w = w.to(tl.float32)
-        w_up = w_up.to(tl.float32)
-        x = gemv_row_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype)
-        a0 += w * x[None, :]
-        if SILU:
-            u0 += w_up * x[None, :]
-        x = gemv_row_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 1, M, K, k0, cols, r1, first, NORM, RESIDUAL, dtype)
-        a1 += w * x[None, :]
-        if SILU:
-            u1 += w_up * x[None, :]
-        if ROWS > 2:
-            x = gemv_row_input(
-                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 2, M, K, k0, cols, r2, first, NORM, RESIDUAL, dtype
-            )
-            a2 += w * x[None, :]
-            if SILU:
-                u2 += w_up * x[None, :]
-            x = gemv_row_input(
-                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 3, M, K, k0, cols, r3, first, NORM, RESIDUAL, dtype
-            )
-            a3 += w * x[None, :]
-            if SILU:
-                u3 += w_up * x[None, :]
-        return a0, a1, a2, a3, u0, u1, u2, u3
-
-    @triton.jit
     def rows_step(w_tile, w_first, w_first_up, FIRST: tl.constexpr, k0, acc, acc_up, sq, x_ptr, res_ptr, norm_w_ptr,
                   res_out_ptr, offs, live, cols, pid, N, stride_wn, stride_wk, dtype: tl.constexpr,
                   NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, X8: tl.constexpr,
@@ -403,8 +372,7 @@ def _build_helpers():
         tl.store(y_ptr + row * N + rows, y.to(dtype), mask=rows * 0 + row < M)
 
     globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row,
-                     gemv_load_w=load_w, gemv_one_input=one_input, gemv_multi_step=multi_step,
-                     gemv_rows_step=rows_step)  # fmt: skip
+                     gemv_load_w=load_w, gemv_one_input=one_input, gemv_rows_step=rows_step)  # fmt: skip
 
 
 @functools.cache
@@ -443,24 +411,17 @@ def _build_multi_kernel():
         EVICT_FIRST: tl.constexpr,
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
-        PRELOAD: tl.constexpr,
     ):
         # The one-row GEMV for M <= ROWS (2 or 4) token rows on the CUDA cores: each weight tile, loaded once in
         # the one-row kernel's layout, meets every row (one accumulator per row), so a step of 2-4 rows streams
         # its weights about as fast as one row does; the few-row kernel pads them to a 16-row MMA tile and splits
         # K, with a round trip of partial sums. Rows past M read zeros and are not stored.
         pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
-        if PRELOAD:
-            w_first = gemv_load_w(w_rows, EVICT_FIRST)
-            w_first_up = w_first
-            if SILU:
-                w_first_up = gemv_load_w(w_rows + N * stride_w, EVICT_FIRST)
         if PDL:
             w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
             pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
         dtype = y_ptr.dtype.element_ty
         r0, r1, r2, r3 = 1.0, 1.0, 1.0, 1.0
         if NORM:
@@ -469,25 +430,46 @@ def _build_multi_kernel():
             if ROWS > 2:
                 r2 = gemv_row_rstd(x_ptr, res_ptr, 2, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
                 r3 = gemv_row_rstd(x_ptr, res_ptr, 3, M, K, cols, eps, RESIDUAL, dtype, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
         a0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         a1, a2, a3, u0, u1, u2, u3 = a0, a0, a0, a0, a0, a0, a0
         first = pid == 0  # one program writes the new residual; the others only read the old one
-        start = 0
-        if PRELOAD:  # the first K step's weights, loaded before the wait (as in the one-row kernel)
-            a0, a1, a2, a3, u0, u1, u2, u3 = gemv_multi_step(
-                w_first, w_first_up, 0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
-                M, K, cols, r0, r1, r2, r3, first, NORM, RESIDUAL, SILU, ROWS, dtype,
-            )  # fmt: skip
-            start = BLOCK_K
-        for k0 in range(start, K, BLOCK_K):
-            w = gemv_load_w(w_rows + k0, EVICT_FIRST)
+        for k0 in range(0, K, BLOCK_K):
+            if EVICT_FIRST:
+                w = tl.load(w_rows + k0, eviction_policy="evict_first").to(tl.float32)
+            else:
+                w = tl.load(w_rows + k0).to(tl.float32)
             w_up = w
             if SILU:
-                w_up = gemv_load_w(w_rows + N * stride_w + k0, EVICT_FIRST)
-            a0, a1, a2, a3, u0, u1, u2, u3 = gemv_multi_step(
-                w, w_up, k0, a0, a1, a2, a3, u0, u1, u2, u3, x_ptr, res_ptr, norm_w_ptr, res_out_ptr,
-                M, K, cols, r0, r1, r2, r3, first, NORM, RESIDUAL, SILU, ROWS, dtype,
-            )  # fmt: skip
+                if EVICT_FIRST:
+                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    w_up = tl.load(w_rows + N * stride_w + k0).to(tl.float32)
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype
+            )
+            a0 += w * x[None, :]
+            if SILU:
+                u0 += w_up * x[None, :]
+            x = gemv_row_input(
+                x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 1, M, K, k0, cols, r1, first, NORM, RESIDUAL, dtype
+            )
+            a1 += w * x[None, :]
+            if SILU:
+                u1 += w_up * x[None, :]
+            if ROWS > 2:
+                x = gemv_row_input(
+                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 2, M, K, k0, cols, r2, first, NORM, RESIDUAL, dtype
+                )
+                a2 += w * x[None, :]
+                if SILU:
+                    u2 += w_up * x[None, :]
+                x = gemv_row_input(
+                    x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 3, M, K, k0, cols, r3, first, NORM, RESIDUAL, dtype
+                )
+                a3 += w * x[None, :]
+                if SILU:
+                    u3 += w_up * x[None, :]
         gemv_store_row(a0, u0, 0, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         gemv_store_row(a1, u1, 1, M, rows, N, y_ptr, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         if ROWS > 2:
@@ -739,6 +721,11 @@ def rows_configs_for(n: int, k: int, configs=ROWS_CONFIGS) -> list[tuple[int, in
     return [c for c in configs if n % c[0] == 0 and k % (c[1] * c[4]) == 0 and n // c[0] <= MAX_TILES]
 
 
+# Few-row launches (configuration, dtypes, fusions, row tile) whose preloaded first K step does not fit in shared
+# memory: they run without it.
+_NO_PRELOAD: set[tuple] = set()
+
+
 def _launch_rows(
     x, weight, cfg, bias=None, norm=None, residual=None, silu=False, scale=None, x_scale=None, out_dtype=None,
     imprecise=False,
@@ -756,10 +743,13 @@ def _launch_rows(
     launch = launch_options(x.device)
     # Each program prefetches one K range per weight row: a row-major weight whose rows start 16-byte aligned.
     row_bytes = k // split_k * weight.element_size()
-    prefetch = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0
-    preload = gemv_preload_enabled()
-    prefetch = prefetch and not (preload and k // split_k == block_k)  # one K step, preloaded whole: no need
-    _build_rows_kernel()[(n // block_n, split_k)](
+    aligned = weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0
+    prefetch = aligned and _prefetch_fits(weight, row_bytes)
+    # The preloaded first K step needs shared memory of its own beside the pipelined loop's: some large tiles
+    # (FP8's) then ask for more than an SM has, and run without it.
+    key = (cfg, weight.dtype, x.dtype, silu, norm is not None, residual is not None, x_scale is not None, tile_m)
+    preload = gemv_preload_enabled() and key not in _NO_PRELOAD
+    args = (
         x,
         residual if residual is not None else x,
         norm.weight if norm is not None else x,
@@ -777,6 +767,8 @@ def _launch_rows(
         weight.stride(0),
         weight.stride(1),
         norm.eps if norm is not None else 0.0,
+    )
+    options = dict(
         NORM=norm is not None,
         RESIDUAL=residual is not None,
         SILU=silu,
@@ -788,15 +780,23 @@ def _launch_rows(
         SPLIT_K=split_k,
         STAGES=stages,
         PDL=bool(launch),
-        PREFETCH=prefetch and _prefetch_fits(weight, row_bytes),
         W_BYTES=weight.element_size(),
         X8=x_scale is not None,
         # max_num_imprecise_acc: how many products the FP8 MMA may sum before promoting to fp32.
         IMPRECISE=None if imprecise else block_k,
-        PRELOAD=preload,
         num_warps=warps,
         **launch,
     )
+    kernel, grid = _build_rows_kernel(), (n // block_n, split_k)
+    if preload:
+        from triton.runtime.errors import OutOfResources
+
+        try:  # one K step preloaded whole needs no L2 prefetch
+            kernel[grid](*args, **options, PREFETCH=prefetch and k // split_k > block_k, PRELOAD=True)
+            return y, res_out
+        except OutOfResources:  # raised as the kernel loads, before it launches
+            _NO_PRELOAD.add(key)
+    kernel[grid](*args, **options, PREFETCH=prefetch, PRELOAD=False)
     return y, res_out
 
 
@@ -829,9 +829,11 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         slice_bytes,
         norm.eps if norm is not None else 0.0,
     ]
-    preload = gemv_preload_enabled()
+    # The one-row kernel loads its first K step before the wait; the multi-row kernel does not (0.994x at 2
+    # requests with it, H200, docs/benchmarks.md).
+    preload = m == 1 and gemv_preload_enabled()
     prefetch = _prefetch_fits(weight, slice_bytes) and not (preload and block_k >= k)  # preloaded whole: no need
-    kernel, rows = _build_kernel(), {}
+    kernel, rows = _build_kernel(), {"PRELOAD": preload}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
         kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": plan_tile(m)}
     kernel[(n // block_n,)](
@@ -847,7 +849,6 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         EVICT_FIRST=evict_first,
         PDL=bool(launch),
         PREFETCH=prefetch,
-        PRELOAD=preload,
         num_warps=warps,
         **launch,
     )
