@@ -11,6 +11,9 @@ It serves the decode graphs of up to 8 requests: measured on an H100 (docs/bench
 NANOVLLM_TRITON_DECODE_MAX_ROWS sets the largest graph batch that uses it (0 switches it off).
 In those graphs it also takes the step's QKV projection and does the q/k RMSNorm, rope and K/V append itself
 (SplitDecode.fused): a decode step then takes 0.94-0.98 of its time at batch 1, 4 and 8 (H100, docs/benchmarks.md).
+Fused, its pages hold only earlier steps' K/V, so each split loads its first page (and the rope and norm inputs)
+before the PDL wait, while the QKV projection still runs: Qwen3-0.6B decode 1.03x / 1.09x / 1.06x faster at 1 / 4
+/ 8 requests (H200, docs/benchmarks.md section 1; NANOVLLM_ATTN_PRELOAD=0 loads them after the wait).
 The decode graphs of 48 requests and more have a twin that attends with it (flashinfer_backend.py), for steps with
 one dominant context and steps of up to 128 requests with short contexts; there no split is shorter than the step's
 mean context (mean_chunk), so most requests take one program per KV head and no merge.

@@ -8,6 +8,8 @@ instead of waiting for a separate norm kernel, and the gate/up kernel multiplies
 which removes three launches per layer. cuBLAS is the fallback: `tune_gemv` times each role over the model's own
 weights at start-up and keeps the Triton kernel only where it beats the unfused sequence it replaces.
 NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every role (tests and A/B runs).
+Weights are written by no kernel, so under PDL each program loads its first K step's weight tile before it waits
+for the kernel before (NANOVLLM_GEMV_PRELOAD; the one-row and few-row kernels, docs/benchmarks.md section 1).
 
 Steps of 2..32 token rows (decode batches, short prefill chunks after a prefix-cache hit) get the same fusions from
 a few-row kernel on tensor cores (`_build_rows_kernel`): the RMSNorm is folded into its epilogue (the GEMM takes
