@@ -345,7 +345,6 @@ def test_a_few_row_launch_whose_preload_does_not_fit_runs_without_it(monkeypatch
     """A few-row configuration whose preloaded first K step needs more shared memory than an SM has (Triton raises
     OutOfResources as the kernel loads, before it launches) runs without the preload, and later launches of it go
     straight there; NANOVLLM_GEMV_PRELOAD=0 never tries it."""
-
     from triton.runtime.errors import OutOfResources
 
     import engine.layers.gemv as gemv
