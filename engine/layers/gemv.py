@@ -437,16 +437,10 @@ def _build_multi_kernel():
         a1, a2, a3, u0, u1, u2, u3 = a0, a0, a0, a0, a0, a0, a0
         first = pid == 0  # one program writes the new residual; the others only read the old one
         for k0 in range(0, K, BLOCK_K):
-            if EVICT_FIRST:
-                w = tl.load(w_rows + k0, eviction_policy="evict_first").to(tl.float32)
-            else:
-                w = tl.load(w_rows + k0).to(tl.float32)
+            w = gemv_load_w(w_rows + k0, EVICT_FIRST).to(tl.float32)
             w_up = w
             if SILU:
-                if EVICT_FIRST:
-                    w_up = tl.load(w_rows + N * stride_w + k0, eviction_policy="evict_first").to(tl.float32)
-                else:
-                    w_up = tl.load(w_rows + N * stride_w + k0).to(tl.float32)
+                w_up = gemv_load_w(w_rows + N * stride_w + k0, EVICT_FIRST).to(tl.float32)
             x = gemv_row_input(
                 x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, M, K, k0, cols, r0, first, NORM, RESIDUAL, dtype
             )
