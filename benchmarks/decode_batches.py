@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1, help="-1 is off")
     parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=0, help="0: the largest of --batches")
     args = parser.parse_args()
     tree = Path(args.tree).resolve()
     # The tree's model folders take their tokenizer from its tests/helpers.py (benchmarks/common.py).
@@ -51,8 +53,9 @@ def main() -> None:
 
     folder = model_folder(args.model, Path(tempfile.mkdtemp()))
     kw = {} if args.quantization == "none" else {"quantization": args.quantization}
+    seqs = args.max_num_seqs or max(args.batches)
     start = time.perf_counter()
-    llm = LLM(folder, load_format="dummy", max_model_len=1024, max_num_seqs=max(args.batches), **kw)
+    llm = LLM(folder, load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=seqs, **kw)
     start_s = time.perf_counter() - start
     rows = []
     for batch in args.batches:
@@ -75,6 +78,7 @@ def main() -> None:
             runs.append(batch * (args.new_tokens - 1) / (last - first))
         runs.sort()
         rows.append(dict(label=args.label, weights=args.quantization, model=args.model, batch=batch,
+                         max_model_len=args.max_model_len, max_num_seqs=seqs,
                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                          decode_tok_s=runs[1], runs=runs))  # fmt: skip
         sampling = (
