@@ -92,11 +92,13 @@ def test_fp8_weights_in_every_row_tile_match_torch_interpreted():
 
 
 def test_multi_row_gemv_matches_torch_interpreted():
-    """The one-row GEMV (with and without its first K step loaded before the PDL wait) and its multi-row form for 2-4
-    token rows (engine/layers/gemv.py: gemv_multi_kernel) in float32: each row against its own torch reference, the
-    third row of a 4-row tile masked, the residual add, norm, SwiGLU and a packed gate/up bias fused."""
+    """The one-row GEMV (with its first K step, several K steps or none loaded before the PDL wait) and its multi-row
+    form for 2-4 token rows (engine/layers/gemv.py: gemv_multi_kernel) in float32: each row against its own torch
+    reference, the third row of a 4-row tile masked, the residual add, norm, SwiGLU and a packed gate/up bias
+    fused."""
     cases = [
         (1, 64, 2048, True, True, True, "1"),  # one row, the first K step preloaded: one or several K steps
+        (1, 64, 3072, True, True, True, "all"),  # 1-6 K steps preloaded, 3 padded to 4, some left to the loop
         (1, 64, 2048, True, False, False, "0"),  # one row, not preloaded: residual add + norm
         (2, 64, 1024, True, True, True),  # norm, SwiGLU and bias: gate/up
         (3, 64, 2048, False, False, False),  # a padded row: o

@@ -219,11 +219,12 @@ def gemv_operands(n, k, m, silu, bias, norm, residual, device="cuda", dtype=torc
     return w, x, r, nw, b
 
 
-def check_multi_row_gemv(m, n, k, norm, silu, bias, preload="1", device="cuda", dtype=torch.bfloat16):
-    """The one-row GEMV (m = 1; preload "1": the first K step's weights loaded before the PDL wait, the engine's
-    default) or its multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded to a power of two inside; it has no
-    preload) in every configuration the engine times for an [n, k] weight at m rows, with the residual add, norm,
-    SwiGLU and a bias fused as the engine runs it, against the same computation in torch."""
+def check_multi_row_gemv(m, n, k, norm, silu, bias, preload="all", device="cuda", dtype=torch.bfloat16):
+    """The one-row GEMV (m = 1; preload "all": as many K steps' weights as fit loaded before the PDL wait, the
+    engine's default; "1": the first; "0": none) or its multi-row form (m = 2..MULTI_MAX_ROWS token rows, padded
+    to a power of two inside; it has no preload) in every configuration the engine times for an [n, k] weight at m
+    rows, with the residual add, norm, SwiGLU and a bias fused as the engine runs it, against the same computation
+    in torch."""
     with mock.patch.dict(os.environ, {"NANOVLLM_GEMV_PRELOAD": preload}):  # read at each launch
         _check_row_gemv(m, n, k, norm, silu, bias, device, dtype)
 

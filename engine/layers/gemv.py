@@ -8,8 +8,9 @@ instead of waiting for a separate norm kernel, and the gate/up kernel multiplies
 which removes three launches per layer. cuBLAS is the fallback: `tune_gemv` times each role over the model's own
 weights at start-up and keeps the Triton kernel only where it beats the unfused sequence it replaces.
 NANOVLLM_GEMV=0 switches the path off; NANOVLLM_GEMV=force takes it for every role (tests and A/B runs).
-Weights are written by no kernel, so under PDL each program loads its first K step's weight tile before it waits
-for the kernel before (NANOVLLM_GEMV_PRELOAD; the one-row and few-row kernels, docs/benchmarks.md section 1).
+Weights are written by no kernel, so under PDL each program loads weight tiles before it waits for the kernel
+before (NANOVLLM_GEMV_PRELOAD, docs/benchmarks.md section 1): the one-row kernel as many of its K steps as fit
+PRELOAD_BYTES_PER_THREAD (the whole slice of Qwen3-0.6B's projections), the few-row kernel its first K step.
 
 Steps of 2..32 token rows (decode batches, short prefill chunks after a prefix-cache hit) get the same fusions from
 a few-row kernel on tensor cores (`_build_rows_kernel`): the RMSNorm is folded into its epilogue (the GEMM takes
@@ -79,6 +80,9 @@ SWEEP_FP8_CONFIGS = (
     (2, 4096, 4, True), (4, 4096, 8, True), (8, 2048, 4, True), (8, 4096, 8, True), (16, 2048, 8, True),
     (32, 512, 4, True), (32, 1024, 8, True), (16, 1024, 4, True),
 )  # fmt: skip
+# Most weight bytes per thread the one-row kernel holds from before the PDL wait (64 registers): Qwen3-0.6B's o and
+# down slices (2 rows of 2,048 and 3,072) whole in every configuration of 4+ warps, yet no spilling.
+PRELOAD_BYTES_PER_THREAD = 256
 ROLES = ("qkv", "o", "gate_up", "down")
 # Configurations per role, the fastest when timed alone, that are then timed in the captured decode step itself
 # (engine/cuda_graphs.py: GraphRunner.refine_row_plan). Why: timed alone, several tie within 2%, yet in the step,
@@ -101,11 +105,29 @@ def gemv_max_rows() -> int:
     return int(value)
 
 
+def gemv_preload_mode() -> str:
+    """NANOVLLM_GEMV_PRELOAD: which weights the GEMV kernels load before they wait for the kernel before under PDL
+    (and before the norm): "all" (the default: the one-row kernel as many K steps as fit PRELOAD_BYTES_PER_THREAD,
+    the few-row kernel its first), "1" (the first K step of each) or "0" (none: only an L2 prefetch)."""
+    return env_choice("NANOVLLM_GEMV_PRELOAD", "all", ("0", "1", "all"))
+
+
 def gemv_preload_enabled() -> bool:
-    """NANOVLLM_GEMV_PRELOAD: whether the one-row and few-row GEMV kernels load their first K step's weights before
-    they wait for the kernel before under PDL (and before the norm) ("1", the default), or only prefetch them into
-    L2 ("0")."""
-    return env_choice("NANOVLLM_GEMV_PRELOAD", "1", ("0", "1")) == "1"
+    """Whether the GEMV kernels load any weights before the PDL wait (NANOVLLM_GEMV_PRELOAD is not "0")."""
+    return gemv_preload_mode() != "0"
+
+
+def preload_steps(block_n: int, block_k: int, warps: int, k: int, element_size: int, silu: bool) -> int:
+    """How many K steps of its weight slice the one-row kernel loads before the PDL wait (0: none)."""
+    mode = gemv_preload_mode()
+    if mode != "all":
+        return int(mode)
+    steps = k // block_k
+    # The preloaded steps are one [rows, steps, K step] tile whose step axis is padded to a power of two.
+    per_thread = block_n * block_k * element_size * (2 if silu else 1) / (warps * 32)
+    while steps > 1 and per_thread * (1 << (steps - 1).bit_length()) > PRELOAD_BYTES_PER_THREAD:
+        steps -= 1
+    return steps
 
 
 def gemv_supported(weight: torch.Tensor) -> bool:
@@ -183,6 +205,7 @@ def _build_kernel():
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,
         PRELOAD: tl.constexpr,
+        STEPS_P2: tl.constexpr,
     ):
         # Program `pid` computes outputs rows [pid * BLOCK_N, +BLOCK_N); with SILU also the matching "up" rows,
         # N rows further down the packed gate/up weight.
@@ -190,13 +213,30 @@ def _build_kernel():
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
-        if PRELOAD:
+        if PRELOAD == 1:
             # The first K step's weights into registers before the PDL wait (no earlier kernel writes a weight):
             # they arrive while the kernel before finishes, and after the wait only the hidden row is read.
             w_first = gemv_load_w(w_rows, EVICT_FIRST)
             w_first_up = w_first
             if SILU:
                 w_first_up = gemv_load_w(w_rows + N * stride_w, EVICT_FIRST)
+        if PRELOAD > 1:
+            # The first PRELOAD K steps as one [rows, steps, K step] tile, its steps padded to STEPS_P2: a padded
+            # step repeats the last real one's columns (its loads stay inside the row) and its weights are zeros.
+            step = tl.arange(0, STEPS_P2)
+            pre_cols = tl.minimum(step, PRELOAD - 1)[:, None] * BLOCK_K + cols[None, :]
+            real = (step < PRELOAD)[None, :, None]
+            w_pre_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_w + pre_cols[None, :, :]
+            if STEPS_P2 == PRELOAD:  # no padded step: no mask
+                w_pre = gemv_load_w(w_pre_rows, EVICT_FIRST)
+            else:
+                w_pre = gemv_load_w_masked(w_pre_rows, real, EVICT_FIRST)
+            w_pre_up = w_pre
+            if SILU:
+                if STEPS_P2 == PRELOAD:
+                    w_pre_up = gemv_load_w(w_pre_rows + N * stride_w, EVICT_FIRST)
+                else:
+                    w_pre_up = gemv_load_w_masked(w_pre_rows + N * stride_w, real, EVICT_FIRST)
         if PDL:  # this program's rows are one contiguous slice of the weight: one thread prefetches it
             w_slice = w_ptr + pid.to(tl.int64) * BLOCK_N * stride_w
             pdl_prologue(w_slice, N * stride_w, slice_bytes, prefetch_asm, SILU, PREFETCH)
@@ -215,12 +255,23 @@ def _build_kernel():
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start = 0
-        if PRELOAD:
+        if PRELOAD == 1:
             xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, cols, rstd, pid, NORM, RESIDUAL, dtype)
             acc += w_first.to(tl.float32) * xv[None, :]
             if SILU:
                 acc_up += w_first_up.to(tl.float32) * xv[None, :]
             start = BLOCK_K
+        if PRELOAD > 1:
+            # A padded step reads the last real step's activations again (and program 0 rewrites the same residual
+            # values): times its zero weights, it adds nothing.
+            xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, pre_cols, rstd, pid, NORM, RESIDUAL,
+                                dtype)  # fmt: skip
+            # Reduced to one sum per row here (added after the loop): no [rows, K step] tile changes layout.
+            y_pre = tl.sum(tl.sum(w_pre.to(tl.float32) * xv[None, :, :], axis=2), axis=1)
+            up_pre = y_pre
+            if SILU:
+                up_pre = tl.sum(tl.sum(w_pre_up.to(tl.float32) * xv[None, :, :], axis=2), axis=1)
+            start = PRELOAD * BLOCK_K
         for k0 in range(start, K, BLOCK_K):
             xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, k0, cols, rstd, pid, NORM, RESIDUAL, dtype)
             acc += gemv_load_w(w_rows + k0, EVICT_FIRST).to(tl.float32) * xv[None, :]
@@ -230,6 +281,10 @@ def _build_kernel():
         up = y
         if SILU:
             up = tl.sum(acc_up, axis=1)
+        if PRELOAD > 1:
+            y += y_pre
+            if SILU:
+                up += up_pre
         y = gemv_finish(y, up, rows, N, scale_ptr, bias_ptr, dtype, SILU, BIAS, SCALE)
         tl.store(y_ptr + rows, y.to(dtype))
 
@@ -239,7 +294,7 @@ def _build_kernel():
 # The GEMV kernels' Triton helpers, set by _build_helpers: the shared epilogue, the weight tile load, the one-row
 # and few-row kernels' K steps, and the multi-row kernel's per-row norm, input and store.
 gemv_finish = gemv_row_rstd = gemv_row_input = gemv_store_row = None
-gemv_load_w = gemv_one_input = gemv_rows_step = None
+gemv_load_w = gemv_load_w_masked = gemv_one_input = gemv_rows_step = None
 
 
 @functools.cache
@@ -275,6 +330,13 @@ def _build_helpers():
         if EVICT_FIRST:
             return tl.load(ptrs, eviction_policy="evict_first")
         return tl.load(ptrs)
+
+    @triton.jit
+    def load_w_masked(ptrs, mask, EVICT_FIRST: tl.constexpr):
+        # As load_w, zeros where mask is false (no memory request there).
+        if EVICT_FIRST:
+            return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        return tl.load(ptrs, mask=mask, other=0.0)
 
     @triton.jit
     def one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, k0, cols, rstd, pid, NORM: tl.constexpr,
@@ -374,7 +436,8 @@ def _build_helpers():
         tl.store(y_ptr + row * N + rows, y.to(dtype), mask=rows * 0 + row < M)
 
     globals().update(gemv_row_rstd=gemv_row_rstd, gemv_row_input=gemv_row_input, gemv_store_row=gemv_store_row,
-                     gemv_load_w=load_w, gemv_one_input=one_input, gemv_rows_step=rows_step)  # fmt: skip
+                     gemv_load_w=load_w, gemv_load_w_masked=load_w_masked, gemv_one_input=one_input,
+                     gemv_rows_step=rows_step)  # fmt: skip
 
 
 @functools.cache
@@ -825,11 +888,11 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         slice_bytes,
         norm.eps if norm is not None else 0.0,
     ]
-    # The one-row kernel loads its first K step before the wait; the multi-row kernel does not (0.994x at 2
-    # requests with it, H200, docs/benchmarks.md).
-    preload = m == 1 and gemv_preload_enabled()
-    prefetch = _prefetch_fits(weight, slice_bytes) and not (preload and block_k >= k)  # preloaded whole: no need
-    kernel, rows = _build_kernel(), {"PRELOAD": preload}
+    # The one-row kernel loads K steps before the wait; the multi-row kernel does not (0.994x at 2 requests with
+    # its first step preloaded, H200, docs/benchmarks.md).
+    steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu) if m == 1 else 0
+    prefetch = _prefetch_fits(weight, slice_bytes) and steps * block_k < k  # preloaded whole: no need
+    kernel, rows = _build_kernel(), {"PRELOAD": steps, "STEPS_P2": 1 << max(steps - 1, 0).bit_length()}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
         kernel, rows = _build_multi_kernel(), {"M": m, "ROWS": plan_tile(m)}
     kernel[(n // block_n,)](

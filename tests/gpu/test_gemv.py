@@ -42,11 +42,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("pdl,preload", [("1", "1"), ("1", "0"), ("0", "1")])
+@pytest.mark.parametrize("pdl,preload", [("1", "all"), ("1", "1"), ("1", "0"), ("0", "all")])
 @pytest.mark.parametrize("n,k,silu,bias,norm,residual", CASES)
 def test_gemv_matches_torch(n, k, silu, bias, norm, residual, pdl, preload, monkeypatch):
     # pdl "1": launched with programmatic dependent launch, small weights prefetched into L2 first; "0": plain.
-    # preload "1": the first K step's weights loaded before the wait (and before the norm pass).
+    # preload "all": as many K steps as fit loaded before the wait (and before the norm pass); "1": the first.
     monkeypatch.setenv("NANOVLLM_PDL", pdl)
     monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", preload)
     g = torch.Generator(device="cuda").manual_seed(n + k)
