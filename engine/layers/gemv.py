@@ -122,7 +122,7 @@ def preload_steps(block_n: int, block_k: int, warps: int, k: int, element_size: 
     mode = gemv_preload_mode()
     if mode != "all":
         return int(mode)
-    steps = k // block_k
+    steps = max(1, k // block_k)
     # The preloaded steps are one [rows, steps, K step] tile whose step axis is padded to a power of two.
     per_thread = block_n * block_k * element_size * (2 if silu else 1) / (warps * 32)
     while steps > 1 and per_thread * (1 << (steps - 1).bit_length()) > PRELOAD_BYTES_PER_THREAD:
@@ -264,13 +264,14 @@ def _build_kernel():
         if PRELOAD > 1:
             # A padded step reads the last real step's activations again (and program 0 rewrites the same residual
             # values): times its zero weights, it adds nothing.
-            xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, pre_cols, rstd, pid, NORM, RESIDUAL,
-                                dtype)  # fmt: skip
+            # (Named apart from the loop's xv: Triton 3.6 takes a name set before a loop as carried by it.)
+            x_pre = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, pre_cols, rstd, pid, NORM, RESIDUAL,
+                                   dtype)  # fmt: skip
             # Reduced to one sum per row here (added after the loop): no [rows, K step] tile changes layout.
-            y_pre = tl.sum(tl.sum(w_pre.to(tl.float32) * xv[None, :, :], axis=2), axis=1)
+            y_pre = tl.sum(tl.sum(w_pre.to(tl.float32) * x_pre[None, :, :], axis=2), axis=1)
             up_pre = y_pre
             if SILU:
-                up_pre = tl.sum(tl.sum(w_pre_up.to(tl.float32) * xv[None, :, :], axis=2), axis=1)
+                up_pre = tl.sum(tl.sum(w_pre_up.to(tl.float32) * x_pre[None, :, :], axis=2), axis=1)
             start = PRELOAD * BLOCK_K
         for k0 in range(start, K, BLOCK_K):
             xv = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, k0, cols, rstd, pid, NORM, RESIDUAL, dtype)
