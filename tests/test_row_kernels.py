@@ -342,25 +342,27 @@ def test_few_row_configs_divide_the_weight(n, k):
 
 
 def test_the_one_row_kernel_preloads_as_many_k_steps_as_fit(monkeypatch):
-    """NANOVLLM_GEMV_PRELOAD=all (the default) preloads a slice's K steps while they fit PRELOAD_BYTES_PER_THREAD,
-    counting the step axis padded to a power of two and the "up" half of gate/up; "1" the first step, "0" none."""
+    """NANOVLLM_GEMV_PRELOAD=all (the default) preloads a small weight's slice's K steps while they fit
+    PRELOAD_BYTES_PER_THREAD, counting the step axis padded to a power of two and the "up" half of gate/up, and a
+    large weight's first step; "1" the first step, "0" none."""
     from engine.layers.gemv import PRELOAD_BYTES_PER_THREAD, preload_steps
 
     monkeypatch.delenv("NANOVLLM_GEMV_PRELOAD", raising=False)
     assert PRELOAD_BYTES_PER_THREAD == 256
     # Qwen3-0.6B's down projection (K 3,072): whole, 3 steps padded to 4 (128 bytes a thread) or 6 to 8 (256).
-    assert preload_steps(2, 1024, 4, 3072, 2, False) == 3
-    assert preload_steps(2, 512, 2, 3072, 2, False) == 6
+    assert preload_steps(2, 1024, 4, 3072, 2, False, True) == 3
+    assert preload_steps(2, 512, 2, 3072, 2, False, True) == 6
     # 8 steps of 64 bytes a thread would be 512: the most that fit is 4 (256).
-    assert preload_steps(8, 512, 4, 4096, 2, False) == 4
+    assert preload_steps(8, 512, 4, 4096, 2, False, True) == 4
     # The "up" half doubles the bytes: 4 steps of 128 bytes fit 2.
-    assert preload_steps(8, 512, 4, 4096, 2, True) == 2
-    assert preload_steps(8, 512, 4, 4096, 1, True) == 4  # FP8 weights: a byte an element
-    assert preload_steps(4, 1024, 8, 1024, 2, True) == 1  # one step is the whole K
+    assert preload_steps(8, 512, 4, 4096, 2, True, True) == 2
+    assert preload_steps(8, 512, 4, 4096, 1, True, True) == 4  # FP8 weights: a byte an element
+    assert preload_steps(4, 1024, 8, 1024, 2, True, True) == 1  # one step is the whole K
+    assert preload_steps(2, 512, 2, 3072, 2, False, False) == 1  # a large weight: its first step
     monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", "1")
-    assert preload_steps(2, 512, 2, 3072, 2, False) == 1
+    assert preload_steps(2, 512, 2, 3072, 2, False, True) == 1
     monkeypatch.setenv("NANOVLLM_GEMV_PRELOAD", "0")
-    assert preload_steps(2, 512, 2, 3072, 2, False) == 0
+    assert preload_steps(2, 512, 2, 3072, 2, False, True) == 0
 
 
 def test_a_few_row_launch_whose_preload_does_not_fit_runs_without_it(monkeypatch):

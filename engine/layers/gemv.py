@@ -81,7 +81,8 @@ SWEEP_FP8_CONFIGS = (
     (32, 512, 4, True), (32, 1024, 8, True), (16, 1024, 4, True),
 )  # fmt: skip
 # Most weight bytes per thread the one-row kernel holds from before the PDL wait (64 registers): Qwen3-0.6B's o and
-# down slices (2 rows of 2,048 and 3,072) whole in every configuration of 4+ warps, yet no spilling.
+# down slices (2 rows of 2,048 and 3,072) whole in every configuration of 4+ warps, yet no spilling. Only for
+# weights that fit a quarter of L2 (preload_steps).
 PRELOAD_BYTES_PER_THREAD = 256
 ROLES = ("qkv", "o", "gate_up", "down")
 # Configurations per role, the fastest when timed alone, that are then timed in the captured decode step itself
@@ -117,11 +118,16 @@ def gemv_preload_enabled() -> bool:
     return gemv_preload_mode() != "0"
 
 
-def preload_steps(block_n: int, block_k: int, warps: int, k: int, element_size: int, silu: bool) -> int:
-    """How many K steps of its weight slice the one-row kernel loads before the PDL wait (0: none)."""
+def preload_steps(block_n: int, block_k: int, warps: int, k: int, element_size: int, silu: bool, small: bool) -> int:
+    """How many K steps of its weight slice the one-row kernel loads before the PDL wait (0: none); small: the
+    weight fits a quarter of L2, as Qwen3-0.6B's do."""
     mode = gemv_preload_mode()
     if mode != "all":
         return int(mode)
+    if not small:
+        # A large weight's GEMV streams for tens of µs: the registers held from the start cost it resident
+        # programs, and Qwen3-8B decoded 0.973x with its slices preloaded (H200, docs/benchmarks.md).
+        return 1
     steps = max(1, k // block_k)
     # The preloaded steps are one [rows, steps, K step] tile whose step axis is padded to a power of two.
     per_thread = block_n * block_k * element_size * (2 if silu else 1) / (warps * 32)
@@ -891,7 +897,9 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
     ]
     # The one-row kernel loads K steps before the wait; the multi-row kernel does not (0.994x at 2 requests with
     # its first step preloaded, H200, docs/benchmarks.md).
-    steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu) if m == 1 else 0
+    # Triton's interpreter (CPU tensors, the CI tests) has no L2: its weights count as small.
+    small = weight.device.type != "cuda" or weight.numel() * weight.element_size() <= _l2_bytes(weight.device) // 4
+    steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu, small) if m == 1 else 0
     prefetch = _prefetch_fits(weight, slice_bytes) and steps * block_k < k  # preloaded whole: no need
     kernel, rows = _build_kernel(), {"PRELOAD": steps, "STEPS_P2": 1 << max(steps - 1, 0).bit_length()}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
