@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup chat test lint format bench-cpu
+.PHONY: setup chat test lint format bench-cpu sm90-check
 
 $(BIN)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,3 +33,15 @@ format: setup
 
 bench-cpu: setup
 	$(BIN)/python benchmarks/cpu_vs_hf.py
+
+# The sm90 compile test (tests/test_sm90_compile.py) with the GPU host's Triton, 3.6 (CI's is 3.8), in a virtual
+# environment of its own: a kernel edit can be compiled there before any device time is spent on it.
+SM90_VENV := .venv-triton36
+$(SM90_VENV)/.ready: pyproject.toml
+	$(PY) -m venv $(SM90_VENV)
+	$(SM90_VENV)/bin/pip install -q torch==2.13.0 triton==3.6.0
+	$(SM90_VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+sm90-check: $(SM90_VENV)/.ready
+	$(SM90_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sm90_compile.py

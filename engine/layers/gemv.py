@@ -270,7 +270,7 @@ def _build_kernel():
         if PRELOAD > 1:
             # A padded step reads the last real step's activations again (and program 0 rewrites the same residual
             # values): times its zero weights, it adds nothing.
-            # (Named apart from the loop's xv: Triton 3.6 takes a name set before a loop as carried by it.)
+            # (Named apart from the loop's xv: Triton's compiler takes a name set before a loop as carried by it.)
             x_pre = gemv_one_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, 0, pre_cols, rstd, pid, NORM, RESIDUAL,
                                    dtype)  # fmt: skip
             # Reduced to one sum per row here (added after the loop): no [rows, K step] tile changes layout.
