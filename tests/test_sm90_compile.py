@@ -55,8 +55,9 @@ class Sm90Compiler:
 
     def run(self, fn: JITFunction, *args, grid, warmup=False, **kwargs):
         params = fn.params
-        values = dict(zip([p.name for p in params], args))
-        values.update({k: v for k, v in kwargs.items() if k in values or any(p.name == k for p in params)})
+        names = [p.name for p in params]
+        values = dict(zip(names, args))
+        values.update({k: v for k, v in kwargs.items() if k in names})  # the rest are launch options
         constexprs, signature = {}, {}
         for i, p in enumerate(params):
             value = values[p.name]
