@@ -897,8 +897,7 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
     ]
     # The one-row kernel loads K steps before the wait; the multi-row kernel does not (0.994x at 2 requests with
     # its first step preloaded, H200, docs/benchmarks.md).
-    # Triton's interpreter (CPU tensors, the CI tests) has no L2: its weights count as small.
-    small = weight.device.type != "cuda" or weight.numel() * weight.element_size() <= _l2_bytes(weight.device) // 4
+    small = _fits_quarter_l2(weight)
     steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu, small) if m == 1 else 0
     prefetch = _prefetch_fits(weight, slice_bytes) and steps * block_k < k  # preloaded whole: no need
     kernel, rows = _build_kernel(), {"PRELOAD": steps, "STEPS_P2": 1 << max(steps - 1, 0).bit_length()}
@@ -929,7 +928,13 @@ def _prefetch_fits(weight: torch.Tensor, slice_bytes: int) -> bool:
     # 16-byte-aligned slices.
     if not l2_prefetch_enabled(weight.device) or weight.data_ptr() % 16 or slice_bytes % 16:
         return False
-    return weight.numel() * weight.element_size() <= _l2_bytes(weight.device) // 4
+    return _fits_quarter_l2(weight)
+
+
+def _fits_quarter_l2(weight: torch.Tensor) -> bool:
+    # The L2 prefetch's and the whole-slice preload's rule for a small weight. Triton's interpreter (CPU tensors,
+    # the CI tests) has no L2: its weights count as small.
+    return weight.device.type != "cuda" or weight.numel() * weight.element_size() <= _l2_bytes(weight.device) // 4
 
 
 @functools.cache
