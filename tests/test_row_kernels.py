@@ -12,7 +12,7 @@ from engine import LLM, SamplingParams
 from engine.attention.triton_decode import (
     MAX_SPLITS,
     SplitDecode,
-    attn_preload_enabled,
+    attn_preload_pages,
     fused_decode_enabled,
     triton_decode_max_rows,
 )
@@ -197,10 +197,12 @@ def test_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", "8")
     assert SplitDecode(1, 16, 8, 128, "cpu", num_sms=132).min_pages == 8
     monkeypatch.setenv("NANOVLLM_ATTN_PRELOAD", "on")
-    with pytest.raises(ValueError, match="NANOVLLM_ATTN_PRELOAD='on' is not one of '0', '1'"):
-        attn_preload_enabled()
+    with pytest.raises(ValueError, match="NANOVLLM_ATTN_PRELOAD='on' is not one of '0', '1', '2', '4'"):
+        attn_preload_pages()
+    monkeypatch.setenv("NANOVLLM_ATTN_PRELOAD", "4")
+    assert attn_preload_pages() == 4
     monkeypatch.delenv("NANOVLLM_ATTN_PRELOAD")
-    assert attn_preload_enabled() is True  # the default
+    assert attn_preload_pages() == 1  # the default
 
 
 def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeypatch):

@@ -157,8 +157,8 @@ def test_few_row_kernels_compile_for_sm90(sm90):
 
 def test_attention_and_qk_kernels_compile_for_sm90(sm90):
     """The split-KV decode kernel plain, with the log-sum-exp (cascade), and fused with the q/k norm, rope and
-    append (with and without its first page preloaded, and the states cascade needs), at 1 and 8 rows and with the
-    mean-context split; and the separate q/k norm + rope + append kernel."""
+    append (with its first page, none, or 2 or 4 pages preloaded, and the states cascade needs), at 1 and 8 rows and
+    with the mean-context split; and the separate q/k norm + rope + append kernel."""
     from engine.attention.triton_decode import SplitDecode
     from engine.layers.fused_qkv import qk_norm_rope_append
 
@@ -176,7 +176,7 @@ def test_attention_and_qk_kernels_compile_for_sm90(sm90):
         kernel.with_lse(q, cache, indptr, indices, last)
         qkv = torch.zeros(rows, (hq + 2 * hkv) * d, dtype=torch.bfloat16)
         positions = torch.zeros(rows, dtype=torch.int64)
-        for preload in ("1", "0"):
+        for preload in ("1", "0", "2", "4"):
             with mock.patch.dict(os.environ, {"NANOVLLM_ATTN_PRELOAD": preload}):
                 kernel.fused(qkv, qw, kw, 1e-6, cos_sin, positions, cache, indptr, indices, last)
                 kernel.fused(qkv, None, None, 1e-6, cos_sin, positions, cache, indptr, indices, last, states=True)

@@ -59,15 +59,17 @@ def test_split_decode_matches_torch_interpreted(min_pages, one_split, mean_chunk
     run_interpreted("check_split_decode", [(*c, min_pages, one_split, mean_chunk) for c in cases])
 
 
-# The same rules with each split's first page loaded before the PDL wait (the default), and the engine's default
-# rule with it loaded after.
+# The same rules with each split's first page loaded before the PDL wait (the default), the engine's default rule
+# with it loaded after, and with 2 or 4 pages preloaded (a split of 3 pages then loads its third in the loop).
 @pytest.mark.parametrize(
-    "min_pages,one_split,mean_chunk,preload", [(*r, "1") for r in SPLIT_RULES] + [(1, 2, False, "0")]
+    "min_pages,one_split,mean_chunk,preload",
+    [(*r, "1") for r in SPLIT_RULES] + [(1, 2, False, "0"), (1, 2, False, "2"), (3, 0, False, "2"), (1, 2, False, "4")],
 )
 def test_fused_split_decode_matches_separate_kernels_interpreted(min_pages, one_split, mean_chunk, preload):
     cases = [
         ([33, 16], 4, 2, 32, 16, True),  # the new token opens a page; it fills the last slot of one
         ([1, 70], 4, 2, 32, 16, False),  # a first token; many pages, no q/k norm
+        ([49, 150], 4, 2, 32, 16, True),  # 4 pages with the new token first in its page; 10 pages
     ]
     run_interpreted("check_fused_split_decode", [(*c, min_pages, one_split, mean_chunk, preload) for c in cases])
 

@@ -64,10 +64,11 @@ def fused_decode_enabled() -> bool:
     return value == "1"
 
 
-def attn_preload_enabled() -> bool:
-    """NANOVLLM_ATTN_PRELOAD: whether the fused kernel loads each split's first page before its PDL wait ("1", the
-    default) or after it ("0")."""
-    return env_choice("NANOVLLM_ATTN_PRELOAD", "1", ("0", "1")) == "1"
+def attn_preload_pages() -> int:
+    """NANOVLLM_ATTN_PRELOAD: how many pages of each split the fused kernel loads before its PDL wait: "1" (the
+    default) its first page, "0" none (all after the wait), "2" or "4" that many, with splits of at least that many
+    pages, up to that many in one split, and 4 warps a page (graphs of up to 8 requests; cascade keeps 1)."""
+    return int(env_choice("NANOVLLM_ATTN_PRELOAD", "1", ("0", "1", "2", "4")))
 
 
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
@@ -95,7 +96,7 @@ def deferred_compiles() -> Iterator[dict[tuple, Callable[[], object]]]:
 
 
 # The kernel's Triton helpers, set by _build_kernel (module globals: Triton's interpreter resolves names there).
-page_kv = attend_page = rope_norm_inputs = None
+page_kv = pages_kv = attend_page = rope_norm_inputs = None
 
 
 @functools.cache
@@ -110,6 +111,17 @@ def _build_kernel():
         page = tl.load(indices_ptr + entry).to(tl.int64)
         k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + t)[:, None] * D + d[None, :]
         return tl.load(k_rows), tl.load(k_rows + HKV * BS * D)
+
+    @triton.jit
+    def load_pages(
+        cache_ptr, indices_ptr, entry, count, kvh, tp, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr
+    ):
+        # As load_page for the `count` pages from page-table entry `entry`, as one [pages * BS, D] tile whose rows
+        # past them are zero (tp: arange over the tile's rows).
+        ok = tp // BS < count
+        page = tl.load(indices_ptr + entry + tp // BS, mask=ok, other=0).to(tl.int64)
+        k_rows = cache_ptr + ((page * 2 * HKV + kvh) * BS + tp % BS)[:, None] * D + d[None, :]
+        return tl.load(k_rows, mask=ok[:, None], other=0.0), tl.load(k_rows + HKV * BS * D, mask=ok[:, None], other=0.0)
 
     @triton.jit
     def attend(q, k, v, valid, t, m, l_sum, acc, scale_log2):
@@ -142,7 +154,7 @@ def _build_kernel():
             kw_p = tl.load(k_w_ptr + partner).to(tl.float32)
         return cos, sin, qw, qw_p, kw, kw_p
 
-    globals().update(page_kv=load_page, attend_page=attend, rope_norm_inputs=rope_inputs)
+    globals().update(page_kv=load_page, pages_kv=load_pages, attend_page=attend, rope_norm_inputs=rope_inputs)
 
     @triton.jit
     def split_decode(
@@ -209,7 +221,13 @@ def _build_kernel():
                 # FUSED only: the pages then hold K/V of earlier steps alone (this step's slot is written below and
                 # masked in the page loop), which no kernel of this step writes. So the split's first page, like
                 # the graph's inputs and the weights, can be loaded before the wait, while the QKV projection runs.
-                k_first, v_first = page_kv(cache_ptr, indices_ptr, start + first, kvh, t, d, HKV, BS, D)
+                if PRELOAD == 1:
+                    k_first, v_first = page_kv(cache_ptr, indices_ptr, start + first, kvh, t, d, HKV, BS, D)
+                else:
+                    tp = tl.arange(0, PRELOAD * BS)
+                    k_first, v_first = pages_kv(
+                        cache_ptr, indices_ptr, start + first, stop - first, kvh, tp, d, HKV, BS, D
+                    )
                 cos, sin, qw, qw_p, kw, kw_p = rope_norm_inputs(
                     q_w_ptr, k_w_ptr, cos_sin_ptr, rope_pos_ptr, b, d, partner, D, NORM
                 )
@@ -266,10 +284,16 @@ def _build_kernel():
                 q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
                 last_valid = last_len
             p_start = first
-            if PRELOAD:
+            if PRELOAD == 1:
                 valid = tl.where(first == num_pages - 1, last_valid, BS)
                 m, l_sum, acc = attend_page(q, k_first, v_first, valid, t, m, l_sum, acc, scale_log2)
                 p_start = first + 1
+            elif PRELOAD:
+                # The tile's tokens up to the split's end or the last page's earlier ones, whichever comes first.
+                preloaded = tl.minimum(stop - first, PRELOAD)
+                valid = tl.minimum(preloaded * BS, (num_pages - 1 - first) * BS + last_valid)
+                m, l_sum, acc = attend_page(q, k_first, v_first, valid, tp, m, l_sum, acc, scale_log2)
+                p_start = first + preloaded
             for p in range(p_start, stop):
                 k, v = page_kv(cache_ptr, indices_ptr, start + p, kvh, t, d, HKV, BS, D)
                 valid = tl.where(p == num_pages - 1, last_valid, BS)
@@ -433,6 +457,9 @@ class SplitDecode:
     ):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
+        preload = attn_preload_pages() if fused else 0
+        if preload > 1 and (lse is not None or self.mean_chunk):
+            preload = 1  # measured for the small decode graphs only; cascade and the large twins keep a page
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
         unused = q  # pointer arguments a constexpr branch never reads
         args = (
@@ -450,15 +477,16 @@ class SplitDecode:
             BS=kv_cache.shape[3],
             S=self.splits,
             PDL=bool(launch),
-            MIN_PAGES=self.min_pages,
+            # A split holds at least its preloaded pages, and a context of that many pages takes one split.
+            MIN_PAGES=max(self.min_pages, preload),
             MEAN_CHUNK=self.mean_chunk,
-            ONE_SPLIT_PAGES=self.one_split_pages,
+            ONE_SPLIT_PAGES=max(self.one_split_pages, preload),
             FUSED=fused,
             NORM=norm,
             LSE=lse is not None,
             STORE_Q=q_out is not None,
-            PRELOAD=fused and attn_preload_enabled(),
-            num_warps=4,
+            PRELOAD=preload,
+            num_warps=4 * max(preload, 1),  # a page's K/V tile per 4 warps: 256 bytes a thread held over the wait
             **launch,
         )
         kernel, grid = _build_kernel(), (self.rows, self.hkv, self.splits)

@@ -20,8 +20,14 @@ from triton_checks import (  # noqa: E402
 # splits only, up to 8 pages in one split, and the large batches' Triton twins
 SPLIT_RULES = [(1, 2, False), (1, 0, False), (8, 0, False), (1, 2, True)]
 # The fused kernel's: each with its splits' first pages loaded before the PDL wait (the default), and the engine's
-# default rule with them loaded after.
-FUSED_RULES = [(*rule, "1") for rule in SPLIT_RULES] + [(1, 2, False, "0")]
+# default rule with them loaded after, or with 2 or 4 pages loaded before it (then splits of 8 pages load the rest
+# in the loop).
+FUSED_RULES = [(*rule, "1") for rule in SPLIT_RULES] + [
+    (1, 2, False, "0"),
+    (1, 2, False, "2"),
+    (1, 2, False, "4"),
+    (8, 0, False, "4"),
+]
 
 
 @pytest.mark.parametrize(
