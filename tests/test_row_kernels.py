@@ -197,12 +197,13 @@ def test_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("NANOVLLM_ATTN_MIN_PAGES", "8")
     assert SplitDecode(1, 16, 8, 128, "cpu", num_sms=132).min_pages == 8
     monkeypatch.setenv("NANOVLLM_ATTN_PRELOAD", "on")
-    with pytest.raises(ValueError, match="NANOVLLM_ATTN_PRELOAD='on' is not one of '0', '1', '2', '4'"):
+    with pytest.raises(ValueError, match="NANOVLLM_ATTN_PRELOAD='on' is not one of 'auto', '0', '1', '2', '4'"):
         attn_preload_pages()
     monkeypatch.setenv("NANOVLLM_ATTN_PRELOAD", "4")
-    assert attn_preload_pages() == 4
+    assert attn_preload_pages(1) == attn_preload_pages(8) == 4
     monkeypatch.delenv("NANOVLLM_ATTN_PRELOAD")
-    assert attn_preload_pages() == 1  # the default
+    # The default: two pages for the 8-request graph (5-8 requests), one below it.
+    assert [attn_preload_pages(rows) for rows in (1, 2, 4, 8)] == [1, 1, 1, 2]
 
 
 def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeypatch):

@@ -72,7 +72,8 @@ def check_fused_split_decode(
 ):  # fmt: skip
     """q/k norm + rope + K/V append folded into the attention kernel: the same output and cache as the fused q/k
     kernel followed by the attention kernel, and nothing written but each row's new slot. preload "1" (the engine's
-    default): each split's first page is loaded before the PDL wait, and so before the new slot is written."""
+    default below 8 rows; "2" from 8): each split's first page (two pages) is loaded before the PDL wait, and so
+    before the new slot is written."""
     with mock.patch.dict(os.environ, {"NANOVLLM_ATTN_PRELOAD": preload}):  # read at each launch
         _check_fused_split_decode(lens, hq, hkv, d, bs, norm, min_pages, one_split, mean_chunk, device, dtype)
 

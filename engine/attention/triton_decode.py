@@ -13,7 +13,8 @@ In those graphs it also takes the step's QKV projection and does the q/k RMSNorm
 (SplitDecode.fused): a decode step then takes 0.94-0.98 of its time at batch 1, 4 and 8 (H100, docs/benchmarks.md).
 Fused, its pages hold only earlier steps' K/V, so each split loads its first page (and the rope and norm inputs)
 before the PDL wait, while the QKV projection still runs: Qwen3-0.6B decode 1.03x / 1.09x / 1.06x faster at 1 / 4
-/ 8 requests (H200, docs/benchmarks.md section 1; NANOVLLM_ATTN_PRELOAD=0 loads them after the wait).
+/ 8 requests (H200, docs/benchmarks.md section 1; NANOVLLM_ATTN_PRELOAD=0 loads them after the wait). The graph
+of 8 requests loads two pages per split there (1.01-1.04x at 5-8 requests; one page stays faster below, section 6).
 The decode graphs of 48 requests and more have a twin that attends with it (flashinfer_backend.py), for steps with
 one dominant context and steps of up to 128 requests with short contexts; there no split is shorter than the step's
 mean context (mean_chunk), so most requests take one program per KV head and no merge.
@@ -64,11 +65,22 @@ def fused_decode_enabled() -> bool:
     return value == "1"
 
 
-def attn_preload_pages() -> int:
-    """NANOVLLM_ATTN_PRELOAD: how many pages of each split the fused kernel loads before its PDL wait: "1" (the
-    default) its first page, "0" none (all after the wait), "2" or "4" that many, with splits of at least that many
-    pages, up to that many in one split, and 4 warps a page (graphs of up to 8 requests; cascade keeps 1)."""
-    return int(env_choice("NANOVLLM_ATTN_PRELOAD", "1", ("0", "1", "2", "4")))
+# Graphs of at least this many requests preload two pages per split by default (NANOVLLM_ATTN_PRELOAD=auto).
+# Measured on an H200 (docs/benchmarks.md, section 6), Qwen3-0.6B, two pages against one: 1.003-1.029x at 5
+# requests and 1.009-1.042x at 8 (prompts of 128-1,024 tokens), but 0.89-0.94x at 4 and 0.87x at 1, where four
+# pages (16 warps) lost too (0.80-0.87x at 1, 0.86-0.98x at 4).
+PRELOAD_TWO_PAGES_ROWS = 8
+
+
+def attn_preload_pages(rows: int = 1) -> int:
+    """NANOVLLM_ATTN_PRELOAD: how many pages of each split the fused kernel loads before its PDL wait, for a graph
+    of `rows` requests: "auto" (the default) 2 from PRELOAD_TWO_PAGES_ROWS requests, else 1 (its first page); "0"
+    none (all after the wait); "1", "2" or "4" that many. Splits then hold at least that many pages, up to that many
+    take one split, and the kernel runs 4 warps a page (cascade and the large-batch twins keep one page)."""
+    value = env_choice("NANOVLLM_ATTN_PRELOAD", "auto", ("auto", "0", "1", "2", "4"))
+    if value == "auto":
+        return 2 if rows >= PRELOAD_TWO_PAGES_ROWS else 1
+    return int(value)
 
 
 def triton_decode_supported(head_dim: int, block_size: int, device: torch.device) -> bool:
@@ -457,7 +469,7 @@ class SplitDecode:
     ):
         group = self.hq // self.hkv
         fused, norm = cos_sin is not None, q_w is not None
-        preload = attn_preload_pages() if fused else 0
+        preload = attn_preload_pages(self.rows) if fused else 0
         if preload > 1 and (lse is not None or self.mean_chunk):
             preload = 1  # measured for the small decode graphs only; cascade and the large twins keep a page
         launch = launch_options(q.device)  # launch_pdl where PDL is on; the kernel then waits (PDL=True)
