@@ -30,6 +30,7 @@ from engine.attention.flashinfer_backend import (
     whole_kv_variant_sizes,
 )
 from engine.attention.triton_decode import split_buffers, triton_decode_supported
+from engine.layers.embedding import embedding_kernel_supported
 from engine.models.llama import ForwardContext
 
 logger = logging.getLogger("engine")
@@ -45,7 +46,7 @@ PREFILL_GRAPH_REQUESTS = 16  # requests a prefill/mixed graph holds (plus one pa
 STEP_TUNE_CONTEXT = 384  # tokens of context in the decode step that refine_row_plan times (a short chat turn)
 
 # Rows of the per-step int64 input block (one pinned host copy, one H2D copy per step).
-IDS, ROPE_POS, APPEND_POS, BATCH_IDX, LAST_LEN, SAMPLE_ROWS = range(6)
+IDS, ROPE_POS, APPEND_POS, BATCH_IDX, LAST_LEN, SAMPLE_ROWS, SRC_ROW = range(7)
 
 
 def step_tune_enabled() -> bool:
@@ -83,11 +84,14 @@ def large_prefill_sizes(max_num_batched_tokens: int) -> list[int]:
 
 
 def input_block(width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """The per-step int64 input rows (IDS ... SAMPLE_ROWS) for graphs of up to `width` tokens or requests: the
-    device block the graphs read, its pinned host twin and a numpy view of that. Padding state: last-page length 1."""
-    static = torch.zeros(6, width, dtype=torch.long, device=device)
-    host = torch.zeros(6, width, dtype=torch.long).pin_memory()
+    """The per-step int64 input rows (IDS ... SRC_ROW) for graphs of up to `width` tokens or requests: the device
+    block the graphs read, its pinned host twin and a numpy view of that. Padding state: last-page length 1, and no
+    token from the sampler's buffer (SRC_ROW -1)."""
+    static = torch.zeros(7, width, dtype=torch.long, device=device)
+    host = torch.zeros(7, width, dtype=torch.long).pin_memory()
     static[LAST_LEN].fill_(1)
+    static[SRC_ROW].fill_(-1)
+    host[SRC_ROW].fill_(-1)
     return static, host, host.numpy()
 
 
@@ -140,6 +144,13 @@ class GraphRunner:
         self.large_inputs = input_block(max(self.large_prefill_sizes), dev) if self.large_prefill_sizes else None
         self.logits = torch.empty(
             max(self.max_bs, self.prefill_rows), runner.vocab_size, dtype=runner.dtype, device=dev
+        )
+        # The sampler's token buffer, sized once for the largest step so it stays where the graphs read it: a
+        # graph takes a row's input token from it where the step before sampled it (engine/layers/embedding.py).
+        fused = runner.sampler.fused
+        embed = runner.model.embed_tokens.weight
+        self.sampled = (
+            fused.tokens(config.max_num_seqs) if fused is not None and embedding_kernel_supported(embed) else None
         )
         self.max_pages = pages = -(-max_model_len // bs)
         ws = runner.backend.workspace
@@ -224,7 +235,8 @@ class GraphRunner:
             else:
                 attn.kv_last.copy_(s[LAST_LEN, :n])
         model = self.runner.model
-        hidden = model(s[IDS, :n], ForwardContext(s[ROPE_POS, :n], attn, self.runner.kv_cache))
+        rows = None if self.sampled is None else (s[SRC_ROW, :n], self.sampled)
+        hidden = model(s[IDS, :n], ForwardContext(s[ROPE_POS, :n], attn, self.runner.kv_cache, rows))
         if kind == "prefill":
             hidden = hidden.index_select(0, s[SAMPLE_ROWS, : attn.rows])
         # Every graph writes its logits into one buffer, so graphs do not each keep a [rows, vocab] output.
@@ -498,9 +510,17 @@ class GraphRunner:
         return self.static, self.host, self.host_np
 
     def _replay(self, key: tuple, n: int, pending, prev, timed: tuple | None = None) -> torch.Tensor:
-        static, host, _ = self._inputs(*key[:2])
+        static, host, h = self._inputs(*key[:2])
+        # Input tokens the step in flight samples: read from the sampler's buffer by the graph's first kernel when
+        # they are there (fused sampling), else patched into the input ids on the device before the replay.
+        in_graph = pending is not None and self.sampled is not None and prev[0].data_ptr() == self.sampled.data_ptr()
+        if self.sampled is not None:
+            h[SRC_ROW, : key[1]] = -1
+            if in_graph:
+                h[SRC_ROW, pending[0]] = pending[1]
         static.copy_(host, non_blocking=True)  # one copy, whatever the shape
-        self.runner.patch_inputs(static[IDS], pending, prev)
+        if not in_graph:
+            self.runner.patch_inputs(static[IDS], pending, prev)
         self.runner.inputs_sent()
         graph, logits = self.graphs[key]
         if timed is not None:

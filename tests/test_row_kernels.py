@@ -19,6 +19,7 @@ from engine.attention.triton_decode import (
 from engine.cuda_graphs import (
     LARGE_PREFILL_TOKEN_SIZES,
     PREFILL_TOKEN_SIZES,
+    SRC_ROW,
     graph_warmup_mode,
     large_prefill_sizes,
     step_tune_enabled,
@@ -206,6 +207,33 @@ def test_switches_reject_bad_values(monkeypatch):
     assert [attn_preload_pages(rows) for rows in (1, 2, 4, 8)] == [1, 1, 1, 2]
 
 
+def test_a_graph_reads_the_tokens_of_the_step_in_flight_from_the_samplers_buffer():
+    """Where the step in flight sampled into the sampler's token buffer, a replay names each pending row's source
+    row there (SRC_ROW, read by the graph's embedding kernel) and patches nothing; tokens elsewhere (the torch
+    sampler's) are patched into the input ids before the replay, and no row reads the buffer."""
+    from types import SimpleNamespace
+
+    from engine.cuda_graphs import GraphRunner
+
+    graphs = GraphRunner.__new__(GraphRunner)
+    calls = []
+    graphs.graphs = {("decode", 4): (SimpleNamespace(replay=lambda: calls.append("replay")), torch.zeros(4, 5))}
+    host = torch.zeros(7, 8, dtype=torch.long)
+    host[SRC_ROW] = 5  # an earlier step's source rows
+    graphs.static, graphs.host, graphs.host_np = torch.zeros(7, 8, dtype=torch.long), host, host.numpy()
+    graphs.large_inputs, graphs.replays = None, {"decode": 0}
+    graphs.runner = SimpleNamespace(patch_inputs=lambda *a: calls.append("patch"), inputs_sent=lambda: None)
+    graphs.sampled = buffer = torch.zeros(16, dtype=torch.long)
+    # Rows 0 and 2 of this step take the tokens the step in flight sampled in its rows 1 and 0.
+    graphs._replay(("decode", 4), 3, ([0, 2], [1, 0]), (buffer[:3], {}))
+    assert calls == ["replay"]
+    assert graphs.static[SRC_ROW, :4].tolist() == [1, -1, 0, -1]
+    calls.clear()
+    graphs._replay(("decode", 4), 3, ([0, 2], [1, 0]), (torch.zeros(3, dtype=torch.long), {}))
+    assert calls == ["patch", "replay"]
+    assert graphs.static[SRC_ROW, :4].tolist() == [-1] * 4
+
+
 def test_large_prefill_graph_sizes_follow_the_switch_and_the_step_budget(monkeypatch):
     monkeypatch.delenv("NANOVLLM_LARGE_PREFILL_GRAPHS", raising=False)
     assert large_prefill_sizes(8192) == list(LARGE_PREFILL_TOKEN_SIZES)  # "auto": all captured, then measured
@@ -322,6 +350,7 @@ def test_a_large_prefill_graph_serves_only_while_it_replays_no_slower_than_the_e
     graphs.host_np, graphs.large_inputs = None, (graphs.static, graphs.host, None)
     graphs.replays = {"prefill": 0}
     graphs.runner = SimpleNamespace(patch_inputs=lambda *a: calls.append("patch"), inputs_sent=lambda: None)
+    graphs.sampled = None  # no sampler buffer (the torch sampler): input tokens are patched before each replay
     logits = graphs._replay(("prefill", 4096), 2, None, None, (start, end, 4096))
     assert calls == ["patch", "start", "replay", "end"] and logits.shape == (2, 5)
     assert graphs._graph_timed == (start, end, 4096) and graphs.replays["prefill"] == 1

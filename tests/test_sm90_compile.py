@@ -192,9 +192,10 @@ def test_attention_and_qk_kernels_compile_for_sm90(sm90):
     assert _named(sm90, "qk_norm_rope_append")
 
 
-def test_sampling_and_fp8_quantize_kernels_compile_for_sm90(sm90):
-    """The sampling kernel (greedy, sampled) with the filter passes (top-k / top-p / min-p), and the FP8 row
-    quantization plain and with the residual add + RMSNorm."""
+def test_sampling_fp8_quantize_and_embedding_kernels_compile_for_sm90(sm90):
+    """The sampling kernel (greedy, sampled) with the filter passes (top-k / top-p / min-p), the FP8 row
+    quantization plain and with the residual add + RMSNorm, and the CUDA graphs' embedding kernel."""
+    from engine.layers.embedding import embed_sampled
     from engine.layers.fp8 import add_rmsnorm_quantize, quantize_rows
     from engine.layers.sample import FusedSampler, sample_params
 
@@ -209,3 +210,7 @@ def test_sampling_and_fp8_quantize_kernels_compile_for_sm90(sm90):
     quantize_rows(x)
     add_rmsnorm_quantize(x, torch.zeros_like(x), torch.ones(1024, dtype=torch.bfloat16), 1e-6)
     assert _named(sm90, "quantize_kernel")
+    rows = torch.zeros(3, dtype=torch.int64)
+    embed_sampled(torch.zeros(151936, 1024, dtype=torch.bfloat16), rows, rows, rows)
+    ptx = _named(sm90, "embed_rows")
+    assert ptx and all("griddepcontrol.wait" in p for p in ptx)

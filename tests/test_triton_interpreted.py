@@ -121,3 +121,9 @@ def test_filtered_sampler_matches_torch_interpreted():
     torch's filter keeps, ties at the cut-off whole, across five chunks per row; draws follow torch's filtered
     distribution."""
     run_interpreted("check_filtered_sample", [(300, 64, 64, 150, 24)])
+
+
+def test_graph_embedding_reads_the_sampled_tokens_interpreted():
+    """The CUDA graphs' embedding kernel (engine/layers/embedding.py) takes a row's token from the sampler's buffer
+    where its source row is set, else from the input ids, at a masked and at a looped hidden size."""
+    run_interpreted("check_embed_sampled", [(96,), (4100,)])

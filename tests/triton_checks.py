@@ -370,3 +370,21 @@ def check_filtered_sample(vocab, block, filter_block, draws, draw_vocab, device=
     probs = torch_keeps(x, t, k, p, mp)
     assert bool(probs[ids].gt(0).all()), "every draw must be one torch's filter keeps"
     assert_draws_follow(ids, probs)
+
+
+def check_embed_sampled(hidden, device="cuda", dtype=torch.bfloat16):
+    """The CUDA graphs' embedding kernel: each row's embedding is that of the sampler's token named by its source row,
+    or of its input id where there is none (-1), for a hidden size that is not a power of two (a masked tail) and one
+    wider than a block (the loop over blocks)."""
+    from engine.layers.embedding import embed_sampled
+
+    g = torch.Generator(device=device).manual_seed(hidden)
+    weight = torch.randn(50, hidden, device=device, generator=g).to(dtype)
+    ids = torch.tensor([3, 0, 7, 49, 12], device=device)
+    src = torch.tensor([-1, 2, -1, 0, 1], device=device)
+    sampled = torch.tensor([41, 5, 28], device=device)
+    out = embed_sampled(weight, ids, src, sampled)
+    tokens = torch.where(src >= 0, sampled[src.clamp(min=0)], ids)
+    assert tokens.tolist() == [3, 28, 7, 41, 5]
+    assert torch.equal(out, weight[tokens])
+    assert embed_sampled(weight, ids[:0], src[:0], sampled).shape == (0, hidden)

@@ -299,11 +299,17 @@ class FusedSampler:
             buf = self.scratch[name] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
         return buf
 
+    def tokens(self, rows: int) -> torch.Tensor:
+        """The token buffer's first `rows` entries, where each launch writes its sampled ids: one buffer for every
+        step, so CUDA graphs can read the step before's tokens from it (engine/layers/embedding.py). A larger launch
+        than any before replaces it; the graphs then see that the tokens are not in the buffer they read."""
+        return self._buffer("tokens", rows, torch.long)[:rows]
+
     def __call__(self, logits: torch.Tensor, params: torch.Tensor | None = None, filtered: bool = False):
         """Token ids [rows] (int64) for logits [rows, vocab]: greedy where params is None, else per row as params
         [6, rows] int64 says (sample_params); filtered applies its top-k / top-p / min-p (16-bit float logits)."""
         rows, vocab = logits.shape
-        out = torch.empty(rows, dtype=torch.long, device=logits.device)
+        out = self.tokens(rows)
         if rows == 0:
             return out
         sample, bucket, binned = _build_kernels()

@@ -10,6 +10,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.layers import fp8
 from engine.layers.activation import SiluAndMul
+from engine.layers.embedding import embed_sampled
 from engine.layers.gemv import MAX_ROWS, gemv_max_rows, linear_row, norm_linear_row, plan_tile, tune_gemv, tune_rows
 from engine.layers.linear import Linear, PackedLinear, onednn_linear, onednn_pack, pack_cpu_linears
 from engine.layers.norm import RMSNorm
@@ -23,6 +24,9 @@ class ForwardContext:
     positions: torch.Tensor
     backend: AttentionBackend
     kv_cache: list[torch.Tensor]
+    # CUDA graphs: (source rows [T], the sampler's token buffer): row i's token is buffer[rows[i]] where that is not
+    # -1 (sampled by the step before, still on the device), else input_ids[i] (engine/layers/embedding.py).
+    token_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class DecoderAttention(nn.Module):
@@ -210,7 +214,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
-        x = self.embed_tokens(input_ids)
+        if ctx.token_rows is not None:
+            x = embed_sampled(self.embed_tokens.weight, input_ids, *ctx.token_rows)
+        else:
+            x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
