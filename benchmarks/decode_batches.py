@@ -70,6 +70,9 @@ def main() -> None:
             ignore_eos=True,
         )
         llm.generate(prompts, params)  # warm-up
+        timing = llm.engine.step_timing  # NANOVLLM_STEP_TIMING: per-step host and device times of the runs below
+        if timing is not None:
+            timing.clear()
         runs = []
         for _ in range(3):
             outs = llm.generate(prompts, params)
@@ -87,6 +90,16 @@ def main() -> None:
             else ""
         )
         print(f"{args.label} {args.quantization} {args.model} batch {batch}{sampling}: {runs[1]:.1f} tok/s", flush=True)
+        if timing:
+            n = timing["steps"]
+            kinds = {k: k.split("_s_", 1)[1] for k in timing if k.startswith(("gpu_s_", "idle_s_"))}
+            skip = ("n_", "gc_", "steps")
+            per_step = {
+                k: round((v / timing[f"n_{kinds[k]}"] if k in kinds else v / n) * 1e6, 1)
+                for k, v in timing.items()
+                if not k.startswith(skip)
+            }
+            print(f"  us per step over {n} steps: {per_step}", flush=True)
     print(f"{args.label}: engine start-up {start_s:.1f} s")
     llm.shutdown()
     name = f"decode_batches_{args.label}_{args.quantization}_{args.model.lower()}"
