@@ -30,6 +30,7 @@ from engine.attention.flashinfer_backend import (
     whole_kv_variant_sizes,
 )
 from engine.attention.triton_decode import split_buffers, triton_decode_supported
+from engine.config import env_choice
 from engine.layers.embedding import embedding_kernel_supported
 from engine.models.llama import ForwardContext
 
@@ -147,11 +148,12 @@ class GraphRunner:
         )
         # The sampler's token buffer, sized once for the largest step so it stays where the graphs read it: a
         # graph takes a row's input token from it where the step before sampled it (engine/layers/embedding.py).
+        # NANOVLLM_INPUT_PATCH=ops: patch them into the input ids before each replay instead (A/B runs).
         fused = runner.sampler.fused
         embed = runner.model.embed_tokens.weight
-        self.sampled = (
-            fused.tokens(config.max_num_seqs) if fused is not None and embedding_kernel_supported(embed) else None
-        )
+        in_graph = env_choice("NANOVLLM_INPUT_PATCH", "graph", ("graph", "ops")) == "graph"
+        usable = in_graph and fused is not None and embedding_kernel_supported(embed)
+        self.sampled = fused.tokens(config.max_num_seqs) if usable else None
         self.max_pages = pages = -(-max_model_len // bs)
         ws = runner.backend.workspace
         self.decode_attn = {b: GraphDecodeAttention(runner, bs, ws, b, pages) for b in self.sizes}
