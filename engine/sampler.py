@@ -139,7 +139,9 @@ class Sampler:
             for r in reqs
         )
         if simple:
-            return (self.fused(logits) if self.fused is not None else logits.argmax(-1)), None, None
+            if self.fused is None:
+                return logits.argmax(-1), None, None
+            return self.fused(logits, out=self.fused.tokens(logits.shape[0])), None, None
         if self.fused is not None and self.fusable(reqs, logits.dtype, vocab_size):
             banned = [banned_ids(r, eos_ids) for r in reqs]
             if any(banned):
@@ -154,7 +156,9 @@ class Sampler:
                 [p.min_p for p in ps],
             )
             params = to_device([host], self.device)[0]
-            return self.fused(logits, params, filtered=any(filtered(p, vocab_size) for p in ps)), None, None
+            some_filtered = any(filtered(p, vocab_size) for p in ps)
+            out = self.fused.tokens(logits.shape[0])  # the buffer the CUDA graphs read the next step's inputs from
+            return self.fused(logits, params, filtered=some_filtered, out=out), None, None
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         return ids, logprobs, batch.logprobs

@@ -286,6 +286,9 @@ def check_fused_sample(vocab, block, rows, device="cuda", dtype=torch.bfloat16):
     picked = sampler(logits[:4], mixed.to(device)).tolist()
     top = logits[0].argmax().item()
     assert picked[0] == top and picked[2] == top, f"temperature-0 rows must be greedy: {picked}, argmax {top}"
+    buffer = torch.full((6,), -1, device=device)  # out: the engine's token buffer, which the CUDA graphs read
+    assert sampler(logits[:4], mixed.to(device), out=buffer[:4]).data_ptr() == buffer.data_ptr()
+    assert buffer.tolist() == picked + [-1, -1]
     if not rows:
         return
     temperature = 0.7

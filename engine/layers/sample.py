@@ -300,16 +300,24 @@ class FusedSampler:
         return buf
 
     def tokens(self, rows: int) -> torch.Tensor:
-        """The token buffer's first `rows` entries, where each launch writes its sampled ids: one buffer for every
-        step, so CUDA graphs can read the step before's tokens from it (engine/layers/embedding.py). A larger launch
+        """The token buffer's first `rows` entries: the engine's sampler passes it as every launch's out, so CUDA
+        graphs can read the tokens of the step before from one place (engine/layers/embedding.py). A larger request
         than any before replaces it; the graphs then see that the tokens are not in the buffer they read."""
         return self._buffer("tokens", rows, torch.long)[:rows]
 
-    def __call__(self, logits: torch.Tensor, params: torch.Tensor | None = None, filtered: bool = False):
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: torch.Tensor | None = None,
+        filtered: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token ids [rows] (int64) for logits [rows, vocab]: greedy where params is None, else per row as params
-        [6, rows] int64 says (sample_params); filtered applies its top-k / top-p / min-p (16-bit float logits)."""
+        [6, rows] int64 says (sample_params); filtered applies its top-k / top-p / min-p (16-bit float logits).
+        Written into out (int64 [rows]) when given, else into a new tensor."""
         rows, vocab = logits.shape
-        out = self.tokens(rows)
+        if out is None:
+            out = torch.empty(rows, dtype=torch.long, device=logits.device)
         if rows == 0:
             return out
         sample, bucket, binned = _build_kernels()
