@@ -82,10 +82,11 @@ def test_filtered_requests_sample_in_the_kernels_and_seeds_reproduce_regardless_
     fused = llm.runner.sampler.fused
     calls = []
 
-    def spy(logits, params=None, filtered=False):
+    def spy(logits, params=None, filtered=False, out=None):
         calls.append(filtered)
-        return fused(logits, params, filtered)
+        return fused(logits, params, filtered, out)
 
+    spy.tokens = fused.tokens  # the engine's token buffer, which the CUDA graphs read
     llm.runner.sampler.fused = spy
     try:
         p = SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.02, max_tokens=16, seed=7, ignore_eos=True)
