@@ -1,5 +1,6 @@
-"""Checks of the split-KV Triton decode kernel against torch, for any device and dtype: the GPU tests run them in
-bf16 on CUDA, and tests/test_triton_interpreted.py in float32 on the CPU through Triton's interpreter."""
+"""Checks of the engine's Triton kernels against torch (the split-KV decode kernel, the GEMVs, the sampling kernels
+and the CUDA graphs' embedding lookup), for any device and dtype: the GPU tests run them in bf16 on CUDA, and
+tests/test_triton_interpreted.py in float32 on the CPU through Triton's interpreter."""
 
 from __future__ import annotations
 
