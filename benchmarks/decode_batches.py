@@ -48,6 +48,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     from common import model_folder, write_result
+    from gpu_bench import print_step_timing
 
     from engine import LLM, SamplingParams
 
@@ -91,15 +92,7 @@ def main() -> None:
         )
         print(f"{args.label} {args.quantization} {args.model} batch {batch}{sampling}: {runs[1]:.1f} tok/s", flush=True)
         if timing:
-            n = timing["steps"]
-            kinds = {k: k.split("_s_", 1)[1] for k in timing if k.startswith(("gpu_s_", "idle_s_"))}
-            skip = ("n_", "gc_", "steps")
-            per_step = {
-                k: round((v / timing[f"n_{kinds[k]}"] if k in kinds else v / n) * 1e6, 1)
-                for k, v in timing.items()
-                if not k.startswith(skip)
-            }
-            print(f"  us per step over {n} steps: {per_step}", flush=True)
+            print_step_timing(llm, f"{args.label} batch {batch}")
     print(f"{args.label}: engine start-up {start_s:.1f} s")
     llm.shutdown()
     name = f"decode_batches_{args.label}_{args.quantization}_{args.model.lower()}"

@@ -897,8 +897,9 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
     ]
     # The one-row kernel loads K steps before the wait; the multi-row kernel does not (0.994x at 2 requests with
     # its first step preloaded, H200, docs/benchmarks.md).
-    small = _fits_quarter_l2(weight)
-    steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu, small) if m == 1 else 0
+    steps = 0
+    if m == 1:
+        steps = preload_steps(block_n, block_k, warps, k, weight.element_size(), silu, _fits_quarter_l2(weight))
     prefetch = _prefetch_fits(weight, slice_bytes) and steps * block_k < k  # preloaded whole: no need
     kernel, rows = _build_kernel(), {"PRELOAD": steps, "STEPS_P2": 1 << max(steps - 1, 0).bit_length()}
     if m > 1:  # the multi-row kernel also takes the row count (its last runtime argument) and its tile, 2 or 4
