@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -227,16 +228,15 @@ def bench_decode_ab(args) -> None:
     name = args.models[0]
     folder = model_folder(name, ROOT)
     engines = []
-    caller = os.environ.get(args.ab_env)
     for value in args.ab_values:
-        os.environ[args.ab_env] = value  # read while the engine is built and its graphs are captured
-        kw = dict(max_model_len=4096, max_num_seqs=args.max_num_seqs, num_kvcache_blocks=args.ab_kv_blocks)
-        engines.append((value, LLM(folder, load_format="dummy", **kw, **ENGINE_KW)))
-    # The recorded command shows the caller's settings; each row names its engine's value.
-    if caller is None:
-        del os.environ[args.ab_env]
-    else:
-        os.environ[args.ab_env] = caller
+        # A value with "=" in it sets variables of its own ("A=1,B=2"; "-": none); others set --ab-env.
+        pairs = [] if value == "-" else [p.split("=", 1) for p in value.split(",")] if "=" in value else None
+        settings = dict(pairs) if pairs is not None else {args.ab_env: value}
+        # Read while the engine is built and its graphs are captured; the caller's settings come back after, so the
+        # recorded command shows them and each row names its engine's value.
+        with mock.patch.dict(os.environ, settings):
+            kw = dict(max_model_len=4096, max_num_seqs=args.max_num_seqs, num_kvcache_blocks=args.ab_kv_blocks)
+            engines.append((value, LLM(folder, load_format="dummy", **kw, **ENGINE_KW)))
     p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = []
     for requests in args.ab_batches or [args.batch]:
@@ -258,7 +258,7 @@ def bench_decode_ab(args) -> None:
                     dict(
                         requests=requests,
                         prompt=prompt_len,
-                        env=f"{args.ab_env}={value}",
+                        env=value if "=" in value or value == "-" else f"{args.ab_env}={value}",
                         median_tok_s=median,
                         min_tok_s=min(runs),
                         max_tok_s=max(runs),
@@ -798,7 +798,9 @@ def main() -> None:
         "module from source, as the thirty-third session's and earlier figures did)",
     )  # fmt: skip
     parser.add_argument("--ab-env", default="NANOVLLM_FUSED_DECODE", help="decode_ab: the variable that differs")
-    parser.add_argument("--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value")
+    parser.add_argument(
+        "--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value (or A=1,B=2; -: none)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="decode_ab, skewed_decode: timed runs each")
     parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache, cold_prefill: measured rounds")
     lens = [900, 2100, 3000, 3500, 4096]

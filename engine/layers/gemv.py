@@ -919,8 +919,15 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         PREFETCH=prefetch,
         num_warps=warps,
         **launch,
+        **qkv_register_cap(m, norm is not None and not silu),
     )
     return y, res_out
+
+
+def qkv_register_cap(rows: int, qkv: bool) -> dict:
+    """EXPERIMENT: NANOVLLM_QKV_MAXNREG caps the one-row QKV GEMV's registers a thread."""
+    value = os.environ.get("NANOVLLM_QKV_MAXNREG")
+    return {"maxnreg": int(value)} if value and rows == 1 and qkv else {}
 
 
 def _prefetch_fits(weight: torch.Tensor, slice_bytes: int) -> bool:
