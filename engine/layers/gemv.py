@@ -1155,7 +1155,7 @@ def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = No
         best = min(times, key=times.get)
         plan[role] = best if times[best] < base * (1 - margin) else None
         if ranked is not None and plan[role] is not None:
-            ranked[role] = sorted(times, key=times.get)[:STEP_TRIES]
+            ranked[role] = sorted(times, key=times.get)[: int(os.environ.get("NANOVLLM_STEP_TRIES", STEP_TRIES))]
         notes.append(f"{role} {times[best] / base:.2f} ({times[best]:.1f} vs {base:.1f} us, {best})")
     if notes:
         # Most of the time is Triton compiling each configuration once; its cache makes later starts faster.
