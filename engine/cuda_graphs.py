@@ -276,15 +276,14 @@ class GraphRunner:
         start = time.perf_counter()
         plan = dict(model.layers[0].gemv_plan)
         first = best = self.decode_step_us()
-        for _ in range(int(os.environ.get("NANOVLLM_STEP_PASSES", "1"))):
-            for role, configs in alternatives.items():
-                for cfg in configs:
-                    if cfg == plan[role]:
-                        continue
-                    model.set_row_plan({**plan, role: cfg})
-                    t = self.decode_step_us()
-                    if t < best:
-                        plan, best = {**plan, role: cfg}, t
+        for role, configs in alternatives.items():
+            for cfg in configs:
+                if cfg == plan[role]:
+                    continue
+                model.set_row_plan({**plan, role: cfg})
+                t = self.decode_step_us()
+                if t < best:
+                    plan, best = {**plan, role: cfg}, t
         model.set_row_plan(plan)
         logger.info(
             "one-row GEMVs timed in the decode step (%.1fs): %.1f -> %.1f us per step with %s",

@@ -501,9 +501,6 @@ class SplitDecode:
             num_warps=4 * max(preload, 1),  # a page's K/V tile per 4 warps: 256 bytes a thread held over the wait
             **launch,
         )
-        maxnreg = int(os.environ.get("NANOVLLM_ATTN_MAXNREG", "0"))
-        if maxnreg:
-            options["maxnreg"] = maxnreg
         kernel, grid = _build_kernel(), (self.rows, self.hkv, self.splits)
         if _deferred is not None:
             # Triton's compile key: the constexprs and options, and how the one integer argument specialises.

@@ -919,15 +919,8 @@ def _launch(x, weight, cfg, bias=None, norm=None, residual=None, silu=False, sca
         PREFETCH=prefetch,
         num_warps=warps,
         **launch,
-        **qkv_register_cap(m, norm is not None and not silu),
     )
     return y, res_out
-
-
-def qkv_register_cap(rows: int, qkv: bool) -> dict:
-    """EXPERIMENT: NANOVLLM_QKV_MAXNREG caps the one-row QKV GEMV's registers a thread."""
-    value = os.environ.get("NANOVLLM_QKV_MAXNREG")
-    return {"maxnreg": int(value)} if value and rows == 1 and qkv else {}
 
 
 def _prefetch_fits(weight: torch.Tensor, slice_bytes: int) -> bool:
@@ -1155,7 +1148,7 @@ def tune_gemv(layers, stream_bytes: int, margin: float, ranked: dict | None = No
         best = min(times, key=times.get)
         plan[role] = best if times[best] < base * (1 - margin) else None
         if ranked is not None and plan[role] is not None:
-            ranked[role] = sorted(times, key=times.get)[: int(os.environ.get("NANOVLLM_STEP_TRIES", STEP_TRIES))]
+            ranked[role] = sorted(times, key=times.get)[:STEP_TRIES]
         notes.append(f"{role} {times[best] / base:.2f} ({times[best]:.1f} vs {base:.1f} us, {best})")
     if notes:
         # Most of the time is Triton compiling each configuration once; its cache makes later starts faster.
