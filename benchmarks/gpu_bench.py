@@ -237,7 +237,7 @@ def bench_decode_ab(args) -> None:
         with mock.patch.dict(os.environ, settings):
             kw = dict(max_model_len=4096, max_num_seqs=args.max_num_seqs, num_kvcache_blocks=args.ab_kv_blocks)
             engines.append((value, LLM(folder, load_format="dummy", **kw, **ENGINE_KW)))
-    p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, logprobs=args.ab_logprobs)
     rows = []
     for requests in args.ab_batches or [args.batch]:
         for prompt_len in args.ab_prompts:
@@ -272,6 +272,7 @@ def bench_decode_ab(args) -> None:
     print_table(f"{name}: decode A/B, {args.new_tokens} new tokens", rows)
     name_batch = "_".join(map(str, args.ab_batches)) if args.ab_batches else args.batch
     result = {"model": name, "batches": args.ab_batches or [args.batch], "prompts": args.ab_prompts}
+    result["logprobs"] = args.ab_logprobs
     write_result(f"decode_ab_batch{name_batch}", {**result, "env": args.ab_env, "rows": rows}, OUT)
 
 
@@ -801,6 +802,7 @@ def main() -> None:
     parser.add_argument(
         "--ab-values", nargs="+", default=["0", "1"], help="decode_ab: one engine per value (or A=1,B=2; -: none)"
     )
+    parser.add_argument("--ab-logprobs", type=int, default=None, help="decode_ab: top logprobs each token returns")
     parser.add_argument("--rounds", type=int, default=6, help="decode_ab, skewed_decode: timed runs each")
     parser.add_argument("--ttft-rounds", type=int, default=10, help="prefix_cache, cold_prefill: measured rounds")
     lens = [900, 2100, 3000, 3500, 4096]

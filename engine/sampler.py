@@ -161,6 +161,10 @@ class Sampler:
             return self.fused(logits, params, filtered=some_filtered, out=out), None, None
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
+        if self.fused is not None:
+            # Into the buffer the CUDA graphs read the next step's input tokens from, as the kernels' tokens go: the
+            # next step then needs no patch of its inputs outside the graph (engine/layers/embedding.py).
+            ids = self.fused.tokens(ids.shape[0]).copy_(ids)
         return ids, logprobs, batch.logprobs
 
     def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

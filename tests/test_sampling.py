@@ -79,6 +79,25 @@ def test_logprobs_include_the_sampled_token(qwen3_llm):
         assert lp[tok] == pytest.approx(max(lp.values()))  # greedy picks the most likely
 
 
+def test_the_torch_samplers_tokens_go_where_the_cuda_graphs_read_the_next_inputs():
+    """Steps the torch sampler serves (logprobs) write their tokens into the fused sampler's token buffer, as the
+    kernels' steps do, so the next graph replay reads its input tokens there instead of patching them in."""
+    from types import SimpleNamespace
+
+    from engine.request import Request
+    from engine.sampler import Sampler
+
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    buffer = torch.full((8,), -1, dtype=torch.long)
+    sampler.fused = SimpleNamespace(tokens=lambda rows: buffer[:rows])  # the CUDA sampler's buffer, on the CPU
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    reqs = [Request([1, 2], SamplingParams(temperature=0, logprobs=2)) for _ in range(3)]
+    ids, logprobs, wanted = sampler.sample(logits, reqs, 50, set())
+    assert ids.data_ptr() == buffer.data_ptr()
+    assert buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
+    assert logprobs is not None and wanted == [2, 2, 2]
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [

@@ -45,6 +45,12 @@ def test_greedy_tokens_match_torch_argmax_and_stop_tokens_wait_for_min_tokens(fo
     try:
         assert llm.runner.sampler.fused is not None
         assert [o.token_ids for o in llm.generate(prompts, greedy)] == expected
+        # Logprobs go through the torch sampler, whose tokens the next graph step reads from the kernels' buffer too;
+        # one request asking for them takes the whole step there.
+        with_lp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+        outs = llm.generate(prompts, [greedy, with_lp, greedy])
+        assert [o.token_ids for o in outs] == expected
+        assert all(t in lp for t, lp in zip(outs[1].token_ids, outs[1].logprobs))
         # min_tokens makes the step go through the kernel's sampling form with the stop token masked.
         first = expected[0][0]
         held = SamplingParams(temperature=0, max_tokens=4, min_tokens=3, stop_token_ids=[first])
