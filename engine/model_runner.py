@@ -318,8 +318,9 @@ class ModelRunner:
         blocks_per_seq = -(-per_seq // bs)
         self.allocate_kv_cache(num_seqs * blocks_per_seq, bs)
         out = SchedulerOutput()
-        # Filters with logprobs take the sampler's torch path (a sort and a log-softmax over the vocabulary per
-        # row), which needs more memory than any other; the Triton sampling kernels compile later (Sampler.warm).
+        # Filters with logprobs: the most memory a step's sampling takes (the torch path's sort and log-softmax over
+        # the vocabulary per row where it serves them, else a log-softmax beside the kernels, which compile later:
+        # Sampler.warm).
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=20)
         for i in range(num_seqs):
             req = Request([1] * per_seq, params)

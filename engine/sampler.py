@@ -82,10 +82,8 @@ class Sampler:
 
     @staticmethod
     def fusable(reqs: list[Request], dtype: torch.dtype, vocab_size: int) -> bool:
-        """Whether the fused kernels can sample these rows: no logprobs, and 16-bit float logits for the top-k,
-        top-p and min-p filters (their cut-off search keys on the 16-bit float's bits)."""
-        if any(r.params.logprobs is not None for r in reqs):
-            return False
+        """Whether the fused kernels can sample these rows: 16-bit float logits for the top-k, top-p and min-p
+        filters (their cut-off search keys on the 16-bit float's bits), or no filter."""
         return dtype in FILTER_DTYPES or not any(filtered(r.params, vocab_size) for r in reqs)
 
     def prepare(self, reqs: list[Request], vocab_size: int, eos_ids: set[int]) -> SamplingBatch:
@@ -158,7 +156,13 @@ class Sampler:
             params = to_device([host], self.device)[0]
             some_filtered = any(filtered(p, vocab_size) for p in ps)
             out = self.fused.tokens(logits.shape[0])  # the buffer the CUDA graphs read the next step's inputs from
-            return self.fused(logits, params, filtered=some_filtered, out=out), None, None
+            tokens = self.fused(logits, params, filtered=some_filtered, out=out)
+            wanted = [p.logprobs for p in ps]
+            if all(n is None for n in wanted):
+                return tokens, None, None
+            # Logprobs of the model's distribution (banned tokens at -inf), as the torch path gives them. The tokens
+            # still come from the kernels: the torch path's host work (prepare) cost ~35% of batch-1 decode.
+            return tokens, torch.log_softmax(logits.float(), dim=-1), wanted
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         if self.fused is not None:

@@ -79,23 +79,49 @@ def test_logprobs_include_the_sampled_token(qwen3_llm):
         assert lp[tok] == pytest.approx(max(lp.values()))  # greedy picks the most likely
 
 
-def test_the_torch_samplers_tokens_go_where_the_cuda_graphs_read_the_next_inputs():
-    """Steps the torch sampler serves (logprobs) write their tokens into the fused sampler's token buffer, as the
-    kernels' steps do, so the next graph replay reads its input tokens there instead of patching them in."""
-    from types import SimpleNamespace
+class _KernelSampler:
+    """Stands for the CUDA sampler (engine/layers/sample.py) on the CPU: its token buffer, and greedy tokens."""
 
+    def __init__(self):
+        self.buffer = torch.full((8,), -1, dtype=torch.long)
+        self.calls = 0
+
+    def tokens(self, rows):
+        return self.buffer[:rows]
+
+    def __call__(self, logits, params=None, filtered=False, out=None):
+        self.calls += 1
+        return out.copy_(logits.argmax(-1))
+
+
+def _sample_with_kernels(logits, params):
     from engine.request import Request
     from engine.sampler import Sampler
 
     sampler = Sampler(torch.device("cpu"), seed=0)
-    buffer = torch.full((8,), -1, dtype=torch.long)
-    sampler.fused = SimpleNamespace(tokens=lambda rows: buffer[:rows])  # the CUDA sampler's buffer, on the CPU
+    sampler.fused = kernels = _KernelSampler()
+    reqs = [Request([1, 2], params) for _ in range(logits.shape[0])]
+    return kernels, *sampler.sample(logits, reqs, logits.shape[1], set())
+
+
+def test_logprobs_come_beside_the_sampling_kernels_and_the_tokens_from_them():
+    """A step whose rows ask for logprobs samples in the kernels, into the buffer the CUDA graphs read the next
+    step's inputs from, and takes the logprobs from a log-softmax of the same logits."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    kernels, ids, logprobs, wanted = _sample_with_kernels(logits, SamplingParams(temperature=0, logprobs=2))
+    assert kernels.calls == 1 and ids.data_ptr() == kernels.buffer.data_ptr()
+    assert kernels.buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits.float(), -1))
+    assert wanted == [2, 2, 2]
+
+
+def test_the_torch_samplers_tokens_go_where_the_cuda_graphs_read_the_next_inputs():
+    """Steps the torch sampler serves (a filter on float32 logits) write their tokens into the kernels' token
+    buffer too, so the next graph replay reads its input tokens there instead of patching them in."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
-    reqs = [Request([1, 2], SamplingParams(temperature=0, logprobs=2)) for _ in range(3)]
-    ids, logprobs, wanted = sampler.sample(logits, reqs, 50, set())
-    assert ids.data_ptr() == buffer.data_ptr()
-    assert buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
-    assert logprobs is not None and wanted == [2, 2, 2]
+    kernels, ids, _, _ = _sample_with_kernels(logits, SamplingParams(temperature=1.0, top_k=1))
+    assert kernels.calls == 0 and ids.data_ptr() == kernels.buffer.data_ptr()
+    assert kernels.buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
 
 
 @pytest.mark.parametrize(

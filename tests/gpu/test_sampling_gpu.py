@@ -35,22 +35,23 @@ def _engine(folder, monkeypatch, fused: str) -> LLM:
 def test_greedy_tokens_match_torch_argmax_and_stop_tokens_wait_for_min_tokens(folder, monkeypatch):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_lp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     torch_llm = _engine(folder, monkeypatch, "0")
     try:
         assert torch_llm.runner.sampler.fused is None
         expected = [o.token_ids for o in torch_llm.generate(prompts, greedy)]
+        torch_lp = torch_llm.generate([prompts[1]], with_lp)[0].logprobs
     finally:
         torch_llm.shutdown()
     llm = _engine(folder, monkeypatch, "1")
     try:
         assert llm.runner.sampler.fused is not None
         assert [o.token_ids for o in llm.generate(prompts, greedy)] == expected
-        # Logprobs go through the torch sampler, whose tokens the next graph step reads from the kernels' buffer too;
-        # one request asking for them takes the whole step there.
-        with_lp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+        # Logprobs: the tokens still from the kernels, the logprobs from a log-softmax beside them, as torch's.
         outs = llm.generate(prompts, [greedy, with_lp, greedy])
         assert [o.token_ids for o in outs] == expected
-        assert all(t in lp for t, lp in zip(outs[1].token_ids, outs[1].logprobs))
+        for token, lp, ref in zip(outs[1].token_ids, outs[1].logprobs, torch_lp):
+            assert token in lp and lp[token] == pytest.approx(ref[token], abs=0.05)
         # min_tokens makes the step go through the kernel's sampling form with the stop token masked.
         first = expected[0][0]
         held = SamplingParams(temperature=0, max_tokens=4, min_tokens=3, stop_token_ids=[first])
@@ -68,6 +69,8 @@ def test_seeded_temperature_sampling_reproduces_regardless_of_batch(folder, monk
         others = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
         batch = llm.generate([[9, 9, 9], [5, 6, 7], [4, 4]], [others, p, others])
         assert batch[1].token_ids == alone
+        # Asking for logprobs does not change what a seeded request draws: its tokens still come from the kernels.
+        assert llm.generate([[5, 6, 7]], p.model_copy(update={"logprobs": 1}))[0].token_ids == alone
         other_seed = llm.generate([[5, 6, 7]], p.model_copy(update={"seed": 99}))[0].token_ids
         assert other_seed != alone
         # Unseeded requests draw their own noise: eight of the same prompt do not all agree.
@@ -102,5 +105,7 @@ def test_filtered_requests_sample_in_the_kernels_and_seeds_reproduce_regardless_
         plain = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
         batch = llm.generate([[9, 9, 9], [5, 6, 7], [4, 4]], [plain, p, plain])
         assert batch[1].token_ids == alone
+        # Asking for logprobs does not change what a seeded request draws: its tokens still come from the kernels.
+        assert llm.generate([[5, 6, 7]], p.model_copy(update={"logprobs": 1}))[0].token_ids == alone
     finally:
         llm.shutdown()
