@@ -161,7 +161,8 @@ class Sampler:
             if all(n is None for n in wanted):
                 return tokens, None, None
             # Logprobs of the model's distribution (banned tokens at -inf), as the torch path gives them. The tokens
-            # still come from the kernels: the torch path's host work (prepare) cost ~35% of batch-1 decode.
+            # still come from the kernels: a seeded request draws the same ones with or without logprobs, and a
+            # filter needs no sort over the vocabulary.
             return tokens, torch.log_softmax(logits.float(), dim=-1), wanted
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
