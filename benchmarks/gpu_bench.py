@@ -228,10 +228,15 @@ def bench_decode_ab(args) -> None:
     name = args.models[0]
     folder = model_folder(name, ROOT)
     engines = []
+    labels = {}  # value -> what its rows call it
     for value in args.ab_values:
         # A value with "=" in it sets variables of its own ("A=1,B=2"; "-": none); others set --ab-env.
-        pairs = [] if value == "-" else [p.split("=", 1) for p in value.split(",")] if "=" in value else None
-        settings = dict(pairs) if pairs is not None else {args.ab_env: value}
+        if value == "-" or "=" in value:
+            settings = dict(p.split("=", 1) for p in value.split(",")) if value != "-" else {}
+            labels[value] = value
+        else:
+            settings = {args.ab_env: value}
+            labels[value] = f"{args.ab_env}={value}"
         # Read while the engine is built and its graphs are captured; the caller's settings come back after, so the
         # recorded command shows them and each row names its engine's value.
         with mock.patch.dict(os.environ, settings):
@@ -258,7 +263,7 @@ def bench_decode_ab(args) -> None:
                     dict(
                         requests=requests,
                         prompt=prompt_len,
-                        env=value if "=" in value or value == "-" else f"{args.ab_env}={value}",
+                        env=labels[value],
                         median_tok_s=median,
                         min_tok_s=min(runs),
                         max_tok_s=max(runs),
