@@ -132,14 +132,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Request], vocab_size: int, eos_ids: set[int]):
         """Sample a token per row; greedy batches without constraints skip building any tensor."""
-        simple = all(
-            r.params.temperature == 0.0 and r.params.logprobs is None and r.num_output_tokens >= r.params.min_tokens
-            for r in reqs
-        )
-        if simple:
+        wanted = [r.params.logprobs for r in reqs]
+        if all(r.params.temperature == 0.0 and r.num_output_tokens >= r.params.min_tokens for r in reqs):
             if self.fused is None:
-                return logits.argmax(-1), None, None
-            return self.fused(logits, out=self.fused.tokens(logits.shape[0])), None, None
+                tokens = logits.argmax(-1)
+            else:
+                tokens = self.fused(logits, out=self.fused.tokens(logits.shape[0]))
+            if all(n is None for n in wanted):
+                return tokens, None, None
+            return tokens, log_probs(logits), wanted
         if self.fused is not None and self.fusable(reqs, logits.dtype, vocab_size):
             banned = [banned_ids(r, eos_ids) for r in reqs]
             if any(banned):
@@ -157,13 +158,12 @@ class Sampler:
             some_filtered = any(filtered(p, vocab_size) for p in ps)
             out = self.fused.tokens(logits.shape[0])  # the buffer the CUDA graphs read the next step's inputs from
             tokens = self.fused(logits, params, filtered=some_filtered, out=out)
-            wanted = [p.logprobs for p in ps]
             if all(n is None for n in wanted):
                 return tokens, None, None
             # Logprobs of the model's distribution (banned tokens at -inf), as the torch path gives them. The tokens
             # still come from the kernels: a seeded request draws the same ones with or without logprobs, and a
             # filter needs no sort over the vocabulary.
-            return tokens, torch.log_softmax(logits.float(), dim=-1), wanted
+            return tokens, log_probs(logits), wanted
         batch = self.prepare(reqs, vocab_size, eos_ids)
         ids, logprobs = self(logits, batch)
         if self.fused is not None:
@@ -221,10 +221,20 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return kept / kept.sum(-1, keepdim=True)
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The log-softmax of each row of logits, in float32."""
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, wanted: list[int | None]):
     """On the device, without a host sync: the sampled tokens' logprobs and each row's top-k (k = most wanted)."""
     k = max((n or 0) for n in wanted)
-    top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    if k <= 1:
+        # On CUDA torch.topk over a vocabulary-wide row took ~150 µs of host time a call, the largest part of a
+        # batch-1 step with logprobs (H200 profile, docs/benchmarks.md section 11); max is one reduction.
+        top_vals, top_ids = logprobs.max(dim=-1, keepdim=True)
+    else:
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     return chosen, top_vals, top_ids
 

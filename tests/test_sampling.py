@@ -85,12 +85,14 @@ class _KernelSampler:
     def __init__(self):
         self.buffer = torch.full((8,), -1, dtype=torch.long)
         self.calls = 0
+        self.plain = None  # whether the last call was the plain (greedy, no per-row settings) form
 
     def tokens(self, rows):
         return self.buffer[:rows]
 
     def __call__(self, logits, params=None, filtered=False, out=None):
         self.calls += 1
+        self.plain = params is None
         return out.copy_(logits.argmax(-1))
 
 
@@ -104,12 +106,14 @@ def _sample_with_kernels(logits, params):
     return kernels, *sampler.sample(logits, reqs, logits.shape[1], set())
 
 
-def test_logprobs_come_beside_the_sampling_kernels_and_the_tokens_from_them():
-    """A step whose rows ask for logprobs samples in the kernels, into the buffer the CUDA graphs read the next
-    step's inputs from, and takes the logprobs from a log-softmax of the same logits."""
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_come_beside_the_sampling_kernels_and_the_tokens_from_them(temperature):
+    """A step whose rows ask for logprobs samples in the kernels (greedy: their plain form), into the buffer the
+    CUDA graphs read the next step's inputs from, and takes the logprobs from a log-softmax of the same logits."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    kernels, ids, logprobs, wanted = _sample_with_kernels(logits, SamplingParams(temperature=0, logprobs=2))
-    assert kernels.calls == 1 and ids.data_ptr() == kernels.buffer.data_ptr()
+    kernels, ids, logprobs, wanted = _sample_with_kernels(logits, SamplingParams(temperature=temperature, logprobs=2))
+    assert kernels.calls == 1 and kernels.plain == (temperature == 0.0)
+    assert ids.data_ptr() == kernels.buffer.data_ptr()
     assert kernels.buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
     torch.testing.assert_close(logprobs, torch.log_softmax(logits.float(), -1))
     assert wanted == [2, 2, 2]
@@ -122,6 +126,21 @@ def test_the_torch_samplers_tokens_go_where_the_cuda_graphs_read_the_next_inputs
     kernels, ids, _, _ = _sample_with_kernels(logits, SamplingParams(temperature=1.0, top_k=1))
     assert kernels.calls == 0 and ids.data_ptr() == kernels.buffer.data_ptr()
     assert kernels.buffer.tolist() == logits.argmax(-1).tolist() + [-1] * 5
+
+
+@pytest.mark.parametrize("wanted", [[None, 0], [1, None], [1, 3]])
+def test_logprob_tensors_give_each_rows_top_logprobs(wanted):
+    """The sampled tokens' logprobs and the top-k (k = the most any row wants; max where k <= 1) match torch.topk."""
+    from engine.sampler import log_probs, logprob_tensors
+
+    logprobs = log_probs(torch.randn(2, 300, generator=torch.Generator().manual_seed(5)))
+    tokens = torch.tensor([7, 123])
+    chosen, top_vals, top_ids = logprob_tensors(logprobs, tokens, wanted)
+    k = max(max(n or 0 for n in wanted), 1)
+    expected_vals, expected_ids = logprobs.topk(k, dim=-1)
+    assert top_ids.tolist() == expected_ids.tolist()
+    torch.testing.assert_close(top_vals, expected_vals)
+    torch.testing.assert_close(chosen, logprobs[[0, 1], tokens])
 
 
 @pytest.mark.parametrize(
