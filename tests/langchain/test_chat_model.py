@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
 
 from langchain_nanovllm import ChatNanoVLLM
@@ -88,6 +89,29 @@ def test_usage_metadata_counts_tokens_and_cache_reads(chat):
     assert second.response_metadata["time_to_first_token_s"] > 0
 
 
+def test_invoke_merges_its_chunks_once_into_what_the_stream_adds_up_to(chat, monkeypatch):
+    """invoke() merges its chunks in one add of the whole list (adding them one by one built a new message per
+    token), into the text and usage the stream's chunks give."""
+    q = [HumanMessage("Name three colours.")]
+    streamed = list(chat.stream(q))
+    adds = []
+    add = ChatGenerationChunk.__add__
+
+    def counted(self, other):
+        adds.append(other)
+        return add(self, other)
+
+    monkeypatch.setattr(ChatGenerationChunk, "__add__", counted)
+    msg = chat.invoke(q)
+    assert len(streamed) > 3 and [len(a) if isinstance(a, list) else 1 for a in adds] == [len(streamed) - 1]
+    assert msg.content == "".join(c.content for c in streamed)
+    usage = streamed[-1].usage_metadata  # the second call reads its prompt from the prefix cache: compare counts
+    assert [msg.usage_metadata[k] for k in ("input_tokens", "output_tokens")] == [
+        usage["input_tokens"],
+        len(adds[0]) + 1,
+    ]
+
+
 async def test_sixteen_concurrent_ainvokes_run_as_one_batch(chat):
     model = chat.model_copy(update={"max_tokens": 24})
     msgs = [HumanMessage("Write a long story about a dragon.")]
@@ -108,6 +132,29 @@ def test_batch_and_abatch_return_in_order(chat):
     ref = [chat.invoke(p).content for p in prompts]
     assert [m.content for m in chat.batch(prompts)] == ref
     assert [m.content for m in asyncio.run(chat.abatch(prompts))] == ref
+
+
+def test_batch_runs_every_input_in_the_same_engine_steps(chat, monkeypatch):
+    """batch() starts all its inputs at once, not on Runnable.batch's pool of min(32, cores + 4) threads: on a
+    one-core machine that pool ran 5 of 8 inputs, then the other 3 after them."""
+    import os
+
+    for name in ("cpu_count", "process_cpu_count"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, lambda: 1)
+    msgs = [HumanMessage("Write a long story about a lighthouse keeper.")]
+    one = chat.invoke(msgs)  # also caches the prompt, as it is for the batch
+    wait_idle(chat.llm)
+    start = chat.llm.stats()["num_steps"]
+    again = chat.invoke(msgs)
+    single = chat.llm.stats()["num_steps"] - start
+    start = chat.llm.stats()["num_steps"]
+    many = chat.batch([msgs] * 8)
+    batched = chat.llm.stats()["num_steps"] - start
+    assert again.content == one.content and [m.content for m in many] == [one.content] * 8
+    assert single >= 24, "the answer should be long enough for two rounds of requests to show"
+    # All 8 decode in the same steps (late arrivals add a prefill step each); two rounds would take ~2x.
+    assert batched <= single + 8, f"8 inputs took {batched} steps, one took {single}"
 
 
 def test_break_out_of_stream_aborts_and_frees_blocks(chat):
