@@ -3,8 +3,8 @@
 One engine and one chat model in this process; each round runs every variant in turn (the order reversed every
 other round) on the same greedy request, so every variant decodes the same tokens. tok/s is output tokens over the
 call's wall time (prompt rendering, prefill and the merge of the chunks included); each row's ratio is to the
-engine's generate() of the same batch. `invoke, pairwise merge` is invoke() with its chunks added one by one, as
-ChatNanoVLLM did before (a new message per token, after the last token).
+engine's generate() of the same batch. Rows `as 2fd81f0` run ChatNanoVLLM as that commit had it (a delta and a chunk
+per token, the chunks added one by one, batch() on LangChain's thread pool of min(32, cores + 4) threads).
 
 Usage: python benchmarks/chat_overhead.py [--model embedded|Qwen3-0.6B|...] [--new-tokens 256] [--batch 8]
   embedded: the embedded SmolLM2-135M GGUF (real weights: the answer may end before --new-tokens);
@@ -15,6 +15,9 @@ Prints a table; writes benchmarks/results/chat_overhead.json (chat_overhead_cpu.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import operator
 import os
@@ -45,6 +48,7 @@ def main() -> None:
 
     import torch
     from langchain_core.messages import HumanMessage
+    from langchain_core.runnables.config import get_config_list
 
     from engine import LLM, SamplingParams
     from langchain_nanovllm import ChatNanoVLLM
@@ -67,12 +71,28 @@ def main() -> None:
 
     result = ChatNanoVLLM._result
 
-    def pairwise(chunks):  # ChatNanoVLLM._result as it was: the chunks added one by one
+    def pairwise(chunks):
         return result([functools.reduce(operator.add, chunks)])
 
-    def invoke_pairwise(n):
-        with mock.patch.object(ChatNanoVLLM, "_result", staticmethod(pairwise)):
-            return invoke(n)
+    @contextlib.contextmanager
+    def as_before():
+        """ChatNanoVLLM as 2fd81f0 had it: a delta per token, its chunks added one by one, batch() on Runnable.batch's
+        own thread pool (min(32, cores + 4) threads)."""
+        with (
+            mock.patch.object(ChatNanoVLLM, "_per_token", staticmethod(lambda turn: True)),
+            mock.patch.object(
+                ChatNanoVLLM, "_result", staticmethod(lambda c: result([functools.reduce(operator.add, c)]))
+            ),
+            mock.patch.object(ChatNanoVLLM, "_batch_configs", lambda self, config, n: get_config_list(config, n)),
+        ):
+            yield
+
+    def before(fn):
+        def run(n):
+            with as_before():
+                return fn(n)
+
+        return run
 
     def stream(n):
         chunks = list(chat.stream(msgs))
@@ -81,13 +101,24 @@ def main() -> None:
     def batch(n):
         return sum(m.usage_metadata["output_tokens"] for m in chat.batch([msgs] * n))
 
+    def abatch(n):
+        return sum(m.usage_metadata["output_tokens"] for m in asyncio.run(chat.abatch([msgs] * n)))
+
+    def streams(n):  # n threads, each streaming one answer
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            return sum(pool.map(lambda _: stream(1), range(n)))
+
     variants = [
         ("engine generate()", 1, engine),
         ("invoke", 1, invoke),
-        ("invoke, pairwise merge", 1, invoke_pairwise),
+        ("invoke, as 2fd81f0", 1, before(invoke)),
         ("stream", 1, stream),
         ("engine generate()", args.batch, engine),
-        ("batch (invoke per thread)", args.batch, batch),
+        ("batch", args.batch, batch),
+        ("batch, as 2fd81f0", args.batch, before(batch)),
+        ("abatch", args.batch, abatch),
+        ("abatch, as 2fd81f0", args.batch, before(abatch)),
+        ("stream, a thread each", args.batch, streams),
     ]
     times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     tokens: dict[int, int] = {}

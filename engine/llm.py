@@ -307,9 +307,13 @@ class LLM:
             return list(prompt)
         raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def submit(self, prompt: Prompt, sampling_params=None, request_id: str | None = None) -> Request:
-        """Queue one request without waiting; read its deltas from the returned request's channel."""
-        return self.engine.add_request(self._token_ids(prompt), as_sampling_params(sampling_params), request_id)
+    def submit(
+        self, prompt: Prompt, sampling_params=None, request_id: str | None = None, stream: bool = True
+    ) -> Request:
+        """Queue one request without waiting; read its deltas from the returned request's channel (with
+        stream=False only the final one, which carries the whole text)."""
+        item = (self._token_ids(prompt), as_sampling_params(sampling_params), request_id)
+        return self.engine.add_requests([item], stream=stream)[0]
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""

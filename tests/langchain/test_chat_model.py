@@ -11,12 +11,13 @@ from helpers import wait_idle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
 
 from langchain_nanovllm import ChatNanoVLLM
+from langchain_nanovllm.chat_models import _Turn
 from langchain_nanovllm.tool_parsing import ThinkSplitter, ToolCallStreamParser, parse_all
 
 from .conftest import ENGINE
@@ -89,11 +90,33 @@ def test_usage_metadata_counts_tokens_and_cache_reads(chat):
     assert second.response_metadata["time_to_first_token_s"] > 0
 
 
-def test_invoke_merges_its_chunks_once_into_what_the_stream_adds_up_to(chat, monkeypatch):
-    """invoke() merges its chunks in one add of the whole list (adding them one by one built a new message per
-    token), into the text and usage the stream's chunks give."""
+@pytest.mark.parametrize("call", ["invoke", "ainvoke"])
+def test_invoke_takes_one_delta_with_the_text_the_stream_adds_up_to(chat, monkeypatch, call):
+    """invoke() and ainvoke(), which stream nothing, take only the final delta (the whole text) from the engine and
+    build one chunk from it: the text and token counts the stream's chunks add up to."""
     q = [HumanMessage("Name three colours.")]
     streamed = list(chat.stream(q))
+    built = []
+    chunk = _Turn.chunk
+
+    def counted(self, delta):
+        built.append(delta)
+        return chunk(self, delta)
+
+    monkeypatch.setattr(_Turn, "chunk", counted)
+    msg = chat.invoke(q) if call == "invoke" else asyncio.run(chat.ainvoke(q))
+    assert len(streamed) > 3 and len(built) == 1 and built[0].finished
+    assert msg.content == "".join(c.content for c in streamed)
+    usage = streamed[-1].usage_metadata  # the second call reads its prompt from the prefix cache: compare counts
+    assert msg.usage_metadata["input_tokens"] == usage["input_tokens"]
+    assert msg.usage_metadata["output_tokens"] == usage["output_tokens"] == len(streamed)
+
+
+def test_a_turns_chunks_merge_in_one_add(monkeypatch):
+    """The chunks of a streamed turn merge in one add of the whole list (one by one built a new message each)."""
+    usage = {"input_tokens": 3, "output_tokens": 20, "total_tokens": 23}
+    chunks = [ChatGenerationChunk(message=AIMessageChunk(content=f"t{i} ")) for i in range(19)]
+    chunks.append(ChatGenerationChunk(message=AIMessageChunk(content="end", usage_metadata=usage)))
     adds = []
     add = ChatGenerationChunk.__add__
 
@@ -102,14 +125,9 @@ def test_invoke_merges_its_chunks_once_into_what_the_stream_adds_up_to(chat, mon
         return add(self, other)
 
     monkeypatch.setattr(ChatGenerationChunk, "__add__", counted)
-    msg = chat.invoke(q)
-    assert len(streamed) > 3 and [len(a) if isinstance(a, list) else 1 for a in adds] == [len(streamed) - 1]
-    assert msg.content == "".join(c.content for c in streamed)
-    usage = streamed[-1].usage_metadata  # the second call reads its prompt from the prefix cache: compare counts
-    assert [msg.usage_metadata[k] for k in ("input_tokens", "output_tokens")] == [
-        usage["input_tokens"],
-        len(adds[0]) + 1,
-    ]
+    msg = ChatNanoVLLM._result(chunks).generations[0].message
+    assert [len(a) if isinstance(a, list) else 1 for a in adds] == [19]
+    assert msg.content == "".join(f"t{i} " for i in range(19)) + "end" and msg.usage_metadata == usage
 
 
 async def test_sixteen_concurrent_ainvokes_run_as_one_batch(chat):
