@@ -4,7 +4,8 @@ One engine and one chat model in this process; each round runs every variant in 
 other round) on the same greedy request, so every variant decodes the same tokens. tok/s is output tokens over the
 call's wall time (prompt rendering, prefill and the merge of the chunks included); each row's ratio is to the
 engine's generate() of the same batch. Rows `as 2fd81f0` run ChatNanoVLLM as that commit had it (a delta and a chunk
-per token, the chunks added one by one, batch() on LangChain's thread pool of min(32, cores + 4) threads).
+per token, the chunks added one by one, batch() on LangChain's thread pool of min(32, cores + 4) threads, and a
+streamed delta per token however many requests stream: stream_interval 1).
 
 Usage: python benchmarks/chat_overhead.py [--model embedded|Qwen3-0.6B|...] [--new-tokens 256] [--batch 8]
   embedded: the embedded SmolLM2-135M GGUF (real weights: the answer may end before --new-tokens);
@@ -76,14 +77,14 @@ def main() -> None:
 
     @contextlib.contextmanager
     def as_before():
-        """ChatNanoVLLM as 2fd81f0 had it: a delta per token, its chunks added one by one, batch() on Runnable.batch's
-        own thread pool (min(32, cores + 4) threads)."""
+        """ChatNanoVLLM and the engine as 2fd81f0 had them (the module docstring says how)."""
         with (
             mock.patch.object(ChatNanoVLLM, "_per_token", staticmethod(lambda turn: True)),
             mock.patch.object(
                 ChatNanoVLLM, "_result", staticmethod(lambda c: result([functools.reduce(operator.add, c)]))
             ),
             mock.patch.object(ChatNanoVLLM, "_batch_configs", lambda self, config, n: get_config_list(config, n)),
+            mock.patch.object(llm.engine, "config", llm.engine.config.model_copy(update={"stream_interval": 1})),
         ):
             yield
 
@@ -108,6 +109,21 @@ def main() -> None:
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             return sum(pool.map(lambda _: stream(1), range(n)))
 
+    async def astreams(n):  # n tasks, each streaming one answer
+        async def one():
+            chunks = [c async for c in chat.astream(msgs)]
+            return chunks[-1].usage_metadata["output_tokens"]
+
+        return sum(await asyncio.gather(*(one() for _ in range(n))))
+
+    def every(interval, fn):  # the engine's stream_interval for this call
+        def run(n):
+            config = llm.engine.config.model_copy(update={"stream_interval": interval})
+            with mock.patch.object(llm.engine, "config", config):
+                return fn(n)
+
+        return run
+
     variants = [
         ("engine generate()", 1, engine),
         ("invoke", 1, invoke),
@@ -119,6 +135,10 @@ def main() -> None:
         ("abatch", args.batch, abatch),
         ("abatch, as 2fd81f0", args.batch, before(abatch)),
         ("stream, a thread each", args.batch, streams),
+        ("stream, a thread each, stream_interval 1", args.batch, every(1, streams)),
+        ("stream, a thread each, as 2fd81f0", args.batch, before(streams)),
+        ("astream, a task each", args.batch, lambda n: asyncio.run(astreams(n))),
+        ("astream, a task each, as 2fd81f0", args.batch, before(lambda n: asyncio.run(astreams(n)))),
     ]
     times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     tokens: dict[int, int] = {}

@@ -72,6 +72,8 @@ class Request:
         self.detok = None
         self.channel = None
         self.stream_deltas = True  # False: only the final output goes on the channel (generate())
+        self.unsent_ids: list[int] = []  # tokens of a streamed request not yet on its channel (stream_interval)
+        self.streamed = False  # whether a delta went out (the first goes at once)
 
     def span_bytes(self, start: int, end: int) -> bytes:
         """token_bytes() of tokens [start, end): within the prompt a slice of its bytes, packed once per request;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,9 +79,42 @@ def test_stream_matches_generate_and_ends_with_the_output(qwen3_llm):
     ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
     deltas = list(qwen3_llm.stream([5, 6, 7], p))
     assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert [len(d.token_ids) for d in deltas] == [1] * 20  # one stream: a delta per token
     assert "".join(d.text for d in deltas) == ref.text
     assert deltas[-1].finished and deltas[-1].output.token_ids == ref.token_ids
     assert not any(d.finished for d in deltas[:-1])
+
+
+@pytest.mark.parametrize("interval, max_tokens", [(4, 20), (4, 18), (7, 3)])
+def test_stream_interval_sends_the_first_token_at_once_then_every_nth(qwen3_llm, monkeypatch, interval, max_tokens):
+    """With stream_interval n the first token goes alone, then n tokens a delta; the final delta carries the rest,
+    and the deltas add up to generate()'s tokens and text."""
+    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ref = qwen3_llm.generate([[5, 6, 7]], p)[0]
+    engine = qwen3_llm.engine
+    monkeypatch.setattr(engine, "config", engine.config.model_copy(update={"stream_interval": interval}))
+    deltas = list(qwen3_llm.stream([5, 6, 7], p))
+    # Tokens 2..max_tokens-1 go in full groups; the last token ends the request and takes the remainder with it.
+    groups, rest = divmod(max_tokens - 2, interval)
+    assert [len(d.token_ids) for d in deltas] == [1] + [interval] * groups + [rest + 1]
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+    assert "".join(d.text for d in deltas) == ref.text and deltas[-1].finished
+
+
+def test_eight_streams_get_four_tokens_a_delta_after_the_first(qwen3_llm):
+    """With stream_interval unset, 8 requests streaming at once get 4 tokens a delta (half their number) after the
+    first token, which goes alone; each adds up to generate()'s tokens and text."""
+    p = SamplingParams(temperature=0, max_tokens=18, ignore_eos=True)
+    prompts = [[5, 6, 7 + i] for i in range(8)]
+    refs = qwen3_llm.generate(prompts, p)
+    reqs = qwen3_llm.engine.add_requests([(ids, p, None) for ids in prompts], stream=True)
+    for req, ref in zip(reqs, refs):
+        deltas = [req.channel.get(timeout=60)]
+        while not deltas[-1].finished:
+            deltas.append(req.channel.get(timeout=60))
+        assert [len(d.token_ids) for d in deltas] == [1, 4, 4, 4, 4, 1]
+        assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+        assert "".join(d.text for d in deltas) == ref.text
 
 
 def test_requests_queued_without_streaming_get_only_their_final_output(qwen3_llm):
