@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from engine import LLM, SamplingParams
 from engine.llm import aiterate, iterate
-from engine.request import StreamDelta
+from engine.request import Request, StreamDelta
 from engine.tokenizer import render_chat
 from langchain_nanovllm.engine_registry import get_engine
 from langchain_nanovllm.tool_parsing import TOOL_OPEN, ThinkSplitter, ToolCallStreamParser
@@ -422,10 +422,8 @@ class ChatNanoVLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        ids, params, turn = self._prepare(messages, stop, kwargs)
-        llm = self.llm
-        req = llm.submit(ids, params, stream=self._per_token(turn))
-        return self._result([turn.chunk(delta) for delta in iterate(llm.engine, req)])
+        req, turn = self._submit_whole(messages, stop, kwargs)
+        return self._result([turn.chunk(delta) for delta in iterate(self.llm.engine, req)])
 
     async def _agenerate(
         self,
@@ -434,17 +432,19 @@ class ChatNanoVLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        req, turn = self._submit_whole(messages, stop, kwargs)
+        return self._result([turn.chunk(delta) async for delta in aiterate(self.llm.engine, req)])
+
+    def _submit_whole(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Request, _Turn]:
+        # A call that streams nothing (invoke, batch) takes only the final delta, with the whole text: its thread is
+        # not woken, nor a chunk built, per token (8 chains through batch() ran at 0.65x the engine's tok/s with a
+        # delta per token, 0.95x so; H200, docs/benchmarks.md section 12).
         ids, params, turn = self._prepare(messages, stop, kwargs)
-        llm = self.llm
-        req = llm.submit(ids, params, stream=self._per_token(turn))
-        return self._result([turn.chunk(delta) async for delta in aiterate(llm.engine, req)])
+        return self.llm.submit(ids, params, stream=self._per_token(turn)), turn
 
     @staticmethod
     def _per_token(turn: _Turn) -> bool:
-        # A call that streams nothing (invoke, batch) takes only the final delta, with the whole text: its thread
-        # is not woken, nor a chunk built, per token (8 chains through batch() decoded at 0.72x the engine's tok/s
-        # on an H200, benchmarks/chat_overhead.py). A reasoning turn still takes every token: it counts the tokens
-        # it spent thinking.
+        # A reasoning turn still takes every token: it counts the tokens it spent thinking.
         return turn.think is not None
 
     # ---- batches ----
@@ -454,7 +454,7 @@ class ChatNanoVLLM(BaseChatModel):
         if n > 1 and configs[0].get("max_concurrency") is None:
             # Runnable.batch runs its inputs on a pool of min(32, cores + 4) threads: on the 2-core CI machine 6 of 8
             # chains ran together and the other 2 after them, at 0.61x the engine's tok/s for the same 8 requests
-            # (benchmarks/chat_overhead.py). A thread per input, up to the most requests the engine runs at once,
+            # (docs/benchmarks.md section 12). A thread per input, up to the most requests the engine runs at once,
             # puts them all in the same steps.
             workers = min(n, self.llm.config.max_num_seqs)
             configs = [{**c, "max_concurrency": workers} for c in configs]
@@ -467,7 +467,7 @@ class ChatNanoVLLM(BaseChatModel):
         *,
         return_exceptions: bool = False,
         **kwargs: Any,
-    ) -> list[AIMessage]:
+    ) -> list[AIMessage | Exception]:
         """Runnable.batch, with every input in the engine's batch at once (up to max_num_seqs) unless the config
         sets max_concurrency."""
         configs = self._batch_configs(config, len(inputs))

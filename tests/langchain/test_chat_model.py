@@ -90,20 +90,26 @@ def test_usage_metadata_counts_tokens_and_cache_reads(chat):
     assert second.response_metadata["time_to_first_token_s"] > 0
 
 
+def _record_calls(monkeypatch, cls, name: str) -> list:
+    """Patch cls.name (a method of one argument) to record each argument it is called with; returns the record."""
+    seen = []
+    method = getattr(cls, name)
+
+    def recorded(self, arg):
+        seen.append(arg)
+        return method(self, arg)
+
+    monkeypatch.setattr(cls, name, recorded)
+    return seen
+
+
 @pytest.mark.parametrize("call", ["invoke", "ainvoke"])
 def test_invoke_takes_one_delta_with_the_text_the_stream_adds_up_to(chat, monkeypatch, call):
     """invoke() and ainvoke(), which stream nothing, take only the final delta (the whole text) from the engine and
     build one chunk from it: the text and token counts the stream's chunks add up to."""
     q = [HumanMessage("Name three colours.")]
     streamed = list(chat.stream(q))
-    built = []
-    chunk = _Turn.chunk
-
-    def counted(self, delta):
-        built.append(delta)
-        return chunk(self, delta)
-
-    monkeypatch.setattr(_Turn, "chunk", counted)
+    built = _record_calls(monkeypatch, _Turn, "chunk")
     msg = chat.invoke(q) if call == "invoke" else asyncio.run(chat.ainvoke(q))
     assert len(streamed) > 3 and len(built) == 1 and built[0].finished
     assert msg.content == "".join(c.content for c in streamed)
@@ -117,14 +123,7 @@ def test_a_turns_chunks_merge_in_one_add(monkeypatch):
     usage = {"input_tokens": 3, "output_tokens": 20, "total_tokens": 23}
     chunks = [ChatGenerationChunk(message=AIMessageChunk(content=f"t{i} ")) for i in range(19)]
     chunks.append(ChatGenerationChunk(message=AIMessageChunk(content="end", usage_metadata=usage)))
-    adds = []
-    add = ChatGenerationChunk.__add__
-
-    def counted(self, other):
-        adds.append(other)
-        return add(self, other)
-
-    monkeypatch.setattr(ChatGenerationChunk, "__add__", counted)
+    adds = _record_calls(monkeypatch, ChatGenerationChunk, "__add__")
     msg = ChatNanoVLLM._result(chunks).generations[0].message
     assert [len(a) if isinstance(a, list) else 1 for a in adds] == [19]
     assert msg.content == "".join(f"t{i} " for i in range(19)) + "end" and msg.usage_metadata == usage
