@@ -312,8 +312,8 @@ class LLM:
     ) -> Request:
         """Queue one request without waiting; read its deltas from the returned request's channel (with
         stream=False only the final one, which carries the whole text)."""
-        item = (self._token_ids(prompt), as_sampling_params(sampling_params), request_id)
-        return self.engine.add_requests([item], stream=stream)[0]
+        params = as_sampling_params(sampling_params)
+        return self.engine.add_request(self._token_ids(prompt), params, request_id, stream=stream)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""

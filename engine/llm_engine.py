@@ -121,9 +121,11 @@ class LLMEngine:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return data
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """Validate and queue a request; its deltas arrive on req.channel."""
-        return self.add_requests([(token_ids, params, request_id)])[0]
+    def add_request(
+        self, token_ids: list[int], params: SamplingParams, request_id: str | None = None, stream: bool = True
+    ) -> Request:
+        """Validate and queue a request; its deltas arrive on req.channel (stream=False: only the final one)."""
+        return self.add_requests([(token_ids, params, request_id)], stream=stream)[0]
 
     def add_requests(
         self, items: list[tuple[list[int], SamplingParams, str | None]], stream: bool = True

@@ -133,15 +133,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Request], vocab_size: int, eos_ids: set[int]):
         """Sample a token per row; greedy batches without constraints skip building any tensor."""
         wanted = [r.params.logprobs for r in reqs]
+        out = self.fused.tokens(logits.shape[0]) if self.fused is not None else None
         if all(r.params.temperature == 0.0 and r.num_output_tokens >= r.params.min_tokens for r in reqs):
-            if self.fused is None:
-                tokens = logits.argmax(-1)
-            else:
-                tokens = self.fused(logits, out=self.fused.tokens(logits.shape[0]))
-            if all(n is None for n in wanted):
-                return tokens, None, None
-            return tokens, log_probs(logits), wanted
-        if self.fused is not None and self.fusable(reqs, logits.dtype, vocab_size):
+            tokens = logits.argmax(-1) if out is None else self.fused(logits, out=out)
+        elif out is not None and self.fusable(reqs, logits.dtype, vocab_size):
             banned = [banned_ids(r, eos_ids) for r in reqs]
             if any(banned):
                 logits = ban(logits.clone(), banned)  # the graphs' logits buffer is shared: mask a copy
@@ -156,21 +151,21 @@ class Sampler:
             )
             params = to_device([host], self.device)[0]
             some_filtered = any(filtered(p, vocab_size) for p in ps)
-            out = self.fused.tokens(logits.shape[0])  # the buffer the CUDA graphs read the next step's inputs from
             tokens = self.fused(logits, params, filtered=some_filtered, out=out)
-            if all(n is None for n in wanted):
-                return tokens, None, None
-            # Logprobs of the model's distribution (banned tokens at -inf), as the torch path gives them. The tokens
-            # still come from the kernels: a seeded request draws the same ones with or without logprobs, and a
-            # filter needs no sort over the vocabulary.
-            return tokens, log_probs(logits), wanted
-        batch = self.prepare(reqs, vocab_size, eos_ids)
-        ids, logprobs = self(logits, batch)
-        if self.fused is not None:
-            # Into the buffer the CUDA graphs read the next step's input tokens from, as the kernels' tokens go: the
-            # next step then needs no patch of its inputs outside the graph (engine/layers/embedding.py).
-            ids = self.fused.tokens(ids.shape[0]).copy_(ids)
-        return ids, logprobs, batch.logprobs
+        else:
+            batch = self.prepare(reqs, vocab_size, eos_ids)
+            ids, logprobs = self(logits, batch)
+            if out is not None:
+                # Into the buffer the CUDA graphs read the next step's input tokens from, as the kernels' tokens go:
+                # the next step then needs no patch of its inputs outside the graph (engine/layers/embedding.py).
+                ids = out.copy_(ids)
+            return ids, logprobs, batch.logprobs
+        if all(n is None for n in wanted):
+            return tokens, None, None
+        # Logprobs of the model's distribution (banned tokens at -inf), as the torch path gives them. The tokens still
+        # come from the kernels (out: the buffer the CUDA graphs read the next step's inputs from): a seeded request
+        # draws the same ones with or without logprobs, and a filter needs no sort over the vocabulary.
+        return tokens, log_probs(logits), wanted
 
     def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
